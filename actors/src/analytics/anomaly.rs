@@ -1,0 +1,99 @@
+//! The z-score rule: how far the newest value lies from the window's mean, in standard
+//! deviations, and whether that is an anomaly.
+
+use super::Window;
+
+/// The result of analysing a window after its newest reading was pushed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Anomaly {
+    /// Readings in the window, the newest included.
+    pub samples: usize,
+    /// Mean rps of the window.
+    pub rolling_average_rps: f64,
+    /// Population standard deviation of rps over the window.
+    pub stddev_rps: f64,
+    /// Mean cpu of the window.
+    pub rolling_average_cpu: f64,
+    /// |x − mean| / stddev, or 0 when the window has < 2 values or no spread.
+    pub z_score: f64,
+    /// z_score strictly above the threshold.
+    pub is_anomaly: bool,
+}
+
+/// The anomaly threshold in standard deviations (strictly greater is anomalous).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AnomalyRule {
+    /// Threshold on the z-score.
+    pub threshold: f64,
+}
+
+impl AnomalyRule {
+    /// Analyses `window` whose newest rps reading is `x`.
+    pub fn evaluate(&self, window: &Window, x: f64) -> Anomaly {
+        let stats = window.rps_stats();
+        let z_score = if stats.samples < 2 || stats.stddev == 0.0 {
+            0.0
+        } else {
+            (x - stats.mean).abs() / stats.stddev
+        };
+        Anomaly {
+            samples: stats.samples,
+            rolling_average_rps: stats.mean,
+            stddev_rps: stats.stddev,
+            rolling_average_cpu: window.cpu_mean(),
+            z_score,
+            is_anomaly: z_score > self.threshold,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn analyse(values: &[f64], threshold: f64) -> Anomaly {
+        let mut w = Window::new(50);
+        for &x in values {
+            w.push(x, 0.5);
+        }
+        AnomalyRule { threshold }.evaluate(&w, *values.last().expect("non-empty"))
+    }
+
+    #[test]
+    fn single_value_is_never_anomalous() {
+        let a = analyse(&[1000.0], 0.0);
+        assert_eq!((a.z_score, a.is_anomaly, a.samples), (0.0, false, 1));
+    }
+
+    #[test]
+    fn equal_values_have_zero_z() {
+        let a = analyse(&[5.0; 10], 0.0);
+        assert_eq!((a.z_score, a.is_anomaly), (0.0, false));
+    }
+
+    #[test]
+    fn spike_after_steady_values_is_anomalous() {
+        let mut values = vec![100.0, 101.0, 99.0, 100.0, 102.0, 98.0, 100.0, 101.0, 99.0, 100.0];
+        values.push(500.0);
+        let a = analyse(&values, 2.0);
+        assert!(a.is_anomaly, "{a:?}");
+        assert!(a.z_score > 3.0);
+    }
+
+    #[test]
+    fn threshold_is_strict() {
+        // Two values: z is exactly 1 for either of them.
+        let a = analyse(&[1.0, 3.0], 1.0);
+        assert_eq!(a.z_score, 1.0);
+        assert!(!a.is_anomaly);
+        assert!(analyse(&[1.0, 3.0], 0.999).is_anomaly);
+    }
+
+    #[test]
+    fn small_windows_cannot_exceed_the_bound() {
+        // With x included, z ≤ (n−1)/√n: for n = 5 that is 1.788…
+        let a = analyse(&[0.0, 0.0, 0.0, 0.0, 1e9], 2.0);
+        assert!((a.z_score - 4.0 / 5f64.sqrt()).abs() < 1e-12);
+        assert!(!a.is_anomaly);
+    }
+}

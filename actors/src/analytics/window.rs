@@ -1,0 +1,221 @@
+//! The rolling window of one device: the newest `capacity` (rps, cpu) pairs and exact-enough
+//! statistics over them.
+//!
+//! Statistics are recomputed over the whole window on every event (two passes with
+//! compensated summation). Running sums of x and x² would be O(1) but lose every digit on
+//! large steady values (1e9 ± 1 has x² ≈ 1e18, beyond f64's 16 digits); at the default
+//! window of 50 the two-pass costs well under a microsecond, and its error stays near one
+//! ulp for any window size.
+
+use std::collections::VecDeque;
+
+/// Mean and population standard deviation of a window, plus its length.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Stats {
+    /// Number of values in the window.
+    pub samples: usize,
+    /// Arithmetic mean.
+    pub mean: f64,
+    /// Population standard deviation (divides by n); exactly 0 when all values are equal.
+    pub stddev: f64,
+}
+
+/// A bounded FIFO of the newest readings of one device.
+#[derive(Debug, Clone)]
+pub struct Window {
+    capacity: usize,
+    rps: VecDeque<f64>,
+    cpu: VecDeque<f64>,
+}
+
+impl Window {
+    /// An empty window keeping at most `capacity` readings (at least 1).
+    pub fn new(capacity: usize) -> Self {
+        let capacity = capacity.max(1);
+        Self {
+            capacity,
+            rps: VecDeque::with_capacity(capacity),
+            cpu: VecDeque::with_capacity(capacity),
+        }
+    }
+
+    /// A window restored from persisted values (oldest first); keeps the newest `capacity`.
+    pub fn restore(capacity: usize, rps: &[f64], cpu: &[f64]) -> Self {
+        let mut window = Self::new(capacity);
+        for (&r, &c) in rps.iter().zip(cpu) {
+            window.push(r, c);
+        }
+        window
+    }
+
+    /// Appends one reading, evicting the oldest when full.
+    pub fn push(&mut self, rps: f64, cpu: f64) {
+        if self.rps.len() == self.capacity {
+            self.rps.pop_front();
+            self.cpu.pop_front();
+        }
+        self.rps.push_back(rps);
+        self.cpu.push_back(cpu);
+    }
+
+    /// Number of readings held.
+    pub fn len(&self) -> usize {
+        self.rps.len()
+    }
+
+    /// True when no reading is held.
+    pub fn is_empty(&self) -> bool {
+        self.rps.is_empty()
+    }
+
+    /// Statistics of the rps values.
+    pub fn rps_stats(&self) -> Stats {
+        stats(&self.rps)
+    }
+
+    /// Mean of the cpu values (0 for an empty window).
+    pub fn cpu_mean(&self) -> f64 {
+        stats(&self.cpu).mean
+    }
+
+    /// The rps values, oldest first.
+    pub fn rps_values(&self) -> impl ExactSizeIterator<Item = f64> + '_ {
+        self.rps.iter().copied()
+    }
+
+    /// The cpu values, oldest first.
+    pub fn cpu_values(&self) -> impl ExactSizeIterator<Item = f64> + '_ {
+        self.cpu.iter().copied()
+    }
+}
+
+/// Neumaier's compensated sum: the error stays O(ulp) independent of the number of terms.
+fn compensated_sum(values: impl Iterator<Item = f64>) -> f64 {
+    let mut sum = 0.0_f64;
+    let mut compensation = 0.0_f64;
+    for x in values {
+        let t = sum + x;
+        if sum.abs() >= x.abs() {
+            compensation += (sum - t) + x;
+        } else {
+            compensation += (x - t) + sum;
+        }
+        sum = t;
+    }
+    sum + compensation
+}
+
+/// Two-pass statistics of finite values.
+///
+/// The all-equal case is detected explicitly: the computed mean of n equal values need
+/// not be bit-identical to them (n·v/n rounds), and a tiny non-zero deviation would turn
+/// into an arbitrary z-score. Deviations are scaled by the value range so that squaring
+/// can neither overflow (values near f64::MAX) nor underflow (subnormal differences).
+fn stats(values: &VecDeque<f64>) -> Stats {
+    let n = values.len();
+    if n == 0 {
+        return Stats {
+            samples: 0,
+            mean: 0.0,
+            stddev: 0.0,
+        };
+    }
+    let (mut min, mut max) = (f64::INFINITY, f64::NEG_INFINITY);
+    for &x in values {
+        min = min.min(x);
+        max = max.max(x);
+    }
+    if min == max {
+        return Stats {
+            samples: n,
+            mean: min,
+            stddev: 0.0,
+        };
+    }
+    let nf = n as f64;
+    let sum = compensated_sum(values.iter().copied());
+    let mean = if sum.is_finite() {
+        sum / nf
+    } else {
+        // Only reachable near f64::MAX: divide first so the sum cannot overflow.
+        compensated_sum(values.iter().map(|&x| x / nf))
+    }
+    .clamp(min, max);
+    let range = max - min;
+    let scaled = || values.iter().map(move |&x| (x - mean) / range);
+    let sum_sq = compensated_sum(scaled().map(|d| d * d));
+    let sum_d = compensated_sum(scaled());
+    // The second term corrects for the rounding of `mean` (the "corrected two-pass").
+    let variance = ((sum_sq - sum_d * sum_d / nf) / nf).max(0.0);
+    Stats {
+        samples: n,
+        mean,
+        stddev: range * variance.sqrt(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_only_the_newest_values() {
+        let mut w = Window::new(3);
+        for x in [1.0, 2.0, 3.0, 4.0, 5.0] {
+            w.push(x, x / 10.0);
+        }
+        assert_eq!(w.rps_values().collect::<Vec<_>>(), vec![3.0, 4.0, 5.0]);
+        assert_eq!(w.cpu_values().collect::<Vec<_>>(), vec![0.3, 0.4, 0.5]);
+        assert_eq!(w.len(), 3);
+    }
+
+    #[test]
+    fn population_standard_deviation() {
+        let mut w = Window::new(10);
+        for x in [2.0, 4.0, 4.0, 4.0, 5.0, 5.0, 7.0, 9.0] {
+            w.push(x, 0.5);
+        }
+        let s = w.rps_stats();
+        assert_eq!(s.samples, 8);
+        assert!((s.mean - 5.0).abs() < 1e-12);
+        assert!((s.stddev - 2.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn equal_values_have_exactly_zero_deviation() {
+        let mut w = Window::new(50);
+        for _ in 0..7 {
+            w.push(0.1, 0.3);
+        }
+        let s = w.rps_stats();
+        assert_eq!(s.stddev, 0.0);
+        assert_eq!(s.mean, 0.1);
+    }
+
+    #[test]
+    fn large_steady_values_keep_their_spread() {
+        let mut w = Window::new(4);
+        for x in [1e9, 1e9 + 1.0, 1e9, 1e9 + 1.0] {
+            w.push(x, 0.0);
+        }
+        let s = w.rps_stats();
+        assert_eq!(s.mean, 1e9 + 0.5);
+        assert!((s.stddev - 0.5).abs() < 1e-12, "{}", s.stddev);
+    }
+
+    #[test]
+    fn extreme_magnitudes_stay_finite() {
+        let mut w = Window::new(4);
+        w.push(f64::MAX, 0.0);
+        w.push(0.0, 0.0);
+        let s = w.rps_stats();
+        assert!(s.mean.is_finite() && s.stddev.is_finite());
+        assert!((s.stddev / (f64::MAX / 2.0) - 1.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn restore_keeps_newest_when_capacity_shrank() {
+        let w = Window::restore(2, &[1.0, 2.0, 3.0], &[0.1, 0.2, 0.3]);
+        assert_eq!(w.rps_values().collect::<Vec<_>>(), vec![2.0, 3.0]);
+    }
+}

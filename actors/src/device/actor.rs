@@ -1,0 +1,185 @@
+//! The device actor: owns one device's window and anomaly state, processes its events in
+//! order, and hands each result to the store writer.
+//!
+//! On start it restores the device's persisted window (through the writer, which also
+//! knows results not flushed yet), so eviction, a crash or a restart on another replica
+//! continue the window instead of starting it over.
+
+use super::{Admission, Slot};
+use crate::analytics::{AnomalyRule, Window};
+use crate::event::{Analysis, Event};
+use crate::metrics::{Metrics, MetricsMsg};
+use crate::store::writer::Record;
+use crate::store::{WindowSnapshot, WriterMsg};
+use chrono::Utc;
+use ractor::rpc::CallResult;
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Events processed per wake-up before yielding the worker thread to other actors.
+const EVENTS_PER_TURN: usize = 256;
+
+/// What every device actor shares.
+pub struct DeviceContext {
+    /// WINDOW_SIZE.
+    pub window_size: usize,
+    /// ANOMALY_THRESHOLD.
+    pub rule: AnomalyRule,
+    /// Where results go.
+    pub writer: ActorRef<WriterMsg>,
+    /// Where anomalies are counted.
+    pub metrics_actor: ActorRef<MetricsMsg>,
+    /// Metric handles.
+    pub metrics: Metrics,
+    /// The pending-events bound, released per processed event.
+    pub admission: Admission,
+    /// How long a starting actor waits for its persisted window.
+    pub restore_timeout: Duration,
+}
+
+/// The device actor (configuration only).
+#[derive(Debug, Default)]
+pub struct DeviceActor;
+
+/// What a device actor is started with.
+pub struct DeviceArgs {
+    /// The device's queue.
+    pub slot: Arc<Slot>,
+    /// Shared configuration and handles.
+    pub ctx: Arc<DeviceContext>,
+}
+
+/// A device actor's state.
+pub struct DeviceState {
+    slot: Arc<Slot>,
+    ctx: Arc<DeviceContext>,
+    window: Window,
+}
+
+/// Messages of a device actor.
+#[derive(Debug)]
+pub enum DeviceMsg {
+    /// Events are waiting in the slot.
+    Wake,
+    /// Test only: fail the actor, to exercise supervision.
+    #[cfg(test)]
+    Panic,
+}
+
+impl DeviceState {
+    fn process(&mut self, event: Event) {
+        let ctx = &*self.ctx;
+        let device_id = self.slot.device_id();
+        self.window.push(event.rps, event.cpu);
+        let result = ctx.rule.evaluate(&self.window, event.rps);
+        if result.is_anomaly {
+            let _ = ctx.metrics_actor.cast(MetricsMsg::Anomaly(device_id.clone()));
+        }
+        let record = Record {
+            analysis: Analysis {
+                device_id: device_id.clone(),
+                rolling_average_rps: result.rolling_average_rps,
+                is_anomaly: result.is_anomaly,
+                z_score: result.z_score,
+                processed_at: Utc::now(),
+                samples: result.samples,
+                last_rps: event.rps,
+                stddev_rps: result.stddev_rps,
+                rolling_average_cpu: result.rolling_average_cpu,
+                event_timestamp: event.timestamp,
+            },
+            window: WindowSnapshot {
+                rps: self.window.rps_values().collect(),
+                cpu: self.window.cpu_values().collect(),
+            },
+        };
+        if ctx.writer.cast(WriterMsg::Put(record)).is_err() {
+            tracing::error!(device_id = %device_id, "store writer is gone; result not stored");
+        }
+        ctx.metrics.events_processed.inc();
+    }
+
+    /// Processes up to a turn's worth of queued events; asks to be woken again if more
+    /// remain, so one busy device cannot hold a worker thread.
+    fn drain(&mut self, myself: &ActorRef<DeviceMsg>) {
+        for _ in 0..EVENTS_PER_TURN {
+            let Some(event) = self.slot.next() else {
+                return;
+            };
+            self.process(event);
+            self.slot.finish_event();
+            self.ctx.admission.release();
+        }
+        // Still scheduled: the slot will not wake us, so wake ourselves.
+        let _ = myself.cast(DeviceMsg::Wake);
+    }
+
+    async fn restore(&mut self) {
+        let ctx = &*self.ctx;
+        let device = self.slot.device_id().clone();
+        let reply = ctx
+            .writer
+            .call(|port| WriterMsg::LoadWindow(device.clone(), port), Some(ctx.restore_timeout))
+            .await;
+        match reply {
+            Ok(CallResult::Success(Ok(Some(snapshot)))) => {
+                self.window = Window::restore(ctx.window_size, &snapshot.rps, &snapshot.cpu);
+            }
+            Ok(CallResult::Success(Ok(None))) => {}
+            Ok(CallResult::Success(Err(e))) => {
+                ctx.metrics.window_restore_failures.inc();
+                tracing::warn!(device_id = %device, error = %e, "window not restored; starting empty");
+            }
+            Ok(CallResult::Timeout | CallResult::SenderError) | Err(_) => {
+                ctx.metrics.window_restore_failures.inc();
+                tracing::warn!(device_id = %device, "window restore timed out; starting empty");
+            }
+        }
+    }
+}
+
+impl Actor for DeviceActor {
+    type Msg = DeviceMsg;
+    type State = DeviceState;
+    type Arguments = DeviceArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: DeviceArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        args.slot.attach(myself);
+        Ok(DeviceState {
+            window: Window::new(args.ctx.window_size),
+            slot: args.slot,
+            ctx: args.ctx,
+        })
+    }
+
+    async fn post_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        state: &mut DeviceState,
+    ) -> Result<(), ActorProcessingErr> {
+        // Restoring here rather than in pre_start keeps the supervisor, which awaits
+        // pre_start when spawning, from waiting on the store.
+        state.restore().await;
+        state.drain(&myself);
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        msg: DeviceMsg,
+        state: &mut DeviceState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            DeviceMsg::Wake => state.drain(&myself),
+            #[cfg(test)]
+            DeviceMsg::Panic => panic!("test-induced failure of device {}", state.slot.device_id()),
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,137 @@
+//! One device's queue of accepted, unprocessed events, shared by the front end and the
+//! device actor.
+//!
+//! A `std::sync::Mutex` is the right lock here: it is held for a push or a pop, never
+//! across an `.await`, and is almost never contended (one producer burst, one consumer).
+
+use super::DeviceMsg;
+use crate::event::Event;
+use ractor::ActorRef;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// The queue and lifecycle flags of one device.
+#[derive(Debug)]
+pub struct Slot {
+    device_id: Arc<str>,
+    inner: Mutex<SlotInner>,
+    /// An event was popped and is being processed; cleared when done. If the actor
+    /// crashes meanwhile, the supervisor finds this set and accounts for that event.
+    in_process: AtomicBool,
+}
+
+#[derive(Debug)]
+struct SlotInner {
+    queue: VecDeque<Event>,
+    /// The actor has been told (or will find out on start) that the queue is non-empty.
+    scheduled: bool,
+    /// Evicted: no push is accepted any more; the front end makes a new slot.
+    closed: bool,
+    actor: Option<ActorRef<DeviceMsg>>,
+    last_event: Instant,
+}
+
+impl Slot {
+    /// A new slot holding its first event. It starts scheduled: the actor that the
+    /// supervisor spawns for it drains the queue when it starts.
+    pub(crate) fn new(device_id: Arc<str>, first: Event) -> Arc<Self> {
+        Arc::new(Self {
+            device_id,
+            inner: Mutex::new(SlotInner {
+                queue: VecDeque::from([first]),
+                scheduled: true,
+                closed: false,
+                actor: None,
+                last_event: Instant::now(),
+            }),
+            in_process: AtomicBool::new(false),
+        })
+    }
+
+    /// The device this slot belongs to.
+    pub fn device_id(&self) -> &Arc<str> {
+        &self.device_id
+    }
+
+    fn lock(&self) -> MutexGuard<'_, SlotInner> {
+        // Nothing panics while holding this lock; recover rather than propagate a poison.
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues an event, waking the actor if it was idle. Gives the event back when the
+    /// slot was closed by eviction.
+    pub(crate) fn push(&self, event: Event) -> Result<(), Event> {
+        let wake = {
+            let mut inner = self.lock();
+            if inner.closed {
+                return Err(event);
+            }
+            inner.queue.push_back(event);
+            inner.last_event = Instant::now();
+            if inner.scheduled {
+                None
+            } else {
+                inner.scheduled = true;
+                inner.actor.clone()
+            }
+        };
+        if let Some(actor) = wake {
+            // A failed cast means the actor just died; the event stays queued and the
+            // restarted actor drains it on start.
+            let _ = actor.cast(DeviceMsg::Wake);
+        }
+        Ok(())
+    }
+
+    /// Records the actor now serving this slot.
+    pub(crate) fn attach(&self, actor: ActorRef<DeviceMsg>) {
+        let mut inner = self.lock();
+        inner.actor = Some(actor);
+        inner.scheduled = true;
+    }
+
+    /// The next event to process, or `None` when the queue is empty, in which case the
+    /// slot becomes unscheduled and the next push wakes the actor.
+    pub(crate) fn next(&self) -> Option<Event> {
+        let mut inner = self.lock();
+        match inner.queue.pop_front() {
+            Some(event) => {
+                self.in_process.store(true, Ordering::Relaxed);
+                Some(event)
+            }
+            None => {
+                inner.scheduled = false;
+                None
+            }
+        }
+    }
+
+    /// The event returned by [`Slot::next`] is fully processed.
+    pub(crate) fn finish_event(&self) {
+        self.in_process.store(false, Ordering::Relaxed);
+    }
+
+    /// After a crash: whether an event was being processed (and is therefore lost).
+    pub(crate) fn take_in_process(&self) -> bool {
+        self.in_process.swap(false, Ordering::Relaxed)
+    }
+
+    /// Closes the slot if the device has been idle for `idle` and nothing is queued or
+    /// in progress; returns the actor to stop.
+    pub(crate) fn close_if_idle(&self, now: Instant, idle: Duration) -> Option<ActorRef<DeviceMsg>> {
+        let mut inner = self.lock();
+        if inner.closed || inner.scheduled || !inner.queue.is_empty() || now.duration_since(inner.last_event) < idle {
+            return None;
+        }
+        inner.closed = true;
+        inner.actor.clone()
+    }
+
+    /// Events waiting in the queue.
+    pub fn queued(&self) -> usize {
+        self.lock().queue.len()
+    }
+}

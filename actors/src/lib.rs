@@ -1,0 +1,30 @@
+//! The actor side of iot-stream-processor: per-device analytics in supervised ractor
+//! actors, the store writer, and the metrics actor.
+//!
+//! # Layout
+//! - [`analytics`]: the rolling window and z-score rule; pure and synchronous.
+//! - [`event`]: a validated event and the analysis that results from it.
+//! - [`device`]: the device directory the front end submits to, the per-device queue
+//!   (slot), the device actor and its supervisor.
+//! - [`store`]: the store seam (embedded or Redis) and the writer actor that coalesces
+//!   results and flushes them pipelined.
+//! - [`metrics`]: the typed Prometheus families and the actor that owns the registry.
+//! - [`system`]: starts the actor tree, and drains it on shutdown.
+//!
+//! # Actor tree
+//! ```text
+//! metrics actor      owns the Registry; counts anomalies with capped device labels; encodes scrapes
+//! store writer       newest result per device → pipelined SETs every FLUSH_INTERVAL
+//! device supervisor  spawns, restarts and idle-evicts device actors
+//!   └─ device actor  one per live device: window + anomaly state
+//! ```
+#![forbid(unsafe_code)]
+
+pub mod analytics;
+pub mod device;
+pub mod event;
+pub mod metrics;
+pub mod store;
+pub mod system;
+
+pub use system::{ShutdownReport, System, SystemConfig};

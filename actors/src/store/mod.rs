@@ -1,0 +1,129 @@
+//! The store seam: where analyses and windows live between events and across restarts.
+//!
+//! [`Store`] is an enum over the two backends rather than a trait object: there are
+//! exactly two, the calls are async, and an enum keeps them monomorphic and cheap to
+//! clone. Both have the same semantics: `SET key value` with an expiry on every write,
+//! `GET key`. The [`writer`] actor is the only writer; the HTTP front end only reads.
+//!
+//! Keys (the same as the original service's for analyses):
+//! - `analysis:{device_id}`: the `/analyze` JSON.
+//! - `window:{device_id}`: the device's rolling window, `{"rps":[…],"cpu":[…]}`, oldest
+//!   first, written together with the analysis and with the same expiry.
+
+mod embedded;
+mod redis;
+pub mod writer;
+
+pub use embedded::EmbeddedStore;
+pub use redis::RedisStore;
+pub use writer::{StoreHealth, WriterActor, WriterArgs, WriterMsg};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Key of a device's analysis.
+pub fn analysis_key(device_id: &str) -> String {
+    format!("analysis:{device_id}")
+}
+
+/// Key of a device's persisted window.
+pub fn window_key(device_id: &str) -> String {
+    format!("window:{device_id}")
+}
+
+/// A store operation that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Redis answered with an error or the connection failed.
+    #[error("redis: {0}")]
+    Redis(#[from] bb8_redis::redis::RedisError),
+    /// No pooled connection could be had in time.
+    #[error("redis pool: {0}")]
+    Pool(String),
+    /// The store did not answer within the deadline.
+    #[error("store timed out after {0:?}")]
+    Timeout(Duration),
+    /// A stored window could not be decoded.
+    #[error("corrupt window for {key}: {source}")]
+    Corrupt {
+        /// The key read.
+        key: String,
+        /// Why it did not decode.
+        source: serde_json::Error,
+    },
+}
+
+/// A device's window as persisted: rps and cpu, oldest first.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct WindowSnapshot {
+    /// rps values, oldest first.
+    pub rps: Vec<f64>,
+    /// cpu values, oldest first (same length as `rps`).
+    pub cpu: Vec<f64>,
+}
+
+/// The store backend.
+#[derive(Clone, Debug)]
+pub enum Store {
+    /// In-process map with expiry; the default when REDIS_URL is unset.
+    Embedded(Arc<EmbeddedStore>),
+    /// Redis through a bb8 pool.
+    Redis(RedisStore),
+}
+
+impl Store {
+    /// A short name for logs and readiness checks.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Store::Embedded(_) => "embedded",
+            Store::Redis(_) => "redis",
+        }
+    }
+
+    /// Writes every `(key, value)` with expiry `ttl`.
+    pub async fn set_many(&self, entries: Vec<(String, Bytes)>, ttl: Duration) -> Result<(), StoreError> {
+        match self {
+            Store::Embedded(s) => {
+                s.set_many(entries, ttl);
+                Ok(())
+            }
+            Store::Redis(s) => s.set_many(entries, ttl).await,
+        }
+    }
+
+    /// Reads one key; `None` when absent or expired.
+    pub async fn get(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
+        match self {
+            Store::Embedded(s) => Ok(s.get(key)),
+            Store::Redis(s) => s.get(key).await,
+        }
+    }
+
+    /// Checks that the store answers.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        match self {
+            Store::Embedded(_) => Ok(()),
+            Store::Redis(s) => s.ping().await,
+        }
+    }
+
+    /// Drops expired entries (embedded store only; Redis expires by itself).
+    pub fn purge_expired(&self) {
+        if let Store::Embedded(s) = self {
+            s.purge_expired();
+        }
+    }
+
+    /// Reads a device's persisted window.
+    pub async fn load_window(&self, device_id: &str) -> Result<Option<WindowSnapshot>, StoreError> {
+        let key = window_key(device_id);
+        match self.get(&key).await? {
+            None => Ok(None),
+            Some(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|source| StoreError::Corrupt { key, source }),
+        }
+    }
+}

@@ -1,0 +1,341 @@
+//! The store writer actor: the newest result per device, flushed pipelined every
+//! FLUSH_INTERVAL.
+//!
+//! Device actors `cast` a [`Record`] per event; the writer keeps only the newest per
+//! device in `pending`, so however fast a device reports, it costs at most one write per
+//! flush, and during an outage memory stays at one record per device. A flush moves
+//! `pending` into `inflight` and runs in its own task, so the actor keeps accepting
+//! records while Redis works; a failed flush puts its records back (newer ones win) and
+//! retries after a capped exponential backoff.
+//!
+//! The writer is also the one place that knows about results not yet in the store, so
+//! window restores ([`WriterMsg::LoadWindow`]) go through it: a device actor that starts
+//! right after its predecessor was evicted sees the predecessor's last window even if it
+//! was never flushed.
+
+use super::{analysis_key, window_key, Store, StoreError, WindowSnapshot};
+use crate::event::Analysis;
+use crate::metrics::Metrics;
+use bytes::Bytes;
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+/// Records pending before a flush starts without waiting for the timer.
+const MAX_BATCH: usize = 8192;
+/// First retry delay after a failed flush; doubles up to [`MAX_BACKOFF`].
+const MIN_BACKOFF: Duration = Duration::from_millis(50);
+/// Longest retry delay.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// Probe the store when nothing else has touched it for this long, so that `/ready`
+/// reflects a failure within about a second even when no events arrive.
+const PROBE_EVERY: Duration = Duration::from_millis(250);
+/// How often the embedded store drops expired keys.
+const PURGE_EVERY: Duration = Duration::from_secs(1);
+
+/// What a device actor hands the writer after each event.
+#[derive(Debug, Clone)]
+pub struct Record {
+    /// The analysis, stored under `analysis:{id}`.
+    pub analysis: Analysis,
+    /// The window after the event, stored under `window:{id}`.
+    pub window: WindowSnapshot,
+}
+
+/// Whether the store answered the last contact; read by `/ready`.
+#[derive(Debug, Clone)]
+pub struct StoreHealth {
+    up: Arc<AtomicBool>,
+}
+
+impl StoreHealth {
+    /// A flag starting at `up`.
+    pub fn new(up: bool) -> Self {
+        Self {
+            up: Arc::new(AtomicBool::new(up)),
+        }
+    }
+
+    /// True when the last flush or probe succeeded.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+}
+
+/// The writer actor (configuration only).
+#[derive(Debug, Default)]
+pub struct WriterActor;
+
+/// What the writer is started with.
+pub struct WriterArgs {
+    /// Where results go.
+    pub store: Store,
+    /// Expiry of every key written.
+    pub ttl: Duration,
+    /// Flush period.
+    pub flush_interval: Duration,
+    /// Metric handles.
+    pub metrics: Metrics,
+    /// The flag the writer keeps current.
+    pub health: StoreHealth,
+}
+
+type Batch = HashMap<Arc<str>, Record>;
+
+/// The writer's state.
+pub struct WriterState {
+    store: Store,
+    ttl: Duration,
+    metrics: Metrics,
+    health: StoreHealth,
+    pending: Batch,
+    inflight: Option<Arc<Batch>>,
+    backoff: Duration,
+    retry_at: Option<Instant>,
+    probing: bool,
+    last_contact: Instant,
+    last_purge: Instant,
+    drain_waiters: Vec<RpcReplyPort<()>>,
+    ticker: Option<JoinHandle<()>>,
+}
+
+/// Messages of the writer.
+pub enum WriterMsg {
+    /// The newest result of one device; replaces an older one not yet flushed.
+    Put(Record),
+    /// Timer: flush if due, probe if idle, purge expired keys.
+    Tick,
+    /// A flush task finished, after `elapsed`, with this many records or an error.
+    Flushed(Result<usize, StoreError>, Duration),
+    /// A probe task finished.
+    Probed(Result<(), StoreError>),
+    /// A device actor is starting: its window, as the store will hold it.
+    LoadWindow(Arc<str>, RpcReplyPort<Result<Option<WindowSnapshot>, String>>),
+    /// Shutdown: flush everything now, answer when nothing is pending.
+    Drain(RpcReplyPort<()>),
+}
+
+impl WriterState {
+    fn pending_gauge(&self) {
+        let inflight = self.inflight.as_ref().map_or(0, |b| b.len());
+        self.metrics
+            .store_pending_results
+            .set((self.pending.len() + inflight) as i64);
+    }
+
+    fn set_up(&mut self, up: bool) {
+        let was = self.health.up.swap(up, Ordering::Relaxed);
+        self.metrics.store_up.set(i64::from(up));
+        if was != up {
+            if up {
+                tracing::info!(store = self.store.kind(), "store reachable again");
+            } else {
+                tracing::warn!(store = self.store.kind(), "store unreachable; results are kept and retried");
+            }
+        }
+    }
+
+    fn maybe_flush(&mut self, myself: &ActorRef<WriterMsg>, now: Instant) {
+        if self.inflight.is_some() || self.pending.is_empty() || self.retry_at.is_some_and(|t| now < t) {
+            return;
+        }
+        let batch = Arc::new(std::mem::take(&mut self.pending));
+        self.inflight = Some(batch.clone());
+        let (store, ttl, myself) = (self.store.clone(), self.ttl, myself.clone());
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let result = match encode(&batch) {
+                Ok(entries) => store.set_many(entries, ttl).await.map(|()| batch.len()),
+                Err(e) => Err(StoreError::Corrupt {
+                    key: "<batch>".into(),
+                    source: e,
+                }),
+            };
+            // The writer may be gone at the end of shutdown; nothing to tell then.
+            let _ = myself.cast(WriterMsg::Flushed(result, started.elapsed()));
+        });
+    }
+
+    fn maybe_probe(&mut self, myself: &ActorRef<WriterMsg>, now: Instant) {
+        if self.probing || self.inflight.is_some() || now.duration_since(self.last_contact) < PROBE_EVERY {
+            return;
+        }
+        self.probing = true;
+        let (store, myself) = (self.store.clone(), myself.clone());
+        tokio::spawn(async move {
+            let result = store.ping().await;
+            let _ = myself.cast(WriterMsg::Probed(result));
+        });
+    }
+
+    fn answer_drain_if_done(&mut self) {
+        if self.pending.is_empty() && self.inflight.is_none() {
+            for waiter in self.drain_waiters.drain(..) {
+                if !waiter.is_closed() {
+                    let _ = waiter.send(());
+                }
+            }
+        }
+    }
+}
+
+/// Serialises a batch into `(key, value)` pairs: analysis and window per device.
+fn encode(batch: &Batch) -> Result<Vec<(String, Bytes)>, serde_json::Error> {
+    let mut entries = Vec::with_capacity(batch.len() * 2);
+    for (device, record) in batch {
+        entries.push((analysis_key(device), Bytes::from(serde_json::to_vec(&record.analysis)?)));
+        entries.push((window_key(device), Bytes::from(serde_json::to_vec(&record.window)?)));
+    }
+    Ok(entries)
+}
+
+impl Actor for WriterActor {
+    type Msg = WriterMsg;
+    type State = WriterState;
+    type Arguments = WriterArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: WriterArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let now = Instant::now();
+        // Redis starts as "not yet seen"; the first probe, a tick away, settles it.
+        let up = matches!(args.store, Store::Embedded(_));
+        args.health.up.store(up, Ordering::Relaxed);
+        args.metrics.store_up.set(i64::from(up));
+        let ticker = myself.send_interval(args.flush_interval, || WriterMsg::Tick);
+        Ok(WriterState {
+            store: args.store,
+            ttl: args.ttl,
+            metrics: args.metrics,
+            health: args.health,
+            pending: HashMap::new(),
+            inflight: None,
+            backoff: MIN_BACKOFF,
+            retry_at: None,
+            probing: false,
+            last_contact: now.checked_sub(PROBE_EVERY).unwrap_or(now),
+            last_purge: now,
+            drain_waiters: Vec::new(),
+            ticker: Some(ticker),
+        })
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut WriterState,
+    ) -> Result<(), ActorProcessingErr> {
+        if let Some(ticker) = state.ticker.take() {
+            ticker.abort();
+        }
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        msg: WriterMsg,
+        state: &mut WriterState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            WriterMsg::Put(record) => {
+                state.pending.insert(record.analysis.device_id.clone(), record);
+                if state.pending.len() >= MAX_BATCH {
+                    state.maybe_flush(&myself, Instant::now());
+                }
+                state.pending_gauge();
+            }
+            WriterMsg::Tick => {
+                let now = Instant::now();
+                if now.duration_since(state.last_purge) >= PURGE_EVERY {
+                    state.last_purge = now;
+                    state.store.purge_expired();
+                }
+                state.maybe_flush(&myself, now);
+                state.maybe_probe(&myself, now);
+            }
+            WriterMsg::Flushed(result, elapsed) => {
+                let now = Instant::now();
+                state.last_contact = now;
+                let batch = state.inflight.take();
+                state.metrics.store_write_duration.observe(elapsed.as_secs_f64());
+                match result {
+                    Ok(records) => {
+                        state.metrics.store_writes.inc_by(2 * records as u64);
+                        state.backoff = MIN_BACKOFF;
+                        state.retry_at = None;
+                        state.set_up(true);
+                    }
+                    Err(e) => {
+                        state.metrics.store_write_errors.inc();
+                        tracing::debug!(error = %e, retry_in = ?state.backoff, "store flush failed");
+                        if let Some(batch) = batch {
+                            let batch = Arc::try_unwrap(batch).unwrap_or_else(|shared| (*shared).clone());
+                            for (device, record) in batch {
+                                // A newer result that arrived meanwhile wins.
+                                state.pending.entry(device).or_insert(record);
+                            }
+                        }
+                        state.retry_at = Some(now + state.backoff);
+                        state.backoff = (state.backoff * 2).min(MAX_BACKOFF);
+                        state.set_up(false);
+                    }
+                }
+                if !state.drain_waiters.is_empty() {
+                    state.maybe_flush(&myself, now);
+                }
+                state.pending_gauge();
+                state.answer_drain_if_done();
+            }
+            WriterMsg::Probed(result) => {
+                state.probing = false;
+                state.last_contact = Instant::now();
+                match result {
+                    Ok(()) => {
+                        // Redis is back: retry at once rather than after the backoff.
+                        state.retry_at = None;
+                        state.backoff = MIN_BACKOFF;
+                        state.set_up(true);
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "store probe failed");
+                        state.set_up(false);
+                    }
+                }
+            }
+            WriterMsg::LoadWindow(device, reply) => {
+                let known = state
+                    .pending
+                    .get(&device)
+                    .or_else(|| state.inflight.as_ref().and_then(|b| b.get(&device)))
+                    .map(|r| r.window.clone());
+                if let Some(window) = known {
+                    if !reply.is_closed() {
+                        let _ = reply.send(Ok(Some(window)));
+                    }
+                } else {
+                    let store = state.store.clone();
+                    tokio::spawn(async move {
+                        let loaded = store.load_window(&device).await.map_err(|e| e.to_string());
+                        if !reply.is_closed() {
+                            let _ = reply.send(loaded);
+                        }
+                    });
+                }
+            }
+            WriterMsg::Drain(reply) => {
+                state.drain_waiters.push(reply);
+                state.retry_at = None;
+                state.maybe_flush(&myself, Instant::now());
+                state.answer_drain_if_done();
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,210 @@
+//! Starting the actor tree, and draining it on shutdown.
+//!
+//! Start order follows the dependencies: the metrics actor (owns the registry), the store
+//! writer, then the device supervisor, which hands both to every device actor. Shutdown
+//! runs the other way: wait for device actors to process every accepted event, have the
+//! writer flush everything, then stop the actors.
+
+use crate::analytics::AnomalyRule;
+use crate::device::{Admission, DeviceContext, DeviceSupervisor, Directory, SupervisorArgs, SupervisorMsg};
+use crate::metrics::{Metrics, MetricsActor, MetricsArgs, MetricsMsg};
+use crate::store::{Store, StoreHealth, WriterActor, WriterArgs, WriterMsg};
+use dashmap::DashMap;
+use prometheus_client::registry::Registry;
+use ractor::rpc::CallResult;
+use ractor::{Actor, ActorRef, ActorStatus};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// Everything the actor tree needs to know, already validated.
+#[derive(Debug, Clone)]
+pub struct SystemConfig {
+    /// WINDOW_SIZE.
+    pub window_size: usize,
+    /// ANOMALY_THRESHOLD.
+    pub anomaly_threshold: f64,
+    /// FLUSH_INTERVAL.
+    pub flush_interval: Duration,
+    /// RESULT_TTL.
+    pub result_ttl: Duration,
+    /// DEVICE_IDLE_TIMEOUT.
+    pub device_idle_timeout: Duration,
+    /// MAX_PENDING_EVENTS.
+    pub max_pending_events: usize,
+    /// MAX_DEVICE_LABELS.
+    pub max_device_labels: usize,
+    /// The store backend.
+    pub store: Store,
+}
+
+/// A failure talking to the actor tree.
+#[derive(Debug, thiserror::Error)]
+pub enum SystemError {
+    /// An actor could not be started.
+    #[error("starting actor: {0}")]
+    Spawn(#[from] ractor::SpawnErr),
+    /// An actor did not answer.
+    #[error("{0} did not answer")]
+    NoAnswer(&'static str),
+}
+
+/// What shutdown achieved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Accepted events still unprocessed at the deadline (0 on a clean drain).
+    pub unprocessed: usize,
+    /// Whether the store holds every result.
+    pub store_flushed: bool,
+}
+
+/// The running actor tree.
+pub struct System {
+    directory: Directory,
+    metrics: Metrics,
+    store: Store,
+    health: StoreHealth,
+    metrics_actor: ActorRef<MetricsMsg>,
+    writer: ActorRef<WriterMsg>,
+    supervisor: ActorRef<SupervisorMsg>,
+}
+
+impl System {
+    /// Starts the metrics actor, the store writer and the device supervisor.
+    pub async fn start(config: SystemConfig) -> Result<Self, SystemError> {
+        let mut registry = Registry::default();
+        let metrics = Metrics::register(&mut registry);
+        let (metrics_actor, _) = Actor::spawn(
+            Some("metrics".into()),
+            MetricsActor,
+            MetricsArgs {
+                registry,
+                metrics: metrics.clone(),
+                max_device_labels: config.max_device_labels,
+            },
+        )
+        .await?;
+        let health = StoreHealth::new(false);
+        let (writer, _) = Actor::spawn(
+            Some("store-writer".into()),
+            WriterActor,
+            WriterArgs {
+                store: config.store.clone(),
+                ttl: config.result_ttl,
+                flush_interval: config.flush_interval,
+                metrics: metrics.clone(),
+                health: health.clone(),
+            },
+        )
+        .await?;
+        let admission = Admission::new(metrics.pending_events.clone(), config.max_pending_events);
+        let ctx = Arc::new(DeviceContext {
+            window_size: config.window_size,
+            rule: AnomalyRule {
+                threshold: config.anomaly_threshold,
+            },
+            writer: writer.clone(),
+            metrics_actor: metrics_actor.clone(),
+            metrics: metrics.clone(),
+            admission: admission.clone(),
+            restore_timeout: Duration::from_secs(2),
+        });
+        let slots = Arc::new(DashMap::new());
+        let (supervisor, _) = Actor::spawn(
+            Some("device-supervisor".into()),
+            DeviceSupervisor,
+            SupervisorArgs {
+                ctx,
+                slots: slots.clone(),
+                idle_timeout: config.device_idle_timeout,
+            },
+        )
+        .await?;
+        Ok(Self {
+            directory: Directory::new(slots, supervisor.clone(), admission),
+            metrics,
+            store: config.store,
+            health,
+            metrics_actor,
+            writer,
+            supervisor,
+        })
+    }
+
+    /// Where events are submitted.
+    pub fn directory(&self) -> &Directory {
+        &self.directory
+    }
+
+    /// The metric handles (for the HTTP front end).
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The store (for `/analyze` reads).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Whether the store answered its last contact.
+    pub fn store_health(&self) -> &StoreHealth {
+        &self.health
+    }
+
+    /// Whether every long-lived actor is running.
+    pub fn is_running(&self) -> bool {
+        [
+            self.metrics_actor.get_status(),
+            self.writer.get_status(),
+            self.supervisor.get_status(),
+        ]
+        .iter()
+        .all(|s| *s == ActorStatus::Running)
+    }
+
+    /// The Prometheus exposition of every family.
+    pub async fn scrape(&self) -> Result<String, SystemError> {
+        match self.metrics_actor.call(MetricsMsg::Scrape, Some(Duration::from_secs(5))).await {
+            Ok(CallResult::Success(body)) => Ok(body),
+            _ => Err(SystemError::NoAnswer("metrics actor")),
+        }
+    }
+
+    /// Live device actors, as the supervisor counts them.
+    pub async fn device_actors(&self) -> Result<usize, SystemError> {
+        match self.supervisor.call(SupervisorMsg::Count, Some(Duration::from_secs(5))).await {
+            Ok(CallResult::Success(n)) => Ok(n),
+            _ => Err(SystemError::NoAnswer("device supervisor")),
+        }
+    }
+
+    /// Processes every accepted event, flushes every result, and stops the actors, giving
+    /// up at `deadline`. Call after the front end has stopped accepting events.
+    pub async fn shutdown(&self, deadline: Instant) -> ShutdownReport {
+        while self.directory.pending() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let unprocessed = self.directory.pending();
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let store_flushed = matches!(
+            self.writer.call(WriterMsg::Drain, Some(remaining)).await,
+            Ok(CallResult::Success(()))
+        );
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        self.supervisor
+            .stop_children_and_wait(Some("shutdown".into()), Some(remaining))
+            .await;
+        for actor in [
+            self.supervisor.get_cell(),
+            self.writer.get_cell(),
+            self.metrics_actor.get_cell(),
+        ] {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let _ = actor.stop_and_wait(Some("shutdown".into()), Some(remaining)).await;
+        }
+        ShutdownReport {
+            unprocessed,
+            store_flushed: store_flushed && unprocessed == 0,
+        }
+    }
+}

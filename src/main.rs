@@ -1,1 +1,108 @@
-fn main() {}
+//! iot-processor: accepts IoT metric events over HTTP, analyses each device's rolling
+//! window in a supervised actor, publishes results to Redis (or the embedded store), and
+//! exports Prometheus metrics.
+//!
+//! # Layout
+//! - `config`: every setting, its flag, environment variable and default.
+//! - `http`: the router, one file per endpoint, errors, and the server.
+//! - `logging`: text or JSON logs.
+//! - `shutdown`: the signal that starts a graceful shutdown.
+//!
+//! `main` is wiring only: config → store → actors → HTTP server → wait for a signal →
+//! drain in order (HTTP, device actors, store writer).
+#![forbid(unsafe_code)]
+
+mod config;
+mod http;
+mod logging;
+mod shutdown;
+
+use actors::store::{EmbeddedStore, RedisStore, Store};
+use actors::{System, SystemConfig};
+use anyhow::Context;
+use clap::Parser;
+use config::Config;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::time::Instant;
+
+/// Deadline of one Redis operation; also bounds how fast `/ready` sees an outage.
+const REDIS_TIMEOUT: Duration = Duration::from_millis(500);
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = Config::parse();
+    logging::init(config.log_format);
+
+    let store = match &config.redis_url {
+        None => {
+            tracing::info!("REDIS_URL is unset: using the embedded in-process store (results are not shared between replicas and do not survive a restart)");
+            Store::Embedded(Arc::new(EmbeddedStore::new()))
+        }
+        Some(url) => {
+            // Log where, never the password.
+            let host = url.rsplit('@').next().unwrap_or(url);
+            tracing::info!(redis = %host, pool_size = config.redis_pool_size, "using Redis");
+            Store::Redis(RedisStore::new(url, config.redis_pool_size, REDIS_TIMEOUT).context("REDIS_URL")?)
+        }
+    };
+    let system = Arc::new(
+        System::start(SystemConfig {
+            window_size: config.window_size as usize,
+            anomaly_threshold: config.anomaly_threshold,
+            flush_interval: config.flush_interval,
+            result_ttl: config.result_ttl,
+            device_idle_timeout: config.device_idle_timeout,
+            max_pending_events: config.max_pending_events as usize,
+            max_device_labels: config.max_device_labels as usize,
+            store,
+        })
+        .await
+        .context("starting the actor system")?,
+    );
+
+    let listener = TcpListener::bind(config.listen_addr)
+        .await
+        .with_context(|| format!("LISTEN_ADDR: cannot listen on {}", config.listen_addr))?;
+    tracing::info!(addr = %listener.local_addr()?, "listening");
+
+    let state = http::AppState::new(system.clone(), config.max_body_bytes as usize);
+    let signalled = {
+        let state = state.clone();
+        async move {
+            shutdown::signal().await;
+            state.begin_shutdown();
+        }
+    };
+    // The deadline starts at the signal; the HTTP drain takes what it needs of it and
+    // the actors get the rest.
+    let deadline_cell = Arc::new(std::sync::OnceLock::new());
+    let signalled = {
+        let deadline_cell = deadline_cell.clone();
+        let timeout = config.shutdown_timeout;
+        async move {
+            signalled.await;
+            let _ = deadline_cell.set(Instant::now() + timeout);
+        }
+    };
+    let http_drained = http::serve(listener, state, signalled, config.shutdown_timeout).await;
+    let deadline = deadline_cell
+        .get()
+        .copied()
+        .unwrap_or_else(|| Instant::now() + config.shutdown_timeout);
+    if !http_drained {
+        tracing::warn!("some connections were still open at the shutdown deadline");
+    }
+    let report = system.shutdown(deadline).await;
+    if report.unprocessed == 0 && report.store_flushed {
+        tracing::info!("shutdown complete: every accepted event is processed and stored");
+    } else {
+        tracing::error!(
+            unprocessed = report.unprocessed,
+            store_flushed = report.store_flushed,
+            "shutdown deadline reached before everything was stored"
+        );
+    }
+    Ok(())
+}

@@ -75,7 +75,7 @@ impl System {
         let mut registry = Registry::default();
         let metrics = Metrics::register(&mut registry);
         let (metrics_actor, _) = Actor::spawn(
-            Some("metrics".into()),
+            None,
             MetricsActor,
             MetricsArgs {
                 registry,
@@ -86,7 +86,7 @@ impl System {
         .await?;
         let health = StoreHealth::new(false);
         let (writer, _) = Actor::spawn(
-            Some("store-writer".into()),
+            None,
             WriterActor,
             WriterArgs {
                 store: config.store.clone(),
@@ -111,7 +111,7 @@ impl System {
         });
         let slots = Arc::new(DashMap::new());
         let (supervisor, _) = Actor::spawn(
-            Some("device-supervisor".into()),
+            None,
             DeviceSupervisor,
             SupervisorArgs {
                 ctx,

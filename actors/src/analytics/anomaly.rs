@@ -91,9 +91,13 @@ mod tests {
 
     #[test]
     fn small_windows_cannot_exceed_the_bound() {
-        // With x included, z ≤ (n−1)/√n: for n = 5 that is 1.788…
+        // With x included and the population deviation, z ≤ √(n−1): exactly 2 for
+        // n = 5, which the strict threshold does not count.
         let a = analyse(&[0.0, 0.0, 0.0, 0.0, 1e9], 2.0);
-        assert!((a.z_score - 4.0 / 5f64.sqrt()).abs() < 1e-12);
+        assert_eq!(a.z_score, 2.0);
         assert!(!a.is_anomaly);
+        let a = analyse(&[7.0, 7.0, 7.0, 7.0, 7.0, 1e9], 2.0);
+        assert!((a.z_score - 5f64.sqrt()).abs() < 1e-12, "{}", a.z_score);
+        assert!(a.is_anomaly);
     }
 }

@@ -120,6 +120,12 @@ impl Directory {
         self.admission.pending()
     }
 
+    /// The live slot of a device.
+    #[cfg(test)]
+    pub(crate) fn slot(&self, device_id: &str) -> Option<Arc<Slot>> {
+        self.slots.get(device_id).map(|s| s.value().clone())
+    }
+
     /// Devices with a live slot.
     pub fn devices(&self) -> usize {
         self.slots.len()

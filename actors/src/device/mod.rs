@@ -12,6 +12,8 @@ mod actor;
 mod directory;
 mod slot;
 mod supervisor;
+#[cfg(test)]
+mod tests;
 
 pub use actor::{DeviceActor, DeviceArgs, DeviceContext, DeviceMsg};
 pub use directory::{Admission, Directory, SubmitError};

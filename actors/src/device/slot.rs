@@ -130,6 +130,12 @@ impl Slot {
         inner.actor.clone()
     }
 
+    /// The actor serving this slot.
+    #[cfg(test)]
+    pub(crate) fn actor(&self) -> Option<ActorRef<DeviceMsg>> {
+        self.lock().actor.clone()
+    }
+
     /// Events waiting in the queue.
     pub fn queued(&self) -> usize {
         self.lock().queue.len()

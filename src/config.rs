@@ -1,0 +1,138 @@
+//! Every setting of the service: its flag, environment variable, default and meaning.
+//!
+//! Parsed once at start-up; invalid values stop start-up with clap's message, which
+//! names the flag and the variable. Library code never reads the environment.
+
+use clap::{Parser, ValueEnum};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// iot-stream-processor: per-device rolling-window anomaly detection over HTTP.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "iot-processor", version, about)]
+pub struct Config {
+    /// Address the HTTP server listens on.
+    #[arg(long, env = "LISTEN_ADDR", default_value = "0.0.0.0:8080")]
+    pub listen_addr: SocketAddr,
+
+    /// Redis URL (redis://[:password@]host:port/db). Unset: the embedded in-process store.
+    #[arg(long, env = "REDIS_URL")]
+    pub redis_url: Option<String>,
+
+    /// Pooled Redis connections (each is multiplexed).
+    #[arg(long, env = "REDIS_POOL_SIZE", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub redis_pool_size: u32,
+
+    /// Expiry of every stored analysis and window (at least 1s).
+    #[arg(long, env = "RESULT_TTL", default_value = "5m", value_parser = parse_ttl)]
+    pub result_ttl: Duration,
+
+    /// Events per device in the rolling window.
+    #[arg(long, env = "WINDOW_SIZE", default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub window_size: u32,
+
+    /// An event is anomalous when its z-score is strictly above this.
+    #[arg(long, env = "ANOMALY_THRESHOLD", default_value_t = 2.0, value_parser = parse_threshold)]
+    pub anomaly_threshold: f64,
+
+    /// How often the newest results are written to the store.
+    #[arg(long, env = "FLUSH_INTERVAL", default_value = "5ms", value_parser = parse_positive_duration)]
+    pub flush_interval: Duration,
+
+    /// A device actor without events for this long stops and frees its memory.
+    #[arg(long, env = "DEVICE_IDLE_TIMEOUT", default_value = "10m", value_parser = parse_positive_duration)]
+    pub device_idle_timeout: Duration,
+
+    /// Accepted but unprocessed events; beyond it POST /metric answers 503.
+    #[arg(long, env = "MAX_PENDING_EVENTS", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+    pub max_pending_events: u64,
+
+    /// Largest accepted request body, in bytes.
+    #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 65_536, value_parser = clap::value_parser!(u64).range(64..=16_777_216))]
+    pub max_body_bytes: u64,
+
+    /// Distinct device_id label values of anomalies_detected_total; more count as __other__.
+    #[arg(long, env = "MAX_DEVICE_LABELS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    pub max_device_labels: u64,
+
+    /// Longest graceful shutdown after SIGTERM or SIGINT.
+    #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "25s", value_parser = parse_positive_duration)]
+    pub shutdown_timeout: Duration,
+
+    /// Log format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{e} (expected e.g. 250ms, 5s, 10m)"))?;
+    if d.is_zero() {
+        return Err("must be greater than zero".into());
+    }
+    Ok(d)
+}
+
+fn parse_ttl(s: &str) -> Result<Duration, String> {
+    let d = parse_positive_duration(s)?;
+    if d < Duration::from_secs(1) {
+        return Err("must be at least 1s".into());
+    }
+    Ok(d)
+}
+
+fn parse_threshold(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    if !v.is_finite() || v < 0.0 {
+        return Err("must be a finite number ≥ 0".into());
+    }
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, clap::Error> {
+        Config::try_parse_from(std::iter::once("iot-processor").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn defaults_match_the_spec() {
+        let c = parse(&[]).expect("defaults parse");
+        assert_eq!(c.listen_addr, "0.0.0.0:8080".parse().expect("addr"));
+        assert_eq!(c.result_ttl, Duration::from_secs(300));
+        assert_eq!(c.window_size, 50);
+        assert_eq!(c.anomaly_threshold, 2.0);
+        assert_eq!(c.flush_interval, Duration::from_millis(5));
+        assert_eq!(c.device_idle_timeout, Duration::from_secs(600));
+        assert_eq!(c.max_pending_events, 100_000);
+        assert_eq!(c.max_body_bytes, 65_536);
+        assert_eq!(c.max_device_labels, 10_000);
+        assert_eq!(c.shutdown_timeout, Duration::from_secs(25));
+        assert_eq!(c.log_format, LogFormat::Text);
+        assert!(c.redis_url.is_none());
+    }
+
+    #[test]
+    fn invalid_values_name_the_setting() {
+        for (args, name) in [
+            (&["--result-ttl", "500ms"][..], "--result-ttl"),
+            (&["--window-size", "0"][..], "--window-size"),
+            (&["--anomaly-threshold", "-1"][..], "--anomaly-threshold"),
+            (&["--flush-interval", "soon"][..], "--flush-interval"),
+            (&["--log-format", "xml"][..], "--log-format"),
+        ] {
+            let err = parse(args).expect_err("must be rejected").to_string();
+            assert!(err.contains(name), "{err}");
+        }
+    }
+}

@@ -1,0 +1,39 @@
+//! `GET /analyze?device_id=ID`: the device's latest analysis, read from the store.
+
+use super::errors::{json_bytes, ApiError, Body};
+use super::{validate, AppState};
+use actors::store::analysis_key;
+use hyper::{Response, StatusCode, Uri};
+use std::borrow::Cow;
+
+/// Handles `GET /analyze`.
+pub async fn get(state: &AppState, uri: &Uri) -> Response<Body> {
+    match analyze(state, uri).await {
+        Ok(response) => response,
+        Err(error) => error.into_response(),
+    }
+}
+
+async fn analyze(state: &AppState, uri: &Uri) -> Result<Response<Body>, ApiError> {
+    let query = uri.query().unwrap_or("");
+    let id: Cow<'_, str> = form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == "device_id")
+        .map(|(_, v)| v)
+        .ok_or_else(|| ApiError::invalid("device_id", "query parameter device_id is required"))?;
+    validate::device_id(&id)?;
+    match state.system().store().get(&analysis_key(&id)).await {
+        Ok(Some(body)) => Ok(json_bytes(StatusCode::OK, body)),
+        Ok(None) => Err(ApiError {
+            status: StatusCode::NOT_FOUND,
+            message: format!("no analysis for device {id} within RESULT_TTL"),
+            field: Some("device_id"),
+        }),
+        Err(e) => {
+            tracing::debug!(error = %e, "analyze read failed");
+            Err(ApiError::status(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("store unavailable: {e}"),
+            ))
+        }
+    }
+}

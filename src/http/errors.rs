@@ -1,0 +1,86 @@
+//! The JSON error body every failure answers with, `{"error": …, "field": …}`, and the
+//! small response helpers the endpoints share.
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use hyper::{Response, StatusCode};
+use serde::Serialize;
+
+/// The response body type of every endpoint.
+pub type Body = Full<Bytes>;
+
+const JSON: HeaderValue = HeaderValue::from_static("application/json");
+
+/// A request that cannot be served, with the status it maps to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    pub field: Option<&'static str>,
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: &'a str,
+    field: Option<&'a str>,
+}
+
+impl ApiError {
+    /// 400 naming the field at fault.
+    pub fn invalid(field: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+            field: Some(field),
+        }
+    }
+
+    /// 400 about the body as a whole.
+    pub fn bad_body(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+            field: None,
+        }
+    }
+
+    /// Any status without a field.
+    pub fn status(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            field: None,
+        }
+    }
+
+    /// The response; 503s carry `Retry-After: 1`.
+    pub fn into_response(self) -> Response<Body> {
+        let mut response = json(
+            self.status,
+            &ErrorBody {
+                error: &self.message,
+                field: self.field,
+            },
+        );
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            response.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
+
+/// A JSON response.
+pub fn json<T: Serialize>(status: StatusCode, body: &T) -> Response<Body> {
+    // Serialising our own plain structs cannot fail; fall back to an empty object anyway.
+    let bytes = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
+    json_bytes(status, Bytes::from(bytes))
+}
+
+/// A response whose body is already JSON.
+pub fn json_bytes(status: StatusCode, body: Bytes) -> Response<Body> {
+    let mut response = Response::new(Full::new(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(CONTENT_TYPE, JSON);
+    response
+}

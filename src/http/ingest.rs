@@ -1,0 +1,96 @@
+//! `POST /metric`: read the body within MAX_BODY_BYTES, validate, hand the event to its
+//! device, answer 200 once it is queued.
+
+use super::errors::{json, ApiError, Body};
+use super::{validate, AppState};
+use actors::device::SubmitError;
+use actors::metrics::{ReasonLabel, RejectReason};
+use chrono::Utc;
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper::header::CONTENT_LENGTH;
+use hyper::{Request, Response, StatusCode};
+use serde::Serialize;
+
+#[derive(Serialize)]
+struct Accepted<'a> {
+    status: &'static str,
+    device_id: &'a str,
+}
+
+/// Handles `POST /metric`.
+pub async fn post(state: &AppState, req: Request<Incoming>) -> Response<Body> {
+    match accept(state, req).await {
+        Ok(response) => response,
+        Err((reason, error)) => {
+            state
+                .system()
+                .metrics()
+                .events_rejected
+                .get_or_create(&ReasonLabel { reason })
+                .inc();
+            error.into_response()
+        }
+    }
+}
+
+async fn accept(state: &AppState, req: Request<Incoming>) -> Result<Response<Body>, (RejectReason, ApiError)> {
+    if state.is_shutting_down() {
+        return Err((RejectReason::ShuttingDown, shutting_down()));
+    }
+    let limit = state.inner.max_body_bytes;
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err((RejectReason::TooLarge, too_large(limit)));
+    }
+    let received = Utc::now();
+    let body = match Limited::new(req.into_body(), limit).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return Err((RejectReason::TooLarge, too_large(limit)));
+        }
+        Err(e) => {
+            return Err((
+                RejectReason::Invalid,
+                ApiError::bad_body(format!("could not read the request body: {e}")),
+            ));
+        }
+    };
+    let (device_id, event) = validate::event(&body, received).map_err(|e| (RejectReason::Invalid, e))?;
+    let metrics = state.system().metrics();
+    match state.system().directory().submit(&device_id, event) {
+        Ok(()) => {
+            metrics.events_accepted.inc();
+            Ok(json(
+                StatusCode::OK,
+                &Accepted {
+                    status: "accepted",
+                    device_id: &device_id,
+                },
+            ))
+        }
+        Err(SubmitError::Overloaded) => Err((
+            RejectReason::Overloaded,
+            ApiError::status(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many events pending (MAX_PENDING_EVENTS); retry shortly",
+            ),
+        )),
+        Err(SubmitError::Unavailable) => Err((RejectReason::ShuttingDown, shutting_down())),
+    }
+}
+
+fn too_large(limit: usize) -> ApiError {
+    ApiError::status(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!("request body exceeds MAX_BODY_BYTES ({limit} bytes)"),
+    )
+}
+
+fn shutting_down() -> ApiError {
+    ApiError::status(StatusCode::SERVICE_UNAVAILABLE, "the service is shutting down")
+}

@@ -1,0 +1,60 @@
+//! `GET /health` (liveness: the process answers) and `GET /ready` (readiness: the store
+//! answers, the actors run, and shutdown has not begun).
+
+use super::errors::{json, Body};
+use super::AppState;
+use chrono::{SecondsFormat, Utc};
+use hyper::{Response, StatusCode};
+use serde::Serialize;
+
+#[derive(Serialize)]
+struct Health {
+    status: &'static str,
+    timestamp: String,
+}
+
+#[derive(Serialize)]
+struct Checks {
+    store: &'static str,
+    actors: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    shutdown: Option<&'static str>,
+}
+
+#[derive(Serialize)]
+struct Ready {
+    status: &'static str,
+    checks: Checks,
+}
+
+/// Liveness; checks no dependency, so a store outage never restarts the pod.
+pub fn health() -> Response<Body> {
+    json(
+        StatusCode::OK,
+        &Health {
+            status: "healthy",
+            timestamp: Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true),
+        },
+    )
+}
+
+/// Readiness, from the writer's store health flag (kept within a second of the truth).
+pub fn ready(state: &AppState) -> Response<Body> {
+    let system = state.system();
+    let store_ok = system.store_health().is_up();
+    let actors_ok = system.is_running();
+    let stopping = state.is_shutting_down();
+    let checks = Checks {
+        store: if store_ok { "ok" } else { "unreachable" },
+        actors: if actors_ok { "ok" } else { "stopped" },
+        shutdown: stopping.then_some("in progress"),
+    };
+    let ready = store_ok && actors_ok && !stopping;
+    json(
+        if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE },
+        &Ready {
+            status: if ready { "ready" } else { "not_ready" },
+            checks,
+        },
+    )
+}

@@ -1,0 +1,197 @@
+//! Decoding and validating input: the event body of `POST /metric` and the `device_id`
+//! rules shared with `GET /analyze`. Every failure names the field at fault.
+//!
+//! The body is first split into raw, borrowed field values and each is then parsed on its
+//! own: serde's derived errors say what went wrong but not in which field, and naming the
+//! field is the point of a 400 here.
+
+use super::errors::ApiError;
+use actors::event::Event;
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use std::borrow::Cow;
+
+/// Longest device id, in bytes.
+pub const MAX_DEVICE_ID_BYTES: usize = 128;
+
+#[derive(Deserialize)]
+struct WireEvent<'a> {
+    #[serde(borrow, default)]
+    device_id: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    cpu: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    rps: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    timestamp: Option<&'a RawValue>,
+}
+
+/// Checks a device id against SPEC's rules.
+pub fn device_id(id: &str) -> Result<&str, ApiError> {
+    if id.is_empty() {
+        return Err(ApiError::invalid("device_id", "device_id must not be empty"));
+    }
+    if id.len() > MAX_DEVICE_ID_BYTES {
+        return Err(ApiError::invalid(
+            "device_id",
+            format!("device_id must be at most {MAX_DEVICE_ID_BYTES} bytes, got {}", id.len()),
+        ));
+    }
+    if id.chars().any(char::is_control) {
+        return Err(ApiError::invalid("device_id", "device_id must not contain control characters"));
+    }
+    Ok(id)
+}
+
+/// Decodes and validates an event body; `received` stands in for a missing timestamp.
+pub fn event(body: &[u8], received: DateTime<Utc>) -> Result<(Cow<'_, str>, Event), ApiError> {
+    let wire: WireEvent<'_> = serde_json::from_slice(body).map_err(body_error)?;
+
+    let raw_id = wire
+        .device_id
+        .ok_or_else(|| ApiError::invalid("device_id", "device_id is required"))?;
+    let id: Cow<'_, str> = serde_json::from_str(raw_id.get())
+        .map_err(|_| ApiError::invalid("device_id", "device_id must be a string"))?;
+    device_id(&id)?;
+
+    let cpu = number("cpu", wire.cpu)?;
+    if !(0.0..=1.0).contains(&cpu) {
+        return Err(ApiError::invalid("cpu", format!("cpu must be between 0 and 1, got {cpu}")));
+    }
+    let rps = number("rps", wire.rps)?;
+    if rps < 0.0 {
+        return Err(ApiError::invalid("rps", format!("rps must be at least 0, got {rps}")));
+    }
+    let timestamp = match wire.timestamp {
+        None => received,
+        Some(raw) => timestamp(raw)?,
+    };
+    // Adding 0.0 turns a -0 into 0, so it never shows as "-0.0".
+    Ok((id, Event { rps: rps + 0.0, cpu: cpu + 0.0, timestamp }))
+}
+
+fn number(field: &'static str, raw: Option<&RawValue>) -> Result<f64, ApiError> {
+    let raw = raw.ok_or_else(|| ApiError::invalid(field, format!("{field} is required")))?;
+    let text = raw.get();
+    if !text.starts_with(|c: char| c == '-' || c.is_ascii_digit()) {
+        return Err(ApiError::invalid(field, format!("{field} must be a number")));
+    }
+    // A JSON number that overflows f64 (1e400) is the only way to get here non-finite.
+    match serde_json::from_str::<f64>(text) {
+        Ok(v) if v.is_finite() => Ok(v),
+        _ => Err(ApiError::invalid(field, format!("{field} must be a finite number"))),
+    }
+}
+
+fn timestamp(raw: &RawValue) -> Result<DateTime<Utc>, ApiError> {
+    let text: Cow<'_, str> = serde_json::from_str(raw.get())
+        .map_err(|_| ApiError::invalid("timestamp", "timestamp must be an RFC 3339 string"))?;
+    DateTime::parse_from_rfc3339(&text)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| {
+            ApiError::invalid(
+                "timestamp",
+                format!("timestamp must be RFC 3339 (e.g. 2024-01-15T10:30:00Z): {e}"),
+            )
+        })
+}
+
+fn body_error(e: serde_json::Error) -> ApiError {
+    use serde_json::error::Category;
+    let text = e.to_string();
+    for field in ["device_id", "cpu", "rps", "timestamp"] {
+        if text.starts_with(&format!("duplicate field `{field}`")) {
+            return ApiError::invalid(field, format!("{field} appears more than once"));
+        }
+    }
+    match e.classify() {
+        Category::Data => ApiError::bad_body("body must be a JSON object"),
+        Category::Io | Category::Syntax | Category::Eof => ApiError::bad_body(format!("malformed JSON: {text}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn now() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2030, 1, 1, 0, 0, 0).single().expect("valid")
+    }
+
+    fn field_of(body: &str) -> Option<&'static str> {
+        event(body.as_bytes(), now()).expect_err(body).field
+    }
+
+    #[test]
+    fn accepts_a_full_event() {
+        let (id, e) = event(
+            br#"{"timestamp":"2024-01-15T10:30:00Z","device_id":"sensor-1","cpu":0.75,"rps":150,"extra":[1]}"#,
+            now(),
+        )
+        .expect("valid");
+        assert_eq!(id, "sensor-1");
+        assert_eq!((e.cpu, e.rps), (0.75, 150.0));
+        assert_eq!(e.timestamp.to_rfc3339(), "2024-01-15T10:30:00+00:00");
+    }
+
+    #[test]
+    fn timestamps_with_offsets_and_fractions_normalise_to_utc() {
+        let (_, e) = event(
+            br#"{"timestamp":"2024-01-15T12:30:00.250+02:00","device_id":"a","cpu":0,"rps":0}"#,
+            now(),
+        )
+        .expect("valid");
+        assert_eq!(e.timestamp.to_rfc3339(), "2024-01-15T10:30:00.250+00:00");
+    }
+
+    #[test]
+    fn missing_or_null_timestamp_means_received_time() {
+        for body in [r#"{"device_id":"a","cpu":0,"rps":0}"#, r#"{"device_id":"a","cpu":0,"rps":0,"timestamp":null}"#] {
+            assert_eq!(event(body.as_bytes(), now()).expect("valid").1.timestamp, now());
+        }
+    }
+
+    #[test]
+    fn escaped_device_ids_are_decoded() {
+        let (id, _) = event(br#"{"device_id":"caf\u00e9 1","cpu":0,"rps":0}"#, now()).expect("valid");
+        assert_eq!(id, "café 1");
+    }
+
+    #[test]
+    fn each_rule_names_its_field() {
+        let long = "x".repeat(129);
+        let cases = [
+            (r#"{"cpu":0.5,"rps":1}"#.to_string(), Some("device_id")),
+            (r#"{"device_id":null,"cpu":0.5,"rps":1}"#.into(), Some("device_id")),
+            (r#"{"device_id":7,"cpu":0.5,"rps":1}"#.into(), Some("device_id")),
+            (r#"{"device_id":"","cpu":0.5,"rps":1}"#.into(), Some("device_id")),
+            (format!(r#"{{"device_id":"{long}","cpu":0.5,"rps":1}}"#), Some("device_id")),
+            (r#"{"device_id":"a\nb","cpu":0.5,"rps":1}"#.into(), Some("device_id")),
+            (r#"{"device_id":"a","rps":1}"#.into(), Some("cpu")),
+            (r#"{"device_id":"a","cpu":"0.5","rps":1}"#.into(), Some("cpu")),
+            (r#"{"device_id":"a","cpu":1.01,"rps":1}"#.into(), Some("cpu")),
+            (r#"{"device_id":"a","cpu":-0.1,"rps":1}"#.into(), Some("cpu")),
+            (r#"{"device_id":"a","cpu":1e999,"rps":1}"#.into(), Some("cpu")),
+            (r#"{"device_id":"a","cpu":0.5}"#.into(), Some("rps")),
+            (r#"{"device_id":"a","cpu":0.5,"rps":-1}"#.into(), Some("rps")),
+            (r#"{"device_id":"a","cpu":0.5,"rps":true}"#.into(), Some("rps")),
+            (r#"{"device_id":"a","cpu":0.5,"rps":1,"timestamp":"yesterday"}"#.into(), Some("timestamp")),
+            (r#"{"device_id":"a","cpu":0.5,"rps":1,"timestamp":1700000000}"#.into(), Some("timestamp")),
+            (r#"{"device_id":"a","cpu":0.5,"cpu":0.4,"rps":1}"#.into(), Some("cpu")),
+            (r#"{"device_id":"a","#.into(), None),
+            (r#"[1,2]"#.into(), None),
+            ("".into(), None),
+        ];
+        for (body, field) in cases {
+            assert_eq!(field_of(&body), field, "{body}");
+        }
+    }
+
+    #[test]
+    fn exactly_128_bytes_is_allowed() {
+        assert!(device_id(&"é".repeat(64)).is_ok());
+        assert!(device_id(&"é".repeat(65)).is_err());
+    }
+}

@@ -46,6 +46,10 @@ pub fn device_id(id: &str) -> Result<&str, ApiError> {
 
 /// Decodes and validates an event body; `received` stands in for a missing timestamp.
 pub fn event(body: &[u8], received: DateTime<Utc>) -> Result<(Cow<'_, str>, Event), ApiError> {
+    // serde would also accept a JSON array as a struct, by position.
+    if body.iter().find(|b| !b.is_ascii_whitespace()).is_some_and(|&b| b != b'{') {
+        return Err(ApiError::bad_body("body must be a JSON object"));
+    }
     let wire: WireEvent<'_> = serde_json::from_slice(body).map_err(body_error)?;
 
     let raw_id = wire
@@ -182,6 +186,7 @@ mod tests {
             (r#"{"device_id":"a","cpu":0.5,"cpu":0.4,"rps":1}"#.into(), Some("cpu")),
             (r#"{"device_id":"a","#.into(), None),
             (r#"[1,2]"#.into(), None),
+            (r#"["sensor",0.5,1]"#.into(), None),
             ("".into(), None),
         ];
         for (body, field) in cases {

@@ -100,6 +100,10 @@ impl Metrics {
             store_pending_results: Gauge::default(),
             store_up: Gauge::default(),
         };
+        // Every reason exists from the start, so rate() and alerts see 0, not no data.
+        for reason in [RejectReason::Invalid, RejectReason::TooLarge, RejectReason::Overloaded, RejectReason::ShuttingDown] {
+            m.events_rejected.get_or_create(&ReasonLabel { reason });
+        }
         // Counters get their `_total` suffix from the encoder.
         let r = registry;
         r.register("http_requests", "HTTP requests by method, route and status", m.http_requests.clone());

@@ -74,7 +74,8 @@ pub struct Config {
 }
 
 fn parse_positive_duration(s: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(s).map_err(|e| format!("{e} (expected e.g. 250ms, 5s, 10m)"))?;
+    let d =
+        humantime::parse_duration(s).map_err(|e| format!("{e} (expected e.g. 250ms, 5s, 10m)"))?;
     if d.is_zero() {
         return Err("must be greater than zero".into());
     }

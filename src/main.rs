@@ -44,7 +44,9 @@ async fn main() -> anyhow::Result<()> {
             // Log where, never the password.
             let host = url.rsplit('@').next().unwrap_or(url);
             tracing::info!(redis = %host, pool_size = config.redis_pool_size, "using Redis");
-            Store::Redis(RedisStore::new(url, config.redis_pool_size, REDIS_TIMEOUT).context("REDIS_URL")?)
+            Store::Redis(
+                RedisStore::new(url, config.redis_pool_size, REDIS_TIMEOUT).context("REDIS_URL")?,
+            )
         }
     };
     let system = Arc::new(

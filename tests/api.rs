@@ -28,7 +28,10 @@ async fn posted_events_are_analysed_and_readable() {
     for body in bodies {
         let r = post(svc.addr, "/metric", body).await;
         assert_eq!(r.status, 200, "{}", r.body);
-        assert_eq!(r.json(), serde_json::json!({"status": "accepted", "device_id": "sensor-1"}));
+        assert_eq!(
+            r.json(),
+            serde_json::json!({"status": "accepted", "device_id": "sensor-1"})
+        );
     }
     let (a, raw_body) = analysis_with(&svc, "sensor-1", 3).await;
     assert_eq!(a["device_id"], "sensor-1");
@@ -42,15 +45,30 @@ async fn posted_events_are_analysed_and_readable() {
     assert!((a["rolling_average_cpu"].as_f64().expect("cpu") - 0.7).abs() < 1e-12);
     assert_eq!(a["event_timestamp"], "2024-01-15T11:00:02Z");
     let processed = a["processed_at"].as_str().expect("processed_at");
-    assert!(processed.ends_with('Z') && processed.len() == 24, "{processed}");
+    assert!(
+        processed.ends_with('Z') && processed.len() == 24,
+        "{processed}"
+    );
     // The original service's five fields first, in its order, then the additions.
     let order = [
-        "device_id", "rolling_average_rps", "is_anomaly", "z_score", "processed_at", "samples",
-        "last_rps", "stddev_rps", "rolling_average_cpu", "event_timestamp",
+        "device_id",
+        "rolling_average_rps",
+        "is_anomaly",
+        "z_score",
+        "processed_at",
+        "samples",
+        "last_rps",
+        "stddev_rps",
+        "rolling_average_cpu",
+        "event_timestamp",
     ];
     let positions: Vec<usize> = order
         .iter()
-        .map(|k| raw_body.find(&format!("\"{k}\":")).unwrap_or_else(|| panic!("{k} missing")))
+        .map(|k| {
+            raw_body
+                .find(&format!("\"{k}\":"))
+                .unwrap_or_else(|| panic!("{k} missing"))
+        })
         .collect();
     assert!(positions.windows(2).all(|w| w[0] < w[1]), "{raw_body}");
     assert_eq!(a.as_object().expect("object").len(), order.len());
@@ -59,15 +77,21 @@ async fn posted_events_are_analysed_and_readable() {
 #[tokio::test]
 async fn a_spike_is_an_anomaly_and_is_counted_per_device() {
     let svc = Service::start(&[]);
-    for rps in [100.0, 102.0, 98.0, 101.0, 99.0, 100.0, 103.0, 97.0, 100.0, 100.0] {
+    for rps in [
+        100.0, 102.0, 98.0, 101.0, 99.0, 100.0, 103.0, 97.0, 100.0, 100.0,
+    ] {
         assert_eq!(post_event(svc.addr, "pump-7", 0.4, rps).await.status, 200);
     }
-    assert_eq!(post_event(svc.addr, "pump-7", 0.9, 1000.0).await.status, 200);
+    assert_eq!(
+        post_event(svc.addr, "pump-7", 0.9, 1000.0).await.status,
+        200
+    );
     let (a, _) = analysis_with(&svc, "pump-7", 11).await;
     assert_eq!(a["is_anomaly"], true);
     assert!(a["z_score"].as_f64().expect("z") > 2.0);
     let count = eventually(SOON, "anomaly counter", || async {
-        svc.metric(r#"anomalies_detected_total{device_id="pump-7"}"#).await
+        svc.metric(r#"anomalies_detected_total{device_id="pump-7"}"#)
+            .await
     })
     .await;
     assert_eq!(count, 1.0);
@@ -79,20 +103,56 @@ async fn every_validation_rule_answers_400_naming_the_field() {
     let long = "d".repeat(129);
     let cases: Vec<(String, Value)> = vec![
         (r#"{"cpu":0.5,"rps":1}"#.into(), "device_id".into()),
-        (r#"{"device_id":5,"cpu":0.5,"rps":1}"#.into(), "device_id".into()),
-        (r#"{"device_id":"","cpu":0.5,"rps":1}"#.into(), "device_id".into()),
-        (format!(r#"{{"device_id":"{long}","cpu":0.5,"rps":1}}"#), "device_id".into()),
-        (r#"{"device_id":"a\u0007b","cpu":0.5,"rps":1}"#.into(), "device_id".into()),
+        (
+            r#"{"device_id":5,"cpu":0.5,"rps":1}"#.into(),
+            "device_id".into(),
+        ),
+        (
+            r#"{"device_id":"","cpu":0.5,"rps":1}"#.into(),
+            "device_id".into(),
+        ),
+        (
+            format!(r#"{{"device_id":"{long}","cpu":0.5,"rps":1}}"#),
+            "device_id".into(),
+        ),
+        (
+            r#"{"device_id":"a\u0007b","cpu":0.5,"rps":1}"#.into(),
+            "device_id".into(),
+        ),
         (r#"{"device_id":"a","rps":1}"#.into(), "cpu".into()),
-        (r#"{"device_id":"a","cpu":"high","rps":1}"#.into(), "cpu".into()),
-        (r#"{"device_id":"a","cpu":1.5,"rps":1}"#.into(), "cpu".into()),
-        (r#"{"device_id":"a","cpu":-0.5,"rps":1}"#.into(), "cpu".into()),
-        (r#"{"device_id":"a","cpu":0.5,"rps":1e999}"#.into(), "rps".into()),
+        (
+            r#"{"device_id":"a","cpu":"high","rps":1}"#.into(),
+            "cpu".into(),
+        ),
+        (
+            r#"{"device_id":"a","cpu":1.5,"rps":1}"#.into(),
+            "cpu".into(),
+        ),
+        (
+            r#"{"device_id":"a","cpu":-0.5,"rps":1}"#.into(),
+            "cpu".into(),
+        ),
+        (
+            r#"{"device_id":"a","cpu":0.5,"rps":1e999}"#.into(),
+            "rps".into(),
+        ),
         (r#"{"device_id":"a","cpu":0.5}"#.into(), "rps".into()),
-        (r#"{"device_id":"a","cpu":0.5,"rps":-3}"#.into(), "rps".into()),
-        (r#"{"device_id":"a","cpu":0.5,"rps":[1]}"#.into(), "rps".into()),
-        (r#"{"device_id":"a","cpu":0.5,"rps":1,"timestamp":"15/01/2024"}"#.into(), "timestamp".into()),
-        (r#"{"device_id":"a","cpu":0.5,"rps":1,"timestamp":true}"#.into(), "timestamp".into()),
+        (
+            r#"{"device_id":"a","cpu":0.5,"rps":-3}"#.into(),
+            "rps".into(),
+        ),
+        (
+            r#"{"device_id":"a","cpu":0.5,"rps":[1]}"#.into(),
+            "rps".into(),
+        ),
+        (
+            r#"{"device_id":"a","cpu":0.5,"rps":1,"timestamp":"15/01/2024"}"#.into(),
+            "timestamp".into(),
+        ),
+        (
+            r#"{"device_id":"a","cpu":0.5,"rps":1,"timestamp":true}"#.into(),
+            "timestamp".into(),
+        ),
         (r#"{"device_id":"a","cpu":0.5,"rps":1"#.into(), Value::Null),
         (r#"["device_id"]"#.into(), Value::Null),
         ("not json".into(), Value::Null),
@@ -105,14 +165,19 @@ async fn every_validation_rule_answers_400_naming_the_field() {
         assert_eq!(&j["field"], field, "{body} → {}", r.body);
         assert!(j["error"].as_str().is_some_and(|e| !e.is_empty()));
     }
-    let rejected = svc.metric(r#"events_rejected_total{reason="invalid"}"#).await;
+    let rejected = svc
+        .metric(r#"events_rejected_total{reason="invalid"}"#)
+        .await;
     assert_eq!(rejected, Some(cases.len() as f64));
 }
 
 #[tokio::test]
 async fn bodies_over_the_limit_get_413() {
     let svc = Service::start(&[("MAX_BODY_BYTES", "1024")]);
-    let big = format!(r#"{{"device_id":"a","cpu":0.5,"rps":1,"pad":"{}"}}"#, "x".repeat(2000));
+    let big = format!(
+        r#"{{"device_id":"a","cpu":0.5,"rps":1,"pad":"{}"}}"#,
+        "x".repeat(2000)
+    );
     let r = post(svc.addr, "/metric", &big).await;
     assert_eq!(r.status, 413);
     assert_eq!(r.json()["field"], Value::Null);
@@ -121,7 +186,10 @@ async fn bodies_over_the_limit_get_413() {
     let req = format!("POST /metric HTTP/1.1\r\nHost: t\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n{chunk}");
     assert_eq!(raw(svc.addr, req.as_bytes()).await.status, 413);
     // Just under the limit is fine.
-    let ok = format!(r#"{{"device_id":"a","cpu":0.5,"rps":1,"pad":"{}"}}"#, "x".repeat(900));
+    let ok = format!(
+        r#"{{"device_id":"a","cpu":0.5,"rps":1,"pad":"{}"}}"#,
+        "x".repeat(900)
+    );
     assert_eq!(post(svc.addr, "/metric", &ok).await.status, 200);
 }
 
@@ -131,12 +199,19 @@ async fn unknown_paths_404_and_wrong_methods_405_with_allow() {
     let r = get(svc.addr, "/nope/42").await;
     assert_eq!(r.status, 404);
     assert_eq!(r.json()["field"], Value::Null);
-    for (method, path, allow) in [("GET", "/metric", "POST"), ("POST", "/analyze", "GET"), ("DELETE", "/health", "GET"), ("PUT", "/metrics", "GET")] {
+    for (method, path, allow) in [
+        ("GET", "/metric", "POST"),
+        ("POST", "/analyze", "GET"),
+        ("DELETE", "/health", "GET"),
+        ("PUT", "/metrics", "GET"),
+    ] {
         let r = request(svc.addr, method, path, None).await;
         assert_eq!(r.status, 405, "{method} {path}");
         assert_eq!(r.header("allow"), Some(allow), "{method} {path}");
     }
-    let unmatched = svc.metric(r#"http_requests_total{method="GET",endpoint="unmatched",status="404"}"#).await;
+    let unmatched = svc
+        .metric(r#"http_requests_total{method="GET",endpoint="unmatched",status="404"}"#)
+        .await;
     assert_eq!(unmatched, Some(1.0));
 }
 
@@ -144,15 +219,28 @@ async fn unknown_paths_404_and_wrong_methods_405_with_allow() {
 async fn analyze_errors() {
     let svc = Service::start(&[]);
     let r = get(svc.addr, "/analyze").await;
-    assert_eq!((r.status, r.json()["field"].clone()), (400, "device_id".into()));
+    assert_eq!(
+        (r.status, r.json()["field"].clone()),
+        (400, "device_id".into())
+    );
     let r = get(svc.addr, &format!("/analyze?device_id={}", "x".repeat(129))).await;
-    assert_eq!((r.status, r.json()["field"].clone()), (400, "device_id".into()));
+    assert_eq!(
+        (r.status, r.json()["field"].clone()),
+        (400, "device_id".into())
+    );
     let r = get(svc.addr, "/analyze?device_id=never-seen").await;
-    assert_eq!((r.status, r.json()["field"].clone()), (404, "device_id".into()));
+    assert_eq!(
+        (r.status, r.json()["field"].clone()),
+        (404, "device_id".into())
+    );
     // Percent-encoded ids are decoded.
     assert_eq!(post_event(svc.addr, "hall A/1", 0.1, 5.0).await.status, 200);
     eventually(SOON, "encoded id", || async {
-        (get(svc.addr, "/analyze?device_id=hall%20A%2F1").await.status == 200).then_some(())
+        (get(svc.addr, "/analyze?device_id=hall%20A%2F1")
+            .await
+            .status
+            == 200)
+            .then_some(())
     })
     .await;
 }
@@ -163,7 +251,9 @@ async fn health_and_ready() {
     let h = get(svc.addr, "/health").await;
     assert_eq!(h.status, 200);
     assert_eq!(h.json()["status"], "healthy");
-    assert!(h.json()["timestamp"].as_str().is_some_and(|t| t.ends_with('Z')));
+    assert!(h.json()["timestamp"]
+        .as_str()
+        .is_some_and(|t| t.ends_with('Z')));
     let r = get(svc.addr, "/ready").await;
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["status"], "ready");
@@ -177,7 +267,9 @@ async fn metrics_expose_the_spec_families_with_their_labels() {
     assert_eq!(get(svc.addr, "/health").await.status, 200);
     let r = get(svc.addr, "/metrics").await;
     assert_eq!(r.status, 200);
-    assert!(r.header("content-type").is_some_and(|c| c.starts_with("application/openmetrics-text")));
+    assert!(r
+        .header("content-type")
+        .is_some_and(|c| c.starts_with("application/openmetrics-text")));
     let text = r.body;
     for needle in [
         "# TYPE http_requests counter",
@@ -207,7 +299,9 @@ async fn metrics_expose_the_spec_families_with_their_labels() {
 async fn device_labels_are_capped() {
     let svc = Service::start(&[("MAX_DEVICE_LABELS", "1")]);
     for device in ["cap-a", "cap-b", "cap-c"] {
-        for rps in [10.0, 10.0, 10.0, 10.0, 10.0, 10.0, 10.0, 10.0, 10.0, 10.0, 500.0] {
+        for rps in [
+            10.0, 10.0, 10.0, 10.0, 10.0, 10.0, 10.0, 10.0, 10.0, 10.0, 500.0,
+        ] {
             assert_eq!(post_event(svc.addr, device, 0.5, rps).await.status, 200);
         }
     }
@@ -218,8 +312,16 @@ async fn device_labels_are_capped() {
     })
     .await;
     assert_eq!(other, 2.0);
-    assert_eq!(svc.metric(r#"anomalies_detected_total{device_id="cap-a"}"#).await, Some(1.0));
-    assert_eq!(svc.metric(r#"anomalies_detected_total{device_id="cap-b"}"#).await, None);
+    assert_eq!(
+        svc.metric(r#"anomalies_detected_total{device_id="cap-a"}"#)
+            .await,
+        Some(1.0)
+    );
+    assert_eq!(
+        svc.metric(r#"anomalies_detected_total{device_id="cap-b"}"#)
+            .await,
+        None
+    );
 }
 
 #[tokio::test]
@@ -236,7 +338,11 @@ async fn at_the_pending_bound_ingest_answers_503_with_retry_after() {
     assert_eq!(r.status, 503, "{}", r.body);
     assert_eq!(r.header("retry-after"), Some("1"));
     assert_eq!(r.json()["field"], Value::Null);
-    assert_eq!(svc.metric(r#"events_rejected_total{reason="overloaded"}"#).await, Some(1.0));
+    assert_eq!(
+        svc.metric(r#"events_rejected_total{reason="overloaded"}"#)
+            .await,
+        Some(1.0)
+    );
     // Once the backlog is processed, events are accepted again.
     eventually(Duration::from_secs(10), "ingest to recover", || async {
         (post_event(svc.addr, "busy", 0.5, 1.0).await.status == 200).then_some(())
@@ -248,12 +354,18 @@ async fn at_the_pending_bound_ingest_answers_503_with_retry_after() {
 async fn sigterm_exits_zero_after_a_clean_drain() {
     let svc = Service::start(&[]);
     for i in 0..20 {
-        assert_eq!(post_event(svc.addr, &format!("t-{}", i % 4), 0.5, i as f64).await.status, 200);
+        assert_eq!(
+            post_event(svc.addr, &format!("t-{}", i % 4), 0.5, i as f64)
+                .await
+                .status,
+            200
+        );
     }
     let (code, logs) = svc.terminate();
     assert_eq!(code, 0);
     assert!(
-        logs.iter().any(|l| l.contains("every accepted event is processed and stored")),
+        logs.iter()
+            .any(|l| l.contains("every accepted event is processed and stored")),
         "{logs:#?}"
     );
 }
@@ -267,5 +379,8 @@ async fn invalid_configuration_stops_start_up_naming_the_setting() {
         .expect("run");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("--result-ttl") && err.contains("at least 1s"), "{err}");
+    assert!(
+        err.contains("--result-ttl") && err.contains("at least 1s"),
+        "{err}"
+    );
 }

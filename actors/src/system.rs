@@ -6,7 +6,9 @@
 //! writer flush everything, then stop the actors.
 
 use crate::analytics::AnomalyRule;
-use crate::device::{Admission, DeviceContext, DeviceSupervisor, Directory, SupervisorArgs, SupervisorMsg};
+use crate::device::{
+    Admission, DeviceContext, DeviceSupervisor, Directory, SupervisorArgs, SupervisorMsg,
+};
 use crate::metrics::{Metrics, MetricsActor, MetricsArgs, MetricsMsg};
 use crate::store::{Store, StoreHealth, WriterActor, WriterArgs, WriterMsg};
 use dashmap::DashMap;
@@ -164,7 +166,11 @@ impl System {
 
     /// The Prometheus exposition of every family.
     pub async fn scrape(&self) -> Result<String, SystemError> {
-        match self.metrics_actor.call(MetricsMsg::Scrape, Some(Duration::from_secs(5))).await {
+        match self
+            .metrics_actor
+            .call(MetricsMsg::Scrape, Some(Duration::from_secs(5)))
+            .await
+        {
             Ok(CallResult::Success(body)) => Ok(body),
             _ => Err(SystemError::NoAnswer("metrics actor")),
         }
@@ -172,7 +178,11 @@ impl System {
 
     /// Live device actors, as the supervisor counts them.
     pub async fn device_actors(&self) -> Result<usize, SystemError> {
-        match self.supervisor.call(SupervisorMsg::Count, Some(Duration::from_secs(5))).await {
+        match self
+            .supervisor
+            .call(SupervisorMsg::Count, Some(Duration::from_secs(5)))
+            .await
+        {
             Ok(CallResult::Success(n)) => Ok(n),
             _ => Err(SystemError::NoAnswer("device supervisor")),
         }
@@ -200,7 +210,9 @@ impl System {
             self.metrics_actor.get_cell(),
         ] {
             let remaining = deadline.saturating_duration_since(Instant::now());
-            let _ = actor.stop_and_wait(Some("shutdown".into()), Some(remaining)).await;
+            let _ = actor
+                .stop_and_wait(Some("shutdown".into()), Some(remaining))
+                .await;
         }
         ShutdownReport {
             unprocessed,

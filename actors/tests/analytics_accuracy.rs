@@ -82,7 +82,11 @@ fn check(window_size: usize, values: &[f64]) -> Result<(), TestCaseError> {
     let exact = exact_stats(kept);
 
     prop_assert_eq!(got.samples, kept.len());
-    prop_assert!(close(got.rolling_average_rps, exact.mean, exact.mean.max(f64::MIN_POSITIVE)));
+    prop_assert!(close(
+        got.rolling_average_rps,
+        exact.mean,
+        exact.mean.max(f64::MIN_POSITIVE)
+    ));
     if kept.len() < 2 || exact.all_equal {
         prop_assert_eq!(got.stddev_rps, 0.0);
         prop_assert_eq!(got.z_score, 0.0);
@@ -102,7 +106,12 @@ fn check(window_size: usize, values: &[f64]) -> Result<(), TestCaseError> {
     );
     let z = exact.deviation / exact.stddev;
     // z's natural scale is the threshold: a z near 0 is compared absolutely.
-    prop_assert!(close(got.z_score, z, z.max(1.0)), "z {} vs exact {}", got.z_score, z);
+    prop_assert!(
+        close(got.z_score, z, z.max(1.0)),
+        "z {} vs exact {}",
+        got.z_score,
+        z
+    );
     if (z - 2.0).abs() > 1e-9 {
         prop_assert_eq!(got.is_anomaly, z > 2.0);
     }

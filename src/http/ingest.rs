@@ -34,7 +34,10 @@ pub async fn post(state: &AppState, req: Request<Incoming>) -> Response<Body> {
     }
 }
 
-async fn accept(state: &AppState, req: Request<Incoming>) -> Result<Response<Body>, (RejectReason, ApiError)> {
+async fn accept(
+    state: &AppState,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, (RejectReason, ApiError)> {
     if state.is_shutting_down() {
         return Err((RejectReason::ShuttingDown, shutting_down()));
     }
@@ -60,7 +63,8 @@ async fn accept(state: &AppState, req: Request<Incoming>) -> Result<Response<Bod
             ));
         }
     };
-    let (device_id, event) = validate::event(&body, received).map_err(|e| (RejectReason::Invalid, e))?;
+    let (device_id, event) =
+        validate::event(&body, received).map_err(|e| (RejectReason::Invalid, e))?;
     let metrics = state.system().metrics();
     match state.system().directory().submit(&device_id, event) {
         Ok(()) => {
@@ -92,5 +96,8 @@ fn too_large(limit: usize) -> ApiError {
 }
 
 fn shutting_down() -> ApiError {
-    ApiError::status(StatusCode::SERVICE_UNAVAILABLE, "the service is shutting down")
+    ApiError::status(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the service is shutting down",
+    )
 }

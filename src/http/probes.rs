@@ -51,7 +51,11 @@ pub fn ready(state: &AppState) -> Response<Body> {
     };
     let ready = store_ok && actors_ok && !stopping;
     json(
-        if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE },
+        if ready {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        },
         &Ready {
             status: if ready { "ready" } else { "not_ready" },
             checks,

@@ -21,9 +21,11 @@ pub async fn handle(state: AppState, req: Request<Incoming>) -> Result<Response<
         (&Method::GET, Endpoint::Health) => probes::health(),
         (&Method::GET, Endpoint::Ready) => probes::ready(&state),
         (&Method::GET, Endpoint::Metrics) => scrape::get(&state).await,
-        (_, Endpoint::Unmatched) => {
-            ApiError::status(StatusCode::NOT_FOUND, format!("no route for {}", req.uri().path())).into_response()
-        }
+        (_, Endpoint::Unmatched) => ApiError::status(
+            StatusCode::NOT_FOUND,
+            format!("no route for {}", req.uri().path()),
+        )
+        .into_response(),
         (_, known) => method_not_allowed(req.method(), known),
     };
     let metrics = state.system().metrics();
@@ -43,13 +45,22 @@ pub async fn handle(state: AppState, req: Request<Incoming>) -> Result<Response<
 }
 
 fn method_not_allowed(method: &Method, endpoint: Endpoint) -> Response<Body> {
-    let allow = if endpoint == Endpoint::Metric { "POST" } else { "GET" };
+    let allow = if endpoint == Endpoint::Metric {
+        "POST"
+    } else {
+        "GET"
+    };
     let mut response = ApiError::status(
         StatusCode::METHOD_NOT_ALLOWED,
-        format!("{method} is not allowed on {}; use {allow}", endpoint.as_str()),
+        format!(
+            "{method} is not allowed on {}; use {allow}",
+            endpoint.as_str()
+        ),
     )
     .into_response();
-    response.headers_mut().insert(ALLOW, HeaderValue::from_static(allow));
+    response
+        .headers_mut()
+        .insert(ALLOW, HeaderValue::from_static(allow));
     response
 }
 

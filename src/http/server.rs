@@ -16,9 +16,15 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Serves `listener` until `shutdown` resolves, then stops accepting and waits up to
 /// `drain` for open connections to finish their in-flight requests. Returns whether
 /// every connection closed in time.
-pub async fn serve(listener: TcpListener, state: AppState, shutdown: impl Future<Output = ()>, drain: Duration) -> bool {
+pub async fn serve(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()>,
+    drain: Duration,
+) -> bool {
     let mut http = http1::Builder::new();
-    http.timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+    http.timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
     let graceful = GracefulShutdown::new();
     let mut backoff = Duration::from_millis(1);
     tokio::pin!(shutdown);
@@ -49,5 +55,7 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: impl Future
         }
     }
     drop(listener);
-    tokio::time::timeout(drain, graceful.shutdown()).await.is_ok()
+    tokio::time::timeout(drain, graceful.shutdown())
+        .await
+        .is_ok()
 }

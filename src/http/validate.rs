@@ -30,16 +30,25 @@ struct WireEvent<'a> {
 /// Checks a device id against SPEC's rules.
 pub fn device_id(id: &str) -> Result<&str, ApiError> {
     if id.is_empty() {
-        return Err(ApiError::invalid("device_id", "device_id must not be empty"));
+        return Err(ApiError::invalid(
+            "device_id",
+            "device_id must not be empty",
+        ));
     }
     if id.len() > MAX_DEVICE_ID_BYTES {
         return Err(ApiError::invalid(
             "device_id",
-            format!("device_id must be at most {MAX_DEVICE_ID_BYTES} bytes, got {}", id.len()),
+            format!(
+                "device_id must be at most {MAX_DEVICE_ID_BYTES} bytes, got {}",
+                id.len()
+            ),
         ));
     }
     if id.chars().any(char::is_control) {
-        return Err(ApiError::invalid("device_id", "device_id must not contain control characters"));
+        return Err(ApiError::invalid(
+            "device_id",
+            "device_id must not contain control characters",
+        ));
     }
     Ok(id)
 }
@@ -47,7 +56,11 @@ pub fn device_id(id: &str) -> Result<&str, ApiError> {
 /// Decodes and validates an event body; `received` stands in for a missing timestamp.
 pub fn event(body: &[u8], received: DateTime<Utc>) -> Result<(Cow<'_, str>, Event), ApiError> {
     // serde would also accept a JSON array as a struct, by position.
-    if body.iter().find(|b| !b.is_ascii_whitespace()).is_some_and(|&b| b != b'{') {
+    if body
+        .iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(|&b| b != b'{')
+    {
         return Err(ApiError::bad_body("body must be a JSON object"));
     }
     let wire: WireEvent<'_> = serde_json::from_slice(body).map_err(body_error)?;
@@ -61,30 +74,49 @@ pub fn event(body: &[u8], received: DateTime<Utc>) -> Result<(Cow<'_, str>, Even
 
     let cpu = number("cpu", wire.cpu)?;
     if !(0.0..=1.0).contains(&cpu) {
-        return Err(ApiError::invalid("cpu", format!("cpu must be between 0 and 1, got {cpu}")));
+        return Err(ApiError::invalid(
+            "cpu",
+            format!("cpu must be between 0 and 1, got {cpu}"),
+        ));
     }
     let rps = number("rps", wire.rps)?;
     if rps < 0.0 {
-        return Err(ApiError::invalid("rps", format!("rps must be at least 0, got {rps}")));
+        return Err(ApiError::invalid(
+            "rps",
+            format!("rps must be at least 0, got {rps}"),
+        ));
     }
     let timestamp = match wire.timestamp {
         None => received,
         Some(raw) => timestamp(raw)?,
     };
     // Adding 0.0 turns a -0 into 0, so it never shows as "-0.0".
-    Ok((id, Event { rps: rps + 0.0, cpu: cpu + 0.0, timestamp }))
+    Ok((
+        id,
+        Event {
+            rps: rps + 0.0,
+            cpu: cpu + 0.0,
+            timestamp,
+        },
+    ))
 }
 
 fn number(field: &'static str, raw: Option<&RawValue>) -> Result<f64, ApiError> {
     let raw = raw.ok_or_else(|| ApiError::invalid(field, format!("{field} is required")))?;
     let text = raw.get();
     if !text.starts_with(|c: char| c == '-' || c.is_ascii_digit()) {
-        return Err(ApiError::invalid(field, format!("{field} must be a number")));
+        return Err(ApiError::invalid(
+            field,
+            format!("{field} must be a number"),
+        ));
     }
     // A JSON number that overflows f64 (1e400) is the only way to get here non-finite.
     match serde_json::from_str::<f64>(text) {
         Ok(v) if v.is_finite() => Ok(v),
-        _ => Err(ApiError::invalid(field, format!("{field} must be a finite number"))),
+        _ => Err(ApiError::invalid(
+            field,
+            format!("{field} must be a finite number"),
+        )),
     }
 }
 
@@ -111,7 +143,9 @@ fn body_error(e: serde_json::Error) -> ApiError {
     }
     match e.classify() {
         Category::Data => ApiError::bad_body("body must be a JSON object"),
-        Category::Io | Category::Syntax | Category::Eof => ApiError::bad_body(format!("malformed JSON: {text}")),
+        Category::Io | Category::Syntax | Category::Eof => {
+            ApiError::bad_body(format!("malformed JSON: {text}"))
+        }
     }
 }
 
@@ -121,7 +155,9 @@ mod tests {
     use chrono::TimeZone;
 
     fn now() -> DateTime<Utc> {
-        Utc.with_ymd_and_hms(2030, 1, 1, 0, 0, 0).single().expect("valid")
+        Utc.with_ymd_and_hms(2030, 1, 1, 0, 0, 0)
+            .single()
+            .expect("valid")
     }
 
     fn field_of(body: &str) -> Option<&'static str> {
@@ -152,14 +188,21 @@ mod tests {
 
     #[test]
     fn missing_or_null_timestamp_means_received_time() {
-        for body in [r#"{"device_id":"a","cpu":0,"rps":0}"#, r#"{"device_id":"a","cpu":0,"rps":0,"timestamp":null}"#] {
-            assert_eq!(event(body.as_bytes(), now()).expect("valid").1.timestamp, now());
+        for body in [
+            r#"{"device_id":"a","cpu":0,"rps":0}"#,
+            r#"{"device_id":"a","cpu":0,"rps":0,"timestamp":null}"#,
+        ] {
+            assert_eq!(
+                event(body.as_bytes(), now()).expect("valid").1.timestamp,
+                now()
+            );
         }
     }
 
     #[test]
     fn escaped_device_ids_are_decoded() {
-        let (id, _) = event(br#"{"device_id":"caf\u00e9 1","cpu":0,"rps":0}"#, now()).expect("valid");
+        let (id, _) =
+            event(br#"{"device_id":"caf\u00e9 1","cpu":0,"rps":0}"#, now()).expect("valid");
         assert_eq!(id, "café 1");
     }
 
@@ -168,22 +211,64 @@ mod tests {
         let long = "x".repeat(129);
         let cases = [
             (r#"{"cpu":0.5,"rps":1}"#.to_string(), Some("device_id")),
-            (r#"{"device_id":null,"cpu":0.5,"rps":1}"#.into(), Some("device_id")),
-            (r#"{"device_id":7,"cpu":0.5,"rps":1}"#.into(), Some("device_id")),
-            (r#"{"device_id":"","cpu":0.5,"rps":1}"#.into(), Some("device_id")),
-            (format!(r#"{{"device_id":"{long}","cpu":0.5,"rps":1}}"#), Some("device_id")),
-            (r#"{"device_id":"a\nb","cpu":0.5,"rps":1}"#.into(), Some("device_id")),
+            (
+                r#"{"device_id":null,"cpu":0.5,"rps":1}"#.into(),
+                Some("device_id"),
+            ),
+            (
+                r#"{"device_id":7,"cpu":0.5,"rps":1}"#.into(),
+                Some("device_id"),
+            ),
+            (
+                r#"{"device_id":"","cpu":0.5,"rps":1}"#.into(),
+                Some("device_id"),
+            ),
+            (
+                format!(r#"{{"device_id":"{long}","cpu":0.5,"rps":1}}"#),
+                Some("device_id"),
+            ),
+            (
+                r#"{"device_id":"a\nb","cpu":0.5,"rps":1}"#.into(),
+                Some("device_id"),
+            ),
             (r#"{"device_id":"a","rps":1}"#.into(), Some("cpu")),
-            (r#"{"device_id":"a","cpu":"0.5","rps":1}"#.into(), Some("cpu")),
-            (r#"{"device_id":"a","cpu":1.01,"rps":1}"#.into(), Some("cpu")),
-            (r#"{"device_id":"a","cpu":-0.1,"rps":1}"#.into(), Some("cpu")),
-            (r#"{"device_id":"a","cpu":1e999,"rps":1}"#.into(), Some("cpu")),
+            (
+                r#"{"device_id":"a","cpu":"0.5","rps":1}"#.into(),
+                Some("cpu"),
+            ),
+            (
+                r#"{"device_id":"a","cpu":1.01,"rps":1}"#.into(),
+                Some("cpu"),
+            ),
+            (
+                r#"{"device_id":"a","cpu":-0.1,"rps":1}"#.into(),
+                Some("cpu"),
+            ),
+            (
+                r#"{"device_id":"a","cpu":1e999,"rps":1}"#.into(),
+                Some("cpu"),
+            ),
             (r#"{"device_id":"a","cpu":0.5}"#.into(), Some("rps")),
-            (r#"{"device_id":"a","cpu":0.5,"rps":-1}"#.into(), Some("rps")),
-            (r#"{"device_id":"a","cpu":0.5,"rps":true}"#.into(), Some("rps")),
-            (r#"{"device_id":"a","cpu":0.5,"rps":1,"timestamp":"yesterday"}"#.into(), Some("timestamp")),
-            (r#"{"device_id":"a","cpu":0.5,"rps":1,"timestamp":1700000000}"#.into(), Some("timestamp")),
-            (r#"{"device_id":"a","cpu":0.5,"cpu":0.4,"rps":1}"#.into(), Some("cpu")),
+            (
+                r#"{"device_id":"a","cpu":0.5,"rps":-1}"#.into(),
+                Some("rps"),
+            ),
+            (
+                r#"{"device_id":"a","cpu":0.5,"rps":true}"#.into(),
+                Some("rps"),
+            ),
+            (
+                r#"{"device_id":"a","cpu":0.5,"rps":1,"timestamp":"yesterday"}"#.into(),
+                Some("timestamp"),
+            ),
+            (
+                r#"{"device_id":"a","cpu":0.5,"rps":1,"timestamp":1700000000}"#.into(),
+                Some("timestamp"),
+            ),
+            (
+                r#"{"device_id":"a","cpu":0.5,"cpu":0.4,"rps":1}"#.into(),
+                Some("cpu"),
+            ),
             (r#"{"device_id":"a","#.into(), None),
             (r#"[1,2]"#.into(), None),
             (r#"["sensor",0.5,1]"#.into(), None),

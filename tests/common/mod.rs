@@ -46,7 +46,9 @@ pub async fn raw(addr: SocketAddr, request: &[u8]) -> Reply {
 
 fn parse(bytes: &[u8]) -> Reply {
     let text = String::from_utf8_lossy(bytes);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no header end: {text:?}"));
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no header end: {text:?}"));
     let mut lines = head.split("\r\n");
     let status_line = lines.next().expect("status line");
     let status = status_line
@@ -68,7 +70,10 @@ fn parse(bytes: &[u8]) -> Reply {
 pub async fn request(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> Reply {
     let mut req = format!("{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n");
     if let Some(body) = body {
-        req.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", body.len()));
+        req.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
     }
     req.push_str("\r\n");
     if let Some(body) = body {
@@ -151,23 +156,37 @@ impl Service {
                 .expect("service logs 'listening' within 20s");
             if let Ok(v) = serde_json::from_str::<Value>(&line) {
                 if v["message"] == "listening" {
-                    break v["addr"].as_str().expect("addr").parse().expect("socket addr");
+                    break v["addr"]
+                        .as_str()
+                        .expect("addr")
+                        .parse()
+                        .expect("socket addr");
                 }
             }
         };
-        Self { child, addr, logs: rx }
+        Self {
+            child,
+            addr,
+            logs: rx,
+        }
     }
 
     /// Sends SIGTERM and waits for the exit code.
     pub fn terminate(mut self) -> (i32, Vec<String>) {
         let pid = self.child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status().expect("kill");
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill");
         let deadline = Instant::now() + Duration::from_secs(30);
         let status = loop {
             if let Some(status) = self.child.try_wait().expect("wait") {
                 break status;
             }
-            assert!(Instant::now() < deadline, "service did not exit within 30s of SIGTERM");
+            assert!(
+                Instant::now() < deadline,
+                "service did not exit within 30s of SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(10));
         };
         let logs = self.logs.try_iter().collect();
@@ -178,7 +197,10 @@ impl Service {
     pub async fn metric(&self, series: &str) -> Option<f64> {
         let text = get(self.addr, "/metrics").await.body;
         text.lines()
-            .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+            .find_map(|l| {
+                l.strip_prefix(series)
+                    .and_then(|rest| rest.strip_prefix(' '))
+            })
             .and_then(|v| v.trim().parse().ok())
     }
 }
@@ -203,7 +225,16 @@ impl Redis {
 
     pub fn start_on(port: u16) -> Self {
         let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -214,7 +245,10 @@ impl Redis {
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         while redis.cli(&["PING"]).as_deref() != Some("PONG") {
-            assert!(Instant::now() < deadline, "redis-server did not answer PING");
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not answer PING"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         redis

@@ -73,7 +73,9 @@ mod tests {
 
     #[test]
     fn spike_after_steady_values_is_anomalous() {
-        let mut values = vec![100.0, 101.0, 99.0, 100.0, 102.0, 98.0, 100.0, 101.0, 99.0, 100.0];
+        let mut values = vec![
+            100.0, 101.0, 99.0, 100.0, 102.0, 98.0, 100.0, 101.0, 99.0, 100.0,
+        ];
         values.push(500.0);
         let a = analyse(&values, 2.0);
         assert!(a.is_anomaly, "{a:?}");

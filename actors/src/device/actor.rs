@@ -74,7 +74,9 @@ impl DeviceState {
         self.window.push(event.rps, event.cpu);
         let result = ctx.rule.evaluate(&self.window, event.rps);
         if result.is_anomaly {
-            let _ = ctx.metrics_actor.cast(MetricsMsg::Anomaly(device_id.clone()));
+            let _ = ctx
+                .metrics_actor
+                .cast(MetricsMsg::Anomaly(device_id.clone()));
         }
         let record = Record {
             analysis: Analysis {
@@ -120,7 +122,10 @@ impl DeviceState {
         let device = self.slot.device_id().clone();
         let reply = ctx
             .writer
-            .call(|port| WriterMsg::LoadWindow(device.clone(), port), Some(ctx.restore_timeout))
+            .call(
+                |port| WriterMsg::LoadWindow(device.clone(), port),
+                Some(ctx.restore_timeout),
+            )
             .await;
         match reply {
             Ok(CallResult::Success(Ok(Some(snapshot)))) => {

@@ -72,7 +72,11 @@ pub struct Directory {
 }
 
 impl Directory {
-    pub(crate) fn new(slots: SlotMap, supervisor: ActorRef<SupervisorMsg>, admission: Admission) -> Self {
+    pub(crate) fn new(
+        slots: SlotMap,
+        supervisor: ActorRef<SupervisorMsg>,
+        admission: Admission,
+    ) -> Self {
         Self {
             slots,
             supervisor,
@@ -96,8 +100,13 @@ impl Directory {
                     Entry::Vacant(v) => {
                         let slot = Slot::new(v.key().clone(), event);
                         v.insert(slot.clone());
-                        if self.supervisor.cast(SupervisorMsg::Spawn(slot.clone())).is_err() {
-                            self.slots.remove_if(device_id, |_, s| Arc::ptr_eq(s, &slot));
+                        if self
+                            .supervisor
+                            .cast(SupervisorMsg::Spawn(slot.clone()))
+                            .is_err()
+                        {
+                            self.slots
+                                .remove_if(device_id, |_, s| Arc::ptr_eq(s, &slot));
                             self.admission.release();
                             return Err(SubmitError::Unavailable);
                         }
@@ -108,7 +117,8 @@ impl Directory {
             match slot.push(event) {
                 Ok(()) => return Ok(()),
                 Err(returned) => {
-                    self.slots.remove_if(device_id, |_, s| Arc::ptr_eq(s, &slot));
+                    self.slots
+                        .remove_if(device_id, |_, s| Arc::ptr_eq(s, &slot));
                     event = returned;
                 }
             }

@@ -121,9 +121,17 @@ impl Slot {
 
     /// Closes the slot if the device has been idle for `idle` and nothing is queued or
     /// in progress; returns the actor to stop.
-    pub(crate) fn close_if_idle(&self, now: Instant, idle: Duration) -> Option<ActorRef<DeviceMsg>> {
+    pub(crate) fn close_if_idle(
+        &self,
+        now: Instant,
+        idle: Duration,
+    ) -> Option<ActorRef<DeviceMsg>> {
         let mut inner = self.lock();
-        if inner.closed || inner.scheduled || !inner.queue.is_empty() || now.duration_since(inner.last_event) < idle {
+        if inner.closed
+            || inner.scheduled
+            || !inner.queue.is_empty()
+            || now.duration_since(inner.last_event) < idle
+        {
             return None;
         }
         inner.closed = true;

@@ -58,7 +58,10 @@ impl SupervisorState {
         match DeviceActor::spawn_linked(None, DeviceActor, args, myself.get_cell()).await {
             Ok((actor, _)) => {
                 self.children.insert(actor.get_id(), slot);
-                self.ctx.metrics.device_actors.set(self.children.len() as i64);
+                self.ctx
+                    .metrics
+                    .device_actors
+                    .set(self.children.len() as i64);
             }
             Err(e) => {
                 // pre_start only records the actor in the slot, so this is unexpected;
@@ -78,7 +81,8 @@ impl SupervisorState {
         let now = Instant::now();
         for slot in self.children.values() {
             if let Some(actor) = slot.close_if_idle(now, self.idle_timeout) {
-                self.slots.remove_if(slot.device_id(), |_, s| Arc::ptr_eq(s, slot));
+                self.slots
+                    .remove_if(slot.device_id(), |_, s| Arc::ptr_eq(s, slot));
                 self.ctx.metrics.device_evictions.inc();
                 actor.stop(Some("idle".into()));
             }
@@ -97,7 +101,8 @@ impl Actor for DeviceSupervisor {
         args: SupervisorArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
         // Check a few times per timeout, so an idle actor lives at most ~1.25× the timeout.
-        let every = (args.idle_timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(30));
+        let every =
+            (args.idle_timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(30));
         let sweeper = myself.send_interval(every, || SupervisorMsg::Sweep);
         Ok(SupervisorState {
             ctx: args.ctx,
@@ -158,10 +163,14 @@ impl Actor for DeviceSupervisor {
                 tracing::error!(device_id = %slot.device_id(), %error, "device actor failed; restarting");
                 state.start_child(&myself, slot).await;
             }
-            SupervisionEvent::ActorTerminated(cell, _, _) => {
-                if state.children.remove(&cell.get_id()).is_some() {
-                    state.ctx.metrics.device_actors.set(state.children.len() as i64);
-                }
+            SupervisionEvent::ActorTerminated(cell, _, _)
+                if state.children.remove(&cell.get_id()).is_some() =>
+            {
+                state
+                    .ctx
+                    .metrics
+                    .device_actors
+                    .set(state.children.len() as i64);
             }
             _ => {}
         }

@@ -45,13 +45,18 @@ async fn wait_samples(store: &Store, device: &str, samples: u64) -> serde_json::
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    panic!("{device} never reached {samples} samples; last: {:?}", stored(store, device).await);
+    panic!(
+        "{device} never reached {samples} samples; last: {:?}",
+        stored(store, device).await
+    );
 }
 
 #[tokio::test]
 async fn supervisor_restarts_a_failed_device_actor_and_the_window_continues() {
     let store = Store::Embedded(Arc::new(EmbeddedStore::new()));
-    let system = System::start(config(store.clone(), Duration::from_secs(600))).await.expect("start");
+    let system = System::start(config(store.clone(), Duration::from_secs(600)))
+        .await
+        .expect("start");
     let dir = system.directory();
     for x in [10.0, 20.0, 30.0] {
         dir.submit("d1", event(x)).expect("accepted");
@@ -67,22 +72,32 @@ async fn supervisor_restarts_a_failed_device_actor_and_the_window_continues() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     assert_eq!(system.metrics().actor_restarts.get(), 1);
-    let second = dir.slot("d1").and_then(|s| s.actor()).expect("restarted actor");
+    let second = dir
+        .slot("d1")
+        .and_then(|s| s.actor())
+        .expect("restarted actor");
     assert_ne!(first.get_id(), second.get_id());
 
-    dir.submit("d1", event(40.0)).expect("accepted after restart");
+    dir.submit("d1", event(40.0))
+        .expect("accepted after restart");
     let v = wait_samples(&store, "d1", 4).await;
     // The restarted actor restored 10, 20, 30 and appended 40.
     assert_eq!(v["rolling_average_rps"], 25.0);
     assert_eq!(system.device_actors().await.expect("count"), 1);
-    assert_eq!(system.metrics().events_failed.get(), 0, "the panic was outside any event");
+    assert_eq!(
+        system.metrics().events_failed.get(),
+        0,
+        "the panic was outside any event"
+    );
 }
 
 #[tokio::test(start_paused = true)]
 async fn idle_device_actors_are_evicted_and_restored_on_the_next_event() {
     let store = Store::Embedded(Arc::new(EmbeddedStore::new()));
     let idle = Duration::from_secs(60);
-    let system = System::start(config(store.clone(), idle)).await.expect("start");
+    let system = System::start(config(store.clone(), idle))
+        .await
+        .expect("start");
     let dir = system.directory();
     dir.submit("sleepy", event(1.0)).expect("accepted");
     dir.submit("sleepy", event(3.0)).expect("accepted");
@@ -90,14 +105,19 @@ async fn idle_device_actors_are_evicted_and_restored_on_the_next_event() {
     assert_eq!(system.device_actors().await.expect("count"), 1);
 
     tokio::time::sleep(idle / 2).await;
-    assert_eq!(system.device_actors().await.expect("count"), 1, "not idle long enough yet");
+    assert_eq!(
+        system.device_actors().await.expect("count"),
+        1,
+        "not idle long enough yet"
+    );
 
     tokio::time::sleep(idle).await;
     assert_eq!(system.device_actors().await.expect("count"), 0);
     assert_eq!(system.metrics().device_evictions.get(), 1);
     assert_eq!(dir.devices(), 0);
 
-    dir.submit("sleepy", event(5.0)).expect("accepted after eviction");
+    dir.submit("sleepy", event(5.0))
+        .expect("accepted after eviction");
     let v = wait_samples(&store, "sleepy", 3).await;
     assert_eq!(v["rolling_average_rps"], 3.0);
     assert_eq!(system.device_actors().await.expect("count"), 1);
@@ -120,7 +140,10 @@ async fn events_racing_eviction_are_never_lost() {
         tasks.push(tokio::spawn(async move {
             let id = format!("racer-{d}");
             for i in 0..per_device {
-                system.directory().submit(&id, event(i as f64)).expect("accepted");
+                system
+                    .directory()
+                    .submit(&id, event(i as f64))
+                    .expect("accepted");
                 if i % 7 == 0 {
                     tokio::time::sleep(Duration::from_millis(2)).await;
                 }
@@ -135,8 +158,14 @@ async fn events_racing_eviction_are_never_lost() {
         // Order kept: the newest value is the last one sent.
         assert_eq!(v["last_rps"], (per_device - 1) as f64);
     }
-    assert!(system.metrics().device_evictions.get() > 0, "the test must actually race evictions");
-    assert_eq!(system.metrics().events_processed.get(), devices * per_device);
+    assert!(
+        system.metrics().device_evictions.get() > 0,
+        "the test must actually race evictions"
+    );
+    assert_eq!(
+        system.metrics().events_processed.get(),
+        devices * per_device
+    );
     assert_eq!(system.directory().pending(), 0);
 }
 
@@ -150,6 +179,9 @@ async fn submissions_beyond_the_pending_bound_are_refused() {
     // Submitted synchronously, without yielding: the device actor cannot run in between.
     assert!(dir.submit("a", event(1.0)).is_ok());
     assert!(dir.submit("a", event(2.0)).is_ok());
-    assert_eq!(dir.submit("a", event(3.0)), Err(super::SubmitError::Overloaded));
+    assert_eq!(
+        dir.submit("a", event(3.0)),
+        Err(super::SubmitError::Overloaded)
+    );
     assert_eq!(system.metrics().pending_events.get(), 2);
 }

@@ -9,7 +9,9 @@ mod actor;
 mod labels;
 
 pub use actor::{MetricsActor, MetricsArgs, MetricsMsg};
-pub use labels::{DeviceLabel, Endpoint, HttpLabels, Method, ReasonLabel, RejectReason, RouteLabels};
+pub use labels::{
+    DeviceLabel, Endpoint, HttpLabels, Method, ReasonLabel, RejectReason, RouteLabels,
+};
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -28,8 +30,7 @@ const REQUEST_BUCKETS: [f64; 14] = [
 
 /// Store flush latency buckets: 100 µs to 5 s.
 const STORE_BUCKETS: [f64; 15] = [
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-    5.0,
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 ];
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
@@ -101,28 +102,103 @@ impl Metrics {
             store_up: Gauge::default(),
         };
         // Every reason exists from the start, so rate() and alerts see 0, not no data.
-        for reason in [RejectReason::Invalid, RejectReason::TooLarge, RejectReason::Overloaded, RejectReason::ShuttingDown] {
-            m.events_rejected.get_or_create(&ReasonLabel { reason });
+        for reason in [
+            RejectReason::Invalid,
+            RejectReason::TooLarge,
+            RejectReason::Overloaded,
+            RejectReason::ShuttingDown,
+        ] {
+            m.events_rejected
+                .get_or_create(&ReasonLabel { reason })
+                .inc_by(0);
         }
         // Counters get their `_total` suffix from the encoder.
         let r = registry;
-        r.register("http_requests", "HTTP requests by method, route and status", m.http_requests.clone());
-        r.register("request_duration_seconds", "HTTP request latency by method and route", m.request_duration.clone());
-        r.register("anomalies_detected", "Anomalous events by device (capped by MAX_DEVICE_LABELS, overflow under __other__)", m.anomalies.clone());
-        r.register("events_accepted", "Events accepted for processing", m.events_accepted.clone());
-        r.register("events_rejected", "Events refused, by reason", m.events_rejected.clone());
-        r.register("events_processed", "Events processed by device actors", m.events_processed.clone());
-        r.register("events_failed", "Events whose processing crashed their device actor", m.events_failed.clone());
-        r.register("pending_events", "Events accepted and not yet processed", m.pending_events.clone());
-        r.register("device_actors", "Live device actors", m.device_actors.clone());
-        r.register("actor_restarts", "Device actors restarted by the supervisor after a failure", m.actor_restarts.clone());
-        r.register("device_evictions", "Device actors stopped after DEVICE_IDLE_TIMEOUT", m.device_evictions.clone());
-        r.register("window_restore_failures", "Device actors that started with an empty window because the store was unreadable", m.window_restore_failures.clone());
-        r.register("store_writes", "Keys written to the store", m.store_writes.clone());
-        r.register("store_write_errors", "Store flushes that failed (retried with backoff)", m.store_write_errors.clone());
-        r.register("store_write_duration_seconds", "Latency of one pipelined store flush", m.store_write_duration.clone());
-        r.register("store_pending_results", "Device results waiting in the writer for the next flush", m.store_pending_results.clone());
-        r.register("store_up", "1 when the last contact with the store succeeded", m.store_up.clone());
+        r.register(
+            "http_requests",
+            "HTTP requests by method, route and status",
+            m.http_requests.clone(),
+        );
+        r.register(
+            "request_duration_seconds",
+            "HTTP request latency by method and route",
+            m.request_duration.clone(),
+        );
+        r.register(
+            "anomalies_detected",
+            "Anomalous events by device (capped by MAX_DEVICE_LABELS, overflow under __other__)",
+            m.anomalies.clone(),
+        );
+        r.register(
+            "events_accepted",
+            "Events accepted for processing",
+            m.events_accepted.clone(),
+        );
+        r.register(
+            "events_rejected",
+            "Events refused, by reason",
+            m.events_rejected.clone(),
+        );
+        r.register(
+            "events_processed",
+            "Events processed by device actors",
+            m.events_processed.clone(),
+        );
+        r.register(
+            "events_failed",
+            "Events whose processing crashed their device actor",
+            m.events_failed.clone(),
+        );
+        r.register(
+            "pending_events",
+            "Events accepted and not yet processed",
+            m.pending_events.clone(),
+        );
+        r.register(
+            "device_actors",
+            "Live device actors",
+            m.device_actors.clone(),
+        );
+        r.register(
+            "actor_restarts",
+            "Device actors restarted by the supervisor after a failure",
+            m.actor_restarts.clone(),
+        );
+        r.register(
+            "device_evictions",
+            "Device actors stopped after DEVICE_IDLE_TIMEOUT",
+            m.device_evictions.clone(),
+        );
+        r.register(
+            "window_restore_failures",
+            "Device actors that started with an empty window because the store was unreadable",
+            m.window_restore_failures.clone(),
+        );
+        r.register(
+            "store_writes",
+            "Keys written to the store",
+            m.store_writes.clone(),
+        );
+        r.register(
+            "store_write_errors",
+            "Store flushes that failed (retried with backoff)",
+            m.store_write_errors.clone(),
+        );
+        r.register(
+            "store_write_duration_seconds",
+            "Latency of one pipelined store flush",
+            m.store_write_duration.clone(),
+        );
+        r.register(
+            "store_pending_results",
+            "Device results waiting in the writer for the next flush",
+            m.store_pending_results.clone(),
+        );
+        r.register(
+            "store_up",
+            "1 when the last contact with the store succeeded",
+            m.store_up.clone(),
+        );
         r.register(
             "build",
             "Build information",

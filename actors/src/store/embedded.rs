@@ -61,7 +61,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn entries_expire_after_ttl() {
         let store = EmbeddedStore::new();
-        store.set_many(vec![("k".into(), Bytes::from_static(b"v"))], Duration::from_secs(5));
+        store.set_many(
+            vec![("k".into(), Bytes::from_static(b"v"))],
+            Duration::from_secs(5),
+        );
         assert_eq!(store.get("k").as_deref(), Some(&b"v"[..]));
         tokio::time::advance(Duration::from_millis(4999)).await;
         assert!(store.get("k").is_some());

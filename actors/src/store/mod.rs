@@ -83,7 +83,11 @@ impl Store {
     }
 
     /// Writes every `(key, value)` with expiry `ttl`.
-    pub async fn set_many(&self, entries: Vec<(String, Bytes)>, ttl: Duration) -> Result<(), StoreError> {
+    pub async fn set_many(
+        &self,
+        entries: Vec<(String, Bytes)>,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
         match self {
             Store::Embedded(s) => {
                 s.set_many(entries, ttl);

@@ -108,14 +108,23 @@ impl RedisStore {
     }
 
     /// `SET key value PX ttl` for every entry, pipelined, chunks in parallel.
-    pub async fn set_many(&self, entries: Vec<(String, Bytes)>, ttl: Duration) -> Result<(), StoreError> {
+    pub async fn set_many(
+        &self,
+        entries: Vec<(String, Bytes)>,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
         let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
         let mut chunks = JoinSet::new();
         let mut entries = entries.into_iter().peekable();
         while entries.peek().is_some() {
             let mut pipe = redis::pipe();
             for (key, value) in entries.by_ref().take(PIPELINE_CHUNK) {
-                pipe.cmd("SET").arg(key).arg(&value[..]).arg("PX").arg(ttl_ms).ignore();
+                pipe.cmd("SET")
+                    .arg(key)
+                    .arg(&value[..])
+                    .arg("PX")
+                    .arg(ttl_ms)
+                    .ignore();
             }
             let store = self.clone();
             chunks.spawn(async move {
@@ -142,14 +151,18 @@ impl RedisStore {
     /// `GET key`.
     pub async fn get(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
         let value: Option<Vec<u8>> = self
-            .with_conn(|mut conn| async move { redis::cmd("GET").arg(key).query_async(&mut conn).await })
+            .with_conn(
+                |mut conn| async move { redis::cmd("GET").arg(key).query_async(&mut conn).await },
+            )
             .await?;
         Ok(value.map(Bytes::from))
     }
 
     /// `PING`.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        self.with_conn(|mut conn| async move { redis::cmd("PING").query_async::<()>(&mut conn).await })
-            .await
+        self.with_conn(
+            |mut conn| async move { redis::cmd("PING").query_async::<()>(&mut conn).await },
+        )
+        .await
     }
 }

@@ -114,7 +114,10 @@ pub enum WriterMsg {
     /// A probe task finished.
     Probed(Result<(), StoreError>),
     /// A device actor is starting: its window, as the store will hold it.
-    LoadWindow(Arc<str>, RpcReplyPort<Result<Option<WindowSnapshot>, String>>),
+    LoadWindow(
+        Arc<str>,
+        RpcReplyPort<Result<Option<WindowSnapshot>, String>>,
+    ),
     /// Shutdown: flush everything now, answer when nothing is pending.
     Drain(RpcReplyPort<()>),
 }
@@ -134,13 +137,19 @@ impl WriterState {
             if up {
                 tracing::info!(store = self.store.kind(), "store reachable again");
             } else {
-                tracing::warn!(store = self.store.kind(), "store unreachable; results are kept and retried");
+                tracing::warn!(
+                    store = self.store.kind(),
+                    "store unreachable; results are kept and retried"
+                );
             }
         }
     }
 
     fn maybe_flush(&mut self, myself: &ActorRef<WriterMsg>, now: Instant) {
-        if self.inflight.is_some() || self.pending.is_empty() || self.retry_at.is_some_and(|t| now < t) {
+        if self.inflight.is_some()
+            || self.pending.is_empty()
+            || self.retry_at.is_some_and(|t| now < t)
+        {
             return;
         }
         let batch = Arc::new(std::mem::take(&mut self.pending));
@@ -161,7 +170,10 @@ impl WriterState {
     }
 
     fn maybe_probe(&mut self, myself: &ActorRef<WriterMsg>, now: Instant) {
-        if self.probing || self.inflight.is_some() || now.duration_since(self.last_contact) < PROBE_EVERY {
+        if self.probing
+            || self.inflight.is_some()
+            || now.duration_since(self.last_contact) < PROBE_EVERY
+        {
             return;
         }
         self.probing = true;
@@ -187,8 +199,14 @@ impl WriterState {
 fn encode(batch: &Batch) -> Result<Vec<(String, Bytes)>, serde_json::Error> {
     let mut entries = Vec::with_capacity(batch.len() * 2);
     for (device, record) in batch {
-        entries.push((analysis_key(device), Bytes::from(serde_json::to_vec(&record.analysis)?)));
-        entries.push((window_key(device), Bytes::from(serde_json::to_vec(&record.window)?)));
+        entries.push((
+            analysis_key(device),
+            Bytes::from(serde_json::to_vec(&record.analysis)?),
+        ));
+        entries.push((
+            window_key(device),
+            Bytes::from(serde_json::to_vec(&record.window)?),
+        ));
     }
     Ok(entries)
 }
@@ -245,7 +263,9 @@ impl Actor for WriterActor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             WriterMsg::Put(record) => {
-                state.pending.insert(record.analysis.device_id.clone(), record);
+                state
+                    .pending
+                    .insert(record.analysis.device_id.clone(), record);
                 if state.pending.len() >= MAX_BATCH {
                     state.maybe_flush(&myself, Instant::now());
                 }
@@ -264,7 +284,10 @@ impl Actor for WriterActor {
                 let now = Instant::now();
                 state.last_contact = now;
                 let batch = state.inflight.take();
-                state.metrics.store_write_duration.observe(elapsed.as_secs_f64());
+                state
+                    .metrics
+                    .store_write_duration
+                    .observe(elapsed.as_secs_f64());
                 match result {
                     Ok(records) => {
                         state.metrics.store_writes.inc_by(2 * records as u64);
@@ -276,7 +299,8 @@ impl Actor for WriterActor {
                         state.metrics.store_write_errors.inc();
                         tracing::debug!(error = %e, retry_in = ?state.backoff, "store flush failed");
                         if let Some(batch) = batch {
-                            let batch = Arc::try_unwrap(batch).unwrap_or_else(|shared| (*shared).clone());
+                            let batch =
+                                Arc::try_unwrap(batch).unwrap_or_else(|shared| (*shared).clone());
                             for (device, record) in batch {
                                 // A newer result that arrived meanwhile wins.
                                 state.pending.entry(device).or_insert(record);

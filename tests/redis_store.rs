@@ -1,0 +1,213 @@
+//! The Redis store path against a real `redis-server` that each test starts on a free
+//! port: keys and TTL, coalescing, outage and recovery, shutdown flush, window restore.
+
+mod common;
+
+use common::{eventually, get, post_event, Redis, Service};
+use serde_json::Value;
+use std::time::{Duration, Instant};
+
+const SOON: Duration = Duration::from_secs(5);
+
+fn redis_json(redis: &Redis, key: &str) -> Option<Value> {
+    let text = redis.cli(&["GET", key])?;
+    serde_json::from_str(&text).ok()
+}
+
+async fn stored_samples(redis: &Redis, device: &str, samples: u64) -> Value {
+    eventually(SOON, "stored analysis", || async {
+        redis_json(redis, &format!("analysis:{device}")).filter(|v| v["samples"] == samples)
+    })
+    .await
+}
+
+#[tokio::test]
+async fn results_are_stored_under_the_original_keys_with_ttl() {
+    let redis = Redis::start();
+    let svc = Service::start(&[("REDIS_URL", &redis.url()), ("RESULT_TTL", "90s")]);
+    for rps in [10.0, 20.0] {
+        assert_eq!(post_event(svc.addr, "r-1", 0.25, rps).await.status, 200);
+    }
+    let v = stored_samples(&redis, "r-1", 2).await;
+    assert_eq!(v["rolling_average_rps"], 15.0);
+    assert_eq!(v["last_rps"], 20.0);
+    // /analyze returns exactly what Redis holds.
+    let api = get(svc.addr, "/analyze?device_id=r-1").await;
+    assert_eq!(api.status, 200);
+    assert_eq!(api.json(), v);
+    for key in ["analysis:r-1", "window:r-1"] {
+        let ttl: i64 = redis
+            .cli(&["PTTL", key])
+            .and_then(|t| t.parse().ok())
+            .expect("pttl");
+        assert!(ttl > 80_000 && ttl <= 90_000, "{key} PTTL {ttl}");
+    }
+    let window = redis_json(&redis, "window:r-1").expect("window");
+    assert_eq!(
+        window,
+        serde_json::json!({"rps": [10.0, 20.0], "cpu": [0.25, 0.25]})
+    );
+    assert_eq!(
+        get(svc.addr, "/ready").await.json()["checks"]["store"],
+        "ok"
+    );
+}
+
+#[tokio::test]
+async fn many_events_of_one_device_within_a_flush_coalesce_into_few_writes() {
+    let redis = Redis::start();
+    let svc = Service::start(&[("REDIS_URL", &redis.url()), ("FLUSH_INTERVAL", "250ms")]);
+    let events = 200u64;
+    let started = Instant::now();
+    for i in 0..events {
+        assert_eq!(
+            post_event(svc.addr, "chatty", 0.5, i as f64).await.status,
+            200
+        );
+    }
+    let sending = started.elapsed();
+    let v = stored_samples(&redis, "chatty", 50).await;
+    eventually(SOON, "newest result", || async {
+        redis_json(&redis, "analysis:chatty").filter(|v| v["last_rps"] == (events - 1) as f64)
+    })
+    .await;
+    assert_eq!(v["samples"], 50);
+    let sets = redis.command_calls("set");
+    // Two keys per device per flush; the flushes that could have happened while sending.
+    let flushes = sending.as_millis() as u64 / 250 + 2;
+    assert!(
+        sets <= 2 * flushes,
+        "{sets} SETs for {events} events in {sending:?}"
+    );
+    assert!(sets < events / 4, "{sets} SETs for {events} events");
+}
+
+#[tokio::test]
+async fn an_outage_degrades_and_recovers_without_losing_the_newest_results() {
+    let mut redis = Redis::start();
+    let port = redis.port;
+    let svc = Service::start(&[("REDIS_URL", &redis.url())]);
+    assert_eq!(post_event(svc.addr, "o-1", 0.5, 1.0).await.status, 200);
+    stored_samples(&redis, "o-1", 1).await;
+    assert_eq!(get(svc.addr, "/ready").await.status, 200);
+
+    redis.kill();
+    let down = Instant::now();
+    let ready = eventually(Duration::from_secs(3), "/ready to fail", || async {
+        let r = get(svc.addr, "/ready").await;
+        (r.status == 503).then(|| r.json())
+    })
+    .await;
+    assert!(
+        down.elapsed() < Duration::from_millis(1500),
+        "noticed after {:?}",
+        down.elapsed()
+    );
+    assert_eq!(ready["status"], "not_ready");
+    assert_eq!(ready["checks"]["store"], "unreachable");
+    let analyze = get(svc.addr, "/analyze?device_id=o-1").await;
+    assert_eq!(analyze.status, 503);
+    assert_eq!(analyze.header("retry-after"), Some("1"));
+    assert_eq!(get(svc.addr, "/health").await.status, 200);
+    for rps in [2.0, 3.0, 4.0] {
+        assert_eq!(
+            post_event(svc.addr, "o-1", 0.5, rps).await.status,
+            200,
+            "ingest goes on"
+        );
+    }
+    assert_eq!(post_event(svc.addr, "o-2", 0.5, 9.0).await.status, 200);
+    let errors = eventually(SOON, "store errors counted", || async {
+        svc.metric("store_write_errors_total")
+            .await
+            .filter(|v| *v > 0.0)
+    })
+    .await;
+    assert!(errors > 0.0);
+    assert_eq!(svc.metric("store_up").await, Some(0.0));
+
+    let redis = Redis::start_on(port);
+    let v = stored_samples(&redis, "o-1", 4).await;
+    assert_eq!(v["last_rps"], 4.0);
+    stored_samples(&redis, "o-2", 1).await;
+    eventually(SOON, "/ready to recover", || async {
+        (get(svc.addr, "/ready").await.status == 200).then_some(())
+    })
+    .await;
+    assert_eq!(
+        get(svc.addr, "/analyze?device_id=o-1").await.json()["samples"],
+        4
+    );
+}
+
+#[tokio::test]
+async fn every_event_accepted_before_sigterm_is_in_redis_after_exit() {
+    let redis = Redis::start();
+    // A long flush interval: only the shutdown flush can have written the results.
+    let svc = Service::start(&[("REDIS_URL", &redis.url()), ("FLUSH_INTERVAL", "1h")]);
+    let devices = 20;
+    let per_device = 25;
+    let addr = svc.addr;
+    let mut tasks = Vec::new();
+    for d in 0..devices {
+        tasks.push(tokio::spawn(async move {
+            for i in 0..per_device {
+                let r = post_event(addr, &format!("s-{d}"), 0.5, (d * 1000 + i) as f64).await;
+                assert_eq!(r.status, 200);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("poster");
+    }
+    let (code, _) = svc.terminate();
+    assert_eq!(code, 0);
+    for d in 0..devices {
+        let v = redis_json(&redis, &format!("analysis:s-{d}"))
+            .unwrap_or_else(|| panic!("s-{d} missing"));
+        assert_eq!(v["samples"], per_device, "s-{d}");
+        assert_eq!(v["last_rps"], (d * 1000 + per_device - 1) as f64, "s-{d}");
+    }
+}
+
+#[tokio::test]
+async fn a_window_survives_a_service_restart() {
+    let redis = Redis::start();
+    let env = [("REDIS_URL", redis.url())];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let svc = Service::start(&env);
+    for i in 0..30 {
+        assert_eq!(
+            post_event(svc.addr, "phoenix", 0.5, i as f64).await.status,
+            200
+        );
+    }
+    let (code, _) = svc.terminate();
+    assert_eq!(code, 0);
+
+    let svc = Service::start(&env);
+    assert_eq!(post_event(svc.addr, "phoenix", 0.5, 30.0).await.status, 200);
+    let v = stored_samples(&redis, "phoenix", 31).await;
+    // Statistics over 0..=30.
+    assert_eq!(v["rolling_average_rps"], 15.0);
+    let sd = v["stddev_rps"].as_f64().expect("sd");
+    assert!((sd - (80.0f64).sqrt()).abs() < 1e-9, "{sd}");
+}
+
+#[tokio::test]
+async fn an_unreachable_redis_at_start_up_is_not_fatal() {
+    let port = common::free_port();
+    let svc = Service::start(&[("REDIS_URL", &format!("redis://127.0.0.1:{port}/"))]);
+    assert_eq!(get(svc.addr, "/health").await.status, 200);
+    let r = get(svc.addr, "/ready").await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.json()["checks"]["store"], "unreachable");
+    assert_eq!(post_event(svc.addr, "early", 0.5, 1.0).await.status, 200);
+
+    let redis = Redis::start_on(port);
+    eventually(SOON, "/ready once Redis appears", || async {
+        (get(svc.addr, "/ready").await.status == 200).then_some(())
+    })
+    .await;
+    stored_samples(&redis, "early", 1).await;
+}

@@ -1,0 +1,486 @@
+//! Load generator for `POST /metric`: the original `loadtest URL threads connections
+//! duration`, with real keep-alive connections, a fixed-rate mode free of coordinated
+//! omission, realistic events, and HDR-histogram latencies.
+#![forbid(unsafe_code)]
+
+use anyhow::{bail, Context};
+use bench::{event_body, Baseline, Rng};
+use bytes::Bytes;
+use clap::Parser;
+use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper::{Method, Request, Uri};
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+/// Posts realistic device events and reports throughput and latency.
+#[derive(Debug, Parser)]
+#[command(name = "loadtest")]
+struct Args {
+    /// Target, e.g. http://127.0.0.1:8080/metric (a bare host gets /metric).
+    url: String,
+    /// Worker threads of the generator.
+    #[arg(default_value_t = 1)]
+    threads: usize,
+    /// Keep-alive connections, each with one request in flight.
+    #[arg(default_value_t = 64)]
+    connections: usize,
+    /// How long to run (humantime: 10s, 1m).
+    #[arg(default_value = "10s", value_parser = humantime_duration)]
+    duration: Duration,
+    /// Fixed total request rate (open loop). Latency counts from each request's intended
+    /// send time, so a stalled server is not hidden by the generator waiting for it.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Distinct device ids.
+    #[arg(long, default_value_t = 1000)]
+    devices: u64,
+    /// Share of events that are spikes (5–10× the device's baseline rps).
+    #[arg(long, default_value_t = 0.01)]
+    spike_share: f64,
+    /// Stop after this many requests in total (each device in turn, in order, when
+    /// --requests equals --devices: one event per device).
+    #[arg(long)]
+    requests: Option<u64>,
+    /// Visit devices in order instead of at random.
+    #[arg(long)]
+    sequential: bool,
+    /// Also measure event-to-visible latency with this many probes: post a marked event,
+    /// poll /analyze until it shows.
+    #[arg(long, default_value_t = 0)]
+    visibility_probes: u64,
+    /// Exit non-zero when the success rate (percent) is below this.
+    #[arg(long, default_value_t = 0.0)]
+    min_success: f64,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn humantime_duration(s: &str) -> Result<Duration, String> {
+    // Accept the original's plain seconds ("30") as well as "30s".
+    if let Ok(secs) = s.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    humantime::parse_duration(s).map_err(|e| e.to_string())
+}
+
+struct Target {
+    addr: SocketAddr,
+    host: String,
+    path: String,
+}
+
+#[derive(Default)]
+struct Counters {
+    sent: AtomicU64,
+    ok: AtomicU64,
+    failed: AtomicU64,
+}
+
+struct Worker {
+    hist: Histogram<u64>,
+    ok: u64,
+    failed: u64,
+}
+
+#[derive(Serialize)]
+struct Report {
+    url: String,
+    connections: usize,
+    threads: usize,
+    rate: Option<f64>,
+    devices: u64,
+    duration_s: f64,
+    total: u64,
+    successful: u64,
+    failed: u64,
+    success_rate: f64,
+    requests_per_sec: f64,
+    latency_ms: Latency,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    visibility_ms: Option<Latency>,
+}
+
+#[derive(Serialize)]
+struct Latency {
+    min: f64,
+    avg: f64,
+    p50: f64,
+    p95: f64,
+    p99: f64,
+    max: f64,
+}
+
+impl Latency {
+    fn of(h: &Histogram<u64>) -> Self {
+        let ms = |us: u64| us as f64 / 1000.0;
+        Self {
+            min: ms(h.min()),
+            avg: h.mean() / 1000.0,
+            p50: ms(h.value_at_quantile(0.50)),
+            p95: ms(h.value_at_quantile(0.95)),
+            p99: ms(h.value_at_quantile(0.99)),
+            max: ms(h.max()),
+        }
+    }
+}
+
+async fn connect(target: &Target) -> anyhow::Result<SendRequest<Full<Bytes>>> {
+    let stream = TcpStream::connect(target.addr).await?;
+    stream.set_nodelay(true)?;
+    let (sender, conn) = http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(sender)
+}
+
+/// Sends one request; Ok(status) when an answer came back.
+async fn send(
+    sender: &mut SendRequest<Full<Bytes>>,
+    target: &Target,
+    method: Method,
+    path: &str,
+    body: Option<String>,
+) -> anyhow::Result<(u16, Bytes)> {
+    sender.ready().await?;
+    let mut req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(hyper::header::HOST, &target.host);
+    if body.is_some() {
+        req = req.header(hyper::header::CONTENT_TYPE, "application/json");
+    }
+    let req = req.body(Full::new(Bytes::from(body.unwrap_or_default())))?;
+    let response = sender.send_request(req).await?;
+    let status = response.status().as_u16();
+    let bytes = response.into_body().collect().await?.to_bytes();
+    Ok((status, bytes))
+}
+
+struct Plan {
+    deadline: Instant,
+    start: Instant,
+    /// Per connection, the gap between intended sends (open loop).
+    interval: Option<Duration>,
+    requests: Option<u64>,
+    next_request: AtomicU64,
+    devices: u64,
+    sequential: bool,
+    spike_share: f64,
+    stop: AtomicBool,
+}
+
+async fn run_connection(
+    id: usize,
+    target: Arc<Target>,
+    plan: Arc<Plan>,
+    counters: Arc<Counters>,
+) -> Worker {
+    let mut worker = Worker {
+        hist: Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds"),
+        ok: 0,
+        failed: 0,
+    };
+    let mut rng = Rng::new(0x5EED ^ (id as u64 + 1).wrapping_mul(0x9E37_79B9));
+    let mut sender = None;
+    // Stagger connections across one interval so a fixed rate is smooth.
+    let mut intended = plan.start
+        + plan
+            .interval
+            .map_or(Duration::ZERO, |i| i.mul_f64(rng.unit()));
+    loop {
+        if plan.stop.load(Ordering::Relaxed) || Instant::now() >= plan.deadline {
+            break;
+        }
+        let n = plan.next_request.fetch_add(1, Ordering::Relaxed);
+        if plan.requests.is_some_and(|max| n >= max) {
+            break;
+        }
+        if plan.interval.is_some() {
+            tokio::time::sleep_until(intended).await;
+        } else {
+            intended = Instant::now();
+        }
+        let device = if plan.sequential {
+            n % plan.devices
+        } else {
+            rng.below(plan.devices)
+        };
+        let (rps, cpu) = Baseline::of_device(device).reading(&mut rng, plan.spike_share);
+        let body = event_body(device, rps, cpu);
+        counters.sent.fetch_add(1, Ordering::Relaxed);
+        let result = match sender.as_mut() {
+            Some(s) => send(s, &target, Method::POST, &target.path, Some(body)).await,
+            None => match connect(&target).await {
+                Ok(s) => {
+                    send(
+                        sender.insert(s),
+                        &target,
+                        Method::POST,
+                        &target.path,
+                        Some(body),
+                    )
+                    .await
+                }
+                Err(e) => Err(e),
+            },
+        };
+        let micros = intended.elapsed().as_micros().max(1) as u64;
+        match result {
+            Ok((status, _)) if (200..300).contains(&status) => {
+                worker.ok += 1;
+                counters.ok.fetch_add(1, Ordering::Relaxed);
+                let _ = worker.hist.record(micros);
+            }
+            Ok(_) => {
+                worker.failed += 1;
+                counters.failed.fetch_add(1, Ordering::Relaxed);
+                let _ = worker.hist.record(micros);
+            }
+            Err(_) => {
+                worker.failed += 1;
+                counters.failed.fetch_add(1, Ordering::Relaxed);
+                sender = None;
+                // Do not spin on a refused connection.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        if let Some(interval) = plan.interval {
+            intended += interval;
+        }
+    }
+    worker
+}
+
+/// Event-to-visible latency: from the 200 of a marked event until /analyze shows it.
+async fn probe_visibility(
+    target: Arc<Target>,
+    probes: u64,
+    plan: Arc<Plan>,
+) -> anyhow::Result<Histogram<u64>> {
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut sender = connect(&target).await?;
+    let analyze_base = target.path.trim_end_matches("/metric").to_string();
+    let gap = plan.deadline.saturating_duration_since(Instant::now()) / (probes as u32 + 1);
+    for k in 0..probes {
+        if plan.stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let marker = 1_000_000.0 + k as f64;
+        let device = format!("visibility-{}", k % 16);
+        let body = format!(r#"{{"device_id":"{device}","cpu":0.5,"rps":{marker}}}"#);
+        let (status, _) =
+            send(&mut sender, &target, Method::POST, &target.path, Some(body)).await?;
+        if status != 200 {
+            continue;
+        }
+        let accepted = Instant::now();
+        let path = format!("{analyze_base}/analyze?device_id={device}");
+        loop {
+            let (status, bytes) = send(&mut sender, &target, Method::GET, &path, None).await?;
+            if status == 200 {
+                let v: serde_json::Value = serde_json::from_slice(&bytes)?;
+                if v["last_rps"].as_f64() == Some(marker) {
+                    break;
+                }
+            }
+            if accepted.elapsed() > Duration::from_secs(10) {
+                bail!("event never became visible within 10s");
+            }
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+        let _ = hist.record(accepted.elapsed().as_micros().max(1) as u64);
+        tokio::time::sleep(gap.min(Duration::from_millis(50))).await;
+    }
+    Ok(hist)
+}
+
+async fn resolve(url: &str) -> anyhow::Result<Target> {
+    let uri: Uri = url.parse().with_context(|| format!("bad URL {url}"))?;
+    let authority = uri.authority().context("URL needs host:port")?.clone();
+    let port = authority.port_u16().unwrap_or(80);
+    let addr = tokio::net::lookup_host((authority.host(), port))
+        .await?
+        .next()
+        .context("host does not resolve")?;
+    let path = match uri.path() {
+        "" | "/" => "/metric".to_string(),
+        p => p.to_string(),
+    };
+    Ok(Target {
+        addr,
+        host: authority.to_string(),
+        path,
+    })
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if args.connections == 0 || args.devices == 0 {
+        bail!("connections and devices must be at least 1");
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.threads.max(1))
+        .enable_all()
+        .build()?;
+    runtime.block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let target = Arc::new(resolve(&args.url).await?);
+    let start = Instant::now();
+    let plan = Arc::new(Plan {
+        deadline: start + args.duration,
+        start,
+        interval: args
+            .rate
+            .filter(|r| *r > 0.0)
+            .map(|r| Duration::from_secs_f64(args.connections as f64 / r)),
+        requests: args.requests,
+        next_request: AtomicU64::new(0),
+        devices: args.devices,
+        sequential: args.sequential,
+        spike_share: args.spike_share,
+        stop: AtomicBool::new(false),
+    });
+    let counters = Arc::new(Counters::default());
+    let workers: Vec<_> = (0..args.connections)
+        .map(|id| {
+            tokio::spawn(run_connection(
+                id,
+                target.clone(),
+                plan.clone(),
+                counters.clone(),
+            ))
+        })
+        .collect();
+    let visibility = (args.visibility_probes > 0).then(|| {
+        tokio::spawn(probe_visibility(
+            target.clone(),
+            args.visibility_probes,
+            plan.clone(),
+        ))
+    });
+
+    let progress = {
+        let counters = counters.clone();
+        tokio::spawn(async move {
+            let mut last = 0;
+            let mut tick = tokio::time::interval_at(
+                Instant::now() + Duration::from_secs(1),
+                Duration::from_secs(1),
+            );
+            loop {
+                tick.tick().await;
+                let ok = counters.ok.load(Ordering::Relaxed);
+                eprintln!(
+                    "[{:>4.0}s] sent {:>9}  ok {:>9}  failed {:>6}  {:>8} req/s",
+                    start.elapsed().as_secs_f64(),
+                    counters.sent.load(Ordering::Relaxed),
+                    ok,
+                    counters.failed.load(Ordering::Relaxed),
+                    ok - last
+                );
+                last = ok;
+            }
+        })
+    };
+
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let (mut ok, mut failed) = (0, 0);
+    for w in workers {
+        let w = w.await?;
+        hist.add(&w.hist)?;
+        ok += w.ok;
+        failed += w.failed;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    plan.stop.store(true, Ordering::Relaxed);
+    let visibility = match visibility {
+        Some(handle) => Some(Latency::of(&handle.await??)),
+        None => None,
+    };
+    progress.abort();
+
+    let total = ok + failed;
+    let report = Report {
+        url: args.url.clone(),
+        connections: args.connections,
+        threads: args.threads,
+        rate: args.rate,
+        devices: args.devices,
+        duration_s: elapsed,
+        total,
+        successful: ok,
+        failed,
+        success_rate: if total == 0 {
+            0.0
+        } else {
+            100.0 * ok as f64 / total as f64
+        },
+        requests_per_sec: ok as f64 / elapsed,
+        latency_ms: Latency::of(&hist),
+        visibility_ms: visibility,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print_text(&report);
+    }
+    if report.success_rate < args.min_success {
+        bail!(
+            "success rate {:.3}% is below --min-success {}%",
+            report.success_rate,
+            args.min_success
+        );
+    }
+    Ok(())
+}
+
+fn print_text(r: &Report) {
+    let l = &r.latency_ms;
+    println!("Duration:        {:.2}s", r.duration_s);
+    println!("Total requests:  {}", r.total);
+    println!("Successful:      {}", r.successful);
+    println!("Failed:          {}", r.failed);
+    println!("Success rate:    {:.3}%", r.success_rate);
+    println!("Requests/sec:    {:.1}", r.requests_per_sec);
+    println!(
+        "Latency (ms):    min {:.3}  avg {:.3}  p50 {:.3}  p95 {:.3}  p99 {:.3}  max {:.3}",
+        l.min, l.avg, l.p50, l.p95, l.p99, l.max
+    );
+    if let Some(v) = &r.visibility_ms {
+        println!(
+            "Event→visible (ms): min {:.3}  p50 {:.3}  p95 {:.3}  p99 {:.3}  max {:.3}",
+            v.min, v.p50, v.p95, v.p99, v.max
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_accept_the_originals_plain_seconds() {
+        assert_eq!(humantime_duration("30").ok(), Some(Duration::from_secs(30)));
+        assert_eq!(
+            humantime_duration("250ms").ok(),
+            Some(Duration::from_millis(250))
+        );
+        assert_eq!(
+            humantime_duration("2m").ok(),
+            Some(Duration::from_secs(120))
+        );
+        assert!(humantime_duration("soon").is_err());
+    }
+}

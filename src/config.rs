@@ -128,7 +128,7 @@ mod tests {
         for (args, name) in [
             (&["--result-ttl", "500ms"][..], "--result-ttl"),
             (&["--window-size", "0"][..], "--window-size"),
-            (&["--anomaly-threshold", "-1"][..], "--anomaly-threshold"),
+            (&["--anomaly-threshold=-1"][..], "--anomaly-threshold"),
             (&["--flush-interval", "soon"][..], "--flush-interval"),
             (&["--log-format", "xml"][..], "--log-format"),
         ] {

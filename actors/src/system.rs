@@ -161,7 +161,8 @@ impl System {
             self.supervisor.get_status(),
         ]
         .iter()
-        .all(|s| *s == ActorStatus::Running)
+        // Right after spawn an actor may still be finishing post_start.
+        .all(|s| matches!(s, ActorStatus::Starting | ActorStatus::Running))
     }
 
     /// The Prometheus exposition of every family.

@@ -20,12 +20,11 @@ pub struct Stats {
     pub stddev: f64,
 }
 
-/// A bounded FIFO of the newest readings of one device.
+/// A bounded FIFO of the newest (rps, cpu) readings of one device.
 #[derive(Debug, Clone)]
 pub struct Window {
     capacity: usize,
-    rps: VecDeque<f64>,
-    cpu: VecDeque<f64>,
+    readings: VecDeque<(f64, f64)>,
 }
 
 impl Window {
@@ -34,58 +33,64 @@ impl Window {
         let capacity = capacity.max(1);
         Self {
             capacity,
-            rps: VecDeque::with_capacity(capacity),
-            cpu: VecDeque::with_capacity(capacity),
+            readings: VecDeque::with_capacity(capacity),
         }
     }
 
-    /// A window restored from persisted values (oldest first); keeps the newest `capacity`.
-    pub fn restore(capacity: usize, rps: &[f64], cpu: &[f64]) -> Self {
+    /// A window restored from persisted readings (oldest first); keeps the newest
+    /// `capacity`.
+    pub fn restore(capacity: usize, readings: impl IntoIterator<Item = (f64, f64)>) -> Self {
         let mut window = Self::new(capacity);
-        for (&r, &c) in rps.iter().zip(cpu) {
-            window.push(r, c);
+        for (rps, cpu) in readings {
+            window.push(rps, cpu);
         }
         window
     }
 
     /// Appends one reading, evicting the oldest when full.
     pub fn push(&mut self, rps: f64, cpu: f64) {
-        if self.rps.len() == self.capacity {
-            self.rps.pop_front();
-            self.cpu.pop_front();
+        if self.readings.len() == self.capacity {
+            self.readings.pop_front();
         }
-        self.rps.push_back(rps);
-        self.cpu.push_back(cpu);
+        self.readings.push_back((rps, cpu));
     }
 
     /// Number of readings held.
     pub fn len(&self) -> usize {
-        self.rps.len()
+        self.readings.len()
     }
 
     /// True when no reading is held.
     pub fn is_empty(&self) -> bool {
-        self.rps.is_empty()
+        self.readings.is_empty()
     }
 
     /// Statistics of the rps values.
     pub fn rps_stats(&self) -> Stats {
-        stats(&self.rps)
+        stats(self.rps_values())
     }
 
     /// Mean of the cpu values (0 for an empty window).
     pub fn cpu_mean(&self) -> f64 {
-        stats(&self.cpu).mean
+        if self.readings.is_empty() {
+            return 0.0;
+        }
+        compensated_sum(self.cpu_values()) / self.readings.len() as f64
+    }
+
+    /// The (rps, cpu) readings, oldest first.
+    pub fn readings(&self) -> impl ExactSizeIterator<Item = (f64, f64)> + Clone + '_ {
+        self.readings.iter().copied()
     }
 
     /// The rps values, oldest first.
-    pub fn rps_values(&self) -> impl ExactSizeIterator<Item = f64> + '_ {
-        self.rps.iter().copied()
+    pub fn rps_values(&self) -> impl ExactSizeIterator<Item = f64> + Clone + '_ {
+        self.readings.iter().map(|r| r.0)
     }
 
     /// The cpu values, oldest first.
-    pub fn cpu_values(&self) -> impl ExactSizeIterator<Item = f64> + '_ {
-        self.cpu.iter().copied()
+    pub fn cpu_values(&self) -> impl ExactSizeIterator<Item = f64> + Clone + '_ {
+        self.readings.iter().map(|r| r.1)
     }
 }
 
@@ -111,7 +116,7 @@ fn compensated_sum(values: impl Iterator<Item = f64>) -> f64 {
 /// not be bit-identical to them (n·v/n rounds), and a tiny non-zero deviation would turn
 /// into an arbitrary z-score. Deviations are scaled by the value range so that squaring
 /// can neither overflow (values near f64::MAX) nor underflow (subnormal differences).
-fn stats(values: &VecDeque<f64>) -> Stats {
+fn stats(values: impl ExactSizeIterator<Item = f64> + Clone) -> Stats {
     let n = values.len();
     if n == 0 {
         return Stats {
@@ -121,7 +126,7 @@ fn stats(values: &VecDeque<f64>) -> Stats {
         };
     }
     let (mut min, mut max) = (f64::INFINITY, f64::NEG_INFINITY);
-    for &x in values {
+    for x in values.clone() {
         min = min.min(x);
         max = max.max(x);
     }
@@ -133,16 +138,16 @@ fn stats(values: &VecDeque<f64>) -> Stats {
         };
     }
     let nf = n as f64;
-    let sum = compensated_sum(values.iter().copied());
+    let sum = compensated_sum(values.clone());
     let mean = if sum.is_finite() {
         sum / nf
     } else {
         // Only reachable near f64::MAX: divide first so the sum cannot overflow.
-        compensated_sum(values.iter().map(|&x| x / nf))
+        compensated_sum(values.clone().map(|x| x / nf))
     }
     .clamp(min, max);
     let range = max - min;
-    let scaled = || values.iter().map(move |&x| (x - mean) / range);
+    let scaled = || values.clone().map(move |x| (x - mean) / range);
     let sum_sq = compensated_sum(scaled().map(|d| d * d));
     let sum_d = compensated_sum(scaled());
     // The second term corrects for the rounding of `mean` (the "corrected two-pass").
@@ -215,7 +220,7 @@ mod tests {
 
     #[test]
     fn restore_keeps_newest_when_capacity_shrank() {
-        let w = Window::restore(2, &[1.0, 2.0, 3.0], &[0.1, 0.2, 0.3]);
+        let w = Window::restore(2, [(1.0, 0.1), (2.0, 0.2), (3.0, 0.3)]);
         assert_eq!(w.rps_values().collect::<Vec<_>>(), vec![2.0, 3.0]);
     }
 }

@@ -91,10 +91,7 @@ impl DeviceState {
                 rolling_average_cpu: result.rolling_average_cpu,
                 event_timestamp: event.timestamp,
             },
-            window: WindowSnapshot {
-                rps: self.window.rps_values().collect(),
-                cpu: self.window.cpu_values().collect(),
-            },
+            window: WindowSnapshot::new(self.window.readings().collect()),
         };
         if ctx.writer.cast(WriterMsg::Put(record)).is_err() {
             tracing::error!(device_id = %device_id, "store writer is gone; result not stored");
@@ -129,7 +126,7 @@ impl DeviceState {
             .await;
         match reply {
             Ok(CallResult::Success(Ok(Some(snapshot)))) => {
-                self.window = Window::restore(ctx.window_size, &snapshot.rps, &snapshot.cpu);
+                self.window = Window::restore(ctx.window_size, snapshot.readings().iter().copied());
             }
             Ok(CallResult::Success(Ok(None))) => {}
             Ok(CallResult::Success(Err(e))) => {

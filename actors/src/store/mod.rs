@@ -7,19 +7,20 @@
 //!
 //! Keys (the same as the original service's for analyses):
 //! - `analysis:{device_id}`: the `/analyze` JSON.
-//! - `window:{device_id}`: the device's rolling window, `{"rps":[…],"cpu":[…]}`, oldest
-//!   first, written together with the analysis and with the same expiry.
+//! - `window:{device_id}`: the device's rolling window (see [`snapshot`] for the
+//!   format), written together with the analysis and with the same expiry.
 
 mod embedded;
 mod redis;
+pub mod snapshot;
 pub mod writer;
 
 pub use embedded::EmbeddedStore;
 pub use redis::RedisStore;
+pub use snapshot::{SnapshotError, WindowSnapshot};
 pub use writer::{StoreHealth, WriterActor, WriterArgs, WriterMsg};
 
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -46,22 +47,16 @@ pub enum StoreError {
     #[error("store timed out after {0:?}")]
     Timeout(Duration),
     /// A stored window could not be decoded.
-    #[error("corrupt window for {key}: {source}")]
+    #[error("corrupt value under {key}: {source}")]
     Corrupt {
         /// The key read.
         key: String,
         /// Why it did not decode.
-        source: serde_json::Error,
+        source: SnapshotError,
     },
-}
-
-/// A device's window as persisted: rps and cpu, oldest first.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct WindowSnapshot {
-    /// rps values, oldest first.
-    pub rps: Vec<f64>,
-    /// cpu values, oldest first (same length as `rps`).
-    pub cpu: Vec<f64>,
+    /// A result could not be serialised.
+    #[error("encoding a result: {0}")]
+    Encode(#[from] serde_json::Error),
 }
 
 /// The store backend.
@@ -125,7 +120,7 @@ impl Store {
         let key = window_key(device_id);
         match self.get(&key).await? {
             None => Ok(None),
-            Some(bytes) => serde_json::from_slice(&bytes)
+            Some(bytes) => WindowSnapshot::decode(&bytes)
                 .map(Some)
                 .map_err(|source| StoreError::Corrupt { key, source }),
         }

@@ -159,10 +159,7 @@ impl WriterState {
             let started = Instant::now();
             let result = match encode(&batch) {
                 Ok(entries) => store.set_many(entries, ttl).await.map(|()| batch.len()),
-                Err(e) => Err(StoreError::Corrupt {
-                    key: "<batch>".into(),
-                    source: e,
-                }),
+                Err(e) => Err(StoreError::Encode(e)),
             };
             // The writer may be gone at the end of shutdown; nothing to tell then.
             let _ = myself.cast(WriterMsg::Flushed(result, started.elapsed()));
@@ -203,10 +200,7 @@ fn encode(batch: &Batch) -> Result<Vec<(String, Bytes)>, serde_json::Error> {
             analysis_key(device),
             Bytes::from(serde_json::to_vec(&record.analysis)?),
         ));
-        entries.push((
-            window_key(device),
-            Bytes::from(serde_json::to_vec(&record.window)?),
-        ));
+        entries.push((window_key(device), record.window.encode()));
     }
     Ok(entries)
 }

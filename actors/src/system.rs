@@ -10,7 +10,7 @@ use crate::device::{
     Admission, DeviceContext, DeviceSupervisor, Directory, SupervisorArgs, SupervisorMsg,
 };
 use crate::metrics::{Metrics, MetricsActor, MetricsArgs, MetricsMsg};
-use crate::store::{Store, StoreHealth, WriterActor, WriterArgs, WriterMsg};
+use crate::store::{Inbox, Store, StoreHealth, WriterActor, WriterArgs, WriterMsg};
 use dashmap::DashMap;
 use prometheus_client::registry::Registry;
 use ractor::rpc::CallResult;
@@ -87,6 +87,7 @@ impl System {
         )
         .await?;
         let health = StoreHealth::new(false);
+        let inbox = Arc::new(Inbox::default());
         let (writer, _) = Actor::spawn(
             None,
             WriterActor,
@@ -96,6 +97,7 @@ impl System {
                 flush_interval: config.flush_interval,
                 metrics: metrics.clone(),
                 health: health.clone(),
+                inbox: inbox.clone(),
             },
         )
         .await?;
@@ -105,6 +107,7 @@ impl System {
             rule: AnomalyRule {
                 threshold: config.anomaly_threshold,
             },
+            inbox,
             writer: writer.clone(),
             metrics_actor: metrics_actor.clone(),
             metrics: metrics.clone(),

@@ -3,7 +3,7 @@
 
 use super::errors::{ApiError, Body};
 use super::{analyze, ingest, probes, scrape, AppState};
-use actors::metrics::{Endpoint, HttpLabels, Method as MethodLabel, RouteLabels};
+use actors::metrics::{Endpoint, Method as MethodLabel};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, ALLOW};
 use hyper::{Method, Request, Response, StatusCode};
@@ -28,19 +28,12 @@ pub async fn handle(state: AppState, req: Request<Incoming>) -> Result<Response<
         .into_response(),
         (_, known) => method_not_allowed(req.method(), known),
     };
-    let metrics = state.system().metrics();
-    metrics
-        .http_requests
-        .get_or_create(&HttpLabels {
-            method,
-            endpoint,
-            status: response.status().as_u16(),
-        })
-        .inc();
-    metrics
-        .request_duration
-        .get_or_create(&RouteLabels { method, endpoint })
-        .observe(started.elapsed().as_secs_f64());
+    state.system().metrics().http.record(
+        method,
+        endpoint,
+        response.status().as_u16(),
+        started.elapsed().as_secs_f64(),
+    );
     Ok(response)
 }
 

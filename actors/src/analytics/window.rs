@@ -112,10 +112,14 @@ fn compensated_sum(values: impl Iterator<Item = f64>) -> f64 {
 
 /// Two-pass statistics of finite values.
 ///
-/// The all-equal case is detected explicitly: the computed mean of n equal values need
-/// not be bit-identical to them (n·v/n rounds), and a tiny non-zero deviation would turn
-/// into an arbitrary z-score. Deviations are scaled by the value range so that squaring
-/// can neither overflow (values near f64::MAX) nor underflow (subnormal differences).
+/// Pass one: min, max and a compensated sum (the mean must be accurate to about an ulp:
+/// z divides the newest value's distance from it by a deviation that may be 1e-5 of it).
+/// Pass two: deviations from the mean, scaled by the value range so that squaring can
+/// neither overflow (values near f64::MAX) nor underflow (subnormal differences); plain
+/// sums suffice there, every term being positive or a first-order correction. The
+/// all-equal case is detected explicitly: the computed mean of n equal values need not
+/// be bit-identical to them (n·v/n rounds), and a tiny non-zero deviation would turn into
+/// an arbitrary z-score.
 fn stats(values: impl ExactSizeIterator<Item = f64> + Clone) -> Stats {
     let n = values.len();
     if n == 0 {
@@ -126,9 +130,17 @@ fn stats(values: impl ExactSizeIterator<Item = f64> + Clone) -> Stats {
         };
     }
     let (mut min, mut max) = (f64::INFINITY, f64::NEG_INFINITY);
+    let (mut sum, mut compensation) = (0.0_f64, 0.0_f64);
     for x in values.clone() {
         min = min.min(x);
         max = max.max(x);
+        let t = sum + x;
+        compensation += if sum.abs() >= x.abs() {
+            (sum - t) + x
+        } else {
+            (x - t) + sum
+        };
+        sum = t;
     }
     if min == max {
         return Stats {
@@ -138,7 +150,7 @@ fn stats(values: impl ExactSizeIterator<Item = f64> + Clone) -> Stats {
         };
     }
     let nf = n as f64;
-    let sum = compensated_sum(values.clone());
+    let sum = sum + compensation;
     let mean = if sum.is_finite() {
         sum / nf
     } else {
@@ -147,9 +159,13 @@ fn stats(values: impl ExactSizeIterator<Item = f64> + Clone) -> Stats {
     }
     .clamp(min, max);
     let range = max - min;
-    let scaled = || values.clone().map(move |x| (x - mean) / range);
-    let sum_sq = compensated_sum(scaled().map(|d| d * d));
-    let sum_d = compensated_sum(scaled());
+    let inv_range = 1.0 / range;
+    let (mut sum_sq, mut sum_d) = (0.0_f64, 0.0_f64);
+    for x in values {
+        let d = (x - mean) * inv_range;
+        sum_sq += d * d;
+        sum_d += d;
+    }
     // The second term corrects for the rounding of `mean` (the "corrected two-pass").
     let variance = ((sum_sq - sum_d * sum_d / nf) / nf).max(0.0);
     Stats {

@@ -1,5 +1,5 @@
 //! The device actor: owns one device's window and anomaly state, processes its events in
-//! order, and hands each result to the store writer.
+//! order, and hands each result to the store writer (through its inbox).
 //!
 //! On start it restores the device's persisted window (through the writer, which also
 //! knows results not flushed yet), so eviction, a crash or a restart on another replica
@@ -9,8 +9,8 @@ use super::{Admission, Slot};
 use crate::analytics::{AnomalyRule, Window};
 use crate::event::{Analysis, Event};
 use crate::metrics::{Metrics, MetricsMsg};
-use crate::store::writer::Record;
-use crate::store::{WindowSnapshot, WriterMsg};
+use crate::store::writer::{Record, MAX_BATCH};
+use crate::store::{Inbox, WindowSnapshot, WriterMsg};
 use chrono::Utc;
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
@@ -26,7 +26,9 @@ pub struct DeviceContext {
     pub window_size: usize,
     /// ANOMALY_THRESHOLD.
     pub rule: AnomalyRule,
-    /// Where results go.
+    /// Where results are deposited for the writer.
+    pub inbox: Arc<Inbox>,
+    /// The writer: window restores, early flushes.
     pub writer: ActorRef<WriterMsg>,
     /// Where anomalies are counted.
     pub metrics_actor: ActorRef<MetricsMsg>,
@@ -93,8 +95,8 @@ impl DeviceState {
             },
             window: WindowSnapshot::new(self.window.readings().collect()),
         };
-        if ctx.writer.cast(WriterMsg::Put(record)).is_err() {
-            tracing::error!(device_id = %device_id, "store writer is gone; result not stored");
+        if ctx.inbox.put(record) >= MAX_BATCH {
+            let _ = ctx.writer.cast(WriterMsg::Flush);
         }
         ctx.metrics.events_processed.inc();
     }

@@ -6,6 +6,7 @@ use std::fmt::Write;
 
 /// HTTP method label; anything unusual counts as `OTHER`.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+#[repr(u8)]
 pub enum Method {
     /// GET
     Get,
@@ -49,6 +50,7 @@ impl EncodeLabelValue for Method {
 
 /// The route a request matched; `unmatched` for every unknown path.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+#[repr(u8)]
 pub enum Endpoint {
     /// POST /metric
     Metric,

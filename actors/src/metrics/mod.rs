@@ -6,9 +6,11 @@
 //! into the [`MetricsActor`], which owns encoding and the device-label cap.
 
 mod actor;
+mod http;
 mod labels;
 
 pub use actor::{MetricsActor, MetricsArgs, MetricsMsg};
+pub use http::HttpMetrics;
 pub use labels::{
     DeviceLabel, Endpoint, HttpLabels, Method, ReasonLabel, RejectReason, RouteLabels,
 };
@@ -19,6 +21,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
+use std::sync::Arc;
 
 /// Content type of the exposition that [`MetricsMsg::Scrape`] returns.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -42,10 +45,8 @@ fn request_histogram() -> Histogram {
 /// Every metric handle of the service.
 #[derive(Clone, Debug)]
 pub struct Metrics {
-    /// `http_requests_total{method,endpoint,status}`
-    pub http_requests: Family<HttpLabels, Counter>,
-    /// `request_duration_seconds{method,endpoint}`
-    pub request_duration: HistogramFamily<RouteLabels>,
+    /// `http_requests_total` and `request_duration_seconds`, through cached handles.
+    pub http: Arc<HttpMetrics>,
     /// `anomalies_detected_total{device_id}`; written only by the metrics actor.
     pub(crate) anomalies: Family<DeviceLabel, Counter>,
     /// `events_accepted_total`
@@ -82,9 +83,14 @@ pub struct Metrics {
 impl Metrics {
     /// Creates every family and registers it in `registry`.
     pub fn register(registry: &mut Registry) -> Self {
+        let http_requests = Family::<HttpLabels, Counter>::default();
+        let request_duration: HistogramFamily<RouteLabels> =
+            Family::new_with_constructor(request_histogram);
         let m = Self {
-            http_requests: Family::default(),
-            request_duration: Family::new_with_constructor(request_histogram),
+            http: Arc::new(HttpMetrics::new(
+                http_requests.clone(),
+                request_duration.clone(),
+            )),
             anomalies: Family::default(),
             events_accepted: Counter::default(),
             events_rejected: Family::default(),
@@ -117,12 +123,12 @@ impl Metrics {
         r.register(
             "http_requests",
             "HTTP requests by method, route and status",
-            m.http_requests.clone(),
+            http_requests,
         );
         r.register(
             "request_duration_seconds",
             "HTTP request latency by method and route",
-            m.request_duration.clone(),
+            request_duration,
         );
         r.register(
             "anomalies_detected",

@@ -11,11 +11,13 @@
 //!   format), written together with the analysis and with the same expiry.
 
 mod embedded;
+mod inbox;
 mod redis;
 pub mod snapshot;
 pub mod writer;
 
 pub use embedded::EmbeddedStore;
+pub use inbox::Inbox;
 pub use redis::RedisStore;
 pub use snapshot::{SnapshotError, WindowSnapshot};
 pub use writer::{StoreHealth, WriterActor, WriterArgs, WriterMsg};

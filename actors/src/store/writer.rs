@@ -1,32 +1,32 @@
 //! The store writer actor: the newest result per device, flushed pipelined every
 //! FLUSH_INTERVAL.
 //!
-//! Device actors `cast` a [`Record`] per event; the writer keeps only the newest per
-//! device in `pending`, so however fast a device reports, it costs at most one write per
-//! flush, and during an outage memory stays at one record per device. A flush moves
-//! `pending` into `inflight` and runs in its own task, so the actor keeps accepting
-//! records while Redis works; a failed flush puts its records back (newer ones win) and
-//! retries after a capped exponential backoff.
+//! Device actors deposit a [`Record`] per event in the writer's [`Inbox`], which keeps
+//! only the newest per device, so however fast a device reports, it costs at most one
+//! write per flush, and during an outage memory stays at one record per device. A flush
+//! takes the inbox into `inflight` and runs in its own task, so devices keep depositing
+//! while Redis works; a failed flush puts its records back (newer ones win) and retries
+//! after a capped exponential backoff.
 //!
 //! The writer is also the one place that knows about results not yet in the store, so
 //! window restores ([`WriterMsg::LoadWindow`]) go through it: a device actor that starts
 //! right after its predecessor was evicted sees the predecessor's last window even if it
 //! was never flushed.
 
+use super::inbox::{Batch, Inbox};
 use super::{analysis_key, window_key, Store, StoreError, WindowSnapshot};
 use crate::event::Analysis;
 use crate::metrics::Metrics;
 use bytes::Bytes;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-/// Records pending before a flush starts without waiting for the timer.
-const MAX_BATCH: usize = 8192;
+/// Devices waiting before a flush starts without waiting for the timer.
+pub const MAX_BATCH: usize = 8192;
 /// First retry delay after a failed flush; doubles up to [`MAX_BACKOFF`].
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
 /// Longest retry delay.
@@ -82,9 +82,9 @@ pub struct WriterArgs {
     pub metrics: Metrics,
     /// The flag the writer keeps current.
     pub health: StoreHealth,
+    /// Where device actors deposit results.
+    pub inbox: Arc<Inbox>,
 }
-
-type Batch = HashMap<Arc<str>, Record>;
 
 /// The writer's state.
 pub struct WriterState {
@@ -92,7 +92,7 @@ pub struct WriterState {
     ttl: Duration,
     metrics: Metrics,
     health: StoreHealth,
-    pending: Batch,
+    inbox: Arc<Inbox>,
     inflight: Option<Arc<Batch>>,
     backoff: Duration,
     retry_at: Option<Instant>,
@@ -105,8 +105,8 @@ pub struct WriterState {
 
 /// Messages of the writer.
 pub enum WriterMsg {
-    /// The newest result of one device; replaces an older one not yet flushed.
-    Put(Record),
+    /// The inbox holds a full batch: flush now rather than at the next tick.
+    Flush,
     /// Timer: flush if due, probe if idle, purge expired keys.
     Tick,
     /// A flush task finished, after `elapsed`, with this many records or an error.
@@ -127,7 +127,7 @@ impl WriterState {
         let inflight = self.inflight.as_ref().map_or(0, |b| b.len());
         self.metrics
             .store_pending_results
-            .set((self.pending.len() + inflight) as i64);
+            .set((self.inbox.len() + inflight) as i64);
     }
 
     fn set_up(&mut self, up: bool) {
@@ -147,12 +147,12 @@ impl WriterState {
 
     fn maybe_flush(&mut self, myself: &ActorRef<WriterMsg>, now: Instant) {
         if self.inflight.is_some()
-            || self.pending.is_empty()
+            || self.inbox.is_empty()
             || self.retry_at.is_some_and(|t| now < t)
         {
             return;
         }
-        let batch = Arc::new(std::mem::take(&mut self.pending));
+        let batch = Arc::new(self.inbox.take());
         self.inflight = Some(batch.clone());
         let (store, ttl, myself) = (self.store.clone(), self.ttl, myself.clone());
         tokio::spawn(async move {
@@ -182,7 +182,7 @@ impl WriterState {
     }
 
     fn answer_drain_if_done(&mut self) {
-        if self.pending.is_empty() && self.inflight.is_none() {
+        if self.inflight.is_none() && self.inbox.is_empty() {
             for waiter in self.drain_waiters.drain(..) {
                 if !waiter.is_closed() {
                     let _ = waiter.send(());
@@ -226,7 +226,7 @@ impl Actor for WriterActor {
             ttl: args.ttl,
             metrics: args.metrics,
             health: args.health,
-            pending: HashMap::new(),
+            inbox: args.inbox,
             inflight: None,
             backoff: MIN_BACKOFF,
             retry_at: None,
@@ -256,15 +256,7 @@ impl Actor for WriterActor {
         state: &mut WriterState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            WriterMsg::Put(record) => {
-                state
-                    .pending
-                    .insert(record.analysis.device_id.clone(), record);
-                if state.pending.len() >= MAX_BATCH {
-                    state.maybe_flush(&myself, Instant::now());
-                }
-                state.pending_gauge();
-            }
+            WriterMsg::Flush => state.maybe_flush(&myself, Instant::now()),
             WriterMsg::Tick => {
                 let now = Instant::now();
                 if now.duration_since(state.last_purge) >= PURGE_EVERY {
@@ -273,6 +265,7 @@ impl Actor for WriterActor {
                 }
                 state.maybe_flush(&myself, now);
                 state.maybe_probe(&myself, now);
+                state.pending_gauge();
             }
             WriterMsg::Flushed(result, elapsed) => {
                 let now = Instant::now();
@@ -295,10 +288,7 @@ impl Actor for WriterActor {
                         if let Some(batch) = batch {
                             let batch =
                                 Arc::try_unwrap(batch).unwrap_or_else(|shared| (*shared).clone());
-                            for (device, record) in batch {
-                                // A newer result that arrived meanwhile wins.
-                                state.pending.entry(device).or_insert(record);
-                            }
+                            state.inbox.restore(batch);
                         }
                         state.retry_at = Some(now + state.backoff);
                         state.backoff = (state.backoff * 2).min(MAX_BACKOFF);
@@ -328,11 +318,15 @@ impl Actor for WriterActor {
                 }
             }
             WriterMsg::LoadWindow(device, reply) => {
-                let known = state
-                    .pending
-                    .get(&device)
-                    .or_else(|| state.inflight.as_ref().and_then(|b| b.get(&device)))
-                    .map(|r| r.window.clone());
+                // Only this actor takes from the inbox, so a result is either still in
+                // the inbox, in the flight it was taken into, or already in the store.
+                let known = state.inbox.window(&device).or_else(|| {
+                    state
+                        .inflight
+                        .as_ref()
+                        .and_then(|b| b.get(&device))
+                        .map(|r| r.window.clone())
+                });
                 if let Some(window) = known {
                     if !reply.is_closed() {
                         let _ = reply.send(Ok(Some(window)));

@@ -1,0 +1,69 @@
+//! The writer's coalescing inbox: the newest result per device, waiting for a flush.
+//!
+//! Device actors deposit results here instead of sending one message per event: a map
+//! keyed by device can never hold more than one entry per device, however fast devices
+//! report or however long the store is down, and depositing is a short critical section
+//! instead of a message plus a wake-up of the writer. Measured on the 2-core bench, a
+//! message per result cost about a fifth of the service's throughput. The writer takes
+//! the whole map at each flush in O(1).
+//!
+//! A `std::sync::Mutex`: every critical section is a map insert, lookup or swap, never an
+//! `.await`.
+
+use super::writer::Record;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+/// Results per device, newest only.
+pub type Batch = HashMap<Arc<str>, Record>;
+
+/// The newest unflushed result of each device.
+#[derive(Debug, Default)]
+pub struct Inbox {
+    results: Mutex<Batch>,
+}
+
+impl Inbox {
+    fn lock(&self) -> MutexGuard<'_, Batch> {
+        // No code panics while holding the lock; a poisoned map is still consistent.
+        self.results.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Deposits a result, replacing an older one of the same device; returns how many
+    /// devices are waiting.
+    pub fn put(&self, record: Record) -> usize {
+        let mut results = self.lock();
+        results.insert(record.analysis.device_id.clone(), record);
+        results.len()
+    }
+
+    /// Takes everything waiting.
+    pub fn take(&self) -> Batch {
+        let mut results = self.lock();
+        let capacity = results.len();
+        std::mem::replace(&mut *results, HashMap::with_capacity(capacity))
+    }
+
+    /// Puts back results whose flush failed; a newer result deposited meanwhile wins.
+    pub fn restore(&self, batch: Batch) {
+        let mut results = self.lock();
+        for (device, record) in batch {
+            results.entry(device).or_insert(record);
+        }
+    }
+
+    /// The window of a device's waiting result, if any.
+    pub fn window(&self, device: &str) -> Option<super::WindowSnapshot> {
+        self.lock().get(device).map(|r| r.window.clone())
+    }
+
+    /// Devices waiting.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// True when nothing waits.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}

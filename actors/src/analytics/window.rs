@@ -33,7 +33,8 @@ impl Window {
         let capacity = capacity.max(1);
         Self {
             capacity,
-            readings: VecDeque::with_capacity(capacity),
+            // Grown on demand: most devices of a large fleet hold few readings at a time.
+            readings: VecDeque::new(),
         }
     }
 
@@ -49,8 +50,13 @@ impl Window {
 
     /// Appends one reading, evicting the oldest when full.
     pub fn push(&mut self, rps: f64, cpu: f64) {
-        if self.readings.len() == self.capacity {
+        let len = self.readings.len();
+        if len == self.capacity {
             self.readings.pop_front();
+        } else if len == self.readings.capacity() {
+            // Double, but never beyond the window: a full window of 50 holds 50, not 64.
+            self.readings
+                .reserve_exact((len * 2).max(4).min(self.capacity) - len);
         }
         self.readings.push_back((rps, cpu));
     }

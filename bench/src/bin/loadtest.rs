@@ -205,10 +205,20 @@ async fn run_connection(
         if plan.requests.is_some_and(|max| n >= max) {
             break;
         }
+        // Latency counts from when the request should have gone out. When the connection
+        // was still waiting for the server at that moment, that is the intended time (no
+        // coordinated omission). When it was idle and sleeping, it is the actual wake-up:
+        // tokio's timer fires up to a millisecond late, and that slack is the
+        // generator's, not the server's.
+        let mut measured_from = intended;
         if plan.interval.is_some() {
-            tokio::time::sleep_until(intended).await;
+            if Instant::now() < intended {
+                tokio::time::sleep_until(intended).await;
+                measured_from = Instant::now();
+            }
         } else {
             intended = Instant::now();
+            measured_from = intended;
         }
         let device = if plan.sequential {
             n % plan.devices
@@ -234,7 +244,7 @@ async fn run_connection(
                 Err(e) => Err(e),
             },
         };
-        let micros = intended.elapsed().as_micros().max(1) as u64;
+        let micros = measured_from.elapsed().as_micros().max(1) as u64;
         match result {
             Ok((status, _)) if (200..300).contains(&status) => {
                 worker.ok += 1;

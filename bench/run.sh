@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# The benchmark: starts redis-server, the release service and the limit server on
+# loopback, runs every scenario, and prints a Markdown table (also written to
+# bench/results.md). Usage: bench/run.sh [SECONDS_PER_RUN]   (default 10)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SECS=${1:-10}
+REDIS_PORT=${REDIS_PORT:-16399}
+SVC=127.0.0.1:18080
+LIMIT=127.0.0.1:18081
+OUT=bench/results.md
+export RUST_BACKTRACE=0   # anyhow would capture a backtrace per error
+
+for tool in redis-server redis-cli python3; do
+  command -v "$tool" >/dev/null || { echo "bench needs $tool (apt-get install -y redis-server python3)" >&2; exit 1; }
+done
+
+cargo build --release --workspace --bins -q
+BIN=target/release
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+
+redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no >/dev/null &
+PIDS+=($!)
+until redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; do sleep 0.05; done
+
+start_service() {
+  LISTEN_ADDR=$SVC REDIS_URL="redis://127.0.0.1:$REDIS_PORT/" RUST_LOG=warn \
+    MAX_DEVICE_LABELS=100000 "$BIN/iot-processor" >/tmp/bench-service.log 2>&1 &
+  SVC_PID=$!
+  PIDS+=($SVC_PID)
+  until curl -sf "http://$SVC/ready" >/dev/null; do sleep 0.05; done
+}
+"$BIN/limit-server" "$LIMIT" 2>/dev/null &
+LIMIT_PID=$!
+PIDS+=($LIMIT_PID)
+start_service
+
+cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
+rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+redis_calls() {
+  redis-cli -p "$REDIS_PORT" info commandstats | tr -d '\r' |
+    awk -F'[=:,]' '/^cmdstat_/ && $1 != "cmdstat_info" {s += $3} END {print s+0}'
+}
+json() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
+
+# loadtest ADDR PID [flags…] → "rps cpu_us_per_req p50 p95 p99 max failed successful"
+run() {
+  local addr=$1 pid=$2; shift 2
+  local t0 t1 out
+  t0=$(cpu_ticks "$pid")
+  out=$("$BIN/loadtest" "http://$addr/metric" 1 64 "${SECS}s" --json "$@" 2>/dev/null)
+  t1=$(cpu_ticks "$pid")
+  echo "$out" | json "f\"{d['requests_per_sec']:.0f} {($t1-$t0)/100*1e6/max(d['successful'],1):.1f} {d['latency_ms']['p50']:.3f} {d['latency_ms']['p95']:.3f} {d['latency_ms']['p99']:.3f} {d['latency_ms']['max']:.3f} {d['failed']} {d['successful']}\""
+}
+median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+
+echo "== 1+2. maximum throughput, closed loop, 64 connections, 1000 devices (service and limit alternating)" >&2
+svc_rps=(); lim_rps=(); svc_cpu=(); lim_cpu=()
+for round in 1 2 3; do
+  read -r r c _ <<<"$(run $SVC $SVC_PID --devices 1000)"; svc_rps+=("$r"); svc_cpu+=("$c")
+  read -r r c _ <<<"$(run $LIMIT $LIMIT_PID --devices 1000)"; lim_rps+=("$r"); lim_cpu+=("$c")
+  echo "   round $round: service ${svc_rps[-1]} req/s, limit ${lim_rps[-1]} req/s" >&2
+done
+S_RPS=$(median "${svc_rps[@]}"); L_RPS=$(median "${lim_rps[@]}")
+S_CPU=$(median "${svc_cpu[@]}"); L_CPU=$(median "${lim_cpu[@]}")
+RATIO=$(python3 -c "print(f'{$S_RPS/$L_RPS:.2f}')")
+
+echo "== 3+6. fixed rates" >&2
+declare -A FIXED
+for rate in 1000 10000; do
+  c0=$(redis_calls)
+  read -r r c p50 p95 p99 max failed ok <<<"$(run $SVC $SVC_PID --devices 1000 --rate $rate)"
+  sleep 0.1
+  c1=$(redis_calls)
+  per_event=$(python3 -c "print(f'{($c1-$c0)/max($ok,1):.3f}')")
+  FIXED[$rate]="$p50 $p95 $p99 $max $failed $ok $per_event $c"
+  echo "   $rate req/s: p50 $p50 p95 $p95 p99 $p99 max $max ms, failed $failed, redis cmds/event $per_event" >&2
+done
+
+echo "== 4. event-to-visible latency at 1000 req/s" >&2
+VIS=$("$BIN/loadtest" "http://$SVC/metric" 1 64 "${SECS}s" --devices 1000 --rate 1000 --visibility-probes 200 --json 2>/dev/null |
+  json "f\"{d['visibility_ms']['p50']:.3f} {d['visibility_ms']['p99']:.3f} {d['visibility_ms']['max']:.3f}\"")
+read -r V50 V99 VMAX <<<"$VIS"
+echo "   p50 $V50 ms, p99 $V99 ms" >&2
+
+echo "== 5. memory: 100 000 distinct devices, one event each (fresh service)" >&2
+kill "$SVC_PID"; wait "$SVC_PID" 2>/dev/null || true
+redis-cli -p "$REDIS_PORT" flushall >/dev/null
+start_service
+RSS0=$(rss_kb "$SVC_PID")
+"$BIN/loadtest" "http://$SVC/metric" 1 64 120s --devices 100000 --requests 100000 --sequential --json >/dev/null 2>&1
+until [ "$(curl -s "http://$SVC/metrics" | awk '/^pending_events / {print $2}')" = "0" ]; do sleep 0.1; done
+sleep 0.5
+RSS1=$(rss_kb "$SVC_PID")
+ACTORS=$(curl -s "http://$SVC/metrics" | awk '/^device_actors / {print $2}')
+PER_DEVICE=$(python3 -c "print(f'{($RSS1-$RSS0)*1024/100000:.0f}')")
+echo "   RSS $RSS0 kB → $RSS1 kB with $ACTORS device actors: $PER_DEVICE bytes/device" >&2
+
+read -r F1_50 F1_95 F1_99 F1_MAX F1_FAIL F1_OK F1_CMD F1_CPU <<<"${FIXED[1000]}"
+read -r F10_50 F10_95 F10_99 F10_MAX F10_FAIL F10_OK F10_CMD F10_CPU <<<"${FIXED[10000]}"
+{
+  echo "| scenario | result | target |"
+  echo "|---|---|---|"
+  echo "| 1. max throughput, POST /metric (64 conns, 1000 devices, Redis) | **$S_RPS req/s** (median of 3; ${svc_rps[*]}), $S_CPU µs CPU/request | |"
+  echo "| 2. limit: bare hyper server, same load | $L_RPS req/s (${lim_rps[*]}), $L_CPU µs CPU/request; **service/limit = $RATIO** | ≥ 0.75 |"
+  echo "| 3a. fixed 1 000 req/s | p50 $F1_50 ms, p95 $F1_95 ms, p99 **$F1_99 ms**, max $F1_MAX ms, $F1_FAIL failed of $((F1_OK+F1_FAIL)); $F1_CPU µs CPU/request | p99 < 1 ms, 0 errors |"
+  echo "| 3b. fixed 10 000 req/s | p50 $F10_50 ms, p95 $F10_95 ms, p99 **$F10_99 ms**, max $F10_MAX ms, $F10_FAIL failed of $((F10_OK+F10_FAIL)); $F10_CPU µs CPU/request | p99 < 5 ms, 0 errors |"
+  echo "| 4. event → visible in /analyze (at 1 000 req/s) | p50 $V50 ms, p99 **$V99 ms**, max $VMAX ms | p99 ≤ FLUSH_INTERVAL + 5 ms = 10 ms |"
+  echo "| 5. RSS per device at 100 000 devices | **$PER_DEVICE bytes** ($RSS0 → $RSS1 kB, $ACTORS live actors) | ≤ 10 KB |"
+  echo "| 6. Redis commands per accepted event, 1000 devices | **$F1_CMD** at 1 000 req/s, **$F10_CMD** at 10 000 req/s | ≤ 0.1 |"
+} | tee "$OUT"
+echo >&2
+echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(date -u +%Y-%m-%d); seconds per run: $SECS" | tee -a "$OUT"

@@ -1,0 +1,47 @@
+# Everyday commands. `cargo install just` if you do not have it; each recipe is a plain
+# command you can also run by hand.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+image := "iot-stream-processor:latest"
+
+# Run the service on :8080 with the embedded store.
+run:
+    cargo run --release
+
+# Run against a local Redis (redis-server must be running on :6379).
+run-redis:
+    REDIS_URL=redis://127.0.0.1:6379/ cargo run --release
+
+# Every test (needs redis-server on PATH).
+test:
+    cargo test --workspace
+
+# What CI runs: install redis-server if missing, fmt, clippy, tests.
+ci:
+    bash .ci/run
+
+# Formatting and lints.
+lint:
+    cargo fmt --all -- --check
+    cargo clippy --all-targets --workspace -- -D warnings
+
+# The benchmark (starts redis-server, the service and the limit server itself).
+bench seconds="10":
+    bench/run.sh {{seconds}}
+
+# Load test a running service: just load http://127.0.0.1:8080/metric 1 64 30s
+load url="http://127.0.0.1:8080/metric" threads="1" connections="64" duration="30s":
+    cargo run --release -p bench --bin loadtest -- {{url}} {{threads}} {{connections}} {{duration}}
+
+# Build the container image (podman or docker).
+image:
+    manifests/build-image.sh {{image}}
+
+# Deploy to the current kubectl context.
+deploy:
+    manifests/deploy.sh
+
+# Offline validation of the manifests, rules, dashboard and Containerfile.
+validate:
+    manifests/validate.sh

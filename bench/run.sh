@@ -23,19 +23,19 @@ cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 
 trap cleanup EXIT
 
 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no >/dev/null &
-PIDS+=($!)
+PIDS+=("$!")
 until redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; do sleep 0.05; done
 
 start_service() {
   LISTEN_ADDR=$SVC REDIS_URL="redis://127.0.0.1:$REDIS_PORT/" RUST_LOG=warn \
     MAX_DEVICE_LABELS=100000 "$BIN/iot-processor" >/tmp/bench-service.log 2>&1 &
   SVC_PID=$!
-  PIDS+=($SVC_PID)
+  PIDS+=("$SVC_PID")
   until curl -sf "http://$SVC/ready" >/dev/null; do sleep 0.05; done
 }
 "$BIN/limit-server" "$LIMIT" 2>/dev/null &
 LIMIT_PID=$!
-PIDS+=($LIMIT_PID)
+PIDS+=("$LIMIT_PID")
 start_service
 
 cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }

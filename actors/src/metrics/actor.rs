@@ -86,6 +86,7 @@ impl Actor for MetricsActor {
                     .inc();
             }
             MetricsMsg::Scrape(reply) => {
+                state.metrics.process.refresh();
                 let mut body = String::with_capacity(16 * 1024);
                 encode(&mut body, &state.registry)?;
                 if !reply.is_closed() {

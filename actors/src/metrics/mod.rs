@@ -8,9 +8,11 @@
 mod actor;
 mod http;
 mod labels;
+mod process;
 
 pub use actor::{MetricsActor, MetricsArgs, MetricsMsg};
 pub use http::HttpMetrics;
+pub use process::ProcessMetrics;
 pub use labels::{
     DeviceLabel, Endpoint, HttpLabels, Method, ReasonLabel, RejectReason, RouteLabels,
 };
@@ -78,6 +80,8 @@ pub struct Metrics {
     pub store_pending_results: Gauge,
     /// `store_up`: 1 when the last store contact succeeded.
     pub store_up: Gauge,
+    /// `process_*`: refreshed at each scrape.
+    pub process: ProcessMetrics,
 }
 
 impl Metrics {
@@ -106,6 +110,7 @@ impl Metrics {
             store_write_duration: Histogram::new(STORE_BUCKETS),
             store_pending_results: Gauge::default(),
             store_up: Gauge::default(),
+            process: ProcessMetrics::register(registry),
         };
         // Every reason exists from the start, so rate() and alerts see 0, not no data.
         for reason in [

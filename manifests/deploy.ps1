@@ -1,0 +1,76 @@
+# Deploys iot-stream-processor with monitoring to the current kubectl context (Windows).
+# The same steps as deploy.sh: build the image, install kube-prometheus-stack with Helm,
+# create the Redis password once, apply the manifests with kustomize, wait for rollout.
+# Idempotent. Parameters mirror deploy.sh's environment variables.
+[CmdletBinding()]
+param(
+    [string]$Image = "iot-stream-processor:latest",
+    [string]$MonitoringNamespace = "monitoring",
+    [switch]$SkipBuild,
+    [ValidateSet("", "kind", "minikube")][string]$LoadInto = ""
+)
+$ErrorActionPreference = "Stop"
+Set-Location -Path $PSScriptRoot
+$Namespace = "iot-stream-processor"
+
+function Require-Tool([string]$Name, [string]$Hint) {
+    if (-not (Get-Command $Name -ErrorAction SilentlyContinue)) {
+        throw "'$Name' is required but not installed ($Hint)"
+    }
+}
+function Step([string]$Text) { Write-Host "`n==> $Text" -ForegroundColor Cyan }
+function Invoke-Checked([scriptblock]$Block) {
+    & $Block
+    if ($LASTEXITCODE -ne 0) { throw "command failed with exit code ${LASTEXITCODE}: $Block" }
+}
+
+Require-Tool kubectl "https://kubernetes.io/docs/tasks/tools/"
+Require-Tool helm "https://helm.sh/docs/intro/install/"
+kubectl cluster-info *> $null
+if ($LASTEXITCODE -ne 0) { throw "kubectl cannot reach a cluster (check the current context)" }
+
+if (-not $SkipBuild) {
+    Step "building image $Image"
+    $engine = if (Get-Command podman -ErrorAction SilentlyContinue) { "podman" }
+              elseif (Get-Command docker -ErrorAction SilentlyContinue) { "docker" }
+              else { throw "neither podman nor docker is installed" }
+    Invoke-Checked { & $engine build -f ..\Containerfile -t $Image .. }
+    switch ($LoadInto) {
+        "kind" { Require-Tool kind "https://kind.sigs.k8s.io/"; Invoke-Checked { kind load docker-image $Image } }
+        "minikube" { Require-Tool minikube "https://minikube.sigs.k8s.io/"; Invoke-Checked { minikube image load $Image } }
+    }
+}
+
+Step "installing kube-prometheus-stack into namespace $MonitoringNamespace"
+helm repo add prometheus-community https://prometheus-community.github.io/helm-charts *> $null
+Invoke-Checked { helm repo update prometheus-community }
+Invoke-Checked {
+    helm upgrade --install kube-prometheus-stack prometheus-community/kube-prometheus-stack `
+        --namespace $MonitoringNamespace --create-namespace --wait --timeout 10m `
+        --set prometheus.prometheusSpec.serviceMonitorSelectorNilUsesHelmValues=false `
+        --set prometheus.prometheusSpec.ruleSelectorNilUsesHelmValues=false `
+        --set grafana.sidecar.dashboards.enabled=true `
+        --set grafana.sidecar.dashboards.searchNamespace=ALL
+}
+
+Step "namespace and Redis password"
+Invoke-Checked { kubectl apply -f namespace.yaml }
+kubectl -n $Namespace get secret redis-auth *> $null
+if ($LASTEXITCODE -ne 0) {
+    $bytes = New-Object byte[] 32
+    [System.Security.Cryptography.RandomNumberGenerator]::Create().GetBytes($bytes)
+    $password = -join ($bytes | ForEach-Object { $_.ToString("x2") })
+    Invoke-Checked { kubectl -n $Namespace create secret generic redis-auth --from-literal=password=$password }
+} else {
+    Write-Host "secret redis-auth exists; keeping its password"
+}
+
+Step "applying manifests"
+Invoke-Checked { kubectl apply -k . }
+Invoke-Checked { kubectl -n $Namespace set image deployment/iot-processor iot-processor=$Image }
+
+Step "waiting for rollout"
+Invoke-Checked { kubectl -n $Namespace rollout status deployment/redis --timeout=5m }
+Invoke-Checked { kubectl -n $Namespace rollout status deployment/iot-processor --timeout=5m }
+kubectl -n $Namespace get pods,svc,hpa,ingress
+Write-Host "`nDeployed. kubectl -n $Namespace port-forward svc/iot-processor-service 8080:80"

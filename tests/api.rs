@@ -289,6 +289,8 @@ async fn metrics_expose_the_spec_families_with_their_labels() {
         "# TYPE store_pending_results gauge",
         "store_up 1",
         "build_info{version=",
+        "# TYPE process_cpu_seconds counter",
+        "# TYPE process_resident_memory_bytes gauge",
         "# EOF",
     ] {
         assert!(text.contains(needle), "missing {needle:?} in\n{text}");

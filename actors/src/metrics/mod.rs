@@ -12,10 +12,10 @@ mod process;
 
 pub use actor::{MetricsActor, MetricsArgs, MetricsMsg};
 pub use http::HttpMetrics;
-pub use process::ProcessMetrics;
 pub use labels::{
     DeviceLabel, Endpoint, HttpLabels, Method, ReasonLabel, RejectReason, RouteLabels,
 };
+pub use process::ProcessMetrics;
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;

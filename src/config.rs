@@ -64,6 +64,23 @@ pub struct Config {
     #[arg(long, env = "MAX_DEVICE_LABELS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     pub max_device_labels: u64,
 
+    /// Longest time from the first byte of a request (or from accepting a connection)
+    /// to its complete headers; slower clients are disconnected.
+    #[arg(long, env = "HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration)]
+    pub header_read_timeout: Duration,
+
+    /// Longest time to receive a request body once the headers are in; then 408.
+    #[arg(long, env = "BODY_READ_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration)]
+    pub body_read_timeout: Duration,
+
+    /// An idle keep-alive connection is closed after this long without a request.
+    #[arg(long, env = "KEEP_ALIVE_TIMEOUT", default_value = "60s", value_parser = parse_positive_duration)]
+    pub keep_alive_timeout: Duration,
+
+    /// Open client connections at most; beyond it new ones get 503 and are closed.
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_connections: u32,
+
     /// Longest graceful shutdown after SIGTERM or SIGINT.
     #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "25s", value_parser = parse_positive_duration)]
     pub shutdown_timeout: Duration,
@@ -120,6 +137,10 @@ mod tests {
         assert_eq!(c.max_device_labels, 10_000);
         assert_eq!(c.shutdown_timeout, Duration::from_secs(25));
         assert_eq!(c.log_format, LogFormat::Text);
+        assert_eq!(c.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(c.body_read_timeout, Duration::from_secs(10));
+        assert_eq!(c.keep_alive_timeout, Duration::from_secs(60));
+        assert_eq!(c.max_connections, 10_000);
         assert!(c.redis_url.is_none());
     }
 

@@ -74,7 +74,18 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("LISTEN_ADDR: cannot listen on {}", config.listen_addr))?;
     tracing::info!(addr = %listener.local_addr()?, "listening");
 
-    let state = http::AppState::new(system.clone(), config.max_body_bytes as usize);
+    let state = http::AppState::new(
+        system.clone(),
+        config.max_body_bytes as usize,
+        config.body_read_timeout,
+    );
+    let limits = http::Limits {
+        max_connections: config.max_connections,
+        timeouts: http::Timeouts {
+            header: config.header_read_timeout,
+            keep_alive: config.keep_alive_timeout,
+        },
+    };
     let signalled = {
         let state = state.clone();
         async move {
@@ -93,7 +104,8 @@ async fn main() -> anyhow::Result<()> {
             let _ = deadline_cell.set(Instant::now() + timeout);
         }
     };
-    let http_drained = http::serve(listener, state, signalled, config.shutdown_timeout).await;
+    let http_drained =
+        http::serve(listener, state, limits, signalled, config.shutdown_timeout).await;
     let deadline = deadline_cell
         .get()
         .copied()

@@ -27,6 +27,7 @@ async fn analyze(state: &AppState, uri: &Uri) -> Result<Response<Body>, ApiError
             status: StatusCode::NOT_FOUND,
             message: format!("no analysis for device {id} within RESULT_TTL"),
             field: Some("device_id"),
+            close: false,
         }),
         Err(e) => {
             tracing::debug!(error = %e, "analyze read failed");

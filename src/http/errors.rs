@@ -3,7 +3,7 @@
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use hyper::header::{HeaderValue, CONNECTION, CONTENT_TYPE, RETRY_AFTER};
 use hyper::{Response, StatusCode};
 use serde::Serialize;
 
@@ -18,6 +18,8 @@ pub struct ApiError {
     pub status: StatusCode,
     pub message: String,
     pub field: Option<&'static str>,
+    /// Close the connection after answering (the rest of the request cannot be trusted).
+    pub close: bool,
 }
 
 #[derive(Serialize)]
@@ -33,6 +35,7 @@ impl ApiError {
             status: StatusCode::BAD_REQUEST,
             message: message.into(),
             field: Some(field),
+            close: false,
         }
     }
 
@@ -42,6 +45,7 @@ impl ApiError {
             status: StatusCode::BAD_REQUEST,
             message: message.into(),
             field: None,
+            close: false,
         }
     }
 
@@ -51,6 +55,7 @@ impl ApiError {
             status,
             message: message.into(),
             field: None,
+            close: false,
         }
     }
 
@@ -67,6 +72,11 @@ impl ApiError {
             response
                 .headers_mut()
                 .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if self.close {
+            response
+                .headers_mut()
+                .insert(CONNECTION, HeaderValue::from_static("close"));
         }
         response
     }

@@ -4,7 +4,7 @@
 use super::errors::{json, ApiError, Body};
 use super::{validate, AppState};
 use actors::device::SubmitError;
-use actors::metrics::{ReasonLabel, RejectReason};
+use actors::metrics::{CloseLabel, CloseReason, ReasonLabel, RejectReason};
 use chrono::Utc;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
@@ -51,16 +51,34 @@ async fn accept(
         return Err((RejectReason::TooLarge, too_large(limit)));
     }
     let received = Utc::now();
-    let body = match Limited::new(req.into_body(), limit).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+    let timeout = state.inner.body_read_timeout;
+    let reading = tokio::time::timeout(timeout, Limited::new(req.into_body(), limit).collect());
+    let body = match reading.await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
             return Err((RejectReason::TooLarge, too_large(limit)));
         }
-        Err(e) => {
+        Ok(Err(e)) => {
             return Err((
                 RejectReason::Invalid,
                 ApiError::bad_body(format!("could not read the request body: {e}")),
             ));
+        }
+        Err(_) => {
+            state
+                .system()
+                .metrics()
+                .connections_closed
+                .get_or_create(&CloseLabel {
+                    reason: CloseReason::BodyTimeout,
+                })
+                .inc();
+            let mut error = ApiError::status(
+                StatusCode::REQUEST_TIMEOUT,
+                format!("request body not received within BODY_READ_TIMEOUT ({timeout:?})"),
+            );
+            error.close = true;
+            return Err((RejectReason::Invalid, error));
         }
     };
     let (device_id, event) =

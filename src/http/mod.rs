@@ -2,6 +2,7 @@
 //! server (accept loop, connection limits, graceful drain).
 
 mod analyze;
+mod connection;
 mod errors;
 mod ingest;
 mod probes;
@@ -10,11 +11,13 @@ mod scrape;
 mod server;
 mod validate;
 
-pub use server::serve;
+pub use connection::Timeouts;
+pub use server::{serve, Limits};
 
 use actors::System;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// What every request handler can reach; cloned per connection (an `Arc` inside).
 #[derive(Clone)]
@@ -25,16 +28,18 @@ pub struct AppState {
 struct Inner {
     system: Arc<System>,
     max_body_bytes: usize,
+    body_read_timeout: Duration,
     shutting_down: AtomicBool,
 }
 
 impl AppState {
     /// State over a running actor system.
-    pub fn new(system: Arc<System>, max_body_bytes: usize) -> Self {
+    pub fn new(system: Arc<System>, max_body_bytes: usize, body_read_timeout: Duration) -> Self {
         Self {
             inner: Arc::new(Inner {
                 system,
                 max_body_bytes,
+                body_read_timeout,
                 shutting_down: AtomicBool::new(false),
             }),
         }

@@ -1,31 +1,42 @@
-//! The accept loop: one hyper HTTP/1.1 connection task per socket, accept errors backed
-//! off instead of fatal, and a graceful drain of open connections on shutdown.
+//! The accept loop: a connection limit (a semaphore permit per connection, as in
+//! mini-redis), accept errors backed off instead of fatal, and a graceful drain of open
+//! connections on shutdown.
 
-use super::{router, AppState};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
+use super::connection::{self, Timeouts};
+use super::AppState;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::TcpListener;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
 
-/// How long a client may take to send a request's headers.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// What a connection past MAX_CONNECTIONS is told before it is closed.
+const REFUSED: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
+content-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: 57\r\n\r\n\
+{\"error\":\"too many open connections; retry\",\"field\":null}";
 
-/// Serves `listener` until `shutdown` resolves, then stops accepting and waits up to
-/// `drain` for open connections to finish their in-flight requests. Returns whether
-/// every connection closed in time.
+/// Limits of the server.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// MAX_CONNECTIONS.
+    pub max_connections: u32,
+    /// HEADER_READ_TIMEOUT and KEEP_ALIVE_TIMEOUT.
+    pub timeouts: Timeouts,
+}
+
+/// Serves `listener` until `shutdown` resolves, then stops accepting, lets every open
+/// connection finish its request in flight, and waits up to `drain` for them to close.
+/// Returns whether every connection closed in time.
 pub async fn serve(
     listener: TcpListener,
     state: AppState,
+    limits: Limits,
     shutdown: impl Future<Output = ()>,
     drain: Duration,
 ) -> bool {
-    let mut http = http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
-    let graceful = GracefulShutdown::new();
+    let permits = Arc::new(Semaphore::new(limits.max_connections as usize));
+    let (stop, stopped) = watch::channel(false);
     let mut backoff = Duration::from_millis(1);
     tokio::pin!(shutdown);
     loop {
@@ -33,16 +44,15 @@ pub async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok((stream, _peer)) => {
                     backoff = Duration::from_millis(1);
-                    // Small request/response pairs: send without waiting for Nagle.
-                    let _ = stream.set_nodelay(true);
-                    let state = state.clone();
-                    let service = service_fn(move |req| router::handle(state.clone(), req));
-                    let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
-                    tokio::spawn(async move {
-                        if let Err(e) = conn.await {
-                            tracing::debug!(error = %e, "connection ended with an error");
+                    match permits.clone().try_acquire_owned() {
+                        Ok(permit) => {
+                            tokio::spawn(connection::serve(stream, state.clone(), limits.timeouts, stopped.clone(), permit));
                         }
-                    });
+                        Err(_) => {
+                            state.system().metrics().connections_rejected.inc();
+                            tokio::spawn(refuse(stream));
+                        }
+                    }
                 }
                 Err(e) => {
                     // Usually EMFILE: keep serving the open connections, retry later.
@@ -55,7 +65,37 @@ pub async fn serve(
         }
     }
     drop(listener);
-    tokio::time::timeout(drain, graceful.shutdown())
+    let _ = stop.send(true);
+    // Every connection holds a permit until it is closed: all permits back = all closed.
+    tokio::time::timeout(drain, permits.acquire_many(limits.max_connections))
         .await
-        .is_ok()
+        .is_ok_and(|acquired| acquired.is_ok())
+}
+
+/// Tells a connection past the limit to come back later, without reading its request.
+async fn refuse(mut stream: TcpStream) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        stream.write_all(REFUSED).await?;
+        stream.shutdown().await
+    })
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::REFUSED;
+
+    #[test]
+    fn the_refusal_is_a_complete_http_response() {
+        let text = std::str::from_utf8(REFUSED).expect("ascii");
+        let (head, body) = text.split_once("\r\n\r\n").expect("head and body");
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .and_then(|n| n.parse().ok())
+            .expect("content-length");
+        assert_eq!(body.len(), length);
+        let json: serde_json::Value = serde_json::from_str(body).expect("json body");
+        assert!(json["field"].is_null());
+    }
 }

@@ -284,4 +284,108 @@ mod tests {
         assert!(device_id(&"é".repeat(64)).is_ok());
         assert!(device_id(&"é".repeat(65)).is_err());
     }
+
+    mod fuzz {
+        //! Hostile input: arbitrary bytes and arbitrary JSON never panic, and every
+        //! refusal is a 400 naming a known field (or none).
+        use super::*;
+        use proptest::prelude::*;
+        use serde_json::{json, Map, Value};
+
+        fn any_json() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::from),
+                any::<i64>().prop_map(Value::from),
+                any::<f64>().prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
+                ".{0,40}".prop_map(Value::from),
+                "[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\\.[0-9]{1,9})?(Z|[+-][0-9]{2}:[0-9]{2})".prop_map(Value::from),
+            ];
+            leaf.prop_recursive(4, 32, 6, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..6).prop_map(Value::from),
+                    prop::collection::btree_map(".{0,8}", inner, 0..6)
+                        .prop_map(|m| Value::Object(m.into_iter().collect::<Map<_, _>>())),
+                ]
+            })
+        }
+
+        fn check(body: &[u8]) -> Result<(), TestCaseError> {
+            match event(body, now()) {
+                Ok((id, e)) => {
+                    prop_assert!(device_id(&id).is_ok());
+                    prop_assert!(e.cpu.is_finite() && (0.0..=1.0).contains(&e.cpu));
+                    prop_assert!(e.rps.is_finite() && e.rps >= 0.0);
+                }
+                Err(err) => {
+                    prop_assert_eq!(err.status.as_u16(), 400);
+                    prop_assert!(matches!(
+                        err.field,
+                        None | Some("device_id" | "cpu" | "rps" | "timestamp")
+                    ));
+                    prop_assert!(!err.message.is_empty());
+                }
+            }
+            Ok(())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+
+            #[test]
+            fn arbitrary_bytes(body in prop::collection::vec(any::<u8>(), 0..512)) {
+                check(&body)?;
+            }
+
+            #[test]
+            fn arbitrary_json_documents(doc in any_json()) {
+                check(doc.to_string().as_bytes())?;
+            }
+
+            #[test]
+            fn events_with_arbitrary_field_values(
+                id in any_json(), cpu in any_json(), rps in any_json(), ts in any_json(),
+                keep in prop::collection::vec(any::<bool>(), 4),
+            ) {
+                let mut m = Map::new();
+                for (k, (v, keep)) in ["device_id", "cpu", "rps", "timestamp"].iter().zip([id, cpu, rps, ts].into_iter().zip(keep)) {
+                    if keep {
+                        m.insert((*k).to_string(), v);
+                    }
+                }
+                check(Value::Object(m).to_string().as_bytes())?;
+            }
+
+            #[test]
+            fn valid_events_are_accepted(id in "[a-zA-Z0-9._:-]{1,128}", cpu in 0.0..=1.0f64, rps in 0.0..1e12f64) {
+                let body = json!({"device_id": id, "cpu": cpu, "rps": rps}).to_string();
+                let (got, e) = event(body.as_bytes(), now()).map_err(|e| TestCaseError::fail(e.message))?;
+                prop_assert_eq!(got, id);
+                prop_assert_eq!((e.cpu, e.rps), (cpu, rps));
+            }
+        }
+
+        #[test]
+        fn deeply_nested_json_is_refused_without_overflowing_the_stack() {
+            let deep = format!(
+                "{{\"device_id\":{}1{}}}",
+                "[".repeat(100_000),
+                "]".repeat(100_000)
+            );
+            assert_eq!(
+                event(deep.as_bytes(), now())
+                    .expect_err("too deep")
+                    .status
+                    .as_u16(),
+                400
+            );
+        }
+
+        #[test]
+        fn invalid_utf8_is_refused() {
+            let err = event(b"{\"device_id\":\"\xff\xfe\",\"cpu\":0,\"rps\":0}", now())
+                .expect_err("bad utf-8");
+            assert_eq!(err.status.as_u16(), 400);
+        }
+    }
 }

@@ -155,3 +155,31 @@ pub struct ReasonLabel {
     /// Why.
     pub reason: RejectReason,
 }
+
+/// Why the server closed a connection on its own.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum CloseReason {
+    /// Request headers not complete within HEADER_READ_TIMEOUT.
+    HeaderTimeout,
+    /// No request within KEEP_ALIVE_TIMEOUT (or HEADER_READ_TIMEOUT on a new connection).
+    IdleTimeout,
+    /// A request body not complete within BODY_READ_TIMEOUT (answered 408).
+    BodyTimeout,
+}
+
+impl EncodeLabelValue for CloseReason {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        encoder.write_str(match self {
+            CloseReason::HeaderTimeout => "header_timeout",
+            CloseReason::IdleTimeout => "idle_timeout",
+            CloseReason::BodyTimeout => "body_timeout",
+        })
+    }
+}
+
+/// Labels of `http_connections_closed_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CloseLabel {
+    /// Why.
+    pub reason: CloseReason,
+}

@@ -13,7 +13,8 @@ mod process;
 pub use actor::{MetricsActor, MetricsArgs, MetricsMsg};
 pub use http::HttpMetrics;
 pub use labels::{
-    DeviceLabel, Endpoint, HttpLabels, Method, ReasonLabel, RejectReason, RouteLabels,
+    CloseLabel, CloseReason, DeviceLabel, Endpoint, HttpLabels, Method, ReasonLabel, RejectReason,
+    RouteLabels,
 };
 pub use process::ProcessMetrics;
 
@@ -80,6 +81,12 @@ pub struct Metrics {
     pub store_pending_results: Gauge,
     /// `store_up`: 1 when the last store contact succeeded.
     pub store_up: Gauge,
+    /// `http_connections`: open client connections.
+    pub connections_open: Gauge,
+    /// `http_connections_rejected_total`: connections refused at MAX_CONNECTIONS.
+    pub connections_rejected: Counter,
+    /// `http_connections_closed_total{reason}`: connections the server closed on a timeout.
+    pub connections_closed: Family<CloseLabel, Counter>,
     /// `process_*`: refreshed at each scrape.
     pub process: ProcessMetrics,
 }
@@ -110,6 +117,9 @@ impl Metrics {
             store_write_duration: Histogram::new(STORE_BUCKETS),
             store_pending_results: Gauge::default(),
             store_up: Gauge::default(),
+            connections_open: Gauge::default(),
+            connections_rejected: Counter::default(),
+            connections_closed: Family::default(),
             process: ProcessMetrics::register(registry),
         };
         // Every reason exists from the start, so rate() and alerts see 0, not no data.
@@ -121,6 +131,15 @@ impl Metrics {
         ] {
             m.events_rejected
                 .get_or_create(&ReasonLabel { reason })
+                .inc_by(0);
+        }
+        for reason in [
+            CloseReason::HeaderTimeout,
+            CloseReason::IdleTimeout,
+            CloseReason::BodyTimeout,
+        ] {
+            m.connections_closed
+                .get_or_create(&CloseLabel { reason })
                 .inc_by(0);
         }
         // Counters get their `_total` suffix from the encoder.
@@ -209,6 +228,21 @@ impl Metrics {
             "store_up",
             "1 when the last contact with the store succeeded",
             m.store_up.clone(),
+        );
+        r.register(
+            "http_connections",
+            "Open client connections",
+            m.connections_open.clone(),
+        );
+        r.register(
+            "http_connections_rejected",
+            "Connections refused with 503 at MAX_CONNECTIONS",
+            m.connections_rejected.clone(),
+        );
+        r.register(
+            "http_connections_closed",
+            "Connections the server closed on a timeout, by reason",
+            m.connections_closed.clone(),
         );
         r.register(
             "build",

@@ -28,8 +28,9 @@ use tokio::net::TcpStream;
 use tokio::sync::{watch, OwnedSemaphorePermit};
 use tokio::time::Instant;
 
-/// Largest request head (request line and headers); beyond it hyper answers 431.
-const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// Largest request head (request line and headers); beyond it hyper answers 431 and
+/// closes. Device requests carry a few hundred bytes of headers.
+const MAX_HEAD_BYTES: usize = 16 * 1024;
 
 /// The connection timeouts.
 #[derive(Debug, Clone, Copy)]
@@ -217,7 +218,7 @@ pub async fn serve(
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(None)
-        .max_buf_size(MAX_HEAD_BYTES);
+        .max_header_size(MAX_HEAD_BYTES);
     let conn = builder.serve_connection(io, service);
     tokio::pin!(conn);
     let mut watchdog = tokio::time::interval(timeouts.tick());

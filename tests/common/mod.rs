@@ -171,6 +171,11 @@ impl Service {
         }
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Sends SIGTERM and waits for the exit code.
     pub fn terminate(mut self) -> (i32, Vec<String>) {
         let pid = self.child.id().to_string();

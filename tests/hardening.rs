@@ -35,7 +35,7 @@ async fn until_closed(stream: &mut TcpStream, limit: Duration) -> (Vec<u8>, Opti
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_header_clients_neither_starve_others_nor_outstay_the_timeout() {
-    let svc = Service::start(&[("HEADER_READ_TIMEOUT", "2s")]);
+    let svc = Service::start(&[("HEADER_READ_TIMEOUT", "3s")]);
     let rss_before = rss_kb(svc.pid());
     let started = Instant::now();
     let mut slow = Vec::new();
@@ -46,6 +46,16 @@ async fn slow_header_clients_neither_starve_others_nor_outstay_the_timeout() {
             .expect("write");
         slow.push(s);
     }
+    // All 500 are held open (plus the scrape's own connection) until their timeout.
+    common::eventually(
+        Duration::from_secs(1),
+        "500 open slow connections",
+        || async {
+            let open = svc.metric("http_connections").await;
+            open.filter(|n| *n == 501.0)
+        },
+    )
+    .await;
     // Keep dribbling header bytes, while normal clients are served.
     let mut served = 0;
     for round in 0..5 {
@@ -65,13 +75,6 @@ async fn slow_header_clients_neither_starve_others_nor_outstay_the_timeout() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(served, 5);
-    // All 500 are held open (plus the scrape's own connection) until their timeout.
-    common::eventually(
-        Duration::from_secs(1),
-        "500 open slow connections",
-        || async { svc.metric("http_connections").await.filter(|n| *n == 501.0) },
-    )
-    .await;
     let rss_during = rss_kb(svc.pid());
     // Every slow connection is closed by the server within the timeout (plus the
     // watchdog's quarter-timeout granularity), even though it kept sending bytes.

@@ -14,7 +14,7 @@ use crate::store::{Inbox, Store, StoreHealth, WriterActor, WriterArgs, WriterMsg
 use dashmap::DashMap;
 use prometheus_client::registry::Registry;
 use ractor::rpc::CallResult;
-use ractor::{Actor, ActorRef, ActorStatus};
+use ractor::{Actor, ActorRef, ActorStatus, RpcReplyPort};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -49,6 +49,18 @@ pub enum SystemError {
     /// An actor did not answer.
     #[error("{0} did not answer")]
     NoAnswer(&'static str),
+}
+
+/// A request to an actor that answers within 5 s.
+async fn ask<M: ractor::Message, R: Send + 'static>(
+    actor: &ActorRef<M>,
+    who: &'static str,
+    request: impl FnOnce(RpcReplyPort<R>) -> M,
+) -> Result<R, SystemError> {
+    match actor.call(request, Some(Duration::from_secs(5))).await {
+        Ok(CallResult::Success(reply)) => Ok(reply),
+        _ => Err(SystemError::NoAnswer(who)),
+    }
 }
 
 /// What shutdown achieved.
@@ -170,26 +182,12 @@ impl System {
 
     /// The Prometheus exposition of every family.
     pub async fn scrape(&self) -> Result<String, SystemError> {
-        match self
-            .metrics_actor
-            .call(MetricsMsg::Scrape, Some(Duration::from_secs(5)))
-            .await
-        {
-            Ok(CallResult::Success(body)) => Ok(body),
-            _ => Err(SystemError::NoAnswer("metrics actor")),
-        }
+        ask(&self.metrics_actor, "metrics actor", MetricsMsg::Scrape).await
     }
 
     /// Live device actors, as the supervisor counts them.
     pub async fn device_actors(&self) -> Result<usize, SystemError> {
-        match self
-            .supervisor
-            .call(SupervisorMsg::Count, Some(Duration::from_secs(5)))
-            .await
-        {
-            Ok(CallResult::Success(n)) => Ok(n),
-            _ => Err(SystemError::NoAnswer("device supervisor")),
-        }
+        ask(&self.supervisor, "device supervisor", SupervisorMsg::Count).await
     }
 
     /// Processes every accepted event, flushes every result, and stops the actors, giving

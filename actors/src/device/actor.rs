@@ -10,7 +10,7 @@ use crate::analytics::{AnomalyRule, Window};
 use crate::event::{Analysis, Event};
 use crate::metrics::{Metrics, MetricsMsg};
 use crate::store::writer::{Record, MAX_BATCH};
-use crate::store::{Inbox, WindowSnapshot, WriterMsg};
+use crate::store::{Inbox, WriterMsg};
 use chrono::Utc;
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
@@ -56,7 +56,10 @@ pub struct DeviceArgs {
 pub struct DeviceState {
     slot: Arc<Slot>,
     ctx: Arc<DeviceContext>,
-    window: Window,
+    /// Shared with the result last deposited in the writer's inbox: when that result has
+    /// been flushed (the usual case), the next event updates the window in place instead
+    /// of copying it.
+    window: Arc<Window>,
 }
 
 /// Messages of a device actor.
@@ -73,7 +76,7 @@ impl DeviceState {
     fn process(&mut self, event: Event) {
         let ctx = &*self.ctx;
         let device_id = self.slot.device_id();
-        self.window.push(event.rps, event.cpu);
+        Arc::make_mut(&mut self.window).push(event.rps, event.cpu);
         let result = ctx.rule.evaluate(&self.window, event.rps);
         if result.is_anomaly {
             let _ = ctx
@@ -93,7 +96,7 @@ impl DeviceState {
                 rolling_average_cpu: result.rolling_average_cpu,
                 event_timestamp: event.timestamp,
             },
-            window: WindowSnapshot::new(self.window.readings().collect()),
+            window: self.window.clone(),
         };
         if ctx.inbox.put(record) >= MAX_BATCH {
             let _ = ctx.writer.cast(WriterMsg::Flush);
@@ -128,7 +131,10 @@ impl DeviceState {
             .await;
         match reply {
             Ok(CallResult::Success(Ok(Some(snapshot)))) => {
-                self.window = Window::restore(ctx.window_size, snapshot.readings().iter().copied());
+                self.window = Arc::new(Window::restore(
+                    ctx.window_size,
+                    snapshot.readings().iter().copied(),
+                ));
             }
             Ok(CallResult::Success(Ok(None))) => {}
             Ok(CallResult::Success(Err(e))) => {
@@ -155,7 +161,7 @@ impl Actor for DeviceActor {
     ) -> Result<Self::State, ActorProcessingErr> {
         args.slot.attach(myself);
         Ok(DeviceState {
-            window: Window::new(args.ctx.window_size),
+            window: Arc::new(Window::new(args.ctx.window_size)),
             slot: args.slot,
             ctx: args.ctx,
         })

@@ -54,7 +54,9 @@ impl Inbox {
 
     /// The window of a device's waiting result, if any.
     pub fn window(&self, device: &str) -> Option<super::WindowSnapshot> {
-        self.lock().get(device).map(|r| r.window.clone())
+        self.lock()
+            .get(device)
+            .map(|r| super::WindowSnapshot::of(&r.window))
     }
 
     /// Devices waiting.

@@ -6,6 +6,7 @@
 //! reading, oldest first, as two little-endian f64 (rps, cpu): exact, and 16 bytes a
 //! reading (a default window is 803 bytes).
 
+use crate::analytics::Window;
 use bytes::{BufMut, Bytes, BytesMut};
 
 const MAGIC: &[u8; 3] = b"IW1";
@@ -29,16 +30,21 @@ impl WindowSnapshot {
         Self { readings }
     }
 
+    /// A copy of a live window's readings.
+    pub fn of(window: &Window) -> Self {
+        Self::new(window.readings().collect())
+    }
+
     /// The readings, oldest first.
     pub fn readings(&self) -> &[(f64, f64)] {
         &self.readings
     }
 
-    /// The stored bytes.
-    pub fn encode(&self) -> Bytes {
-        let mut out = BytesMut::with_capacity(MAGIC.len() + 16 * self.readings.len());
+    /// The stored bytes of these readings (oldest first).
+    pub fn encode(readings: impl ExactSizeIterator<Item = (f64, f64)>) -> Bytes {
+        let mut out = BytesMut::with_capacity(MAGIC.len() + 16 * readings.len());
         out.put_slice(MAGIC);
-        for &(rps, cpu) in &self.readings {
+        for (rps, cpu) in readings {
             out.put_f64_le(rps);
             out.put_f64_le(cpu);
         }
@@ -75,7 +81,7 @@ mod tests {
     #[test]
     fn round_trips_exactly() {
         let s = WindowSnapshot::new(vec![(0.1, 0.2), (1e9 + 0.5, 1.0), (f64::MAX, 0.0)]);
-        let bytes = s.encode();
+        let bytes = WindowSnapshot::encode(s.readings().iter().copied());
         assert_eq!(bytes.len(), 3 + 48);
         assert_eq!(WindowSnapshot::decode(&bytes), Ok(s));
         assert_eq!(

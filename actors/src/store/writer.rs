@@ -15,6 +15,7 @@
 
 use super::inbox::{Batch, Inbox};
 use super::{analysis_key, window_key, Store, StoreError, WindowSnapshot};
+use crate::analytics::Window;
 use crate::event::Analysis;
 use crate::metrics::Metrics;
 use bytes::Bytes;
@@ -43,7 +44,7 @@ pub struct Record {
     /// The analysis, stored under `analysis:{id}`.
     pub analysis: Analysis,
     /// The window after the event, stored under `window:{id}`.
-    pub window: WindowSnapshot,
+    pub window: Arc<Window>,
 }
 
 /// Whether the store answered the last contact; read by `/ready`.
@@ -200,7 +201,10 @@ fn encode(batch: &Batch) -> Result<Vec<(String, Bytes)>, serde_json::Error> {
             analysis_key(device),
             Bytes::from(serde_json::to_vec(&record.analysis)?),
         ));
-        entries.push((window_key(device), record.window.encode()));
+        entries.push((
+            window_key(device),
+            WindowSnapshot::encode(record.window.readings()),
+        ));
     }
     Ok(entries)
 }
@@ -325,7 +329,7 @@ impl Actor for WriterActor {
                         .inflight
                         .as_ref()
                         .and_then(|b| b.get(&device))
-                        .map(|r| r.window.clone())
+                        .map(|r| WindowSnapshot::of(&r.window))
                 });
                 if let Some(window) = known {
                     if !reply.is_closed() {

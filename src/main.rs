@@ -93,23 +93,16 @@ async fn main() -> anyhow::Result<()> {
             state.begin_shutdown();
         }
     };
-    // The deadline starts at the signal; the HTTP drain takes what it needs of it and
-    // the actors get the rest.
-    let deadline_cell = Arc::new(std::sync::OnceLock::new());
-    let signalled = {
-        let deadline_cell = deadline_cell.clone();
-        let timeout = config.shutdown_timeout;
-        async move {
-            signalled.await;
-            let _ = deadline_cell.set(Instant::now() + timeout);
-        }
-    };
-    let http_drained =
-        http::serve(listener, state, limits, signalled, config.shutdown_timeout).await;
-    let deadline = deadline_cell
-        .get()
-        .copied()
-        .unwrap_or_else(|| Instant::now() + config.shutdown_timeout);
+    let http_drained = http::serve(
+        listener,
+        state.clone(),
+        limits,
+        signalled,
+        config.shutdown_timeout,
+    )
+    .await;
+    // SHUTDOWN_TIMEOUT counts from the signal: the actors get what the HTTP drain left.
+    let deadline = state.shutdown_began().unwrap_or_else(Instant::now) + config.shutdown_timeout;
     if !http_drained {
         tracing::warn!("some connections were still open at the shutdown deadline");
     }

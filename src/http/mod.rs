@@ -15,9 +15,9 @@ pub use connection::Timeouts;
 pub use server::{serve, Limits};
 
 use actors::System;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
+use tokio::time::Instant;
 
 /// What every request handler can reach; cloned per connection (an `Arc` inside).
 #[derive(Clone)]
@@ -29,7 +29,7 @@ struct Inner {
     system: Arc<System>,
     max_body_bytes: usize,
     body_read_timeout: Duration,
-    shutting_down: AtomicBool,
+    shutdown_began: OnceLock<Instant>,
 }
 
 impl AppState {
@@ -40,7 +40,7 @@ impl AppState {
                 system,
                 max_body_bytes,
                 body_read_timeout,
-                shutting_down: AtomicBool::new(false),
+                shutdown_began: OnceLock::new(),
             }),
         }
     }
@@ -51,10 +51,15 @@ impl AppState {
 
     /// From now on `/ready` answers 503 and no event is accepted.
     pub fn begin_shutdown(&self) {
-        self.inner.shutting_down.store(true, Ordering::SeqCst);
+        let _ = self.inner.shutdown_began.set(Instant::now());
+    }
+
+    /// When shutdown began, if it has.
+    pub fn shutdown_began(&self) -> Option<Instant> {
+        self.inner.shutdown_began.get().copied()
     }
 
     fn is_shutting_down(&self) -> bool {
-        self.inner.shutting_down.load(Ordering::SeqCst)
+        self.inner.shutdown_began.get().is_some()
     }
 }

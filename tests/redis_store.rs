@@ -208,3 +208,43 @@ async fn an_unreachable_redis_at_start_up_is_not_fatal() {
     .await;
     stored_samples(&redis, "early", 1).await;
 }
+
+#[tokio::test]
+async fn a_hanging_redis_is_detected_by_deadlines_and_recovered_from() {
+    let redis = Redis::start();
+    let svc = Service::start(&[("REDIS_URL", &redis.url())]);
+    assert_eq!(post_event(svc.addr, "h-1", 0.5, 1.0).await.status, 200);
+    stored_samples(&redis, "h-1", 1).await;
+
+    redis.signal("-STOP");
+    let frozen = Instant::now();
+    eventually(Duration::from_secs(3), "/ready to fail", || async {
+        (get(svc.addr, "/ready").await.status == 503).then_some(())
+    })
+    .await;
+    assert!(
+        frozen.elapsed() < Duration::from_millis(2_000),
+        "noticed after {:?}",
+        frozen.elapsed()
+    );
+    // Ingest is not held up by the hung store, and /analyze fails fast-ish (deadline).
+    let t = Instant::now();
+    for rps in [2.0, 3.0] {
+        assert_eq!(post_event(svc.addr, "h-1", 0.5, rps).await.status, 200);
+    }
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "ingest took {:?}",
+        t.elapsed()
+    );
+    let analyze = get(svc.addr, "/analyze?device_id=h-1").await;
+    assert_eq!(analyze.status, 503);
+
+    redis.signal("-CONT");
+    let v = stored_samples(&redis, "h-1", 3).await;
+    assert_eq!(v["last_rps"], 3.0);
+    eventually(SOON, "/ready to recover", || async {
+        (get(svc.addr, "/ready").await.status == 200).then_some(())
+    })
+    .await;
+}

@@ -274,6 +274,17 @@ impl Redis {
         (out.status.success() && !text.starts_with("Could not connect")).then_some(text)
     }
 
+    /// Freezes (SIGSTOP) or thaws (SIGCONT) the server: a Redis that accepts connections
+    /// but never answers.
+    pub fn signal(&self, signal: &str) {
+        if let Some(child) = &self.child {
+            Command::new("kill")
+                .args([signal, &child.id().to_string()])
+                .status()
+                .expect("kill");
+        }
+    }
+
     /// Stops the server (SIGKILL: an outage, not a graceful stop).
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

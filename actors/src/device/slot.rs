@@ -143,9 +143,4 @@ impl Slot {
     pub(crate) fn actor(&self) -> Option<ActorRef<DeviceMsg>> {
         self.lock().actor.clone()
     }
-
-    /// Events waiting in the queue.
-    pub fn queued(&self) -> usize {
-        self.lock().queue.len()
-    }
 }

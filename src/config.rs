@@ -25,7 +25,7 @@ pub struct Config {
     pub listen_addr: SocketAddr,
 
     /// Redis URL (redis://[:password@]host:port/db). Unset: the embedded in-process store.
-    #[arg(long, env = "REDIS_URL")]
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
 
     /// Pooled Redis connections (each is multiplexed).

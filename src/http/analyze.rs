@@ -25,9 +25,10 @@ async fn analyze(state: &AppState, uri: &Uri) -> Result<Response<Body>, ApiError
         Ok(Some(body)) => Ok(json_bytes(StatusCode::OK, body)),
         Ok(None) => Err(ApiError {
             status: StatusCode::NOT_FOUND,
-            message: format!("no analysis for device {id} within RESULT_TTL"),
-            field: Some("device_id"),
-            close: false,
+            ..ApiError::invalid(
+                "device_id",
+                format!("no analysis for device {id} within RESULT_TTL"),
+            )
         }),
         Err(e) => {
             tracing::debug!(error = %e, "analyze read failed");

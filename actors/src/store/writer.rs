@@ -158,10 +158,14 @@ impl WriterState {
         let (store, ttl, myself) = (self.store.clone(), self.ttl, myself.clone());
         tokio::spawn(async move {
             let started = Instant::now();
+            let records = batch.len();
             let result = match encode(&batch) {
-                Ok(entries) => store.set_many(entries, ttl).await.map(|()| batch.len()),
+                Ok(entries) => store.set_many(entries, ttl).await.map(|()| records),
                 Err(e) => Err(StoreError::Encode(e)),
             };
+            // Let go of the batch before reporting, so that after a failure the writer
+            // can take it back without copying it.
+            drop(batch);
             // The writer may be gone at the end of shutdown; nothing to tell then.
             let _ = myself.cast(WriterMsg::Flushed(result, started.elapsed()));
         });

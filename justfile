@@ -13,9 +13,9 @@ run:
 run-redis:
     REDIS_URL=redis://127.0.0.1:6379/ cargo run --release
 
-# Every test (needs redis-server on PATH).
+# Every test (installs redis-server if missing and run as root).
 test:
-    cargo test --workspace
+    scripts/test.sh
 
 # What CI runs: install redis-server if missing, fmt, clippy, tests.
 ci:

@@ -41,7 +41,7 @@ pub struct Config {
     pub window_size: u32,
 
     /// An event is anomalous when its z-score is strictly above this.
-    #[arg(long, env = "ANOMALY_THRESHOLD", default_value_t = 2.0, value_parser = parse_threshold)]
+    #[arg(long, env = "ANOMALY_THRESHOLD", default_value = "2.0", value_parser = parse_threshold)]
     pub anomaly_threshold: f64,
 
     /// How often the newest results are written to the store.
@@ -88,6 +88,20 @@ pub struct Config {
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+}
+
+impl From<&Config> for actors::SystemConfig {
+    fn from(c: &Config) -> Self {
+        Self {
+            window_size: c.window_size as usize,
+            anomaly_threshold: c.anomaly_threshold,
+            flush_interval: c.flush_interval,
+            result_ttl: c.result_ttl,
+            device_idle_timeout: c.device_idle_timeout,
+            max_pending_events: c.max_pending_events as usize,
+            max_device_labels: c.max_device_labels as usize,
+        }
+    }
 }
 
 fn parse_positive_duration(s: &str) -> Result<Duration, String> {
@@ -142,6 +156,61 @@ mod tests {
         assert_eq!(c.keep_alive_timeout, Duration::from_secs(60));
         assert_eq!(c.max_connections, 10_000);
         assert!(c.redis_url.is_none());
+    }
+
+    #[test]
+    fn the_defaults_reach_the_actor_system_unchanged() {
+        let c = parse(&[]).expect("defaults parse");
+        assert_eq!(
+            actors::SystemConfig::from(&c),
+            actors::SystemConfig::default()
+        );
+    }
+
+    /// Every setting (its environment variable) with its flag and clap default.
+    fn settings() -> Vec<(String, String, Option<String>)> {
+        use clap::CommandFactory;
+        Config::command()
+            .get_arguments()
+            .filter_map(|a| {
+                let env = a.get_env()?.to_str()?.to_string();
+                let flag = format!("--{}", a.get_long()?);
+                let default = a
+                    .get_default_values()
+                    .first()
+                    .and_then(|d| d.to_str())
+                    .map(String::from);
+                Some((env, flag, default))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_setting_is_in_the_readme_table_and_the_deployment() {
+        let root = env!("CARGO_MANIFEST_DIR");
+        let read = |p: &str| std::fs::read_to_string(format!("{root}/{p}")).expect(p);
+        let readme = read("README.md");
+        let configmap = read("manifests/configmap.yaml");
+        let deployment = read("manifests/app.yaml");
+        let settings = settings();
+        assert!(settings.len() >= 17, "clap lost the settings: {settings:?}");
+        for (env, flag, default) in settings {
+            let row = readme
+                .lines()
+                .find(|l| l.starts_with(&format!("| `{env}` | `{flag}` |")))
+                .unwrap_or_else(|| panic!("README's configuration table lacks {env} ({flag})"));
+            if let Some(default) = default {
+                assert!(
+                    row.contains(&format!("| `{default}` |")),
+                    "README gives another default for {env} than {default}: {row}"
+                );
+            }
+            assert!(
+                configmap.contains(&format!("\n  {env}: "))
+                    || deployment.contains(&format!("- name: {env}\n")),
+                "{env} is neither in manifests/configmap.yaml nor set in manifests/app.yaml"
+            );
+        }
     }
 
     #[test]

@@ -18,12 +18,13 @@ mod logging;
 mod shutdown;
 
 use actors::store::{EmbeddedStore, RedisStore, Store};
-use actors::{System, SystemConfig};
+use actors::tuning::STORE_OP_TIMEOUT;
+use actors::System;
 use anyhow::Context;
 use clap::Parser;
 use config::Config;
+use prometheus_client::registry::Registry;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 
@@ -31,9 +32,6 @@ use tokio::time::Instant;
 /// musl's allocator, used by the container build, is slower still).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-/// Deadline of one Redis operation; also bounds how fast `/ready` sees an outage.
-const REDIS_TIMEOUT: Duration = Duration::from_millis(500);
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -50,23 +48,17 @@ async fn main() -> anyhow::Result<()> {
             let host = url.rsplit('@').next().unwrap_or(url);
             tracing::info!(redis = %host, pool_size = config.redis_pool_size, "using Redis");
             Store::Redis(
-                RedisStore::new(url, config.redis_pool_size, REDIS_TIMEOUT).context("REDIS_URL")?,
+                RedisStore::new(url, config.redis_pool_size, STORE_OP_TIMEOUT)
+                    .context("REDIS_URL")?,
             )
         }
     };
+    let mut registry = Registry::default();
+    let http_metrics = Arc::new(http::HttpMetrics::register(&mut registry));
     let system = Arc::new(
-        System::start(SystemConfig {
-            window_size: config.window_size as usize,
-            anomaly_threshold: config.anomaly_threshold,
-            flush_interval: config.flush_interval,
-            result_ttl: config.result_ttl,
-            device_idle_timeout: config.device_idle_timeout,
-            max_pending_events: config.max_pending_events as usize,
-            max_device_labels: config.max_device_labels as usize,
-            store,
-        })
-        .await
-        .context("starting the actor system")?,
+        System::start((&config).into(), store, registry)
+            .await
+            .context("starting the actor system")?,
     );
 
     let listener = TcpListener::bind(config.listen_addr)
@@ -76,6 +68,7 @@ async fn main() -> anyhow::Result<()> {
 
     let state = http::AppState::new(
         system.clone(),
+        http_metrics,
         config.max_body_bytes as usize,
         config.body_read_timeout,
     );

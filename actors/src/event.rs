@@ -1,6 +1,7 @@
 //! A validated event as the front end hands it over, and the analysis a device actor
 //! derives from it (the JSON that `/analyze` returns and the store keeps).
 
+use crate::analytics::Evaluation;
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Serialize, Serializer};
 use std::sync::Arc;
@@ -42,6 +43,30 @@ pub struct Analysis {
     /// The event's own timestamp, in UTC.
     #[serde(serialize_with = "rfc3339_auto")]
     pub event_timestamp: DateTime<Utc>,
+}
+
+impl Analysis {
+    /// The analysis of `event`, the newest reading of `device_id`, from the evaluation of
+    /// its window, computed at `processed_at`.
+    pub fn new(
+        device_id: Arc<str>,
+        event: &Event,
+        evaluation: Evaluation,
+        processed_at: DateTime<Utc>,
+    ) -> Self {
+        Self {
+            device_id,
+            rolling_average_rps: evaluation.rolling_average_rps,
+            is_anomaly: evaluation.is_anomaly,
+            z_score: evaluation.z_score,
+            processed_at,
+            samples: evaluation.samples,
+            last_rps: event.rps,
+            stddev_rps: evaluation.stddev_rps,
+            rolling_average_cpu: evaluation.rolling_average_cpu,
+            event_timestamp: event.timestamp,
+        }
+    }
 }
 
 fn rfc3339_millis<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {

@@ -10,6 +10,7 @@
 //!   results and flushes them pipelined.
 //! - [`metrics`]: the typed Prometheus families and the actor that owns the registry.
 //! - [`system`]: starts the actor tree, and drains it on shutdown.
+//! - [`tuning`]: the fixed deadlines and periods (those that are not settings).
 //!
 //! # Actor tree
 //! ```text
@@ -26,5 +27,6 @@ pub mod event;
 pub mod metrics;
 pub mod store;
 pub mod system;
+pub mod tuning;
 
 pub use system::{ShutdownReport, System, SystemConfig};

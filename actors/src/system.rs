@@ -6,12 +6,13 @@
 //! writer flush everything, then stop the actors.
 
 use crate::analytics::AnomalyRule;
+use crate::device::SlotMap;
 use crate::device::{
     Admission, DeviceContext, DeviceSupervisor, Directory, SupervisorArgs, SupervisorMsg,
 };
-use crate::metrics::{Metrics, MetricsActor, MetricsArgs, MetricsMsg};
+use crate::metrics::{Metrics, MetricsActor, MetricsArgs, MetricsMsg, ScrapeError};
 use crate::store::{Inbox, Store, StoreHealth, WriterActor, WriterArgs, WriterMsg};
-use dashmap::DashMap;
+use crate::tuning::{ACTOR_CALL_TIMEOUT, WINDOW_RESTORE_TIMEOUT};
 use prometheus_client::registry::Registry;
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorRef, ActorStatus, RpcReplyPort};
@@ -20,7 +21,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 /// Everything the actor tree needs to know, already validated.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SystemConfig {
     /// WINDOW_SIZE.
     pub window_size: usize,
@@ -36,8 +37,21 @@ pub struct SystemConfig {
     pub max_pending_events: usize,
     /// MAX_DEVICE_LABELS.
     pub max_device_labels: usize,
-    /// The store backend.
-    pub store: Store,
+}
+
+impl Default for SystemConfig {
+    /// SPEC's defaults.
+    fn default() -> Self {
+        Self {
+            window_size: 50,
+            anomaly_threshold: 2.0,
+            flush_interval: Duration::from_millis(5),
+            result_ttl: Duration::from_secs(300),
+            device_idle_timeout: Duration::from_secs(600),
+            max_pending_events: 100_000,
+            max_device_labels: 10_000,
+        }
+    }
 }
 
 /// A failure talking to the actor tree.
@@ -49,15 +63,18 @@ pub enum SystemError {
     /// An actor did not answer.
     #[error("{0} did not answer")]
     NoAnswer(&'static str),
+    /// The metrics could not be encoded.
+    #[error(transparent)]
+    Scrape(#[from] ScrapeError),
 }
 
-/// A request to an actor that answers within 5 s.
+/// A request to an actor that answers within [`ACTOR_CALL_TIMEOUT`].
 async fn ask<M: ractor::Message, R: Send + 'static>(
     actor: &ActorRef<M>,
     who: &'static str,
     request: impl FnOnce(RpcReplyPort<R>) -> M,
 ) -> Result<R, SystemError> {
-    match actor.call(request, Some(Duration::from_secs(5))).await {
+    match actor.call(request, Some(ACTOR_CALL_TIMEOUT)).await {
         Ok(CallResult::Success(reply)) => Ok(reply),
         _ => Err(SystemError::NoAnswer(who)),
     }
@@ -84,9 +101,14 @@ pub struct System {
 }
 
 impl System {
-    /// Starts the metrics actor, the store writer and the device supervisor.
-    pub async fn start(config: SystemConfig) -> Result<Self, SystemError> {
-        let mut registry = Registry::default();
+    /// Starts the metrics actor, the store writer and the device supervisor over
+    /// `store`. The actor side's families are added to `registry`, which may already
+    /// hold the front end's; the metrics actor then owns it and serves scrapes.
+    pub async fn start(
+        config: SystemConfig,
+        store: Store,
+        mut registry: Registry,
+    ) -> Result<Self, SystemError> {
         let metrics = Metrics::register(&mut registry);
         let (metrics_actor, _) = Actor::spawn(
             None,
@@ -104,7 +126,7 @@ impl System {
             None,
             WriterActor,
             WriterArgs {
-                store: config.store.clone(),
+                store: store.clone(),
                 ttl: config.result_ttl,
                 flush_interval: config.flush_interval,
                 metrics: metrics.clone(),
@@ -124,9 +146,9 @@ impl System {
             metrics_actor: metrics_actor.clone(),
             metrics: metrics.clone(),
             admission: admission.clone(),
-            restore_timeout: Duration::from_secs(2),
+            restore_timeout: WINDOW_RESTORE_TIMEOUT,
         });
-        let slots = Arc::new(DashMap::new());
+        let slots = SlotMap::default();
         let (supervisor, _) = Actor::spawn(
             None,
             DeviceSupervisor,
@@ -140,7 +162,7 @@ impl System {
         Ok(Self {
             directory: Directory::new(slots, supervisor.clone(), admission),
             metrics,
-            store: config.store,
+            store,
             health,
             metrics_actor,
             writer,
@@ -182,7 +204,9 @@ impl System {
 
     /// The Prometheus exposition of every family.
     pub async fn scrape(&self) -> Result<String, SystemError> {
-        ask(&self.metrics_actor, "metrics actor", MetricsMsg::Scrape).await
+        ask(&self.metrics_actor, "metrics actor", MetricsMsg::Scrape)
+            .await?
+            .map_err(SystemError::Scrape)
     }
 
     /// Live device actors, as the supervisor counts them.

@@ -11,9 +11,9 @@
 //! on a connection that has not sent a first request). Closing drops the connection
 //! future, which closes the socket; nothing is in flight at that point by construction.
 
+use super::metrics::CloseReason;
 use super::router;
 use super::AppState;
-use actors::metrics::{CloseLabel, CloseReason};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -194,8 +194,8 @@ pub async fn serve(
 ) {
     // Small request/response pairs: send without waiting for Nagle.
     let _ = stream.set_nodelay(true);
-    let metrics = state.system().metrics().clone();
-    metrics.connections_open.inc();
+    let metrics = state.http_metrics().clone();
+    metrics.http_connections.inc();
     let activity = Arc::new(Activity::new());
     let io = TokioIo::new(TrackedStream {
         inner: stream,
@@ -243,13 +243,13 @@ pub async fn serve(
             }
             _ = watchdog.tick() => {
                 if let Some(reason) = activity.overdue(&timeouts) {
-                    metrics.connections_closed.get_or_create(&CloseLabel { reason }).inc();
+                    metrics.closed(reason);
                     break;
                 }
             }
         }
     }
-    metrics.connections_open.dec();
+    metrics.http_connections.dec();
 }
 
 #[cfg(test)]

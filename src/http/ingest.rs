@@ -2,9 +2,10 @@
 //! device, answer 200 once it is queued.
 
 use super::errors::{json, ApiError, Body};
+use super::metrics::CloseReason;
 use super::{validate, AppState};
 use actors::device::SubmitError;
-use actors::metrics::{CloseLabel, CloseReason, ReasonLabel, RejectReason};
+use actors::metrics::{ReasonLabel, RejectReason};
 use chrono::Utc;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
@@ -65,14 +66,7 @@ async fn accept(
             ));
         }
         Err(_) => {
-            state
-                .system()
-                .metrics()
-                .connections_closed
-                .get_or_create(&CloseLabel {
-                    reason: CloseReason::BodyTimeout,
-                })
-                .inc();
+            state.http_metrics().closed(CloseReason::BodyTimeout);
             let mut error = ApiError::status(
                 StatusCode::REQUEST_TIMEOUT,
                 format!("request body not received within BODY_READ_TIMEOUT ({timeout:?})"),

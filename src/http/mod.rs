@@ -1,17 +1,21 @@
-//! The HTTP front end: one router, one file per endpoint, the JSON error type, and the
-//! server (accept loop, connection limits, graceful drain).
+//! The HTTP front end: the route table (`routes`), the router, one file per endpoint, the
+//! JSON error type, the request and connection metrics, and the server (accept loop,
+//! connection limits, graceful drain).
 
 mod analyze;
 mod connection;
 mod errors;
 mod ingest;
+mod metrics;
 mod probes;
 mod router;
+mod routes;
 mod scrape;
 mod server;
 mod validate;
 
 pub use connection::Timeouts;
+pub use metrics::HttpMetrics;
 pub use server::{serve, Limits};
 
 use actors::System;
@@ -27,6 +31,7 @@ pub struct AppState {
 
 struct Inner {
     system: Arc<System>,
+    http_metrics: Arc<HttpMetrics>,
     max_body_bytes: usize,
     body_read_timeout: Duration,
     shutdown_began: OnceLock<Instant>,
@@ -34,10 +39,16 @@ struct Inner {
 
 impl AppState {
     /// State over a running actor system.
-    pub fn new(system: Arc<System>, max_body_bytes: usize, body_read_timeout: Duration) -> Self {
+    pub fn new(
+        system: Arc<System>,
+        http_metrics: Arc<HttpMetrics>,
+        max_body_bytes: usize,
+        body_read_timeout: Duration,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 system,
+                http_metrics,
                 max_body_bytes,
                 body_read_timeout,
                 shutdown_began: OnceLock::new(),
@@ -47,6 +58,10 @@ impl AppState {
 
     fn system(&self) -> &System {
         &self.inner.system
+    }
+
+    fn http_metrics(&self) -> &Arc<HttpMetrics> {
+        &self.inner.http_metrics
     }
 
     /// From now on `/ready` answers 503 and no event is accepted.

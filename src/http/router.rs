@@ -1,13 +1,14 @@
-//! The router: one `match` on (method, route), and the request metrics every response
-//! is counted in.
+//! The router: looks a request up in the route table ([`super::routes::ROUTES`]), and
+//! counts every response in the request metrics.
 
 use super::errors::{ApiError, Body};
-use super::{analyze, ingest, probes, scrape, AppState};
-use actors::metrics::{Endpoint, Method as MethodLabel};
+use super::metrics::MethodLabel;
+use super::routes::Endpoint;
+use super::AppState;
 use futures_util::FutureExt;
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, ALLOW};
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::{Request, Response, StatusCode};
 use std::convert::Infallible;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -16,10 +17,11 @@ use std::time::Instant;
 /// Serves one request.
 pub async fn handle(state: AppState, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
-    let method = method_label(req.method());
-    let endpoint = Endpoint::from_path(req.uri().path());
-    let response = guarded(route(&state, req, endpoint)).await;
-    state.system().metrics().http.record(
+    let method = MethodLabel::of(req.method());
+    let endpoint = Endpoint::of_path(req.uri().path());
+    let metrics = state.http_metrics().clone();
+    let response = guarded(route(state, req, endpoint)).await;
+    metrics.record(
         method,
         endpoint,
         response.status().as_u16(),
@@ -28,20 +30,31 @@ pub async fn handle(state: AppState, req: Request<Incoming>) -> Result<Response<
     Ok(response)
 }
 
-/// The one match: (method, route) to endpoint.
-async fn route(state: &AppState, req: Request<Incoming>, endpoint: Endpoint) -> Response<Body> {
-    match (req.method(), endpoint) {
-        (&Method::POST, Endpoint::Metric) => ingest::post(state, req).await,
-        (&Method::GET, Endpoint::Analyze) => analyze::get(state, req.uri()).await,
-        (&Method::GET, Endpoint::Health) => probes::health(),
-        (&Method::GET, Endpoint::Ready) => probes::ready(state),
-        (&Method::GET, Endpoint::Metrics) => scrape::get(state).await,
-        (_, Endpoint::Unmatched) => ApiError::status(
+/// 404 for an unknown path, 405 with `Allow` for a known path and another method.
+async fn route(state: AppState, req: Request<Incoming>, endpoint: Endpoint) -> Response<Body> {
+    match endpoint.route() {
+        Some(route) if req.method() == route.method => (route.handler)(state, req).await,
+        Some(route) => {
+            let mut response = ApiError::status(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!(
+                    "{} is not allowed on {}; use {}",
+                    req.method(),
+                    route.path,
+                    route.method
+                ),
+            )
+            .into_response();
+            response
+                .headers_mut()
+                .insert(ALLOW, HeaderValue::from_static(route.method.as_str()));
+            response
+        }
+        None => ApiError::status(
             StatusCode::NOT_FOUND,
             format!("no route for {}", req.uri().path()),
         )
         .into_response(),
-        (_, known) => method_not_allowed(req.method(), known),
     }
 }
 
@@ -63,42 +76,10 @@ async fn guarded(handler: impl Future<Output = Response<Body>>) -> Response<Body
     }
 }
 
-fn method_not_allowed(method: &Method, endpoint: Endpoint) -> Response<Body> {
-    let allow = if endpoint == Endpoint::Metric {
-        "POST"
-    } else {
-        "GET"
-    };
-    let mut response = ApiError::status(
-        StatusCode::METHOD_NOT_ALLOWED,
-        format!(
-            "{method} is not allowed on {}; use {allow}",
-            endpoint.as_str()
-        ),
-    )
-    .into_response();
-    response
-        .headers_mut()
-        .insert(ALLOW, HeaderValue::from_static(allow));
-    response
-}
-
-fn method_label(method: &Method) -> MethodLabel {
-    match *method {
-        Method::GET => MethodLabel::Get,
-        Method::POST => MethodLabel::Post,
-        Method::HEAD => MethodLabel::Head,
-        Method::PUT => MethodLabel::Put,
-        Method::DELETE => MethodLabel::Delete,
-        Method::PATCH => MethodLabel::Patch,
-        Method::OPTIONS => MethodLabel::Options,
-        _ => MethodLabel::Other,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::http::probes;
 
     #[tokio::test]
     async fn a_panicking_handler_answers_500_and_the_next_request_is_served() {

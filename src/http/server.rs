@@ -49,7 +49,7 @@ pub async fn serve(
                             tokio::spawn(connection::serve(stream, state.clone(), limits.timeouts, stopped.clone(), permit));
                         }
                         Err(_) => {
-                            state.system().metrics().connections_rejected.inc();
+                            state.http_metrics().http_connections_rejected.inc();
                             tokio::spawn(refuse(stream));
                         }
                     }

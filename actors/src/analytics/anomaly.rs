@@ -5,7 +5,7 @@ use super::Window;
 
 /// The result of analysing a window after its newest reading was pushed.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Anomaly {
+pub struct Evaluation {
     /// Readings in the window, the newest included.
     pub samples: usize,
     /// Mean rps of the window.
@@ -29,14 +29,14 @@ pub struct AnomalyRule {
 
 impl AnomalyRule {
     /// Analyses `window` whose newest rps reading is `x`.
-    pub fn evaluate(&self, window: &Window, x: f64) -> Anomaly {
+    pub fn evaluate(&self, window: &Window, x: f64) -> Evaluation {
         let stats = window.rps_stats();
         let z_score = if stats.samples < 2 || stats.stddev == 0.0 {
             0.0
         } else {
             (x - stats.mean).abs() / stats.stddev
         };
-        Anomaly {
+        Evaluation {
             samples: stats.samples,
             rolling_average_rps: stats.mean,
             stddev_rps: stats.stddev,
@@ -51,7 +51,7 @@ impl AnomalyRule {
 mod tests {
     use super::*;
 
-    fn analyse(values: &[f64], threshold: f64) -> Anomaly {
+    fn analyse(values: &[f64], threshold: f64) -> Evaluation {
         let mut w = Window::new(50);
         for &x in values {
             w.push(x, 0.5);

@@ -6,5 +6,5 @@
 mod anomaly;
 mod window;
 
-pub use anomaly::{Anomaly, AnomalyRule};
+pub use anomaly::{AnomalyRule, Evaluation};
 pub use window::{Stats, Window};

@@ -9,16 +9,13 @@ use super::{Admission, Slot};
 use crate::analytics::{AnomalyRule, Window};
 use crate::event::{Analysis, Event};
 use crate::metrics::{Metrics, MetricsMsg};
-use crate::store::writer::{Record, MAX_BATCH};
-use crate::store::{Inbox, WriterMsg};
+use crate::store::{Inbox, Record, WriterMsg};
+use crate::tuning::EVENTS_PER_TURN;
 use chrono::Utc;
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use std::sync::Arc;
 use std::time::Duration;
-
-/// Events processed per wake-up before yielding the worker thread to other actors.
-const EVENTS_PER_TURN: usize = 256;
 
 /// What every device actor shares.
 pub struct DeviceContext {
@@ -77,28 +74,17 @@ impl DeviceState {
         let ctx = &*self.ctx;
         let device_id = self.slot.device_id();
         Arc::make_mut(&mut self.window).push(event.rps, event.cpu);
-        let result = ctx.rule.evaluate(&self.window, event.rps);
-        if result.is_anomaly {
+        let evaluation = ctx.rule.evaluate(&self.window, event.rps);
+        if evaluation.is_anomaly {
             let _ = ctx
                 .metrics_actor
                 .cast(MetricsMsg::Anomaly(device_id.clone()));
         }
         let record = Record {
-            analysis: Analysis {
-                device_id: device_id.clone(),
-                rolling_average_rps: result.rolling_average_rps,
-                is_anomaly: result.is_anomaly,
-                z_score: result.z_score,
-                processed_at: Utc::now(),
-                samples: result.samples,
-                last_rps: event.rps,
-                stddev_rps: result.stddev_rps,
-                rolling_average_cpu: result.rolling_average_cpu,
-                event_timestamp: event.timestamp,
-            },
+            analysis: Analysis::new(device_id.clone(), &event, evaluation, Utc::now()),
             window: self.window.clone(),
         };
-        if ctx.inbox.put(record) >= MAX_BATCH {
+        if ctx.inbox.put(record) {
             let _ = ctx.writer.cast(WriterMsg::Flush);
         }
         ctx.metrics.events_processed.inc();

@@ -61,7 +61,19 @@ impl Admission {
     }
 }
 
-pub(crate) type SlotMap = Arc<DashMap<Arc<str>, Arc<Slot>>>;
+/// Device id → live slot, shared by the directory (which adds) and the supervisor
+/// (which evicts).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct SlotMap(Arc<DashMap<Arc<str>, Arc<Slot>>>);
+
+impl SlotMap {
+    /// Removes `slot` from the map if it is still the device's live slot (a newer slot
+    /// of the same device is left alone).
+    pub(crate) fn unlist(&self, slot: &Arc<Slot>) {
+        self.0
+            .remove_if(slot.device_id(), |_, live| Arc::ptr_eq(live, slot));
+    }
+}
 
 /// Where the front end submits events; cheap to clone.
 #[derive(Clone)]
@@ -92,10 +104,10 @@ impl Directory {
         }
         // At most a few rounds: a closed slot is removed before we look again.
         loop {
-            let existing = self.slots.get(device_id).map(|s| s.value().clone());
+            let existing = self.slots.0.get(device_id).map(|s| s.value().clone());
             let slot = match existing {
                 Some(slot) => slot,
-                None => match self.slots.entry(Arc::from(device_id)) {
+                None => match self.slots.0.entry(Arc::from(device_id)) {
                     Entry::Occupied(o) => o.get().clone(),
                     Entry::Vacant(v) => {
                         let slot = Slot::new(v.key().clone(), event);
@@ -105,8 +117,7 @@ impl Directory {
                             .cast(SupervisorMsg::Spawn(slot.clone()))
                             .is_err()
                         {
-                            self.slots
-                                .remove_if(device_id, |_, s| Arc::ptr_eq(s, &slot));
+                            self.slots.unlist(&slot);
                             self.admission.release();
                             return Err(SubmitError::Unavailable);
                         }
@@ -117,8 +128,7 @@ impl Directory {
             match slot.push(event) {
                 Ok(()) => return Ok(()),
                 Err(returned) => {
-                    self.slots
-                        .remove_if(device_id, |_, s| Arc::ptr_eq(s, &slot));
+                    self.slots.unlist(&slot);
                     event = returned;
                 }
             }
@@ -133,11 +143,11 @@ impl Directory {
     /// The live slot of a device.
     #[cfg(test)]
     pub(crate) fn slot(&self, device_id: &str) -> Option<Arc<Slot>> {
-        self.slots.get(device_id).map(|s| s.value().clone())
+        self.slots.0.get(device_id).map(|s| s.value().clone())
     }
 
     /// Devices with a live slot.
     pub fn devices(&self) -> usize {
-        self.slots.len()
+        self.slots.0.len()
     }
 }

@@ -16,6 +16,7 @@ mod supervisor;
 mod tests;
 
 pub use actor::{DeviceActor, DeviceArgs, DeviceContext, DeviceMsg};
+pub(crate) use directory::SlotMap;
 pub use directory::{Admission, Directory, SubmitError};
 pub use slot::Slot;
 pub use supervisor::{DeviceSupervisor, SupervisorArgs, SupervisorMsg};

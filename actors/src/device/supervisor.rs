@@ -9,11 +9,11 @@
 
 use super::directory::SlotMap;
 use super::{DeviceActor, DeviceArgs, DeviceContext, Slot};
+use crate::tuning::RESPAWN_DELAY;
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 /// The supervisor (configuration only).
@@ -36,7 +36,6 @@ pub struct SupervisorState {
     slots: SlotMap,
     children: HashMap<ActorId, Arc<Slot>>,
     idle_timeout: Duration,
-    sweeper: Option<JoinHandle<()>>,
 }
 
 /// Messages of the supervisor.
@@ -70,7 +69,7 @@ impl SupervisorState {
                 tracing::error!(device_id = %slot.device_id(), error = %e, "device actor failed to start; retrying");
                 let myself = myself.clone();
                 tokio::spawn(async move {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    tokio::time::sleep(RESPAWN_DELAY).await;
                     let _ = myself.cast(SupervisorMsg::Spawn(slot));
                 });
             }
@@ -81,8 +80,7 @@ impl SupervisorState {
         let now = Instant::now();
         for slot in self.children.values() {
             if let Some(actor) = slot.close_if_idle(now, self.idle_timeout) {
-                self.slots
-                    .remove_if(slot.device_id(), |_, s| Arc::ptr_eq(s, slot));
+                self.slots.unlist(slot);
                 self.ctx.metrics.device_evictions.inc();
                 actor.stop(Some("idle".into()));
             }
@@ -103,25 +101,14 @@ impl Actor for DeviceSupervisor {
         // Check a few times per timeout, so an idle actor lives at most ~1.25× the timeout.
         let every =
             (args.idle_timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(30));
-        let sweeper = myself.send_interval(every, || SupervisorMsg::Sweep);
+        // The interval task ends by itself when the supervisor stops.
+        myself.send_interval(every, || SupervisorMsg::Sweep);
         Ok(SupervisorState {
             ctx: args.ctx,
             slots: args.slots,
             children: HashMap::new(),
             idle_timeout: args.idle_timeout,
-            sweeper: Some(sweeper),
         })
-    }
-
-    async fn post_stop(
-        &self,
-        _myself: ActorRef<Self::Msg>,
-        state: &mut SupervisorState,
-    ) -> Result<(), ActorProcessingErr> {
-        if let Some(sweeper) = state.sweeper.take() {
-            sweeper.abort();
-        }
-        Ok(())
     }
 
     async fn handle(

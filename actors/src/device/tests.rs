@@ -5,20 +5,22 @@ use crate::event::Event;
 use crate::store::{analysis_key, EmbeddedStore, Store};
 use crate::{System, SystemConfig};
 use chrono::Utc;
+use prometheus_client::registry::Registry;
 use std::sync::Arc;
 use std::time::Duration;
 
-fn config(store: Store, idle: Duration) -> SystemConfig {
+fn config(idle: Duration) -> SystemConfig {
     SystemConfig {
         window_size: 1000,
-        anomaly_threshold: 2.0,
-        flush_interval: Duration::from_millis(5),
-        result_ttl: Duration::from_secs(300),
         device_idle_timeout: idle,
-        max_pending_events: 100_000,
-        max_device_labels: 100,
-        store,
+        ..SystemConfig::default()
     }
+}
+
+async fn start(config: SystemConfig, store: &Store) -> System {
+    System::start(config, store.clone(), Registry::default())
+        .await
+        .expect("start")
 }
 
 fn event(rps: f64) -> Event {
@@ -54,9 +56,7 @@ async fn wait_samples(store: &Store, device: &str, samples: u64) -> serde_json::
 #[tokio::test]
 async fn supervisor_restarts_a_failed_device_actor_and_the_window_continues() {
     let store = Store::Embedded(Arc::new(EmbeddedStore::new()));
-    let system = System::start(config(store.clone(), Duration::from_secs(600)))
-        .await
-        .expect("start");
+    let system = start(config(Duration::from_secs(600)), &store).await;
     let dir = system.directory();
     for x in [10.0, 20.0, 30.0] {
         dir.submit("d1", event(x)).expect("accepted");
@@ -95,9 +95,7 @@ async fn supervisor_restarts_a_failed_device_actor_and_the_window_continues() {
 async fn idle_device_actors_are_evicted_and_restored_on_the_next_event() {
     let store = Store::Embedded(Arc::new(EmbeddedStore::new()));
     let idle = Duration::from_secs(60);
-    let system = System::start(config(store.clone(), idle))
-        .await
-        .expect("start");
+    let system = start(config(idle), &store).await;
     let dir = system.directory();
     dir.submit("sleepy", event(1.0)).expect("accepted");
     dir.submit("sleepy", event(3.0)).expect("accepted");
@@ -127,11 +125,7 @@ async fn idle_device_actors_are_evicted_and_restored_on_the_next_event() {
 async fn events_racing_eviction_are_never_lost() {
     let store = Store::Embedded(Arc::new(EmbeddedStore::new()));
     // Evict almost immediately, so that submissions keep racing actor stops.
-    let system = Arc::new(
-        System::start(config(store.clone(), Duration::from_millis(1)))
-            .await
-            .expect("start"),
-    );
+    let system = Arc::new(start(config(Duration::from_millis(1)), &store).await);
     let devices = 8;
     let per_device = 150;
     let mut tasks = Vec::new();
@@ -172,9 +166,9 @@ async fn events_racing_eviction_are_never_lost() {
 #[tokio::test]
 async fn submissions_beyond_the_pending_bound_are_refused() {
     let store = Store::Embedded(Arc::new(EmbeddedStore::new()));
-    let mut cfg = config(store, Duration::from_secs(600));
+    let mut cfg = config(Duration::from_secs(600));
     cfg.max_pending_events = 2;
-    let system = System::start(cfg).await.expect("start");
+    let system = start(cfg, &store).await;
     let dir = system.directory();
     // Submitted synchronously, without yielding: the device actor cannot run in between.
     assert!(dir.submit("a", event(1.0)).is_ok());

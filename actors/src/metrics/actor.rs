@@ -15,6 +15,11 @@ use std::sync::Arc;
 /// Label under which anomalies of devices past the cap are counted.
 pub const OTHER_DEVICES: &str = "__other__";
 
+/// The registry could not be encoded.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the metrics could not be encoded")]
+pub struct ScrapeError;
+
 /// The metrics actor (configuration only).
 #[derive(Debug, Default)]
 pub struct MetricsActor;
@@ -42,7 +47,7 @@ pub enum MetricsMsg {
     /// One anomalous event of this device.
     Anomaly(Arc<str>),
     /// Encode the registry in the exposition format.
-    Scrape(RpcReplyPort<String>),
+    Scrape(RpcReplyPort<Result<String, ScrapeError>>),
 }
 
 impl Actor for MetricsActor {
@@ -81,17 +86,21 @@ impl Actor for MetricsActor {
                 };
                 state
                     .metrics
-                    .anomalies
+                    .anomalies_detected
                     .get_or_create(&DeviceLabel { device_id: label })
                     .inc();
             }
             MetricsMsg::Scrape(reply) => {
                 state.metrics.process.refresh();
                 let mut body = String::with_capacity(16 * 1024);
-                encode(&mut body, &state.registry)?;
-                if !reply.is_closed() {
-                    reply.send(body)?;
+                // Encoding into a String fails only if a label value's encoder does; the
+                // scrape then answers an error, and this actor, unsupervised, stays up.
+                let encoded = encode(&mut body, &state.registry).map(|()| body);
+                if let Err(e) = &encoded {
+                    tracing::error!(error = %e, "encoding the metrics failed");
                 }
+                // A scraper that hung up is no reason to stop: ignore a closed port.
+                let _ = reply.send(encoded.map_err(|_| ScrapeError));
             }
         }
         Ok(())

@@ -2,6 +2,7 @@
 //! each scrape, so dashboards can chart CPU and memory per pod from the service's own
 //! exposition. Elsewhere than Linux they stay at zero.
 
+use super::register;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
@@ -24,32 +25,38 @@ pub struct ProcessMetrics {
 impl ProcessMetrics {
     /// Registers the families; the start time is now.
     pub fn register(registry: &mut Registry) -> Self {
-        let m = Self::default();
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs_f64())
             .unwrap_or(0.0);
+        let r = registry;
+        let m = Self {
+            cpu_seconds: register(
+                r,
+                "process_cpu_seconds",
+                "User and system CPU time spent",
+                Counter::default(),
+            ),
+            resident_bytes: register(
+                r,
+                "process_resident_memory_bytes",
+                "Resident memory size",
+                Gauge::default(),
+            ),
+            open_fds: register(
+                r,
+                "process_open_fds",
+                "Open file descriptors",
+                Gauge::default(),
+            ),
+            start_time: register(
+                r,
+                "process_start_time_seconds",
+                "Start time of the process since the Unix epoch",
+                Gauge::default(),
+            ),
+        };
         m.start_time.set(now);
-        registry.register(
-            "process_cpu_seconds",
-            "User and system CPU time spent",
-            m.cpu_seconds.clone(),
-        );
-        registry.register(
-            "process_resident_memory_bytes",
-            "Resident memory size",
-            m.resident_bytes.clone(),
-        );
-        registry.register(
-            "process_open_fds",
-            "Open file descriptors",
-            m.open_fds.clone(),
-        );
-        registry.register(
-            "process_start_time_seconds",
-            "Start time since the Unix epoch",
-            m.start_time.clone(),
-        );
         m
     }
 

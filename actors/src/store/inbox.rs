@@ -10,9 +10,20 @@
 //! A `std::sync::Mutex`: every critical section is a map insert, lookup or swap, never an
 //! `.await`.
 
-use super::writer::Record;
+use crate::analytics::Window;
+use crate::event::Analysis;
+use crate::tuning::FLUSH_EARLY_AT;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+/// What a device actor hands the writer after each event.
+#[derive(Debug, Clone)]
+pub struct Record {
+    /// The analysis, stored under `analysis:{id}`.
+    pub analysis: Analysis,
+    /// The window after the event, stored under `window:{id}`.
+    pub window: Arc<Window>,
+}
 
 /// Results per device, newest only.
 pub type Batch = HashMap<Arc<str>, Record>;
@@ -29,12 +40,13 @@ impl Inbox {
         self.results.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Deposits a result, replacing an older one of the same device; returns how many
-    /// devices are waiting.
-    pub fn put(&self, record: Record) -> usize {
+    /// Deposits a result, replacing an older one of the same device. Returns true when
+    /// enough devices wait that the writer should flush now rather than at its next tick.
+    #[must_use = "a full inbox must be flushed early"]
+    pub fn put(&self, record: Record) -> bool {
         let mut results = self.lock();
         results.insert(record.analysis.device_id.clone(), record);
-        results.len()
+        results.len() >= FLUSH_EARLY_AT
     }
 
     /// Takes everything waiting.

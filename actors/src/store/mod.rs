@@ -3,7 +3,7 @@
 //! [`Store`] is an enum over the two backends rather than a trait object: there are
 //! exactly two, the calls are async, and an enum keeps them monomorphic and cheap to
 //! clone. Both have the same semantics: `SET key value` with an expiry on every write,
-//! `GET key`. The [`writer`] actor is the only writer; the HTTP front end only reads.
+//! `GET key`. The writer actor ([`WriterActor`]) is the only writer; the HTTP front end only reads.
 //!
 //! Keys (the same as the original service's for analyses):
 //! - `analysis:{device_id}`: the `/analyze` JSON.
@@ -13,11 +13,11 @@
 mod embedded;
 mod inbox;
 mod redis;
-pub mod snapshot;
-pub mod writer;
+mod snapshot;
+mod writer;
 
 pub use embedded::EmbeddedStore;
-pub use inbox::Inbox;
+pub use inbox::{Batch, Inbox, Record};
 pub use redis::RedisStore;
 pub use snapshot::{SnapshotError, WindowSnapshot};
 pub use writer::{StoreHealth, WriterActor, WriterArgs, WriterMsg};
@@ -42,10 +42,10 @@ pub enum StoreError {
     /// Redis answered with an error or the connection failed.
     #[error("redis: {0}")]
     Redis(#[from] bb8_redis::redis::RedisError),
-    /// No pooled connection could be had in time.
-    #[error("redis pool: {0}")]
-    Pool(String),
-    /// The store did not answer within the deadline.
+    /// A task running a store operation panicked or was cancelled.
+    #[error("store task failed: {0}")]
+    TaskFailed(#[from] tokio::task::JoinError),
+    /// The store did not answer within the deadline (a pooled connection included).
     #[error("store timed out after {0:?}")]
     Timeout(Duration),
     /// A stored window could not be decoded.

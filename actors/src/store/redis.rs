@@ -87,11 +87,11 @@ impl RedisStore {
         F: FnOnce(MultiplexedConnection) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
-        let mut conn: PooledConnection<'_, Manager> = self
-            .pool
-            .get()
-            .await
-            .map_err(|e| StoreError::Pool(e.to_string()))?;
+        let mut conn: PooledConnection<'_, Manager> =
+            self.pool.get().await.map_err(|e| match e {
+                bb8::RunError::User(e) => StoreError::Redis(e),
+                bb8::RunError::TimedOut => StoreError::Timeout(self.timeout),
+            })?;
         let result = tokio::time::timeout(self.timeout, op(conn.inner.clone())).await;
         match result {
             Ok(Ok(value)) => Ok(value),
@@ -141,7 +141,7 @@ impl RedisStore {
                     first_error.get_or_insert(e);
                 }
                 Err(join) => {
-                    first_error.get_or_insert(StoreError::Pool(join.to_string()));
+                    first_error.get_or_insert(StoreError::TaskFailed(join));
                 }
             }
         }

@@ -15,37 +15,16 @@
 
 use super::inbox::{Batch, Inbox};
 use super::{analysis_key, window_key, Store, StoreError, WindowSnapshot};
-use crate::analytics::Window;
-use crate::event::Analysis;
 use crate::metrics::Metrics;
+use crate::tuning::{
+    EMBEDDED_PURGE_EVERY, STORE_MAX_BACKOFF, STORE_MIN_BACKOFF, STORE_PROBE_EVERY,
+};
 use bytes::Bytes;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
-
-/// Devices waiting before a flush starts without waiting for the timer.
-pub const MAX_BATCH: usize = 8192;
-/// First retry delay after a failed flush; doubles up to [`MAX_BACKOFF`].
-const MIN_BACKOFF: Duration = Duration::from_millis(50);
-/// Longest retry delay.
-const MAX_BACKOFF: Duration = Duration::from_secs(2);
-/// Probe the store when nothing else has touched it for this long, so that `/ready`
-/// reflects a failure within about a second even when no events arrive.
-const PROBE_EVERY: Duration = Duration::from_millis(250);
-/// How often the embedded store drops expired keys.
-const PURGE_EVERY: Duration = Duration::from_secs(1);
-
-/// What a device actor hands the writer after each event.
-#[derive(Debug, Clone)]
-pub struct Record {
-    /// The analysis, stored under `analysis:{id}`.
-    pub analysis: Analysis,
-    /// The window after the event, stored under `window:{id}`.
-    pub window: Arc<Window>,
-}
 
 /// Whether the store answered the last contact; read by `/ready`.
 #[derive(Debug, Clone)]
@@ -101,7 +80,6 @@ pub struct WriterState {
     last_contact: Instant,
     last_purge: Instant,
     drain_waiters: Vec<RpcReplyPort<()>>,
-    ticker: Option<JoinHandle<()>>,
 }
 
 /// Messages of the writer.
@@ -117,7 +95,7 @@ pub enum WriterMsg {
     /// A device actor is starting: its window, as the store will hold it.
     LoadWindow(
         Arc<str>,
-        RpcReplyPort<Result<Option<WindowSnapshot>, String>>,
+        RpcReplyPort<Result<Option<WindowSnapshot>, StoreError>>,
     ),
     /// Shutdown: flush everything now, answer when nothing is pending.
     Drain(RpcReplyPort<()>),
@@ -174,7 +152,7 @@ impl WriterState {
     fn maybe_probe(&mut self, myself: &ActorRef<WriterMsg>, now: Instant) {
         if self.probing
             || self.inflight.is_some()
-            || now.duration_since(self.last_contact) < PROBE_EVERY
+            || now.duration_since(self.last_contact) < STORE_PROBE_EVERY
         {
             return;
         }
@@ -228,7 +206,8 @@ impl Actor for WriterActor {
         let up = matches!(args.store, Store::Embedded(_));
         args.health.up.store(up, Ordering::Relaxed);
         args.metrics.store_up.set(i64::from(up));
-        let ticker = myself.send_interval(args.flush_interval, || WriterMsg::Tick);
+        // The interval task ends by itself when this actor stops.
+        myself.send_interval(args.flush_interval, || WriterMsg::Tick);
         Ok(WriterState {
             store: args.store,
             ttl: args.ttl,
@@ -236,25 +215,13 @@ impl Actor for WriterActor {
             health: args.health,
             inbox: args.inbox,
             inflight: None,
-            backoff: MIN_BACKOFF,
+            backoff: STORE_MIN_BACKOFF,
             retry_at: None,
             probing: false,
-            last_contact: now.checked_sub(PROBE_EVERY).unwrap_or(now),
+            last_contact: now.checked_sub(STORE_PROBE_EVERY).unwrap_or(now),
             last_purge: now,
             drain_waiters: Vec::new(),
-            ticker: Some(ticker),
         })
-    }
-
-    async fn post_stop(
-        &self,
-        _myself: ActorRef<Self::Msg>,
-        state: &mut WriterState,
-    ) -> Result<(), ActorProcessingErr> {
-        if let Some(ticker) = state.ticker.take() {
-            ticker.abort();
-        }
-        Ok(())
     }
 
     async fn handle(
@@ -267,7 +234,7 @@ impl Actor for WriterActor {
             WriterMsg::Flush => state.maybe_flush(&myself, Instant::now()),
             WriterMsg::Tick => {
                 let now = Instant::now();
-                if now.duration_since(state.last_purge) >= PURGE_EVERY {
+                if now.duration_since(state.last_purge) >= EMBEDDED_PURGE_EVERY {
                     state.last_purge = now;
                     state.store.purge_expired();
                 }
@@ -281,12 +248,13 @@ impl Actor for WriterActor {
                 let batch = state.inflight.take();
                 state
                     .metrics
-                    .store_write_duration
+                    .store_write_duration_seconds
                     .observe(elapsed.as_secs_f64());
                 match result {
                     Ok(records) => {
-                        state.metrics.store_writes.inc_by(2 * records as u64);
-                        state.backoff = MIN_BACKOFF;
+                        state.metrics.store_flushes.inc();
+                        state.metrics.store_keys_written.inc_by(2 * records as u64);
+                        state.backoff = STORE_MIN_BACKOFF;
                         state.retry_at = None;
                         state.set_up(true);
                     }
@@ -299,7 +267,7 @@ impl Actor for WriterActor {
                             state.inbox.restore(batch);
                         }
                         state.retry_at = Some(now + state.backoff);
-                        state.backoff = (state.backoff * 2).min(MAX_BACKOFF);
+                        state.backoff = (state.backoff * 2).min(STORE_MAX_BACKOFF);
                         state.set_up(false);
                     }
                 }
@@ -316,7 +284,7 @@ impl Actor for WriterActor {
                     Ok(()) => {
                         // Redis is back: retry at once rather than after the backoff.
                         state.retry_at = None;
-                        state.backoff = MIN_BACKOFF;
+                        state.backoff = STORE_MIN_BACKOFF;
                         state.set_up(true);
                     }
                     Err(e) => {
@@ -342,7 +310,7 @@ impl Actor for WriterActor {
                 } else {
                     let store = state.store.clone();
                     tokio::spawn(async move {
-                        let loaded = store.load_window(&device).await.map_err(|e| e.to_string());
+                        let loaded = store.load_window(&device).await;
                         if !reply.is_closed() {
                             let _ = reply.send(loaded);
                         }

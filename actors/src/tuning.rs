@@ -1,0 +1,40 @@
+//! The fixed timings of the service: deadlines, retry and probe periods that are not
+//! settings (an operator has no reason to change them), named in one place so that
+//! nothing in the code carries an unexplained duration.
+
+use std::time::Duration;
+
+/// Deadline of one Redis operation (a pooled checkout included). Also bounds how fast
+/// `/ready` sees a hanging store: a probe that does not answer within it fails.
+pub const STORE_OP_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// First retry delay after a failed flush; doubles up to [`STORE_MAX_BACKOFF`].
+pub const STORE_MIN_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Longest retry delay after failed flushes.
+pub const STORE_MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// The writer probes the store when nothing else touched it for this long, so that
+/// `/ready` reflects a failure within about a second even when no events arrive.
+pub const STORE_PROBE_EVERY: Duration = Duration::from_millis(250);
+
+/// How often the embedded store drops expired keys.
+pub const EMBEDDED_PURGE_EVERY: Duration = Duration::from_secs(1);
+
+/// Devices waiting in the writer's inbox before a flush starts without waiting for the
+/// timer: bounds one pipelined flush.
+pub const FLUSH_EARLY_AT: usize = 8192;
+
+/// How long a starting device actor waits for its persisted window before it starts
+/// empty (and counts a restore failure).
+pub const WINDOW_RESTORE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long a request to one of the long-lived actors (a scrape, a count) may take.
+pub const ACTOR_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Events a device actor processes per wake-up before yielding its worker thread, so one
+/// busy device cannot hold a thread.
+pub const EVENTS_PER_TURN: usize = 256;
+
+/// Delay before a device actor that failed to start is spawned again.
+pub const RESPAWN_DELAY: Duration = Duration::from_millis(100);

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Every test of the workspace, on a fresh machine: installs what the tests need when it
+# can (as root, with apt-get), says in one line what to install when it cannot, then runs
+# `cargo test --workspace` (extra arguments are passed on, e.g. a test name filter).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# The integration tests start a real redis-server (and use redis-cli) on free ports.
+NEEDED=(redis-server)
+missing=()
+for pkg in "${NEEDED[@]}"; do
+  command -v "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "--- installing ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  else
+    echo "the tests need ${missing[*]}: run 'sudo apt-get install -y ${missing[*]}' (or your system's equivalent) and try again" >&2
+    exit 1
+  fi
+fi
+
+# anyhow would capture a backtrace per error; the tests do not need them.
+export RUST_BACKTRACE=0
+exec cargo test --workspace "$@"

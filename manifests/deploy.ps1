@@ -1,6 +1,7 @@
 # Deploys iot-stream-processor with monitoring to the current kubectl context (Windows).
 # The same steps as deploy.sh: build the image, install kube-prometheus-stack with Helm,
-# create the Redis password once, apply the manifests with kustomize, wait for rollout.
+# create the Redis password and the cluster token once, apply the manifests with
+# kustomize, wait for rollout.
 # Idempotent. Parameters mirror deploy.sh's environment variables.
 [CmdletBinding()]
 param(
@@ -53,16 +54,30 @@ Invoke-Checked {
         --set grafana.sidecar.dashboards.searchNamespace=ALL
 }
 
-Step "namespace and Redis password"
+# 32 random bytes as 64 hex digits, like `openssl rand -hex 32` in deploy.sh.
+function New-RandomHex {
+    $bytes = New-Object byte[] 32
+    [System.Security.Cryptography.RandomNumberGenerator]::Create().GetBytes($bytes)
+    -join ($bytes | ForEach-Object { $_.ToString("x2") })
+}
+
+Step "namespace, Redis password and cluster token"
 Invoke-Checked { kubectl apply -f namespace.yaml }
 kubectl -n $Namespace get secret redis-auth *> $null
 if ($LASTEXITCODE -ne 0) {
-    $bytes = New-Object byte[] 32
-    [System.Security.Cryptography.RandomNumberGenerator]::Create().GetBytes($bytes)
-    $password = -join ($bytes | ForEach-Object { $_.ToString("x2") })
+    $password = New-RandomHex
     Invoke-Checked { kubectl -n $Namespace create secret generic redis-auth --from-literal=password=$password }
 } else {
     Write-Host "secret redis-auth exists; keeping its password"
+}
+# Never replaced: running pods keep the token they started with, and pods with different
+# tokens refuse each other's forwarded events.
+kubectl -n $Namespace get secret cluster-token *> $null
+if ($LASTEXITCODE -ne 0) {
+    $token = New-RandomHex
+    Invoke-Checked { kubectl -n $Namespace create secret generic cluster-token --from-literal=token=$token }
+} else {
+    Write-Host "secret cluster-token exists; keeping its token"
 }
 
 Step "applying manifests"

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Deploys iot-stream-processor with monitoring to the current kubectl context:
 # builds the image, installs kube-prometheus-stack with Helm, creates the Redis password
-# once, applies the manifests with kustomize and waits for the rollout. Idempotent: run it
-# again after a change.
+# and the cluster token once, applies the manifests with kustomize and waits for the
+# rollout. Idempotent: run it again after a change.
 #
 # Environment: IMAGE (default iot-stream-processor:latest), MONITORING_NAMESPACE
 # (default monitoring), SKIP_BUILD=1 to use an image already in the cluster's registry,
@@ -45,13 +45,21 @@ helm upgrade --install kube-prometheus-stack prometheus-community/kube-prometheu
   --set grafana.sidecar.dashboards.enabled=true \
   --set grafana.sidecar.dashboards.searchNamespace=ALL
 
-step "namespace and Redis password"
+step "namespace, Redis password and cluster token"
 kubectl apply -f namespace.yaml
 if ! kubectl -n "$NS" get secret redis-auth >/dev/null 2>&1; then
   need openssl "to generate the Redis password"
   kubectl -n "$NS" create secret generic redis-auth --from-literal=password="$(openssl rand -hex 32)"
 else
   echo "secret redis-auth exists; keeping its password"
+fi
+# Never replaced: running pods keep the token they started with, and pods with different
+# tokens refuse each other's forwarded events.
+if ! kubectl -n "$NS" get secret cluster-token >/dev/null 2>&1; then
+  need openssl "to generate the cluster token"
+  kubectl -n "$NS" create secret generic cluster-token --from-literal=token="$(openssl rand -hex 32)"
+else
+  echo "secret cluster-token exists; keeping its token"
 fi
 
 step "applying manifests"

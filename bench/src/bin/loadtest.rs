@@ -1,9 +1,12 @@
 //! Load generator for `POST /metric`: the original `loadtest URL threads connections
 //! duration`, with real keep-alive connections, a fixed-rate mode free of coordinated
-//! omission, realistic events, and HDR-histogram latencies.
+//! omission, realistic events, and HDR-histogram latencies. A run whose success rate is
+//! below `--min-success` (95 % by default) exits 1 after printing its failure breakdown.
 #![forbid(unsafe_code)]
 
 use anyhow::{bail, Context};
+use bench::failure::{Failure, Failures, RequestError};
+use bench::report::{self, FailureBreakdown, Latency, Report, DEFAULT_MIN_SUCCESS_PERCENT};
 use bench::{event_body, Baseline, Rng};
 use bytes::Bytes;
 use clap::Parser;
@@ -12,7 +15,6 @@ use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper::{Method, Request, Uri};
 use hyper_util::rt::TokioIo;
-use serde::Serialize;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -30,7 +32,7 @@ struct Args {
     #[arg(default_value_t = 1)]
     threads: usize,
     /// Keep-alive connections, each with one request in flight.
-    #[arg(default_value_t = 64)]
+    #[arg(default_value_t = 64, value_parser = at_least_one)]
     connections: usize,
     /// How long to run (humantime: 10s, 1m).
     #[arg(default_value = "10s", value_parser = humantime_duration)]
@@ -40,7 +42,7 @@ struct Args {
     #[arg(long)]
     rate: Option<f64>,
     /// Distinct device ids.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
     devices: u64,
     /// Share of events that are spikes (5–10× the device's baseline rps).
     #[arg(long, default_value_t = 0.01)]
@@ -56,9 +58,13 @@ struct Args {
     /// poll /analyze until it shows.
     #[arg(long, default_value_t = 0)]
     visibility_probes: u64,
-    /// Exit non-zero when the success rate (percent) is below this.
-    #[arg(long, default_value_t = 0.0)]
+    /// Exit 1 when the share of 2xx answers (percent) is below this; 0 accepts any.
+    #[arg(long, default_value_t = DEFAULT_MIN_SUCCESS_PERCENT, value_parser = percent)]
     min_success: f64,
+    /// Longest wait for one answer (connecting included); then it counts as "timed out".
+    /// Bounds the run even when the server hangs.
+    #[arg(long, default_value = "10s", value_parser = humantime_duration)]
+    timeout: Duration,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -70,6 +76,22 @@ fn humantime_duration(s: &str) -> Result<Duration, String> {
         return Ok(Duration::from_secs(secs));
     }
     humantime::parse_duration(s).map_err(|e| e.to_string())
+}
+
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        Ok(_) => Err("must be at least 1".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn percent(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(p) if (0.0..=100.0).contains(&p) => Ok(p),
+        Ok(_) => Err("must be between 0 and 100".into()),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 struct Target {
@@ -85,57 +107,18 @@ struct Counters {
     failed: AtomicU64,
 }
 
+/// What one connection measured; merged into the report at the end.
 struct Worker {
     hist: Histogram<u64>,
     ok: u64,
-    failed: u64,
+    failures: Failures,
 }
 
-#[derive(Serialize)]
-struct Report {
-    url: String,
-    connections: usize,
-    threads: usize,
-    rate: Option<f64>,
-    devices: u64,
-    duration_s: f64,
-    total: u64,
-    successful: u64,
-    failed: u64,
-    success_rate: f64,
-    requests_per_sec: f64,
-    latency_ms: Latency,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    visibility_ms: Option<Latency>,
-}
-
-#[derive(Serialize)]
-struct Latency {
-    min: f64,
-    avg: f64,
-    p50: f64,
-    p95: f64,
-    p99: f64,
-    max: f64,
-}
-
-impl Latency {
-    fn of(h: &Histogram<u64>) -> Self {
-        let ms = |us: u64| us as f64 / 1000.0;
-        Self {
-            min: ms(h.min()),
-            avg: h.mean() / 1000.0,
-            p50: ms(h.value_at_quantile(0.50)),
-            p95: ms(h.value_at_quantile(0.95)),
-            p99: ms(h.value_at_quantile(0.99)),
-            max: ms(h.max()),
-        }
-    }
-}
-
-async fn connect(target: &Target) -> anyhow::Result<SendRequest<Full<Bytes>>> {
-    let stream = TcpStream::connect(target.addr).await?;
-    stream.set_nodelay(true)?;
+async fn connect(target: &Target) -> Result<SendRequest<Full<Bytes>>, RequestError> {
+    let stream = TcpStream::connect(target.addr)
+        .await
+        .map_err(RequestError::Connect)?;
+    stream.set_nodelay(true).map_err(RequestError::Connect)?;
     let (sender, conn) = http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(async move {
         let _ = conn.await;
@@ -150,7 +133,7 @@ async fn send(
     method: Method,
     path: &str,
     body: Option<String>,
-) -> anyhow::Result<(u16, Bytes)> {
+) -> Result<(u16, Bytes), RequestError> {
     sender.ready().await?;
     let mut req = Request::builder()
         .method(method)
@@ -159,7 +142,9 @@ async fn send(
     if body.is_some() {
         req = req.header(hyper::header::CONTENT_TYPE, "application/json");
     }
-    let req = req.body(Full::new(Bytes::from(body.unwrap_or_default())))?;
+    let req = req
+        .body(Full::new(Bytes::from(body.unwrap_or_default())))
+        .map_err(RequestError::Build)?;
     let response = sender.send_request(req).await?;
     let status = response.status().as_u16();
     let bytes = response.into_body().collect().await?.to_bytes();
@@ -171,6 +156,8 @@ struct Plan {
     start: Instant,
     /// Per connection, the gap between intended sends (open loop).
     interval: Option<Duration>,
+    /// Longest wait for one answer, connecting included.
+    timeout: Duration,
     requests: Option<u64>,
     next_request: AtomicU64,
     devices: u64,
@@ -186,9 +173,10 @@ async fn run_connection(
     counters: Arc<Counters>,
 ) -> Worker {
     let mut worker = Worker {
+        // Constant bounds that hdrhistogram accepts (low ≥ 1, high ≥ 2 × low).
         hist: Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds"),
         ok: 0,
-        failed: 0,
+        failures: Failures::default(),
     };
     let mut rng = Rng::new(0x5EED ^ (id as u64 + 1).wrapping_mul(0x9E37_79B9));
     let mut sender = None;
@@ -228,22 +216,16 @@ async fn run_connection(
         let (rps, cpu) = Baseline::of_device(device).reading(&mut rng, plan.spike_share);
         let body = event_body(device, rps, cpu);
         counters.sent.fetch_add(1, Ordering::Relaxed);
-        let result = match sender.as_mut() {
-            Some(s) => send(s, &target, Method::POST, &target.path, Some(body)).await,
-            None => match connect(&target).await {
-                Ok(s) => {
-                    send(
-                        sender.insert(s),
-                        &target,
-                        Method::POST,
-                        &target.path,
-                        Some(body),
-                    )
-                    .await
-                }
-                Err(e) => Err(e),
-            },
+        let exchange = async {
+            let s = match sender.as_mut() {
+                Some(s) => s,
+                None => sender.insert(connect(&target).await?),
+            };
+            send(s, &target, Method::POST, &target.path, Some(body)).await
         };
+        let result = tokio::time::timeout(plan.timeout, exchange)
+            .await
+            .unwrap_or(Err(RequestError::Timeout));
         let micros = measured_from.elapsed().as_micros().max(1) as u64;
         match result {
             Ok((status, _)) if (200..300).contains(&status) => {
@@ -251,14 +233,15 @@ async fn run_connection(
                 counters.ok.fetch_add(1, Ordering::Relaxed);
                 let _ = worker.hist.record(micros);
             }
-            Ok(_) => {
-                worker.failed += 1;
+            Ok((status, _)) => {
+                worker.failures.record(Failure::Status(status));
                 counters.failed.fetch_add(1, Ordering::Relaxed);
                 let _ = worker.hist.record(micros);
             }
-            Err(_) => {
-                worker.failed += 1;
+            Err(e) => {
+                worker.failures.record(e.failure());
                 counters.failed.fetch_add(1, Ordering::Relaxed);
+                // The connection is in an unknown state (or was never made): start anew.
                 sender = None;
                 // Do not spin on a refused connection.
                 tokio::time::sleep(Duration::from_millis(10)).await;
@@ -335,9 +318,6 @@ async fn resolve(url: &str) -> anyhow::Result<Target> {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    if args.connections == 0 || args.devices == 0 {
-        bail!("connections and devices must be at least 1");
-    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.threads.max(1))
         .enable_all()
@@ -355,6 +335,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .rate
             .filter(|r| *r > 0.0)
             .map(|r| Duration::from_secs_f64(args.connections as f64 / r)),
+        timeout: args.timeout,
         requests: args.requests,
         next_request: AtomicU64::new(0),
         devices: args.devices,
@@ -406,21 +387,23 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
 
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-    let (mut ok, mut failed) = (0, 0);
+    let mut ok = 0;
+    let mut failures = Failures::default();
     for w in workers {
         let w = w.await?;
         hist.add(&w.hist)?;
         ok += w.ok;
-        failed += w.failed;
+        failures.merge(&w.failures);
     }
     let elapsed = start.elapsed().as_secs_f64();
     plan.stop.store(true, Ordering::Relaxed);
     let visibility = match visibility {
-        Some(handle) => Some(Latency::of(&handle.await??)),
+        Some(handle) => Latency::of(&handle.await??),
         None => None,
     };
     progress.abort();
 
+    let failed = failures.total();
     let total = ok + failed;
     let report = Report {
         url: args.url.clone(),
@@ -432,48 +415,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
         total,
         successful: ok,
         failed,
-        success_rate: if total == 0 {
-            0.0
-        } else {
-            100.0 * ok as f64 / total as f64
-        },
+        success_rate: report::success_rate(ok, total),
         requests_per_sec: ok as f64 / elapsed,
         latency_ms: Latency::of(&hist),
+        failures: FailureBreakdown::from(&failures),
         visibility_ms: visibility,
     };
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
-        print_text(&report);
+        print!("{}", report.to_text());
     }
-    if report.success_rate < args.min_success {
-        bail!(
-            "success rate {:.3}% is below --min-success {}%",
-            report.success_rate,
-            args.min_success
-        );
-    }
+    report.check(args.min_success)?;
     Ok(())
-}
-
-fn print_text(r: &Report) {
-    let l = &r.latency_ms;
-    println!("Duration:        {:.2}s", r.duration_s);
-    println!("Total requests:  {}", r.total);
-    println!("Successful:      {}", r.successful);
-    println!("Failed:          {}", r.failed);
-    println!("Success rate:    {:.3}%", r.success_rate);
-    println!("Requests/sec:    {:.1}", r.requests_per_sec);
-    println!(
-        "Latency (ms):    min {:.3}  avg {:.3}  p50 {:.3}  p95 {:.3}  p99 {:.3}  max {:.3}",
-        l.min, l.avg, l.p50, l.p95, l.p99, l.max
-    );
-    if let Some(v) = &r.visibility_ms {
-        println!(
-            "Event→visible (ms): min {:.3}  p50 {:.3}  p95 {:.3}  p99 {:.3}  max {:.3}",
-            v.min, v.p50, v.p95, v.p99, v.max
-        );
-    }
 }
 
 #[cfg(test)]
@@ -492,5 +446,44 @@ mod tests {
             Some(Duration::from_secs(120))
         );
         assert!(humantime_duration("soon").is_err());
+    }
+
+    #[test]
+    fn the_originals_positional_arguments_and_the_defaults() {
+        let a = Args::try_parse_from(["loadtest", "http://127.0.0.1:8080/metric", "2", "32", "30"])
+            .expect("valid");
+        assert_eq!((a.threads, a.connections), (2, 32));
+        assert_eq!(a.duration, Duration::from_secs(30));
+        // Failures beyond 5 % fail the run unless the caller says otherwise.
+        assert_eq!(a.min_success, 95.0);
+        assert_eq!(a.timeout, Duration::from_secs(10));
+        assert!(!a.json);
+    }
+
+    #[test]
+    fn bad_arguments_are_refused_by_the_parser() {
+        let parse = |extra: &[&str]| {
+            Args::try_parse_from(["loadtest", "http://127.0.0.1:1"].iter().chain(extra))
+        };
+        assert_eq!(
+            parse(&["--min-success", "0"]).expect("valid").min_success,
+            0.0
+        );
+        for bad in [
+            &["--min-success", "101"][..],
+            &["--min-success=-1"],
+            &["--devices", "0"],
+            &["1", "0"],
+            &["--timeout", "soon"],
+        ] {
+            let err = parse(bad).expect_err("invalid");
+            assert_eq!(
+                err.kind(),
+                clap::error::ErrorKind::ValueValidation,
+                "{bad:?}"
+            );
+        }
+        let help = Args::try_parse_from(["loadtest", "--help"]).expect_err("help exits");
+        assert_eq!(help.kind(), clap::error::ErrorKind::DisplayHelp);
     }
 }

@@ -1,67 +1,104 @@
 #!/usr/bin/env bash
-# The benchmark: starts redis-server, the release service and the limit server on
-# loopback, runs every scenario, and prints a Markdown table (also written to
-# bench/results.md). Usage: bench/run.sh [SECONDS_PER_RUN]   (default 10)
+# The benchmark: builds the release binaries, starts redis-server, the service and the
+# limit server on free loopback ports, runs every scenario, and prints a Markdown table.
+#
+# Usage: bench/run.sh [--write] [SECONDS_PER_RUN]   (default 10)
+#   --write, or WRITE_RESULTS=1: also replace the tracked bench/results.md; otherwise the
+#     table goes to results.md in the run's log folder, whose path is printed.
+#   SVC_PORT, LIMIT_PORT, REDIS_PORT: fixed ports instead of free ones.
+#   READY_TIMEOUT (default 30): seconds to wait for a process to become ready.
+# Every process logs to its own file in one folder (printed at the end); when one dies or
+# does not get ready, or a load run fails, the script stops and shows that log's tail.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-SECS=${1:-10}
-REDIS_PORT=${REDIS_PORT:-16399}
-SVC=127.0.0.1:18080
-LIMIT=127.0.0.1:18081
-OUT=bench/results.md
-export RUST_BACKTRACE=0   # anyhow would capture a backtrace per error
-
-for tool in redis-server redis-cli python3; do
-  command -v "$tool" >/dev/null || { echo "bench needs $tool (apt-get install -y redis-server python3)" >&2; exit 1; }
+usage() { sed -n '5,9s/^# \{0,1\}//p' "$0"; }
+SECS=10
+WRITE=${WRITE_RESULTS:-0}
+for arg in "$@"; do
+  case $arg in
+    --write) WRITE=1 ;;
+    -h | --help) usage; exit 0 ;;
+    '' | *[!0-9]*) usage >&2; exit 2 ;;
+    *) SECS=$arg ;;
+  esac
 done
+((10#$SECS >= 1)) || { usage >&2; exit 2; }
 
-cargo build --release --workspace --bins -q
+. bench/common.sh
+need redis-server redis-cli python3 curl
+if [ "$WRITE" = 1 ]; then OUT=bench/results.md; else OUT=$BENCH_LOGS/results.md; fi
+
+build_release --workspace --bins
 BIN=target/release
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap cleanup EXIT
 
-redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no >/dev/null &
-PIDS+=("$!")
-until redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; do sleep 0.05; done
+read -r FREE1 FREE2 FREE3 <<<"$(free_ports 3)"
+SVC=127.0.0.1:${SVC_PORT:-$FREE1}
+LIMIT=127.0.0.1:${LIMIT_PORT:-$FREE2}
+REDIS_PORT=${REDIS_PORT:-$FREE3}
+echo "bench: service $SVC, limit server $LIMIT, redis 127.0.0.1:$REDIS_PORT; logs in $BENCH_LOGS" >&2
 
+start redis "$BENCH_LOGS/redis.log" \
+  redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no
+wait_ready redis "$LAST_PID" "$BENCH_LOGS/redis.log" redis_ok "$REDIS_PORT"
+
+start limit-server "$BENCH_LOGS/limit-server.log" "$BIN/limit-server" "$LIMIT"
+LIMIT_PID=$LAST_PID
+wait_ready limit-server "$LIMIT_PID" "$BENCH_LOGS/limit-server.log" http_ok "http://$LIMIT/metric"
+
+# start_service LOG: the release service on Redis; sets SVC_PID and SVC_LOG.
 start_service() {
-  LISTEN_ADDR=$SVC REDIS_URL="redis://127.0.0.1:$REDIS_PORT/" RUST_LOG=warn \
-    MAX_DEVICE_LABELS=100000 "$BIN/iot-processor" >/tmp/bench-service.log 2>&1 &
-  SVC_PID=$!
-  PIDS+=("$SVC_PID")
-  until curl -sf "http://$SVC/ready" >/dev/null; do sleep 0.05; done
+  SVC_LOG=$1
+  start iot-processor "$SVC_LOG" env LISTEN_ADDR="$SVC" REDIS_URL="redis://127.0.0.1:$REDIS_PORT/" \
+    RUST_LOG=warn MAX_DEVICE_LABELS=100000 "$BIN/iot-processor"
+  SVC_PID=$LAST_PID
+  wait_ready iot-processor "$SVC_PID" "$SVC_LOG" http_ok "http://$SVC/ready"
 }
-"$BIN/limit-server" "$LIMIT" 2>/dev/null &
-LIMIT_PID=$!
-PIDS+=("$LIMIT_PID")
-start_service
+start_service "$BENCH_LOGS/service.log"
 
 cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
 rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 redis_calls() {
-  redis-cli -p "$REDIS_PORT" info commandstats | tr -d '\r' |
+  timeout 5 redis-cli -p "$REDIS_PORT" info commandstats | tr -d '\r' |
     awk -F'[=:,]' '/^cmdstat_/ && $1 != "cmdstat_info" {s += $3} END {print s+0}'
 }
 json() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
+metric() { curl -s --max-time 5 "http://$SVC/metrics" | awk -v m="$1" '$1 == m {print $2}'; }
 
-# loadtest ADDR PID [flags…] → "rps cpu_us_per_req p50 p95 p99 max failed successful"
+# loadtest ARGS…: one run of the load generator with --json; its report in LOADTEST_JSON,
+# its progress lines in loadtest.log. A failed run (too many failed requests, by default
+# more than 5 %) stops the benchmark with the failure breakdown and the logs.
+loadtest() {
+  local log=$BENCH_LOGS/loadtest.log
+  echo "\$ loadtest $*" >>"$log"
+  if ! LOADTEST_JSON=$("$BIN/loadtest" "$@" --json 2>>"$log"); then
+    echo "bench: loadtest $* failed; its report:" >&2
+    echo "${LOADTEST_JSON:-(none)}" >&2
+    show_log "$log"
+    fail "load run failed (service log: $SVC_LOG)" "$SVC_LOG"
+  fi
+}
+
+# run ADDR PID [flags…]: a SECS-second run against ADDR, whose server is PID; sets RESULT to
+# "rps cpu_us_per_req p50 p95 p99 max failed successful".
 run() {
-  local addr=$1 pid=$2; shift 2
-  local t0 t1 out
+  local addr=$1 pid=$2 t0 t1
+  shift 2
+  alive "$pid" || fail "the server on $addr is not running"
   t0=$(cpu_ticks "$pid")
-  out=$("$BIN/loadtest" "http://$addr/metric" 1 64 "${SECS}s" --json "$@" 2>/dev/null)
+  loadtest "http://$addr/metric" 1 64 "${SECS}s" "$@"
   t1=$(cpu_ticks "$pid")
-  echo "$out" | json "f\"{d['requests_per_sec']:.0f} {($t1-$t0)/100*1e6/max(d['successful'],1):.1f} {d['latency_ms']['p50']:.3f} {d['latency_ms']['p95']:.3f} {d['latency_ms']['p99']:.3f} {d['latency_ms']['max']:.3f} {d['failed']} {d['successful']}\""
+  RESULT=$(json "f\"{d['requests_per_sec']:.0f} {($t1-$t0)/100*1e6/max(d['successful'],1):.1f} {d['latency_ms']['p50']:.3f} {d['latency_ms']['p95']:.3f} {d['latency_ms']['p99']:.3f} {d['latency_ms']['max']:.3f} {d['failed']} {d['successful']}\"" <<<"$LOADTEST_JSON")
 }
 median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
 echo "== 1+2. maximum throughput, closed loop, 64 connections, 1000 devices (service and limit alternating)" >&2
 svc_rps=(); lim_rps=(); svc_cpu=(); lim_cpu=()
 for round in 1 2 3; do
-  read -r r c _ <<<"$(run $SVC $SVC_PID --devices 1000)"; svc_rps+=("$r"); svc_cpu+=("$c")
-  read -r r c _ <<<"$(run $LIMIT $LIMIT_PID --devices 1000)"; lim_rps+=("$r"); lim_cpu+=("$c")
+  run "$SVC" "$SVC_PID" --devices 1000
+  read -r r c _ <<<"$RESULT"; svc_rps+=("$r"); svc_cpu+=("$c")
+  run "$LIMIT" "$LIMIT_PID" --devices 1000
+  read -r r c _ <<<"$RESULT"; lim_rps+=("$r"); lim_cpu+=("$c")
   echo "   round $round: service ${svc_rps[-1]} req/s, limit ${lim_rps[-1]} req/s" >&2
 done
 S_RPS=$(median "${svc_rps[@]}"); L_RPS=$(median "${lim_rps[@]}")
@@ -72,7 +109,8 @@ echo "== 3+6. fixed rates" >&2
 declare -A FIXED
 for rate in 1000 10000; do
   c0=$(redis_calls)
-  read -r r c p50 p95 p99 max failed ok <<<"$(run $SVC $SVC_PID --devices 1000 --rate $rate)"
+  run "$SVC" "$SVC_PID" --devices 1000 --rate "$rate"
+  read -r r c p50 p95 p99 max failed ok <<<"$RESULT"
   sleep 0.1
   c1=$(redis_calls)
   per_event=$(python3 -c "print(f'{($c1-$c0)/max($ok,1):.3f}')")
@@ -83,28 +121,29 @@ done
 # Coalescing at work: the same 10 000 req/s from 10 hot devices (1 000 events/s each,
 # 200 flushes/s), so most events of a device share a flush.
 c0=$(redis_calls)
-read -r _ _ _ _ _ _ _ HOT_OK <<<"$(run $SVC $SVC_PID --devices 10 --rate 10000)"
+run "$SVC" "$SVC_PID" --devices 10 --rate 10000
+read -r _ _ _ _ _ _ _ HOT_OK <<<"$RESULT"
 sleep 0.1
 c1=$(redis_calls)
 HOT_CMD=$(python3 -c "print(f'{($c1-$c0)/max($HOT_OK,1):.3f}')")
 echo "   10 000 req/s over 10 devices: redis cmds/event $HOT_CMD" >&2
 
 echo "== 4. event-to-visible latency at 1000 req/s" >&2
-VIS=$("$BIN/loadtest" "http://$SVC/metric" 1 64 "${SECS}s" --devices 1000 --rate 1000 --visibility-probes 200 --json 2>/dev/null |
-  json "f\"{d['visibility_ms']['p50']:.3f} {d['visibility_ms']['p99']:.3f} {d['visibility_ms']['max']:.3f}\"")
-read -r V50 V99 VMAX <<<"$VIS"
+loadtest "http://$SVC/metric" 1 64 "${SECS}s" --devices 1000 --rate 1000 --visibility-probes 200
+read -r V50 V99 VMAX <<<"$(json "f\"{d['visibility_ms']['p50']:.3f} {d['visibility_ms']['p99']:.3f} {d['visibility_ms']['max']:.3f}\"" <<<"$LOADTEST_JSON")"
 echo "   p50 $V50 ms, p99 $V99 ms" >&2
 
 echo "== 5. memory: 100 000 distinct devices, one event each (fresh service)" >&2
 kill "$SVC_PID"; wait "$SVC_PID" 2>/dev/null || true
-redis-cli -p "$REDIS_PORT" flushall >/dev/null
-start_service
+timeout 5 redis-cli -p "$REDIS_PORT" flushall >/dev/null
+start_service "$BENCH_LOGS/service-memory.log"
 RSS0=$(rss_kb "$SVC_PID")
-"$BIN/loadtest" "http://$SVC/metric" 1 64 120s --devices 100000 --requests 100000 --sequential --json >/dev/null 2>&1
-until [ "$(curl -s "http://$SVC/metrics" | awk '/^pending_events / {print $2}')" = "0" ]; do sleep 0.1; done
+loadtest "http://$SVC/metric" 1 64 120s --devices 100000 --requests 100000 --sequential
+pending_drained() { [ "$(metric pending_events)" = 0 ]; }
+wait_ready "iot-processor (draining pending events)" "$SVC_PID" "$SVC_LOG" pending_drained
 sleep 0.5
 RSS1=$(rss_kb "$SVC_PID")
-ACTORS=$(curl -s "http://$SVC/metrics" | awk '/^device_actors / {print $2}')
+ACTORS=$(metric device_actors)
 PER_DEVICE=$(python3 -c "print(f'{($RSS1-$RSS0)*1024/100000:.0f}')")
 echo "   RSS $RSS0 kB → $RSS1 kB with $ACTORS device actors: $PER_DEVICE bytes/device" >&2
 
@@ -123,3 +162,4 @@ read -r F10_50 F10_95 F10_99 F10_MAX F10_FAIL F10_OK F10_CMD F10_CPU <<<"${FIXED
 } | tee "$OUT"
 echo >&2
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(date -u +%Y-%m-%d); seconds per run: $SECS" | tee -a "$OUT"
+echo "bench: results written to $OUT" >&2

@@ -88,6 +88,79 @@ pub struct Config {
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// The cluster's members as a comma list of host:port (a DNS name such as a headless
+    /// Service's stands for every address it resolves to). Unset: a single node.
+    #[arg(long, env = "CLUSTER_PEERS", value_delimiter = ',')]
+    pub cluster_peers: Vec<String>,
+
+    /// This node's internal address as its peers reach it (in Kubernetes the pod IP
+    /// and the internal port); must be one of the addresses CLUSTER_PEERS resolves to.
+    #[arg(long, env = "CLUSTER_ADVERTISE_ADDR")]
+    pub cluster_advertise_addr: Option<SocketAddr>,
+
+    /// Address of the internal listener (forwarded events, handoffs, probes); never
+    /// behind the public Service or Ingress.
+    #[arg(long, env = "CLUSTER_LISTEN_ADDR", default_value = "0.0.0.0:8081")]
+    pub cluster_listen_addr: SocketAddr,
+
+    /// Shared secret every internal request carries (a Kubernetes Secret).
+    #[arg(long, env = "CLUSTER_TOKEN", hide_env_values = true)]
+    pub cluster_token: Option<String>,
+
+    /// How often CLUSTER_PEERS is re-resolved and every peer probed.
+    #[arg(long, env = "CLUSTER_DISCOVERY_INTERVAL", default_value = "2s", value_parser = parse_positive_duration)]
+    pub cluster_discovery_interval: Duration,
+
+    /// Longest wait for a peer's answer (a forward, a probe, a handoff) before the peer
+    /// is left out of ownership and the events are re-routed.
+    #[arg(long, env = "CLUSTER_FORWARD_TIMEOUT", default_value = "1s", value_parser = parse_positive_duration)]
+    pub cluster_forward_timeout: Duration,
+}
+
+/// A combination of settings that cannot work.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Clustering needs a shared store.
+    #[error("CLUSTER_PEERS is set but REDIS_URL is not: a cluster needs Redis, because any replica must be able to answer /analyze and a device's window must survive the crash of the node that owns it; set REDIS_URL or unset CLUSTER_PEERS")]
+    ClusterWithoutRedis,
+    /// A clustered node must know itself.
+    #[error("CLUSTER_PEERS is set but CLUSTER_ADVERTISE_ADDR is not: each node must know the address its peers reach it at (in Kubernetes, $(POD_IP):8081)")]
+    NoAdvertiseAddr,
+    /// Internal requests must be authenticated.
+    #[error("CLUSTER_PEERS is set but CLUSTER_TOKEN is not (or is empty): internal requests must carry a shared secret")]
+    NoToken,
+}
+
+impl Config {
+    /// The cluster settings, `None` on a single node; errors for combinations that
+    /// cannot work.
+    pub fn cluster(&self) -> Result<Option<actors::cluster::ClusterConfig>, ConfigError> {
+        if self.cluster_peers.iter().all(|p| p.trim().is_empty()) {
+            return Ok(None);
+        }
+        if self.redis_url.is_none() {
+            return Err(ConfigError::ClusterWithoutRedis);
+        }
+        let advertise = self
+            .cluster_advertise_addr
+            .ok_or(ConfigError::NoAdvertiseAddr)?;
+        if self.cluster_token.as_deref().is_none_or(str::is_empty) {
+            return Err(ConfigError::NoToken);
+        }
+        Ok(Some(actors::cluster::ClusterConfig {
+            peers: self
+                .cluster_peers
+                .iter()
+                .map(|p| p.trim().to_string())
+                .filter(|p| !p.is_empty())
+                .collect(),
+            advertise,
+            discovery_interval: self.cluster_discovery_interval,
+            forward_timeout: self.cluster_forward_timeout,
+            fence_ttl: self.result_ttl,
+        }))
+    }
 }
 
 impl From<&Config> for actors::SystemConfig {
@@ -156,6 +229,47 @@ mod tests {
         assert_eq!(c.keep_alive_timeout, Duration::from_secs(60));
         assert_eq!(c.max_connections, 10_000);
         assert!(c.redis_url.is_none());
+        assert!(c.cluster().expect("single node").is_none());
+        assert_eq!(c.cluster_listen_addr, "0.0.0.0:8081".parse().expect("addr"));
+        assert_eq!(c.cluster_discovery_interval, Duration::from_secs(2));
+        assert_eq!(c.cluster_forward_timeout, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn a_cluster_needs_redis_an_address_and_a_token() {
+        let peers = ["--cluster-peers", "a:8081,b:8081"];
+        let err = |extra: &[&str]| {
+            let args: Vec<&str> = peers.iter().chain(extra).copied().collect();
+            parse(&args)
+                .expect("parses")
+                .cluster()
+                .expect_err("refused")
+                .to_string()
+        };
+        assert!(err(&[]).contains("REDIS_URL"));
+        assert!(err(&["--redis-url", "redis://r/"]).contains("CLUSTER_ADVERTISE_ADDR"));
+        assert!(err(&[
+            "--redis-url",
+            "redis://r/",
+            "--cluster-advertise-addr",
+            "10.0.0.1:8081"
+        ])
+        .contains("CLUSTER_TOKEN"));
+        let ok = parse(&[
+            "--cluster-peers",
+            "a:8081, b:8081",
+            "--redis-url",
+            "redis://r/",
+            "--cluster-advertise-addr",
+            "10.0.0.1:8081",
+            "--cluster-token",
+            "t",
+        ])
+        .expect("parses")
+        .cluster()
+        .expect("valid")
+        .expect("clustered");
+        assert_eq!(ok.peers, vec!["a:8081", "b:8081"]);
     }
 
     #[test]

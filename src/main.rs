@@ -3,6 +3,7 @@
 //! exports Prometheus metrics.
 //!
 //! # Layout
+//! - `cluster`: the internal listener and the client of scale-out (forwarding, handoff).
 //! - `config`: every setting, its flag, environment variable and default.
 //! - `http`: the router, one file per endpoint, errors, and the server.
 //! - `logging`: text or JSON logs.
@@ -12,16 +13,19 @@
 //! drain in order (HTTP, device actors, store writer).
 #![forbid(unsafe_code)]
 
+mod cluster;
 mod config;
 mod http;
 mod logging;
 mod shutdown;
 
+use actors::cluster::Cluster;
 use actors::store::{EmbeddedStore, RedisStore, Store};
 use actors::tuning::STORE_OP_TIMEOUT;
 use actors::System;
 use anyhow::Context;
 use clap::Parser;
+use cluster::client::HttpTransport;
 use config::Config;
 use prometheus_client::registry::Registry;
 use std::sync::Arc;
@@ -36,7 +40,19 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
-    logging::init(config.log_format);
+    if let Err(e) = logging::init(config.log_format) {
+        // Like clap's own errors for every other setting: a message naming it, exit 2.
+        eprintln!("error: {e}");
+        std::process::exit(2);
+    }
+    let cluster_config = match config.cluster() {
+        Ok(c) => c,
+        Err(e) => {
+            // Exit 2, as clap does for every other invalid setting.
+            eprintln!("error: {e}");
+            std::process::exit(2);
+        }
+    };
 
     let store = match &config.redis_url {
         None => {
@@ -61,6 +77,45 @@ async fn main() -> anyhow::Result<()> {
             .context("starting the actor system")?,
     );
 
+    // In a cluster: the internal listener first, so peers can probe this node while its
+    // first discovery round runs.
+    let (stop_internal, internal_stopped) = tokio::sync::watch::channel(false);
+    let cluster = match cluster_config {
+        None => None,
+        Some(cluster_config) => {
+            let token = config.cluster_token.clone().unwrap_or_default();
+            let transport = HttpTransport::new(
+                cluster_config.advertise,
+                &token,
+                cluster_config.forward_timeout,
+            )
+            .context("CLUSTER_TOKEN")?;
+            let internal = TcpListener::bind(config.cluster_listen_addr)
+                .await
+                .with_context(|| {
+                    format!(
+                        "CLUSTER_LISTEN_ADDR: cannot listen on {}",
+                        config.cluster_listen_addr
+                    )
+                })?;
+            tracing::info!(
+                addr = %internal.local_addr()?,
+                advertise = %cluster_config.advertise,
+                peers = ?cluster_config.peers,
+                "cluster listener"
+            );
+            let cluster = Cluster::start(cluster_config, Arc::new(transport), &system);
+            tokio::spawn({
+                let (cluster, metrics) = (cluster.clone(), system.metrics().clone());
+                async move {
+                    cluster::server::serve(internal, cluster, metrics, &token, internal_stopped)
+                        .await;
+                }
+            });
+            Some(cluster)
+        }
+    };
+
     let listener = TcpListener::bind(config.listen_addr)
         .await
         .with_context(|| format!("LISTEN_ADDR: cannot listen on {}", config.listen_addr))?;
@@ -68,6 +123,7 @@ async fn main() -> anyhow::Result<()> {
 
     let state = http::AppState::new(
         system.clone(),
+        cluster.clone(),
         http_metrics,
         config.max_body_bytes as usize,
         config.body_read_timeout,
@@ -98,6 +154,14 @@ async fn main() -> anyhow::Result<()> {
     let deadline = state.shutdown_began().unwrap_or_else(Instant::now) + config.shutdown_timeout;
     if !http_drained {
         tracing::warn!("some connections were still open at the shutdown deadline");
+    }
+    if let Some(cluster) = &cluster {
+        // Keep answering forwarded events and handoffs until every peer has seen this
+        // node leave; then nothing more arrives and the drain below is final.
+        let began = state.shutdown_began().unwrap_or_else(Instant::now);
+        tokio::time::sleep_until((began + cluster.leave_grace()).min(deadline)).await;
+        let _ = stop_internal.send(true);
+        cluster.stop();
     }
     let report = system.shutdown(deadline).await;
     if report.unprocessed == 0 && report.store_flushed {

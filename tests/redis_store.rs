@@ -42,8 +42,8 @@ async fn results_are_stored_under_the_original_keys_with_ttl() {
             .expect("pttl");
         assert!(ttl > 80_000 && ttl <= 90_000, "{key} PTTL {ttl}");
     }
-    // IW1 + two readings of 16 bytes.
-    assert_eq!(redis.cli(&["STRLEN", "window:r-1"]).as_deref(), Some("35"));
+    // IW2 + the newest event's timestamp (12 bytes) + two readings of 16 bytes.
+    assert_eq!(redis.cli(&["STRLEN", "window:r-1"]).as_deref(), Some("47"));
     assert_eq!(
         get(svc.addr, "/ready").await.json()["checks"]["store"],
         "ok"

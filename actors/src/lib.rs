@@ -3,6 +3,7 @@
 //!
 //! # Layout
 //! - [`analytics`]: the rolling window and z-score rule; pure and synchronous.
+//! - [`cluster`]: scale-out: ownership, membership, forwarding and handoff between nodes.
 //! - [`event`]: a validated event and the analysis that results from it.
 //! - [`device`]: the device directory the front end submits to, the per-device queue
 //!   (slot), the device actor and its supervisor.
@@ -22,6 +23,7 @@
 #![forbid(unsafe_code)]
 
 pub mod analytics;
+pub mod cluster;
 pub mod device;
 pub mod event;
 pub mod metrics;

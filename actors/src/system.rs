@@ -8,7 +8,8 @@
 use crate::analytics::AnomalyRule;
 use crate::device::SlotMap;
 use crate::device::{
-    Admission, DeviceContext, DeviceSupervisor, Directory, SupervisorArgs, SupervisorMsg,
+    Admission, DeviceContext, DeviceSupervisor, Directory, Predecessor, SupervisorArgs,
+    SupervisorMsg,
 };
 use crate::metrics::{Metrics, MetricsActor, MetricsArgs, MetricsMsg, ScrapeError};
 use crate::store::{Inbox, Store, StoreHealth, WriterActor, WriterArgs, WriterMsg};
@@ -16,7 +17,7 @@ use crate::tuning::{ACTOR_CALL_TIMEOUT, WINDOW_RESTORE_TIMEOUT};
 use prometheus_client::registry::Registry;
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorRef, ActorStatus, RpcReplyPort};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -98,6 +99,7 @@ pub struct System {
     metrics_actor: ActorRef<MetricsMsg>,
     writer: ActorRef<WriterMsg>,
     supervisor: ActorRef<SupervisorMsg>,
+    ctx: Arc<DeviceContext>,
 }
 
 impl System {
@@ -147,13 +149,14 @@ impl System {
             metrics: metrics.clone(),
             admission: admission.clone(),
             restore_timeout: WINDOW_RESTORE_TIMEOUT,
+            predecessor: OnceLock::new(),
         });
         let slots = SlotMap::default();
         let (supervisor, _) = Actor::spawn(
             None,
             DeviceSupervisor,
             SupervisorArgs {
-                ctx,
+                ctx: ctx.clone(),
                 slots: slots.clone(),
                 idle_timeout: config.device_idle_timeout,
             },
@@ -167,6 +170,7 @@ impl System {
             metrics_actor,
             writer,
             supervisor,
+            ctx,
         })
     }
 
@@ -183,6 +187,22 @@ impl System {
     /// The store (for `/analyze` reads).
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// The writer's inbox (a failed handoff puts a device's result back).
+    pub fn inbox(&self) -> &Arc<Inbox> {
+        &self.ctx.inbox
+    }
+
+    /// The store writer (handoffs release a device's result through it).
+    pub fn writer(&self) -> &ActorRef<WriterMsg> {
+        &self.writer
+    }
+
+    /// Lets starting device actors fetch windows from other nodes (cluster mode). Only
+    /// the first link counts.
+    pub fn link_predecessor(&self, predecessor: Arc<dyn Predecessor>) {
+        let _ = self.ctx.predecessor.set(predecessor);
     }
 
     /// Whether the store answered its last contact.

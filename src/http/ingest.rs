@@ -78,7 +78,7 @@ async fn accept(
     let (device_id, event) =
         validate::event(&body, received).map_err(|e| (RejectReason::Invalid, e))?;
     let metrics = state.system().metrics();
-    match state.system().directory().submit(&device_id, event) {
+    match state.submit(&device_id, event).await {
         Ok(()) => {
             metrics.events_accepted.inc();
             Ok(json(
@@ -96,7 +96,9 @@ async fn accept(
                 "too many events pending (MAX_PENDING_EVENTS); retry shortly",
             ),
         )),
-        Err(SubmitError::Unavailable) => Err((RejectReason::ShuttingDown, shutting_down())),
+        Err(SubmitError::Unavailable | SubmitError::HandedOff) => {
+            Err((RejectReason::ShuttingDown, shutting_down()))
+        }
     }
 }
 

@@ -18,6 +18,9 @@ pub use connection::Timeouts;
 pub use metrics::HttpMetrics;
 pub use server::{serve, Limits};
 
+use actors::cluster::Cluster;
+use actors::device::SubmitError;
+use actors::event::Event;
 use actors::System;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -31,6 +34,7 @@ pub struct AppState {
 
 struct Inner {
     system: Arc<System>,
+    cluster: Option<Arc<Cluster>>,
     http_metrics: Arc<HttpMetrics>,
     max_body_bytes: usize,
     body_read_timeout: Duration,
@@ -41,6 +45,7 @@ impl AppState {
     /// State over a running actor system.
     pub fn new(
         system: Arc<System>,
+        cluster: Option<Arc<Cluster>>,
         http_metrics: Arc<HttpMetrics>,
         max_body_bytes: usize,
         body_read_timeout: Duration,
@@ -48,6 +53,7 @@ impl AppState {
         Self {
             inner: Arc::new(Inner {
                 system,
+                cluster,
                 http_metrics,
                 max_body_bytes,
                 body_read_timeout,
@@ -64,9 +70,27 @@ impl AppState {
         &self.inner.http_metrics
     }
 
-    /// From now on `/ready` answers 503 and no event is accepted.
+    fn cluster(&self) -> Option<&Cluster> {
+        self.inner.cluster.as_deref()
+    }
+
+    /// Accepts an event: on a single node into the directory; in a cluster routed to the
+    /// device's owner, answered once the owner has queued it.
+    async fn submit(&self, device_id: &str, event: Event) -> Result<(), SubmitError> {
+        match self.cluster() {
+            None => self.system().directory().submit(device_id, event),
+            Some(cluster) => cluster.submit(device_id, event).await,
+        }
+    }
+
+    /// From now on `/ready` answers 503, no event is accepted, and in a cluster the node
+    /// leaves the ring.
     pub fn begin_shutdown(&self) {
         let _ = self.inner.shutdown_began.set(Instant::now());
+        // Peers stop routing here at their next probe; handoffs are still answered.
+        if let Some(cluster) = self.cluster() {
+            cluster.leave();
+        }
     }
 
     /// When shutdown began, if it has.

@@ -18,6 +18,8 @@ struct Checks {
     store: &'static str,
     actors: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
+    cluster: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     shutdown: Option<&'static str>,
 }
 
@@ -44,12 +46,25 @@ pub fn ready(state: &AppState) -> Response<Body> {
     let store_ok = system.store_health().is_up();
     let actors_ok = system.is_running();
     let stopping = state.is_shutting_down();
+    // In a cluster: not ready until the first discovery round has probed every peer, so
+    // a starting pod never claims every device for itself.
+    let cluster = state.cluster().map(|c| {
+        let m = c.membership();
+        if m.is_leaving() {
+            "leaving"
+        } else if m.is_discovered() {
+            "ok"
+        } else {
+            "discovering"
+        }
+    });
     let checks = Checks {
         store: if store_ok { "ok" } else { "unreachable" },
         actors: if actors_ok { "ok" } else { "stopped" },
+        cluster,
         shutdown: stopping.then_some("in progress"),
     };
-    let ready = store_ok && actors_ok && !stopping;
+    let ready = store_ok && actors_ok && !stopping && cluster.is_none_or(|c| c == "ok");
     json(
         if ready {
             StatusCode::OK

@@ -9,13 +9,28 @@ use super::{Admission, Slot};
 use crate::analytics::{AnomalyRule, Window};
 use crate::event::{Analysis, Event};
 use crate::metrics::{Metrics, MetricsMsg};
+use crate::store::WindowSnapshot;
 use crate::store::{Inbox, Record, WriterMsg};
 use crate::tuning::EVENTS_PER_TURN;
 use chrono::Utc;
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use std::sync::Arc;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
+
+/// Where a starting device actor finds a window that another node holds: the cluster
+/// (the previous owner of the device) when this node has just taken the device over.
+pub trait Predecessor: Send + Sync {
+    /// The device's final window from the node that processed it before, once that node
+    /// has stopped processing it; `None` when there is no such node or it cannot be
+    /// reached, and the window comes from this node's writer or the store as usual.
+    fn window(&self, device: Arc<str>) -> BoxFuture<Option<WindowSnapshot>>;
+}
+
+/// A boxed, sendable future.
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 /// What every device actor shares.
 pub struct DeviceContext {
@@ -35,6 +50,8 @@ pub struct DeviceContext {
     pub admission: Admission,
     /// How long a starting actor waits for its persisted window.
     pub restore_timeout: Duration,
+    /// Set once when the node runs in a cluster.
+    pub predecessor: OnceLock<Arc<dyn Predecessor>>,
 }
 
 /// The device actor (configuration only).
@@ -57,6 +74,9 @@ pub struct DeviceState {
     /// been flushed (the usual case), the next event updates the window in place instead
     /// of copying it.
     window: Arc<Window>,
+    /// The newest event processed (restored with the window): an identical one arriving
+    /// again is a re-delivery, not a new reading.
+    last: Option<Event>,
 }
 
 /// Messages of a device actor.
@@ -72,6 +92,14 @@ pub enum DeviceMsg {
 impl DeviceState {
     fn process(&mut self, event: Event) {
         let ctx = &*self.ctx;
+        // A forward that timed out after the owner had queued it is re-routed, and may
+        // then reach this window a second time: the same timestamp (to the nanosecond)
+        // and the same values are the same event.
+        if self.last == Some(event) {
+            ctx.metrics.events_duplicate.inc();
+            return;
+        }
+        self.last = Some(event);
         let device_id = self.slot.device_id();
         Arc::make_mut(&mut self.window).push(event.rps, event.cpu);
         let evaluation = ctx.rule.evaluate(&self.window, event.rps);
@@ -105,9 +133,23 @@ impl DeviceState {
         let _ = myself.cast(DeviceMsg::Wake);
     }
 
+    fn adopt(&mut self, snapshot: &WindowSnapshot) {
+        self.window = Arc::new(Window::restore(
+            self.ctx.window_size,
+            snapshot.readings().iter().copied(),
+        ));
+        self.last = snapshot.last_event();
+    }
+
     async fn restore(&mut self) {
         let ctx = &*self.ctx;
         let device = self.slot.device_id().clone();
+        if let Some(predecessor) = ctx.predecessor.get() {
+            if let Some(snapshot) = predecessor.window(device.clone()).await {
+                self.adopt(&snapshot);
+                return;
+            }
+        }
         let reply = ctx
             .writer
             .call(
@@ -116,12 +158,7 @@ impl DeviceState {
             )
             .await;
         match reply {
-            Ok(CallResult::Success(Ok(Some(snapshot)))) => {
-                self.window = Arc::new(Window::restore(
-                    ctx.window_size,
-                    snapshot.readings().iter().copied(),
-                ));
-            }
+            Ok(CallResult::Success(Ok(Some(snapshot)))) => self.adopt(&snapshot),
             Ok(CallResult::Success(Ok(None))) => {}
             Ok(CallResult::Success(Err(e))) => {
                 ctx.metrics.window_restore_failures.inc();
@@ -148,6 +185,7 @@ impl Actor for DeviceActor {
         args.slot.attach(myself);
         Ok(DeviceState {
             window: Arc::new(Window::new(args.ctx.window_size)),
+            last: None,
             slot: args.slot,
             ctx: args.ctx,
         })

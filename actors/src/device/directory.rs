@@ -6,6 +6,7 @@
 //! number of accepted-but-unprocessed events is bounded, because ractor mailboxes are
 //! not.
 
+use super::slot::Closed;
 use super::{Slot, SupervisorMsg};
 use crate::event::Event;
 use dashmap::mapref::entry::Entry;
@@ -23,6 +24,9 @@ pub enum SubmitError {
     /// The actor system is stopping.
     #[error("the device supervisor is not running")]
     Unavailable,
+    /// The device was handed off to another node; its events go there.
+    #[error("the device was handed off to another node")]
+    HandedOff,
 }
 
 /// The bound on accepted, unprocessed events. The count lives in the
@@ -43,8 +47,14 @@ impl Admission {
     }
 
     fn try_acquire(&self) -> bool {
-        if self.pending.inc() >= self.max {
-            self.pending.dec();
+        self.try_acquire_many(1)
+    }
+
+    /// Admits `n` events at once, or none of them.
+    fn try_acquire_many(&self, n: usize) -> bool {
+        let n = i64::try_from(n).unwrap_or(i64::MAX);
+        if self.pending.inc_by(n) > self.max - n {
+            self.pending.dec_by(n);
             return false;
         }
         true
@@ -98,10 +108,47 @@ impl Directory {
 
     /// Accepts `event` for `device_id`: once this returns `Ok`, the event will be
     /// processed in order with the device's other events.
-    pub fn submit(&self, device_id: &str, mut event: Event) -> Result<(), SubmitError> {
+    pub fn submit(&self, device_id: &str, event: Event) -> Result<(), SubmitError> {
         if !self.admission.try_acquire() {
             return Err(SubmitError::Overloaded);
         }
+        self.push_admitted(device_id, event)
+    }
+
+    /// Accepts all of `events` or none (then `Overloaded`): a batch that does not fit
+    /// under MAX_PENDING_EVENTS is refused whole, so a retry never duplicates. Events of
+    /// one device are queued in the order given. Returns the events of devices that were
+    /// handed off meanwhile (not accepted here; the caller sends them on).
+    pub fn submit_many(
+        &self,
+        events: impl ExactSizeIterator<Item = (Arc<str>, Event)>,
+    ) -> Result<Vec<(Arc<str>, Event)>, SubmitError> {
+        let total = events.len();
+        if !self.admission.try_acquire_many(total) {
+            return Err(SubmitError::Overloaded);
+        }
+        let mut moved = Vec::new();
+        for (i, (device, event)) in events.enumerate() {
+            match self.push_admitted(&device, event) {
+                Ok(()) => {}
+                Err(SubmitError::HandedOff) => moved.push((device, event)),
+                Err(e) => {
+                    // Only Unavailable is left: the supervisor is gone, which happens
+                    // only at the very end of shutdown, after the listeners stopped. The
+                    // events before this one are queued; the rest are refused.
+                    for _ in i + 1..total {
+                        self.admission.release();
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(moved)
+    }
+
+    /// Queues an event whose admission is already counted; on an error the admission is
+    /// released.
+    fn push_admitted(&self, device_id: &str, mut event: Event) -> Result<(), SubmitError> {
         // At most a few rounds: a closed slot is removed before we look again.
         loop {
             let existing = self.slots.0.get(device_id).map(|s| s.value().clone());
@@ -127,7 +174,11 @@ impl Directory {
             };
             match slot.push(event) {
                 Ok(()) => return Ok(()),
-                Err(returned) => {
+                Err((_, Closed::HandedOff)) => {
+                    self.admission.release();
+                    return Err(SubmitError::HandedOff);
+                }
+                Err((returned, Closed::Idle)) => {
                     self.slots.unlist(&slot);
                     event = returned;
                 }
@@ -141,7 +192,6 @@ impl Directory {
     }
 
     /// The live slot of a device.
-    #[cfg(test)]
     pub(crate) fn slot(&self, device_id: &str) -> Option<Arc<Slot>> {
         self.slots.0.get(device_id).map(|s| s.value().clone())
     }
@@ -149,5 +199,16 @@ impl Directory {
     /// Devices with a live slot.
     pub fn devices(&self) -> usize {
         self.slots.0.len()
+    }
+
+    /// The devices with a live slot.
+    pub fn device_ids(&self) -> Vec<Arc<str>> {
+        self.slots.0.iter().map(|e| e.key().clone()).collect()
+    }
+
+    /// Removes a handed-off slot, so that the device's next local event (once this node
+    /// owns it again) starts a new actor.
+    pub(crate) fn unlist(&self, slot: &Arc<Slot>) {
+        self.slots.unlist(slot);
     }
 }

@@ -15,7 +15,7 @@ mod supervisor;
 #[cfg(test)]
 mod tests;
 
-pub use actor::{DeviceActor, DeviceArgs, DeviceContext, DeviceMsg};
+pub use actor::{BoxFuture, DeviceActor, DeviceArgs, DeviceContext, DeviceMsg, Predecessor};
 pub(crate) use directory::SlotMap;
 pub use directory::{Admission, Directory, SubmitError};
 pub use slot::Slot;

@@ -13,6 +13,15 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 use tokio::time::Instant;
 
+/// Why a slot takes no more events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closed {
+    /// Evicted after DEVICE_IDLE_TIMEOUT: a new slot (and actor) takes the next event.
+    Idle,
+    /// The device moved to another node, which takes the next event.
+    HandedOff,
+}
+
 /// The queue and lifecycle flags of one device.
 #[derive(Debug)]
 pub struct Slot {
@@ -28,8 +37,9 @@ struct SlotInner {
     queue: VecDeque<Event>,
     /// The actor has been told (or will find out on start) that the queue is non-empty.
     scheduled: bool,
-    /// Evicted: no push is accepted any more; the front end makes a new slot.
-    closed: bool,
+    /// No push is accepted any more: evicted (the front end makes a new slot) or handed
+    /// off to another node (the front end forwards there).
+    closed: Option<Closed>,
     actor: Option<ActorRef<DeviceMsg>>,
     last_event: Instant,
 }
@@ -43,7 +53,7 @@ impl Slot {
             inner: Mutex::new(SlotInner {
                 queue: VecDeque::from([first]),
                 scheduled: true,
-                closed: false,
+                closed: None,
                 actor: None,
                 last_event: Instant::now(),
             }),
@@ -61,13 +71,13 @@ impl Slot {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Queues an event, waking the actor if it was idle. Gives the event back when the
-    /// slot was closed by eviction.
-    pub(crate) fn push(&self, event: Event) -> Result<(), Event> {
+    /// Queues an event, waking the actor if it was idle. Gives the event back, with the
+    /// reason, when the slot is closed.
+    pub(crate) fn push(&self, event: Event) -> Result<(), (Event, Closed)> {
         let wake = {
             let mut inner = self.lock();
-            if inner.closed {
-                return Err(event);
+            if let Some(closed) = inner.closed {
+                return Err((event, closed));
             }
             inner.queue.push_back(event);
             inner.last_event = Instant::now();
@@ -111,7 +121,9 @@ impl Slot {
 
     /// The event returned by [`Slot::next`] is fully processed.
     pub(crate) fn finish_event(&self) {
-        self.in_process.store(false, Ordering::Relaxed);
+        // Release: whoever sees the slot drained (a handoff) also sees the result this
+        // event deposited with the writer.
+        self.in_process.store(false, Ordering::Release);
     }
 
     /// After a crash: whether an event was being processed (and is therefore lost).
@@ -127,20 +139,43 @@ impl Slot {
         idle: Duration,
     ) -> Option<ActorRef<DeviceMsg>> {
         let mut inner = self.lock();
-        if inner.closed
+        if inner.closed.is_some()
             || inner.scheduled
             || !inner.queue.is_empty()
             || now.duration_since(inner.last_event) < idle
         {
             return None;
         }
-        inner.closed = true;
+        inner.closed = Some(Closed::Idle);
         inner.actor.clone()
     }
 
-    /// The actor serving this slot.
-    #[cfg(test)]
-    pub(crate) fn actor(&self) -> Option<ActorRef<DeviceMsg>> {
+    /// Closes the slot for a handoff: events already queued are still processed (wait
+    /// for [`Slot::is_drained`]); any later push is refused with [`Closed::HandedOff`].
+    pub(crate) fn close_for_handoff(&self) {
+        let mut inner = self.lock();
+        if inner.closed.is_none() {
+            inner.closed = Some(Closed::HandedOff);
+        }
+    }
+
+    /// Undoes [`Slot::close_for_handoff`] when the handoff did not happen: the device
+    /// stays here.
+    pub(crate) fn reopen(&self) {
+        let mut inner = self.lock();
+        if inner.closed == Some(Closed::HandedOff) {
+            inner.closed = None;
+        }
+    }
+
+    /// Nothing queued and nothing being processed.
+    pub(crate) fn is_drained(&self) -> bool {
+        let inner = self.lock();
+        inner.queue.is_empty() && !self.in_process.load(Ordering::Acquire)
+    }
+
+    /// The actor serving this slot, if one has attached.
+    pub(crate) fn attached(&self) -> Option<ActorRef<DeviceMsg>> {
         self.lock().actor.clone()
     }
 }

@@ -63,7 +63,7 @@ async fn supervisor_restarts_a_failed_device_actor_and_the_window_continues() {
     }
     wait_samples(&store, "d1", 3).await;
 
-    let first = dir.slot("d1").and_then(|s| s.actor()).expect("actor");
+    let first = dir.slot("d1").and_then(|s| s.attached()).expect("actor");
     first.cast(DeviceMsg::Panic).expect("cast");
     for _ in 0..500 {
         if system.metrics().actor_restarts.get() == 1 {
@@ -74,7 +74,7 @@ async fn supervisor_restarts_a_failed_device_actor_and_the_window_continues() {
     assert_eq!(system.metrics().actor_restarts.get(), 1);
     let second = dir
         .slot("d1")
-        .and_then(|s| s.actor())
+        .and_then(|s| s.attached())
         .expect("restarted actor");
     assert_ne!(first.get_id(), second.get_id());
 

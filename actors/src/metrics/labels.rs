@@ -51,3 +51,65 @@ pub struct ReasonLabel {
     /// Why.
     pub reason: RejectReason,
 }
+
+/// Why forwarding a batch to its owner failed.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum ForwardFailure {
+    /// No answer within CLUSTER_FORWARD_TIMEOUT.
+    Timeout,
+    /// The connection could not be made or broke.
+    Unreachable,
+    /// The owner answered with an error other than overload (e.g. 401).
+    Rejected,
+}
+
+impl ForwardFailure {
+    /// Every reason, for pre-creating the series.
+    pub const ALL: [ForwardFailure; 3] = [
+        ForwardFailure::Timeout,
+        ForwardFailure::Unreachable,
+        ForwardFailure::Rejected,
+    ];
+}
+
+impl EncodeLabelValue for ForwardFailure {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        encoder.write_str(match self {
+            ForwardFailure::Timeout => "timeout",
+            ForwardFailure::Unreachable => "unreachable",
+            ForwardFailure::Rejected => "rejected",
+        })
+    }
+}
+
+/// Labels of `forward_failures_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ForwardFailureLabel {
+    /// Why.
+    pub reason: ForwardFailure,
+}
+
+/// Which way a device's window moved.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Direction {
+    /// Taken over from another node.
+    In,
+    /// Handed to another node.
+    Out,
+}
+
+impl EncodeLabelValue for Direction {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        encoder.write_str(match self {
+            Direction::In => "in",
+            Direction::Out => "out",
+        })
+    }
+}
+
+/// Labels of `device_handoffs_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabel {
+    /// Which way.
+    pub direction: Direction,
+}

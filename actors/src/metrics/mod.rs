@@ -12,7 +12,10 @@ mod labels;
 mod process;
 
 pub use actor::{MetricsActor, MetricsArgs, MetricsMsg, ScrapeError};
-pub use labels::{DeviceLabel, ReasonLabel, RejectReason};
+pub use labels::{
+    DeviceLabel, Direction, DirectionLabel, ForwardFailure, ForwardFailureLabel, ReasonLabel,
+    RejectReason,
+};
 pub use process::ProcessMetrics;
 
 use prometheus_client::metrics::counter::Counter;
@@ -25,7 +28,7 @@ use prometheus_client::registry::{Metric, Registry};
 /// Content type of the exposition that [`MetricsMsg::Scrape`] returns.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// Store flush latency buckets: 100 µs to 5 s.
+/// Store flush (and forwarded batch) latency buckets: 100 µs to 5 s.
 const STORE_BUCKETS: [f64; 15] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 ];
@@ -55,6 +58,9 @@ pub struct Metrics {
     pub events_processed: Counter,
     /// Events whose processing panicked their device actor.
     pub events_failed: Counter,
+    /// Events that reached their device a second time (a re-routed forward) and were
+    /// processed once.
+    pub events_duplicate: Counter,
     /// Accepted, not yet processed. Also the admission counter.
     pub pending_events: Gauge,
     /// Live device actors.
@@ -77,6 +83,20 @@ pub struct Metrics {
     pub store_pending_results: Gauge,
     /// 1 when the last store contact succeeded.
     pub store_up: Gauge,
+    /// Members in this node's view of the cluster (1 on a single node).
+    pub cluster_members: Gauge,
+    /// Events sent on to their owner on another node (and acknowledged by it).
+    pub events_forwarded: Counter,
+    /// Events received from other nodes and queued here.
+    pub forwarded_events_received: Counter,
+    /// Forwarded batches that failed, by reason (their events were re-routed).
+    pub forward_failures: Family<ForwardFailureLabel, Counter>,
+    /// Latency of one forwarded batch, until the owner's acknowledgement.
+    pub forward_batch_duration_seconds: Histogram,
+    /// Device windows moved between nodes, by direction.
+    pub device_handoffs: Family<DirectionLabel, Counter>,
+    /// Requests to the internal listener with a missing or wrong CLUSTER_TOKEN.
+    pub cluster_unauthorized: Counter,
     /// `process_*`, refreshed at each scrape.
     pub process: ProcessMetrics,
 }
@@ -91,6 +111,7 @@ impl Metrics {
             events_rejected: register(r, "events_rejected", "Events refused, by reason", Family::default()),
             events_processed: register(r, "events_processed", "Events processed by device actors", Counter::default()),
             events_failed: register(r, "events_failed", "Events whose processing crashed their device actor", Counter::default()),
+            events_duplicate: register(r, "events_duplicate", "Events that reached their device twice (a re-routed forward) and were processed once", Counter::default()),
             pending_events: register(r, "pending_events", "Events accepted and not yet processed", Gauge::default()),
             device_actors: register(r, "device_actors", "Live device actors", Gauge::default()),
             actor_restarts: register(r, "actor_restarts", "Device actors restarted by the supervisor after a failure", Counter::default()),
@@ -102,8 +123,26 @@ impl Metrics {
             store_write_duration_seconds: register(r, "store_write_duration_seconds", "Latency of one pipelined store flush", Histogram::new(STORE_BUCKETS)),
             store_pending_results: register(r, "store_pending_results", "Device results waiting in the writer for the next flush", Gauge::default()),
             store_up: register(r, "store_up", "1 when the last contact with the store succeeded", Gauge::default()),
+            cluster_members: register(r, "cluster_members", "Members in this node's view of the cluster (1 on a single node)", Gauge::default()),
+            events_forwarded: register(r, "events_forwarded", "Events sent on to their owner on another node and acknowledged", Counter::default()),
+            forwarded_events_received: register(r, "forwarded_events_received", "Events received from other nodes and queued here", Counter::default()),
+            forward_failures: register(r, "forward_failures", "Forwarded batches that failed, by reason (their events were re-routed)", Family::default()),
+            forward_batch_duration_seconds: register(r, "forward_batch_duration_seconds", "Latency of one forwarded batch until the owner's acknowledgement", Histogram::new(STORE_BUCKETS)),
+            device_handoffs: register(r, "device_handoffs", "Device windows moved between nodes, by direction", Family::default()),
+            cluster_unauthorized: register(r, "cluster_unauthorized", "Internal requests with a missing or wrong CLUSTER_TOKEN", Counter::default()),
             process: ProcessMetrics::register(r),
         };
+        m.cluster_members.set(1);
+        for reason in ForwardFailure::ALL {
+            m.forward_failures
+                .get_or_create(&ForwardFailureLabel { reason })
+                .inc_by(0);
+        }
+        for direction in [Direction::In, Direction::Out] {
+            m.device_handoffs
+                .get_or_create(&DirectionLabel { direction })
+                .inc_by(0);
+        }
         r.register(
             "build",
             "Build information",

@@ -68,7 +68,12 @@ impl Inbox {
     pub fn window(&self, device: &str) -> Option<super::WindowSnapshot> {
         self.lock()
             .get(device)
-            .map(|r| super::WindowSnapshot::of(&r.window))
+            .map(|r| super::WindowSnapshot::of(&r.window, r.analysis.event_timestamp))
+    }
+
+    /// Takes a device's waiting result out, so that it is never flushed.
+    pub fn remove(&self, device: &str) -> Option<Record> {
+        self.lock().remove(device)
     }
 
     /// Devices waiting.

@@ -20,7 +20,7 @@ pub use embedded::EmbeddedStore;
 pub use inbox::{Batch, Inbox, Record};
 pub use redis::RedisStore;
 pub use snapshot::{SnapshotError, WindowSnapshot};
-pub use writer::{StoreHealth, WriterActor, WriterArgs, WriterMsg};
+pub use writer::{Released, StoreHealth, WriterActor, WriterArgs, WriterMsg};
 
 use bytes::Bytes;
 use std::sync::Arc;

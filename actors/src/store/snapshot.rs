@@ -2,18 +2,25 @@
 //!
 //! Binary rather than JSON: it is written with every flushed result, so at full load it
 //! is the largest value the service produces, and formatting 100 floats as text cost
-//! more CPU than all the analytics together. The format is `IW1` followed by each
+//! more CPU than all the analytics together. The format is `IW2`, the newest event's
+//! timestamp (i64 LE seconds and u32 LE nanoseconds since the Unix epoch), then each
 //! reading, oldest first, as two little-endian f64 (rps, cpu): exact, and 16 bytes a
-//! reading (a default window is 803 bytes).
+//! reading (a default window is 815 bytes). The newest event's identity (its timestamp
+//! and the newest reading) lets a device actor recognise a forwarded event that reaches
+//! it twice (a forward that timed out after the owner had queued it, then re-routed).
+//! `IW1` (no timestamp), written by earlier versions, is still read.
 
 use crate::analytics::Window;
+use crate::event::Event;
 use bytes::{BufMut, Bytes, BytesMut};
+use chrono::{DateTime, Utc};
 
-const MAGIC: &[u8; 3] = b"IW1";
+const MAGIC: &[u8; 3] = b"IW2";
+const MAGIC_V1: &[u8; 3] = b"IW1";
 
 /// A stored window could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("not a window (expected IW1 and 16-byte readings, got {len} bytes)")]
+#[error("not a window (expected IW2, a timestamp and 16-byte readings, got {len} bytes)")]
 pub struct SnapshotError {
     len: usize,
 }
@@ -22,17 +29,32 @@ pub struct SnapshotError {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct WindowSnapshot {
     readings: Vec<(f64, f64)>,
+    last_event: Option<DateTime<Utc>>,
 }
 
 impl WindowSnapshot {
-    /// A snapshot of these readings.
-    pub fn new(readings: Vec<(f64, f64)>) -> Self {
-        Self { readings }
+    /// A snapshot of these readings, the newest of which came with an event of
+    /// `last_event`'s timestamp.
+    pub fn new(readings: Vec<(f64, f64)>, last_event: Option<DateTime<Utc>>) -> Self {
+        Self {
+            readings,
+            last_event,
+        }
     }
 
     /// A copy of a live window's readings.
-    pub fn of(window: &Window) -> Self {
-        Self::new(window.readings().collect())
+    pub fn of(window: &Window, last_event: DateTime<Utc>) -> Self {
+        Self::new(window.readings().collect(), Some(last_event))
+    }
+
+    /// The newest event: its timestamp and the newest reading.
+    pub fn last_event(&self) -> Option<Event> {
+        let (rps, cpu) = *self.readings.last()?;
+        Some(Event {
+            rps,
+            cpu,
+            timestamp: self.last_event?,
+        })
     }
 
     /// The readings, oldest first.
@@ -41,9 +63,15 @@ impl WindowSnapshot {
     }
 
     /// The stored bytes of these readings (oldest first).
-    pub fn encode(readings: impl ExactSizeIterator<Item = (f64, f64)>) -> Bytes {
-        let mut out = BytesMut::with_capacity(MAGIC.len() + 16 * readings.len());
+    pub fn encode(
+        readings: impl ExactSizeIterator<Item = (f64, f64)>,
+        last_event: Option<DateTime<Utc>>,
+    ) -> Bytes {
+        let mut out = BytesMut::with_capacity(MAGIC.len() + 12 + 16 * readings.len());
         out.put_slice(MAGIC);
+        // No timestamp is stored as i64::MIN seconds (never a real event's).
+        out.put_i64_le(last_event.map_or(i64::MIN, |t| t.timestamp()));
+        out.put_u32_le(last_event.map_or(0, |t| t.timestamp_subsec_nanos()));
         for (rps, cpu) in readings {
             out.put_f64_le(rps);
             out.put_f64_le(cpu);
@@ -51,12 +79,33 @@ impl WindowSnapshot {
         out.freeze()
     }
 
+    /// These bytes again.
+    pub fn to_bytes(&self) -> Bytes {
+        Self::encode(self.readings.iter().copied(), self.last_event)
+    }
+
     /// Parses stored bytes.
     pub fn decode(bytes: &[u8]) -> Result<Self, SnapshotError> {
-        let body = bytes
-            .strip_prefix(MAGIC)
-            .filter(|b| b.len() % 16 == 0)
-            .ok_or(SnapshotError { len: bytes.len() })?;
+        let bad = SnapshotError { len: bytes.len() };
+        let (body, last_event) = if let Some(rest) = bytes.strip_prefix(MAGIC) {
+            if rest.len() < 12 {
+                return Err(bad);
+            }
+            let (stamp, body) = rest.split_at(12);
+            let secs = i64::from_le_bytes(stamp[..8].try_into().map_err(|_| bad.clone())?);
+            let nanos = u32::from_le_bytes(stamp[8..].try_into().map_err(|_| bad.clone())?);
+            let last = if secs == i64::MIN {
+                None
+            } else {
+                Some(DateTime::from_timestamp(secs, nanos).ok_or(bad.clone())?)
+            };
+            (body, last)
+        } else {
+            (bytes.strip_prefix(MAGIC_V1).ok_or(bad.clone())?, None)
+        };
+        if body.len() % 16 != 0 {
+            return Err(bad);
+        }
         let readings = body
             .chunks_exact(16)
             .map(|c| {
@@ -64,7 +113,10 @@ impl WindowSnapshot {
                 (f64_le(rps), f64_le(cpu))
             })
             .collect();
-        Ok(Self { readings })
+        Ok(Self {
+            readings,
+            last_event,
+        })
     }
 }
 
@@ -80,19 +132,36 @@ mod tests {
 
     #[test]
     fn round_trips_exactly() {
-        let s = WindowSnapshot::new(vec![(0.1, 0.2), (1e9 + 0.5, 1.0), (f64::MAX, 0.0)]);
-        let bytes = WindowSnapshot::encode(s.readings().iter().copied());
-        assert_eq!(bytes.len(), 3 + 48);
-        assert_eq!(WindowSnapshot::decode(&bytes), Ok(s));
+        let t = DateTime::from_timestamp(1_700_000_000, 123_456_789);
+        for last in [t, None] {
+            let s = WindowSnapshot::new(vec![(0.1, 0.2), (1e9 + 0.5, 1.0), (f64::MAX, 0.0)], last);
+            let bytes = s.to_bytes();
+            assert_eq!(bytes.len(), 3 + 12 + 48);
+            assert_eq!(WindowSnapshot::decode(&bytes), Ok(s));
+        }
+        let s = WindowSnapshot::new(vec![(5.0, 0.5)], t);
+        let last = s.last_event().expect("last event");
+        assert_eq!((last.rps, last.cpu, Some(last.timestamp)), (5.0, 0.5, t));
+    }
+
+    #[test]
+    fn windows_of_earlier_versions_still_read() {
         assert_eq!(
             WindowSnapshot::decode(b"IW1"),
             Ok(WindowSnapshot::default())
         );
+        let mut v1 = b"IW1".to_vec();
+        v1.extend(2.5f64.to_le_bytes());
+        v1.extend(0.25f64.to_le_bytes());
+        let s = WindowSnapshot::decode(&v1).expect("v1");
+        assert_eq!(s.readings(), &[(2.5, 0.25)]);
+        assert_eq!(s.last_event(), None);
     }
 
     #[test]
     fn rejects_foreign_values() {
         assert!(WindowSnapshot::decode(br#"{"rps":[1]}"#).is_err());
         assert!(WindowSnapshot::decode(b"IW1\x00\x01").is_err());
+        assert!(WindowSnapshot::decode(b"IW2\x00\x01").is_err());
     }
 }

@@ -26,6 +26,16 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
+/// What a released device leaves behind on this node.
+#[derive(Debug)]
+pub struct Released {
+    /// Its final window, when known.
+    pub window: Option<WindowSnapshot>,
+    /// Its unflushed result, taken out of the inbox: the new owner's results are newer.
+    /// (Put back with [`Inbox::restore`] if the handoff fails.)
+    pub record: Option<super::Record>,
+}
+
 /// Whether the store answered the last contact; read by `/ready`.
 #[derive(Debug, Clone)]
 pub struct StoreHealth {
@@ -97,6 +107,9 @@ pub enum WriterMsg {
         Arc<str>,
         RpcReplyPort<Result<Option<WindowSnapshot>, StoreError>>,
     ),
+    /// The device moves to another node: its waiting result is taken out (so it can
+    /// never be flushed after the new owner's) and answered with its final window.
+    Release(Arc<str>, RpcReplyPort<Result<Released, StoreError>>),
     /// Shutdown: flush everything now, answer when nothing is pending.
     Drain(RpcReplyPort<()>),
 }
@@ -164,6 +177,30 @@ impl WriterState {
         });
     }
 
+    /// Answers a device's window: `known` (from the inbox), else the one in flight, else
+    /// the store's (read in a task, so the writer never waits on the store).
+    fn answer_window(
+        &self,
+        device: Arc<str>,
+        known: Option<WindowSnapshot>,
+        reply: RpcReplyPort<Result<Option<WindowSnapshot>, StoreError>>,
+    ) {
+        let known = known.or_else(|| {
+            self.inflight
+                .as_ref()
+                .and_then(|b| b.get(&device))
+                .map(|r| WindowSnapshot::of(&r.window, r.analysis.event_timestamp))
+        });
+        if let Some(window) = known {
+            let _ = reply.send(Ok(Some(window)));
+        } else {
+            let store = self.store.clone();
+            tokio::spawn(async move {
+                let _ = reply.send(store.load_window(&device).await);
+            });
+        }
+    }
+
     fn answer_drain_if_done(&mut self) {
         if self.inflight.is_none() && self.inbox.is_empty() {
             for waiter in self.drain_waiters.drain(..) {
@@ -185,7 +222,10 @@ fn encode(batch: &Batch) -> Result<Vec<(String, Bytes)>, serde_json::Error> {
         ));
         entries.push((
             window_key(device),
-            WindowSnapshot::encode(record.window.readings()),
+            WindowSnapshot::encode(
+                record.window.readings(),
+                Some(record.analysis.event_timestamp),
+            ),
         ));
     }
     Ok(entries)
@@ -296,24 +336,33 @@ impl Actor for WriterActor {
             WriterMsg::LoadWindow(device, reply) => {
                 // Only this actor takes from the inbox, so a result is either still in
                 // the inbox, in the flight it was taken into, or already in the store.
-                let known = state.inbox.window(&device).or_else(|| {
-                    state
-                        .inflight
-                        .as_ref()
-                        .and_then(|b| b.get(&device))
-                        .map(|r| WindowSnapshot::of(&r.window))
-                });
-                if let Some(window) = known {
-                    if !reply.is_closed() {
-                        let _ = reply.send(Ok(Some(window)));
-                    }
+                let known = state.inbox.window(&device);
+                state.answer_window(device, known, reply);
+            }
+            WriterMsg::Release(device, reply) => {
+                if let Some(record) = state.inbox.remove(&device) {
+                    state.pending_gauge();
+                    let _ = reply.send(Ok(Released {
+                        window: Some(WindowSnapshot::of(
+                            &record.window,
+                            record.analysis.event_timestamp,
+                        )),
+                        record: Some(record),
+                    }));
                 } else {
-                    let store = state.store.clone();
+                    // Nothing unflushed: the window in flight or in the store is final.
+                    let (port, answer) = tokio::sync::oneshot::channel();
+                    state.answer_window(device, None, port.into());
                     tokio::spawn(async move {
-                        let loaded = store.load_window(&device).await;
-                        if !reply.is_closed() {
-                            let _ = reply.send(loaded);
-                        }
+                        let released = match answer.await {
+                            Ok(Ok(window)) => Ok(Released {
+                                window,
+                                record: None,
+                            }),
+                            Ok(Err(e)) => Err(e),
+                            Err(_) => return,
+                        };
+                        let _ = reply.send(released);
                     });
                 }
             }

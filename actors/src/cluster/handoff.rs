@@ -1,0 +1,248 @@
+//! Handoff: a device's window moves, fenced, to its new owner.
+//!
+//! Pull-based. A node that starts an actor for a device asks the node that held the
+//! device before — the node it handed the device to earlier, else the device's owner in
+//! its previous view, else its owner if this node were not a member (a node that has
+//! just joined) — to release it ([`Handoff::window_from_predecessor`]). The holder then
+//! ([`Handoff::release`]):
+//! 1. fences the device: from now on its events on this node go on to the new owner;
+//! 2. closes the device's slot, lets its actor finish what is queued, stops it;
+//! 3. takes the device's unflushed result out of the writer (so that it can never land
+//!    in the store after the new owner's) and answers the final window.
+//!
+//! The new owner's actor waits for that answer before it processes anything, so no newer
+//! event is processed before the window arrives. When the holder cannot be reached (it
+//! crashed), the window comes from the store as on a single node.
+
+use super::membership::Membership;
+use super::ownership::Ring;
+use super::Transport;
+use crate::device::{BoxFuture, Directory, Predecessor};
+use crate::metrics::{Direction, DirectionLabel, Metrics};
+use crate::store::{Inbox, Released, StoreError, WindowSnapshot, WriterMsg};
+use dashmap::DashMap;
+use ractor::rpc::CallResult;
+use ractor::ActorRef;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// Devices this node handed off, and to whom; consulted on every event while non-empty.
+#[derive(Debug, Default)]
+pub struct Fences {
+    to: DashMap<Arc<str>, (SocketAddr, Instant)>,
+    len: AtomicUsize,
+}
+
+impl Fences {
+    /// Where `device` went, if this node handed it off.
+    pub fn holder(&self, device: &str) -> Option<SocketAddr> {
+        if self.len.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        self.to.get(device).map(|e| e.value().0)
+    }
+
+    fn insert(&self, device: Arc<str>, to: SocketAddr) {
+        if self.to.insert(device, (to, Instant::now())).is_none() {
+            self.len.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    fn take(&self, device: &str) -> Option<SocketAddr> {
+        let (_, (to, _)) = self.to.remove(device)?;
+        self.len.fetch_sub(1, Ordering::AcqRel);
+        Some(to)
+    }
+
+    /// Forgets fences older than `age`: by then the device's window is in the store.
+    pub fn expire(&self, age: Duration) {
+        let now = Instant::now();
+        self.to.retain(|_, (_, since)| {
+            let keep = now.duration_since(*since) < age;
+            if !keep {
+                self.len.fetch_sub(1, Ordering::AcqRel);
+            }
+            keep
+        });
+    }
+}
+
+/// Why a release did not produce a window.
+#[derive(Debug, thiserror::Error)]
+pub enum ReleaseError {
+    /// The device's actor did not finish its queue in time (it may itself be waiting
+    /// for a window); the new owner falls back to the store.
+    #[error("the device's queue did not drain within {0:?}")]
+    Busy(Duration),
+    /// The writer did not answer.
+    #[error("the store writer did not answer")]
+    Writer,
+    /// The store could not be read.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Both sides of a handoff on this node.
+pub struct Handoff {
+    pub(super) membership: Arc<Membership>,
+    pub(super) transport: Arc<dyn Transport>,
+    pub(super) directory: Directory,
+    pub(super) writer: ActorRef<WriterMsg>,
+    pub(super) fences: Arc<Fences>,
+    /// Windows pushed here by previous owners, waiting for the device's next actor.
+    pub(super) adopted: DashMap<Arc<str>, (WindowSnapshot, Instant)>,
+    pub(super) inbox: Arc<Inbox>,
+    pub(super) metrics: Metrics,
+    /// How long a release waits for the device's queue to drain.
+    pub(super) drain_timeout: Duration,
+}
+
+impl Handoff {
+    /// Old-owner side: stop processing `device` here, hand its final window to `to`.
+    /// The device's unflushed result comes out of the writer with it.
+    pub async fn release(
+        &self,
+        device: Arc<str>,
+        to: SocketAddr,
+    ) -> Result<Released, ReleaseError> {
+        self.stop_processing(&device, to).await?;
+        let released = match self
+            .writer
+            .call(
+                |port| WriterMsg::Release(device.clone(), port),
+                Some(self.drain_timeout),
+            )
+            .await
+        {
+            Ok(CallResult::Success(result)) => result?,
+            _ => return Err(ReleaseError::Writer),
+        };
+        self.count(Direction::Out);
+        tracing::debug!(device_id = %device, %to, "device handed off");
+        Ok(released)
+    }
+
+    fn count(&self, direction: Direction) {
+        self.metrics
+            .device_handoffs
+            .get_or_create(&DirectionLabel { direction })
+            .inc();
+    }
+
+    /// Fences `device` (its events here go to `to` from now on), lets its actor finish
+    /// what is queued, and stops it.
+    async fn stop_processing(&self, device: &Arc<str>, to: SocketAddr) -> Result<(), ReleaseError> {
+        self.fences.insert(device.clone(), to);
+        if let Some(slot) = self.directory.slot(device) {
+            slot.close_for_handoff();
+            let deadline = Instant::now() + self.drain_timeout;
+            while !slot.is_drained() {
+                if Instant::now() >= deadline {
+                    // Its actor may itself be waiting for a window (two nodes that each
+                    // think they own the device): give up cleanly, the device stays here.
+                    slot.reopen();
+                    self.fences.take(device);
+                    return Err(ReleaseError::Busy(self.drain_timeout));
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            if let Some(actor) = slot.attached() {
+                actor.stop(Some("handed off".into()));
+            }
+            self.directory.unlist(&slot);
+        }
+        Ok(())
+    }
+
+    /// Old-owner side, after this node's view changed: hands `device` to its new owner
+    /// `to` without waiting to be asked. If `to` does not take it, the device's result
+    /// goes back to this node's writer, so the store still gets it.
+    pub async fn push(&self, device: Arc<str>, to: SocketAddr) {
+        if let Err(e) = self.stop_processing(&device, to).await {
+            tracing::debug!(device_id = %device, %to, error = %e, "handoff not pushed");
+            return;
+        }
+        // The result stays in the writer until the new owner has the window: a release
+        // asked for meanwhile (the new owner's actor starting) still finds it there.
+        let window = match self
+            .writer
+            .call(
+                |port| WriterMsg::LoadWindow(device.clone(), port),
+                Some(self.drain_timeout),
+            )
+            .await
+        {
+            Ok(CallResult::Success(Ok(Some(window)))) => window,
+            _ => return,
+        };
+        match self.transport.adopt(to, device.clone(), window).await {
+            Ok(()) => {
+                // Taken: this node's copy must never be flushed after the new owner's.
+                self.inbox.remove(&device);
+                self.count(Direction::Out);
+            }
+            Err(e) => {
+                tracing::debug!(device_id = %device, %to, error = %e, "handoff push failed; the store keeps the window");
+            }
+        }
+    }
+
+    /// New-owner side: a window pushed by the previous owner, kept for the device's next
+    /// actor (unless an actor already runs here, which has its window).
+    pub fn adopt(&self, device: Arc<str>, window: WindowSnapshot) {
+        if self.directory.slot(&device).is_none() {
+            self.adopted.insert(device, (window, Instant::now()));
+        }
+    }
+
+    /// New-owner side: the node that may still hold `device`, if any. A node that was
+    /// left out after a failed forward is asked too: if it was only slow, it still holds
+    /// the device, and asking is what fences it; if it is gone, the refused connection
+    /// answers at once.
+    fn predecessor_of(&self, device: &str) -> Option<SocketAddr> {
+        let me = self.membership.me();
+        let view = self.membership.view();
+        let without_me = Ring::new(view.ring.members().filter(|m| *m != me));
+        self.fences
+            .take(device)
+            .into_iter()
+            .chain(view.previous.owner(device))
+            .chain(without_me.owner(device))
+            .find(|p| *p != me)
+    }
+
+    /// New-owner side: the final window of `device` from the node that held it.
+    pub async fn window_from_predecessor(&self, device: Arc<str>) -> Option<WindowSnapshot> {
+        if let Some((_, (window, _))) = self.adopted.remove(&device) {
+            self.fences.take(&device);
+            self.count(Direction::In);
+            return Some(window);
+        }
+        let from = self.predecessor_of(&device)?;
+        match self.transport.release(from, device.clone()).await {
+            Ok(window) => {
+                self.count(Direction::In);
+                tracing::debug!(device_id = %device, %from, "device taken over");
+                // None: the holder knew no window either; the store may (or not).
+                window
+            }
+            Err(e) => {
+                tracing::debug!(device_id = %device, %from, error = %e, "handoff failed; restoring from the store");
+                None
+            }
+        }
+    }
+}
+
+/// The device actors' way to the previous owner.
+pub struct PredecessorLink(pub Arc<Handoff>);
+
+impl Predecessor for PredecessorLink {
+    fn window(&self, device: Arc<str>) -> BoxFuture<Option<WindowSnapshot>> {
+        let handoff = self.0.clone();
+        Box::pin(async move { handoff.window_from_predecessor(device).await })
+    }
+}

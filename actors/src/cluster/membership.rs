@@ -1,0 +1,205 @@
+//! Who is in the cluster: the member list from discovery (DNS or a static list),
+//! filtered by liveness, as the [`View`] every routing decision reads.
+//!
+//! Every `CLUSTER_DISCOVERY_INTERVAL` the peer spec is resolved (a headless Service's
+//! name resolves to the addresses of its ready pods) and every peer is probed. A member
+//! is an address that resolved and answered its probe as a member; this node is one when
+//! its own address resolved and it is not leaving. A peer that fails a forward is taken
+//! out at once ([`Membership::mark_down`]) and comes back when a probe answers again. A
+//! peer that stops resolving is still probed for a while: a pod that is shutting down
+//! leaves the DNS answer at once but keeps answering handoff requests until it exits.
+
+use super::ownership::Ring;
+use super::{PeerState, Transport};
+use std::collections::BTreeSet;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+
+/// One node's view of the cluster at a moment.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct View {
+    /// The members that own devices now.
+    pub ring: Ring,
+    /// The members before the last change (where a device may have been owned).
+    pub previous: Ring,
+    /// Peers that answered their last contact (members, leaving or starting nodes).
+    pub reachable: BTreeSet<SocketAddr>,
+}
+
+/// The live membership of this node; cheap to share.
+#[derive(Debug)]
+pub struct Membership {
+    me: SocketAddr,
+    view: RwLock<Arc<View>>,
+    leaving: AtomicBool,
+    discovered: AtomicBool,
+    /// Consecutive failed probes per peer: one late answer on a busy node is not a
+    /// departure; a member is left out after [`PROBE_FAILURES_TO_LEAVE`] in a row.
+    failures: Mutex<HashMap<SocketAddr, u32>>,
+}
+
+/// Probe rounds a member must fail in a row before it is left out (a failed forward
+/// leaves it out at once).
+pub const PROBE_FAILURES_TO_LEAVE: u32 = 2;
+
+impl Membership {
+    /// A membership that knows itself as `me` and no one else yet.
+    pub fn new(me: SocketAddr) -> Self {
+        Self {
+            me,
+            view: RwLock::new(Arc::new(View::default())),
+            leaving: AtomicBool::new(false),
+            discovered: AtomicBool::new(false),
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// This node's advertised address.
+    pub fn me(&self) -> SocketAddr {
+        self.me
+    }
+
+    /// The current view.
+    pub fn view(&self) -> Arc<View> {
+        // A poisoned lock still holds a whole Arc: nothing panics while it is held.
+        self.view
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn update(&self, change: impl FnOnce(&View) -> Option<View>) -> Option<Arc<View>> {
+        let mut view = self.view.write().unwrap_or_else(PoisonError::into_inner);
+        let next = Arc::new(change(&view)?);
+        *view = next.clone();
+        Some(next)
+    }
+
+    /// Whether the first discovery round has completed (readiness).
+    pub fn is_discovered(&self) -> bool {
+        self.discovered.load(Ordering::Acquire)
+    }
+
+    /// Whether this node has announced that it is leaving.
+    pub fn is_leaving(&self) -> bool {
+        self.leaving.load(Ordering::Acquire)
+    }
+
+    /// What this node answers to a probe.
+    pub fn state(&self) -> PeerState {
+        if self.is_leaving() {
+            PeerState::Leaving
+        } else if self.is_discovered() {
+            PeerState::Member
+        } else {
+            PeerState::Starting
+        }
+    }
+
+    /// Leaves the ring: peers see `leaving` at their next probe and stop routing here.
+    pub fn leave(&self) {
+        self.leaving.store(true, Ordering::Release);
+        let me = self.me;
+        self.update(|v| {
+            v.ring.contains(me).then(|| View {
+                ring: Ring::new(v.ring.members().filter(|m| *m != me)),
+                previous: v.ring.clone(),
+                reachable: v.reachable.clone(),
+            })
+        });
+    }
+
+    /// A forward to `peer` failed: it owns nothing until a probe answers again.
+    pub fn mark_down(&self, peer: SocketAddr) -> bool {
+        let changed = self.update(|v| {
+            (v.ring.contains(peer) || v.reachable.contains(&peer)).then(|| View {
+                ring: Ring::new(v.ring.members().filter(|m| *m != peer)),
+                previous: if v.ring.contains(peer) {
+                    v.ring.clone()
+                } else {
+                    v.previous.clone()
+                },
+                reachable: v.reachable.iter().copied().filter(|m| *m != peer).collect(),
+            })
+        });
+        if changed.is_some() {
+            tracing::warn!(%peer, "peer left out of ownership after a failed forward");
+        }
+        changed.is_some()
+    }
+
+    /// One discovery round: `resolved` is what the peer spec resolved to (`None` when
+    /// resolution failed: the last answer is kept), probed through `transport`.
+    /// Returns the new view when it changed.
+    pub async fn refresh(
+        &self,
+        resolved: Option<BTreeSet<SocketAddr>>,
+        last_resolved: &mut BTreeSet<SocketAddr>,
+        transport: &dyn Transport,
+    ) -> Option<Arc<View>> {
+        if let Some(resolved) = resolved {
+            *last_resolved = resolved;
+        }
+        let current = self.view();
+        // Probe what resolves, plus whoever was a member or reachable: a pod that is
+        // shutting down leaves the DNS answer before it stops answering.
+        let to_probe: BTreeSet<SocketAddr> = last_resolved
+            .iter()
+            .copied()
+            .chain(current.ring.members())
+            .chain(current.reachable.iter().copied())
+            .filter(|a| *a != self.me)
+            .collect();
+        let probes =
+            futures_util::future::join_all(to_probe.iter().map(|peer| transport.ping(*peer))).await;
+        let mut members = Vec::new();
+        let mut reachable = BTreeSet::new();
+        {
+            let mut failures = self.failures.lock().unwrap_or_else(PoisonError::into_inner);
+            failures.retain(|peer, _| to_probe.contains(peer));
+            for (peer, state) in to_probe.iter().zip(probes) {
+                let resolved = last_resolved.contains(peer);
+                match state {
+                    Ok(state) => {
+                        failures.remove(peer);
+                        reachable.insert(*peer);
+                        if state == PeerState::Member && resolved {
+                            members.push(*peer);
+                        }
+                    }
+                    Err(_) => {
+                        let failed = failures.entry(*peer).or_insert(0);
+                        *failed += 1;
+                        if *failed < PROBE_FAILURES_TO_LEAVE {
+                            if current.reachable.contains(peer) {
+                                reachable.insert(*peer);
+                            }
+                            if resolved && current.ring.contains(*peer) {
+                                members.push(*peer);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if last_resolved.contains(&self.me) && !self.is_leaving() {
+            members.push(self.me);
+        }
+        let ring = Ring::new(members);
+        let changed = self.update(|v| {
+            (v.ring != ring || v.reachable != reachable).then(|| View {
+                previous: if v.ring != ring {
+                    v.ring.clone()
+                } else {
+                    v.previous.clone()
+                },
+                ring,
+                reachable,
+            })
+        });
+        self.discovered.store(true, Ordering::Release);
+        changed
+    }
+}

@@ -1,0 +1,22 @@
+//! The HTTP side of scale-out: the internal listener other nodes call (`server`), and
+//! the client this node calls them with (`client`, the [`actors::cluster::Transport`]).
+
+pub mod client;
+pub mod server;
+
+/// Carries `Bearer <CLUSTER_TOKEN>`.
+pub const TOKEN_HEADER: hyper::header::HeaderName = hyper::header::AUTHORIZATION;
+/// The calling node's advertised address (a release hands the device to it).
+pub const FROM_HEADER: &str = "x-cluster-from";
+
+/// The internal routes.
+pub mod paths {
+    /// A forwarded batch of events.
+    pub const EVENTS: &str = "/cluster/events";
+    /// Liveness and state of a node.
+    pub const PING: &str = "/cluster/ping";
+    /// Hand a device over to the caller.
+    pub const RELEASE: &str = "/cluster/release";
+    /// Take a device's window pushed by its previous owner.
+    pub const ADOPT: &str = "/cluster/adopt";
+}

@@ -2,6 +2,8 @@
 //! on a free loopback port, and a minimal HTTP/1.1 client over plain sockets.
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener};

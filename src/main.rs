@@ -63,10 +63,15 @@ async fn main() -> anyhow::Result<()> {
             // Log where, never the password.
             let host = url.rsplit('@').next().unwrap_or(url);
             tracing::info!(redis = %host, pool_size = config.redis_pool_size, "using Redis");
-            Store::Redis(
-                RedisStore::new(url, config.redis_pool_size, STORE_OP_TIMEOUT)
-                    .context("REDIS_URL")?,
-            )
+            let store = RedisStore::new(url, config.redis_pool_size, STORE_OP_TIMEOUT)
+                .context("REDIS_URL")?;
+            // In a cluster, a node cut off with an older window must never overwrite the
+            // newer one of the device's owner.
+            Store::Redis(if cluster_config.is_some() {
+                store.guarded()
+            } else {
+                store
+            })
         }
     };
     let mut registry = Registry::default();

@@ -52,6 +52,7 @@ fn start_node(redis: &Redis, me: SocketAddr, peers: &[SocketAddr], token: &str) 
         ("CLUSTER_FORWARD_TIMEOUT", "1s"),
         ("WINDOW_SIZE", &WINDOW.to_string()),
         ("MAX_DEVICE_LABELS", "100000"),
+        ("RUST_LOG", "info,actors=debug"),
     ]);
     Node {
         svc: Some(svc),
@@ -292,4 +293,81 @@ async fn a_crashed_node_s_devices_continue_from_their_stored_windows() {
             );
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hanging_peer_is_routed_around_and_nothing_is_lost() {
+    let _one = ONE_CLUSTER.lock().await;
+    let redis = Redis::start();
+    let addrs = internal_addrs(3);
+    let nodes: Vec<Node> = addrs
+        .iter()
+        .map(|me| start_node(&redis, *me, &addrs, "t"))
+        .collect();
+    converged(&nodes, 3.0).await;
+    let targets = Arc::new(std::sync::Mutex::new(
+        nodes.iter().map(|n| n.svc().addr).collect::<Vec<_>>(),
+    ));
+    let (devices, per_device) = (60, 40);
+    let load = tokio::spawn(load(
+        devices,
+        per_device,
+        targets.clone(),
+        Duration::from_millis(40),
+    ));
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    // SIGSTOP: the process accepts connections (the kernel does) but never answers, as a
+    // node in a long GC pause or on a frozen VM.
+    let hung = nodes[2].svc();
+    targets.lock().expect("targets").retain(|a| *a != hung.addr);
+    signal(hung.pid(), "-STOP");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    signal(hung.pid(), "-CONT");
+    load.await.expect("load");
+    let mut timeouts = 0.0;
+    for n in &nodes[..2] {
+        timeouts += n
+            .svc()
+            .metric("forward_failures_total{reason=\"timeout\"}")
+            .await
+            .unwrap_or(0.0);
+    }
+    assert!(timeouts > 0.0, "forwards to the hung node timed out");
+    // The hung node's own accepted-but-unprocessed events (at most one per device: each
+    // device sends its next event only after the answer to the previous one) are what a
+    // pause may cost; everything re-routed is counted once.
+    const LOSS: u64 = 1;
+    let all: Vec<SocketAddr> = nodes.iter().map(|n| n.svc().addr).collect();
+    for d in 0..devices {
+        for addr in &all {
+            let v = eventually(SOON, "analysis", || async {
+                let r = get(*addr, &format!("/analyze?device_id=dev-{d}")).await;
+                (r.status == 200).then(|| r.json())
+            })
+            .await;
+            let samples = v["samples"].as_u64().expect("samples");
+            let n = per_device as u64;
+            if !(samples + LOSS >= n && samples <= n) {
+                let mut nodes = nodes;
+                for (i, node) in nodes.iter_mut().enumerate() {
+                    let svc = node.svc.take().expect("svc");
+                    let (_, logs) = svc.terminate();
+                    for l in logs
+                        .iter()
+                        .filter(|l| l.contains(&format!("\"dev-{d}\"")) || l.contains("view"))
+                    {
+                        eprintln!("node{i}: {l}");
+                    }
+                }
+                panic!("dev-{d} on {addr}: {samples} samples after {n} events");
+            }
+        }
+    }
+}
+
+fn signal(pid: u32, which: &str) {
+    std::process::Command::new("kill")
+        .args([which, &pid.to_string()])
+        .status()
+        .expect("kill");
 }

@@ -42,8 +42,8 @@ async fn results_are_stored_under_the_original_keys_with_ttl() {
             .expect("pttl");
         assert!(ttl > 80_000 && ttl <= 90_000, "{key} PTTL {ttl}");
     }
-    // IW2 + the newest event's timestamp (12 bytes) + two readings of 16 bytes.
-    assert_eq!(redis.cli(&["STRLEN", "window:r-1"]).as_deref(), Some("47"));
+    // IW2 + the version (8 bytes) + the newest event's timestamp (12) + two readings of 16.
+    assert_eq!(redis.cli(&["STRLEN", "window:r-1"]).as_deref(), Some("55"));
     assert_eq!(
         get(svc.addr, "/ready").await.json()["checks"]["store"],
         "ok"
@@ -247,4 +247,77 @@ async fn a_hanging_redis_is_detected_by_deadlines_and_recovered_from() {
         (get(svc.addr, "/ready").await.status == 200).then_some(())
     })
     .await;
+}
+
+#[tokio::test]
+async fn in_a_cluster_an_older_window_never_replaces_a_newer_one() {
+    use actors::store::{DeviceWrite, RedisStore, WindowSnapshot};
+    let redis = Redis::start();
+    let store = RedisStore::new(&redis.url(), 2, Duration::from_secs(2))
+        .expect("pool")
+        .guarded();
+    let write = |version: u64, marker: &str| DeviceWrite {
+        analysis: (
+            "analysis:g".into(),
+            bytes::Bytes::from(format!("{{\"m\":\"{marker}\"}}")),
+        ),
+        window: (
+            "window:g".into(),
+            WindowSnapshot::new(vec![(version as f64, 0.5)], None, version).to_bytes(),
+        ),
+    };
+    let ttl = Duration::from_secs(60);
+    // Sequence numbers across the byte boundaries a string comparison would get wrong.
+    store
+        .write(vec![write(255, "a")], ttl)
+        .await
+        .expect("write");
+    store
+        .write(vec![write(256, "b")], ttl)
+        .await
+        .expect("write");
+    assert_eq!(
+        redis.cli(&["GET", "analysis:g"]).as_deref(),
+        Some(r#"{"m":"b"}"#)
+    );
+    // A stale node's flush: refused, both keys untouched.
+    store
+        .write(vec![write(7, "stale")], ttl)
+        .await
+        .expect("write");
+    assert_eq!(
+        redis.cli(&["GET", "analysis:g"]).as_deref(),
+        Some(r#"{"m":"b"}"#)
+    );
+    let window = redis.cli(&["GET", "window:g"]).expect("window");
+    assert!(!window.is_empty());
+    // The same or a newer sequence number writes.
+    store
+        .write(vec![write(256, "c")], ttl)
+        .await
+        .expect("write");
+    assert_eq!(
+        redis.cli(&["GET", "analysis:g"]).as_deref(),
+        Some(r#"{"m":"c"}"#)
+    );
+    store
+        .write(vec![write(1 << 40, "d")], ttl)
+        .await
+        .expect("write");
+    assert_eq!(
+        redis.cli(&["GET", "analysis:g"]).as_deref(),
+        Some(r#"{"m":"d"}"#)
+    );
+    let pttl: i64 = redis
+        .cli(&["PTTL", "window:g"])
+        .and_then(|t| t.parse().ok())
+        .expect("pttl");
+    assert!(pttl > 50_000, "{pttl}");
+    // An unguarded store (one node) writes whatever it is given.
+    let plain = RedisStore::new(&redis.url(), 2, Duration::from_secs(2)).expect("pool");
+    plain.write(vec![write(1, "e")], ttl).await.expect("write");
+    assert_eq!(
+        redis.cli(&["GET", "analysis:g"]).as_deref(),
+        Some(r#"{"m":"e"}"#)
+    );
 }

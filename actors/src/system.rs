@@ -189,11 +189,6 @@ impl System {
         &self.store
     }
 
-    /// The writer's inbox (a failed handoff puts a device's result back).
-    pub fn inbox(&self) -> &Arc<Inbox> {
-        &self.ctx.inbox
-    }
-
     /// The store writer (handoffs release a device's result through it).
     pub fn writer(&self) -> &ActorRef<WriterMsg> {
         &self.writer

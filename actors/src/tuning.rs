@@ -29,6 +29,13 @@ pub const FLUSH_EARLY_AT: usize = 8192;
 /// empty (and counts a restore failure).
 pub const WINDOW_RESTORE_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Attempts to read a starting device actor's window before it starts empty: a store
+/// that is slow for a moment (a burst of restores) should not cost the window.
+pub const RESTORE_ATTEMPTS: u32 = 3;
+
+/// Pause after a failed window read, times the attempt number.
+pub const RESTORE_RETRY_DELAY: Duration = Duration::from_millis(100);
+
 /// How long a request to one of the long-lived actors (a scrape, a count) may take.
 pub const ACTOR_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 

@@ -58,6 +58,18 @@ impl HttpTransport {
         path_and_query: &str,
         body: Bytes,
     ) -> Result<(StatusCode, Bytes), ForwardError> {
+        self.call_within(self.timeout, method, peer, path_and_query, body)
+            .await
+    }
+
+    async fn call_within(
+        &self,
+        timeout: Duration,
+        method: Method,
+        peer: SocketAddr,
+        path_and_query: &str,
+        body: Bytes,
+    ) -> Result<(StatusCode, Bytes), ForwardError> {
         let request = Request::builder()
             .method(method)
             .uri(format!("http://{peer}{path_and_query}"))
@@ -81,7 +93,7 @@ impl HttpTransport {
                 .to_bytes();
             Ok((status, body))
         };
-        tokio::time::timeout(self.timeout, exchange)
+        tokio::time::timeout(timeout, exchange)
             .await
             .map_err(|_| ForwardError::Timeout)?
     }
@@ -106,13 +118,15 @@ impl Transport for HttpTransport {
         })
     }
 
-    fn ping(&self, peer: SocketAddr) -> BoxFuture<Result<PeerState, ForwardError>> {
+    fn ping(&self, peer: SocketAddr, rejoin: bool) -> BoxFuture<Result<PeerState, ForwardError>> {
         let this = self.clone();
         Box::pin(async move {
-            match this
-                .call(Method::GET, peer, paths::PING, Bytes::new())
-                .await?
-            {
+            let path = if rejoin {
+                paths::PING_REJOIN
+            } else {
+                paths::PING
+            };
+            match this.call(Method::GET, peer, path, Bytes::new()).await? {
                 (StatusCode::OK, body) => std::str::from_utf8(&body)
                     .ok()
                     .and_then(PeerState::parse)
@@ -133,31 +147,21 @@ impl Transport for HttpTransport {
                 .append_pair("device_id", &device)
                 .finish();
             let path = format!("{}?{query}", paths::RELEASE);
-            match this.call(Method::POST, peer, &path, Bytes::new()).await? {
+            match this
+                .call_within(
+                    // The holder lets the device's queue drain for up to one timeout.
+                    this.timeout * 2,
+                    Method::POST,
+                    peer,
+                    &path,
+                    Bytes::new(),
+                )
+                .await?
+            {
                 (StatusCode::OK, body) => WindowSnapshot::decode(&body)
                     .map(Some)
                     .map_err(|_| ForwardError::Rejected(200)),
                 (StatusCode::NO_CONTENT, _) => Ok(None),
-                (status, _) => Err(ForwardError::Rejected(status.as_u16())),
-            }
-        })
-    }
-
-    fn adopt(
-        &self,
-        peer: SocketAddr,
-        device: Arc<str>,
-        window: WindowSnapshot,
-    ) -> BoxFuture<Result<(), ForwardError>> {
-        let this = self.clone();
-        Box::pin(async move {
-            let query: String = form_urlencoded::Serializer::new(String::new())
-                .append_pair("device_id", &device)
-                .finish();
-            let path = format!("{}?{query}", paths::ADOPT);
-            let body = window.to_bytes();
-            match this.call(Method::POST, peer, &path, body).await? {
-                (StatusCode::OK, _) => Ok(()),
                 (status, _) => Err(ForwardError::Rejected(status.as_u16())),
             }
         })

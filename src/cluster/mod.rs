@@ -15,8 +15,8 @@ pub mod paths {
     pub const EVENTS: &str = "/cluster/events";
     /// Liveness and state of a node.
     pub const PING: &str = "/cluster/ping";
+    /// The same, from a node that does not count the callee as a member.
+    pub const PING_REJOIN: &str = "/cluster/ping?rejoin=1";
     /// Hand a device over to the caller.
     pub const RELEASE: &str = "/cluster/release";
-    /// Take a device's window pushed by its previous owner.
-    pub const ADOPT: &str = "/cluster/adopt";
 }

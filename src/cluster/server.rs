@@ -5,12 +5,11 @@
 //! - `POST /cluster/events`: a forwarded batch ([`actors::cluster::wire`]); 200 once
 //!   every event is queued here (the acknowledgement), 503 when it does not fit under
 //!   MAX_PENDING_EVENTS (nothing was queued), 400 when it does not decode.
-//! - `GET /cluster/ping`: `member`, `starting` or `leaving`.
+//! - `GET /cluster/ping`: `member`, `starting` or `leaving`; `?rejoin=1` from a peer
+//!   that does not count this node as a member makes it resync its device actors.
 //! - `POST /cluster/release?device_id=ID` (from `X-Cluster-From: ip:port`): hand the
 //!   device to the caller; 200 with its final window, 204 when there is none, 409 when
 //!   its queue did not drain in time.
-//! - `POST /cluster/adopt?device_id=ID`: the previous owner pushes a device's final
-//!   window after its view changed; kept for the device's next actor here.
 //!
 //! The port is never behind the Service or the Ingress; the NetworkPolicy opens it only
 //! between the app's own pods.
@@ -19,7 +18,7 @@ use super::{paths, FROM_HEADER, TOKEN_HEADER};
 use actors::cluster::{wire, Cluster, ReleaseError};
 use actors::device::SubmitError;
 use actors::metrics::Metrics;
-use actors::store::{Released, WindowSnapshot};
+
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -120,11 +119,13 @@ impl Internal {
         }
         match (req.method(), req.uri().path()) {
             (&Method::GET, paths::PING) => {
+                if req.uri().query() == Some("rejoin=1") {
+                    self.cluster.request_resync();
+                }
                 answer(StatusCode::OK, self.cluster.membership().state().as_str())
             }
             (&Method::POST, paths::EVENTS) => self.events(req).await,
             (&Method::POST, paths::RELEASE) => self.release(req).await,
-            (&Method::POST, paths::ADOPT) => self.adopt(req).await,
             _ => answer(StatusCode::NOT_FOUND, "no such internal route"),
         }
     }
@@ -148,23 +149,6 @@ impl Internal {
         }
     }
 
-    async fn adopt(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
-        let Some(device) = device_of(&req) else {
-            return answer(StatusCode::BAD_REQUEST, "adopt needs ?device_id=");
-        };
-        let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-            Ok(body) => body.to_bytes(),
-            Err(e) => return answer(StatusCode::BAD_REQUEST, e.to_string()),
-        };
-        match WindowSnapshot::decode(&body) {
-            Ok(window) => {
-                self.cluster.handoff().adopt(Arc::from(device), window);
-                answer(StatusCode::OK, "")
-            }
-            Err(e) => answer(StatusCode::BAD_REQUEST, e.to_string()),
-        }
-    }
-
     async fn release(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
         let from: Option<SocketAddr> = req
             .headers()
@@ -184,11 +168,8 @@ impl Internal {
             .release(Arc::from(device), from)
             .await
         {
-            Ok(Released {
-                window: Some(window),
-                ..
-            }) => answer(StatusCode::OK, window.to_bytes()),
-            Ok(_) => answer(StatusCode::NO_CONTENT, ""),
+            Ok(Some(window)) => answer(StatusCode::OK, window.to_bytes()),
+            Ok(None) => answer(StatusCode::NO_CONTENT, ""),
             Err(e @ ReleaseError::Busy(_)) => answer(StatusCode::CONFLICT, e.to_string()),
             Err(e) => answer(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
         }

@@ -95,7 +95,7 @@ pub async fn send_device(
                 let t = targets.lock().expect("targets");
                 t[(d + i + attempt) % t.len()]
             };
-            let ok = tokio::time::timeout(Duration::from_secs(5), try_post(addr, &body))
+            let ok = tokio::time::timeout(Duration::from_secs(10), try_post(addr, &body))
                 .await
                 .unwrap_or(false);
             if ok {

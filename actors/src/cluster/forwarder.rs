@@ -42,8 +42,8 @@ pub enum ForwarderMsg {
     /// Events for devices the peer owns, in order; answered once the peer has queued
     /// them (or failed to).
     Forward(Vec<(Arc<str>, Event)>, RpcReplyPort<Ack>),
-    /// A batch came back.
-    Done,
+    /// A batch came back, failed when `Some`.
+    Done(Option<ForwardError>),
 }
 
 /// A forwarder's state.
@@ -104,7 +104,7 @@ impl ForwarderState {
                 for (_, reply) in waiters {
                     let _ = reply.send(result.clone());
                 }
-                let _ = myself.cast(ForwarderMsg::Done);
+                let _ = myself.cast(ForwarderMsg::Done(result.err()));
             });
         }
     }
@@ -141,7 +141,17 @@ impl Actor for Forwarder {
                 state.waiters.push((events.len(), reply));
                 state.buffer.extend(events);
             }
-            ForwarderMsg::Done => state.in_flight -= 1,
+            ForwarderMsg::Done(failed) => {
+                state.in_flight -= 1;
+                if let Some(e) = failed.filter(|e| e.failure().is_some()) {
+                    // The peer is unwell: everyone waiting behind this batch is told now
+                    // and re-routes, rather than queueing for the same timeout again.
+                    state.buffer.clear();
+                    for (_, reply) in state.waiters.drain(..) {
+                        let _ = reply.send(Err(e.clone()));
+                    }
+                }
+            }
         }
         state.send(&myself);
         Ok(())

@@ -19,7 +19,7 @@ use super::ownership::Ring;
 use super::Transport;
 use crate::device::{BoxFuture, Directory, Predecessor};
 use crate::metrics::{Direction, DirectionLabel, Metrics};
-use crate::store::{Inbox, Released, StoreError, WindowSnapshot, WriterMsg};
+use crate::store::{WindowSnapshot, WriterMsg};
 use dashmap::DashMap;
 use ractor::rpc::CallResult;
 use ractor::ActorRef;
@@ -80,9 +80,6 @@ pub enum ReleaseError {
     /// The writer did not answer.
     #[error("the store writer did not answer")]
     Writer,
-    /// The store could not be read.
-    #[error(transparent)]
-    Store(#[from] StoreError),
 }
 
 /// Both sides of a handoff on this node.
@@ -92,9 +89,6 @@ pub struct Handoff {
     pub(super) directory: Directory,
     pub(super) writer: ActorRef<WriterMsg>,
     pub(super) fences: Arc<Fences>,
-    /// Windows pushed here by previous owners, waiting for the device's next actor.
-    pub(super) adopted: DashMap<Arc<str>, (WindowSnapshot, Instant)>,
-    pub(super) inbox: Arc<Inbox>,
     pub(super) metrics: Metrics,
     /// How long a release waits for the device's queue to drain.
     pub(super) drain_timeout: Duration,
@@ -107,9 +101,9 @@ impl Handoff {
         &self,
         device: Arc<str>,
         to: SocketAddr,
-    ) -> Result<Released, ReleaseError> {
+    ) -> Result<Option<WindowSnapshot>, ReleaseError> {
         self.stop_processing(&device, to).await?;
-        let released = match self
+        let window = match self
             .writer
             .call(
                 |port| WriterMsg::Release(device.clone(), port),
@@ -117,12 +111,12 @@ impl Handoff {
             )
             .await
         {
-            Ok(CallResult::Success(result)) => result?,
+            Ok(CallResult::Success(window)) => window,
             _ => return Err(ReleaseError::Writer),
         };
         self.count(Direction::Out);
         tracing::debug!(device_id = %device, %to, "device handed off");
-        Ok(released)
+        Ok(window)
     }
 
     fn count(&self, direction: Direction) {
@@ -157,47 +151,6 @@ impl Handoff {
         Ok(())
     }
 
-    /// Old-owner side, after this node's view changed: hands `device` to its new owner
-    /// `to` without waiting to be asked. If `to` does not take it, the device's result
-    /// goes back to this node's writer, so the store still gets it.
-    pub async fn push(&self, device: Arc<str>, to: SocketAddr) {
-        if let Err(e) = self.stop_processing(&device, to).await {
-            tracing::debug!(device_id = %device, %to, error = %e, "handoff not pushed");
-            return;
-        }
-        // The result stays in the writer until the new owner has the window: a release
-        // asked for meanwhile (the new owner's actor starting) still finds it there.
-        let window = match self
-            .writer
-            .call(
-                |port| WriterMsg::LoadWindow(device.clone(), port),
-                Some(self.drain_timeout),
-            )
-            .await
-        {
-            Ok(CallResult::Success(Ok(Some(window)))) => window,
-            _ => return,
-        };
-        match self.transport.adopt(to, device.clone(), window).await {
-            Ok(()) => {
-                // Taken: this node's copy must never be flushed after the new owner's.
-                self.inbox.remove(&device);
-                self.count(Direction::Out);
-            }
-            Err(e) => {
-                tracing::debug!(device_id = %device, %to, error = %e, "handoff push failed; the store keeps the window");
-            }
-        }
-    }
-
-    /// New-owner side: a window pushed by the previous owner, kept for the device's next
-    /// actor (unless an actor already runs here, which has its window).
-    pub fn adopt(&self, device: Arc<str>, window: WindowSnapshot) {
-        if self.directory.slot(&device).is_none() {
-            self.adopted.insert(device, (window, Instant::now()));
-        }
-    }
-
     /// New-owner side: the node that may still hold `device`, if any. A node that was
     /// left out after a failed forward is asked too: if it was only slow, it still holds
     /// the device, and asking is what fences it; if it is gone, the refused connection
@@ -216,11 +169,6 @@ impl Handoff {
 
     /// New-owner side: the final window of `device` from the node that held it.
     pub async fn window_from_predecessor(&self, device: Arc<str>) -> Option<WindowSnapshot> {
-        if let Some((_, (window, _))) = self.adopted.remove(&device) {
-            self.fences.take(&device);
-            self.count(Direction::In);
-            return Some(window);
-        }
         let from = self.predecessor_of(&device)?;
         match self.transport.release(from, device.clone()).await {
             Ok(window) => {

@@ -16,6 +16,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use tokio::time::Instant;
 
 /// One node's view of the cluster at a moment.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -35,9 +36,17 @@ pub struct Membership {
     view: RwLock<Arc<View>>,
     leaving: AtomicBool,
     discovered: AtomicBool,
-    /// Consecutive failed probes per peer: one late answer on a busy node is not a
-    /// departure; a member is left out after [`PROBE_FAILURES_TO_LEAVE`] in a row.
-    failures: Mutex<HashMap<SocketAddr, u32>>,
+    /// Per peer: consecutive failed probes (one late answer on a busy node is not a
+    /// departure; a member is left out after [`PROBE_FAILURES_TO_LEAVE`] in a row), and
+    /// when a forward to it last failed.
+    health: Mutex<HashMap<SocketAddr, PeerHealth>>,
+}
+
+#[derive(Debug, Default)]
+struct PeerHealth {
+    failures: u32,
+    /// Left out after a failed forward: only a probe sent after this brings it back.
+    down_at: Option<Instant>,
 }
 
 /// Probe rounds a member must fail in a row before it is left out (a failed forward
@@ -52,7 +61,7 @@ impl Membership {
             view: RwLock::new(Arc::new(View::default())),
             leaving: AtomicBool::new(false),
             discovered: AtomicBool::new(false),
-            failures: Mutex::new(HashMap::new()),
+            health: Mutex::new(HashMap::new()),
         }
     }
 
@@ -113,6 +122,12 @@ impl Membership {
 
     /// A forward to `peer` failed: it owns nothing until a probe answers again.
     pub fn mark_down(&self, peer: SocketAddr) -> bool {
+        self.health
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(peer)
+            .or_default()
+            .down_at = Some(Instant::now());
         let changed = self.update(|v| {
             (v.ring.contains(peer) || v.reachable.contains(&peer)).then(|| View {
                 ring: Ring::new(v.ring.members().filter(|m| *m != peer)),
@@ -143,6 +158,7 @@ impl Membership {
             *last_resolved = resolved;
         }
         let current = self.view();
+        let round = Instant::now();
         // Probe what resolves, plus whoever was a member or reachable: a pod that is
         // shutting down leaves the DNS answer before it stops answering.
         let to_probe: BTreeSet<SocketAddr> = last_resolved
@@ -152,43 +168,46 @@ impl Membership {
             .chain(current.reachable.iter().copied())
             .filter(|a| *a != self.me)
             .collect();
-        let probes =
-            futures_util::future::join_all(to_probe.iter().map(|peer| transport.ping(*peer))).await;
-        let mut members = Vec::new();
-        let mut reachable = BTreeSet::new();
-        {
-            let mut failures = self.failures.lock().unwrap_or_else(PoisonError::into_inner);
-            failures.retain(|peer, _| to_probe.contains(peer));
-            for (peer, state) in to_probe.iter().zip(probes) {
-                let resolved = last_resolved.contains(peer);
+        let probes = futures_util::future::join_all(
+            to_probe
+                .iter()
+                .map(|peer| transport.ping(*peer, !current.ring.contains(*peer))),
+        )
+        .await;
+        let me = (last_resolved.contains(&self.me) && !self.is_leaving()).then_some(self.me);
+        // Decided under the view's lock, against the view as it is now: a forward that
+        // failed while the probes ran has left its peer out, and a probe answered before
+        // that failure must not bring it back (see `mark_down`).
+        let changed = self.update(|v| {
+            let mut health = self.health.lock().unwrap_or_else(PoisonError::into_inner);
+            health.retain(|peer, _| to_probe.contains(peer));
+            let mut members: Vec<SocketAddr> = me.into_iter().collect();
+            let mut reachable = BTreeSet::new();
+            for (peer, state) in to_probe.iter().zip(&probes) {
+                let h = health.entry(*peer).or_default();
+                let downed_since_round = h.down_at.is_some_and(|t| t >= round);
                 match state {
-                    Ok(state) => {
-                        failures.remove(peer);
+                    Ok(state) if !downed_since_round => {
+                        *h = PeerHealth::default();
                         reachable.insert(*peer);
-                        if state == PeerState::Member && resolved {
+                        if *state == PeerState::Member && last_resolved.contains(peer) {
                             members.push(*peer);
                         }
                     }
-                    Err(_) => {
-                        let failed = failures.entry(*peer).or_insert(0);
-                        *failed += 1;
-                        if *failed < PROBE_FAILURES_TO_LEAVE {
-                            if current.reachable.contains(peer) {
+                    _ => {
+                        h.failures += 1;
+                        if h.failures < PROBE_FAILURES_TO_LEAVE && h.down_at.is_none() {
+                            if v.reachable.contains(peer) {
                                 reachable.insert(*peer);
                             }
-                            if resolved && current.ring.contains(*peer) {
+                            if last_resolved.contains(peer) && v.ring.contains(*peer) {
                                 members.push(*peer);
                             }
                         }
                     }
                 }
             }
-        }
-        if last_resolved.contains(&self.me) && !self.is_leaving() {
-            members.push(self.me);
-        }
-        let ring = Ring::new(members);
-        let changed = self.update(|v| {
+            let ring = Ring::new(members);
             (v.ring != ring || v.reachable != reachable).then(|| View {
                 previous: if v.ring != ring {
                     v.ring.clone()

@@ -32,9 +32,11 @@ use ractor::rpc::CallResult;
 use ractor::{Actor, ActorRef};
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 /// How a node answers a probe.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,21 +102,16 @@ impl ForwardError {
 pub trait Transport: Send + Sync + 'static {
     /// Sends an encoded batch ([`wire`]); `Ok` once the peer has queued all of it.
     fn send_events(&self, peer: SocketAddr, body: Bytes) -> BoxFuture<Result<(), ForwardError>>;
-    /// Asks a peer how it is.
-    fn ping(&self, peer: SocketAddr) -> BoxFuture<Result<PeerState, ForwardError>>;
+    /// Asks a peer how it is. `rejoin`: the peer is not in this node's ring, so while
+    /// it was out its devices may have been processed elsewhere (it resyncs: see
+    /// [`Cluster::request_resync`]).
+    fn ping(&self, peer: SocketAddr, rejoin: bool) -> BoxFuture<Result<PeerState, ForwardError>>;
     /// Asks a peer to release `device` to this node and answer its final window.
     fn release(
         &self,
         peer: SocketAddr,
         device: Arc<str>,
     ) -> BoxFuture<Result<Option<WindowSnapshot>, ForwardError>>;
-    /// Hands `device`'s final window to its new owner `peer`.
-    fn adopt(
-        &self,
-        peer: SocketAddr,
-        device: Arc<str>,
-        window: WindowSnapshot,
-    ) -> BoxFuture<Result<(), ForwardError>>;
 }
 
 /// The cluster settings, validated.
@@ -139,8 +136,13 @@ enum Route {
     Remote(SocketAddr),
 }
 
-/// Forwarding attempts to owners before an event is processed here regardless.
-const FORWARD_ATTEMPTS: usize = 3;
+/// Discovery rounds after a view change during which idle device actors are stopped.
+/// After a change, any device may have been processed elsewhere (a node left out for a
+/// while, a new owner): an actor that stops here restarts on the device's next event by
+/// asking the device's possible holders for the window (see [`handoff`]), so no actor
+/// keeps a window that another node has since moved on. Busy actors are tried again in
+/// the next rounds.
+const RESYNC_ROUNDS: u32 = 3;
 
 /// This node's part of the cluster.
 pub struct Cluster {
@@ -152,6 +154,7 @@ pub struct Cluster {
     forwarders: DashMap<SocketAddr, ActorRef<ForwarderMsg>>,
     metrics: Metrics,
     stop: watch::Sender<bool>,
+    resync_requested: AtomicBool,
 }
 
 impl Cluster {
@@ -169,10 +172,10 @@ impl Cluster {
             directory: system.directory().clone(),
             writer: system.writer().clone(),
             fences: Arc::new(Fences::default()),
-            adopted: DashMap::new(),
-            inbox: system.inbox().clone(),
             metrics: system.metrics().clone(),
-            drain_timeout: config.forward_timeout / 2,
+            // The caller of a release waits twice the forward timeout (see the transport),
+            // so a release that drains within one answers in time.
+            drain_timeout: config.forward_timeout,
         });
         system.link_predecessor(Arc::new(handoff::PredecessorLink(handoff.clone())));
         let (stop, stopped) = watch::channel(false);
@@ -185,6 +188,7 @@ impl Cluster {
             forwarders: DashMap::new(),
             metrics: system.metrics().clone(),
             stop,
+            resync_requested: AtomicBool::new(false),
         });
         tokio::spawn(cluster.clone().discover(stopped));
         cluster
@@ -204,14 +208,22 @@ impl Cluster {
     /// answering forwarded events and handoffs until it exits.
     pub fn leave(&self) {
         self.membership.leave();
-        let view = self.membership.view();
-        self.metrics.cluster_members.set(view.ring.len() as i64);
-        self.hand_off_moved(&view);
+        self.metrics
+            .cluster_members
+            .set(self.membership.view().ring.len() as i64);
     }
 
     /// How long a leaving node waits for every peer to have seen it leave.
     pub fn leave_grace(&self) -> Duration {
         2 * self.config.discovery_interval + self.config.forward_timeout
+    }
+
+    /// A peer probed this node while it was out of the peer's ring: this node may have
+    /// been cut off (a partition, a pause) while others took its devices over, and its
+    /// own view may never have changed. Its idle actors stop over the next rounds, and
+    /// each restarts from the newest window among the device's possible holders.
+    pub fn request_resync(&self) {
+        self.resync_requested.store(true, Ordering::Release);
     }
 
     /// Stops discovery.
@@ -221,6 +233,7 @@ impl Cluster {
 
     async fn discover(self: Arc<Self>, mut stopped: watch::Receiver<bool>) {
         let mut last_resolved = BTreeSet::new();
+        let mut resync = 0;
         let mut ticker = tokio::time::interval(self.config.discovery_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -240,32 +253,16 @@ impl Cluster {
                     reachable = view.reachable.len(),
                     "cluster view changed"
                 );
-                self.hand_off_moved(&view);
+                resync = RESYNC_ROUNDS;
+            }
+            if self.resync_requested.swap(false, Ordering::AcqRel) {
+                resync = RESYNC_ROUNDS;
+            }
+            if resync > 0 {
+                resync -= 1;
+                self.directory.evict_drained();
             }
             self.handoff.fences.expire(self.config.fence_ttl);
-            self.handoff
-                .adopted
-                .retain(|_, (_, since)| since.elapsed() < self.config.fence_ttl);
-        }
-    }
-
-    /// After a view change: every live device this node no longer owns goes to its new
-    /// owner now, rather than when the owner next asks (a device whose owner changes back
-    /// later must not find a stale actor here).
-    fn hand_off_moved(&self, view: &View) {
-        let me = self.membership.me();
-        if !view.ring.contains(me) && !self.membership.is_leaving() {
-            // Not a member (yet): nothing here is owned by anyone else in particular.
-            return;
-        }
-        for device in self.directory.device_ids() {
-            match view.ring.owner(&device) {
-                Some(owner) if owner != me => {
-                    let handoff = self.handoff.clone();
-                    tokio::spawn(async move { handoff.push(device, owner).await });
-                }
-                _ => {}
-            }
         }
     }
 
@@ -312,7 +309,7 @@ impl Cluster {
             return Err(ForwardError::Unreachable("no forwarder".into()));
         };
         // The transport bounds the wire time; this bounds the queue in front of it.
-        let limit = self.config.forward_timeout * 4;
+        let limit = self.config.forward_timeout * 2;
         match forwarder
             .call(|port| ForwarderMsg::Forward(events, port), Some(limit))
             .await
@@ -328,31 +325,53 @@ impl Cluster {
     }
 
     /// Accepts one event: queued here if this node owns the device, else forwarded to the
-    /// owner and answered once the owner has queued it. A failed forward is retried
-    /// under the refreshed view, and at last the event is processed here: an event
-    /// answered `Ok` is never dropped.
+    /// owner and answered once the owner has queued it.
+    ///
+    /// A peer that refuses the connection (or the token) is left out at once and the
+    /// event re-routed. A peer that is only slow is not: a timed-out forward is retried
+    /// to the owner of the refreshed view, and the owner changes only when its probes
+    /// fail too (a node-wide decision, so that one node's impatience does not give a
+    /// device two owners). Past [`Cluster::reroute_deadline`] the owner is left out
+    /// anyway, and at last the event is processed here: an event answered `Ok` is never
+    /// dropped. A retried event that the slow owner had queued after all is recognised
+    /// by its device actor and counted once.
     pub async fn submit(&self, device: &str, event: Event) -> Result<(), SubmitError> {
-        for _ in 0..FORWARD_ATTEMPTS {
-            match self.route(device) {
+        let deadline = Instant::now() + self.reroute_deadline();
+        let device_arc: Arc<str> = Arc::from(device);
+        loop {
+            let peer = match self.route(device) {
                 Route::Local => match self.directory.submit(device, event) {
-                    Err(SubmitError::HandedOff) => continue,
+                    // The slot closed for a handoff under us: route again (fenced now).
+                    Err(SubmitError::HandedOff) if Instant::now() < deadline => continue,
                     other => return other,
                 },
-                Route::Remote(peer) => {
-                    match self.forward(peer, vec![(Arc::from(device), event)]).await {
-                        Ok(()) => return Ok(()),
-                        Err(ForwardError::Overloaded) => return Err(SubmitError::Overloaded),
-                        Err(_) => {
-                            self.membership.mark_down(peer);
-                            self.metrics
-                                .cluster_members
-                                .set(self.membership.view().ring.len() as i64);
-                        }
-                    }
-                }
+                Route::Remote(peer) => peer,
+            };
+            match self.forward(peer, vec![(device_arc.clone(), event)]).await {
+                Ok(()) => return Ok(()),
+                Err(ForwardError::Overloaded) => return Err(SubmitError::Overloaded),
+                Err(ForwardError::Timeout) if Instant::now() < deadline => {}
+                Err(_) => self.leave_out(peer),
+            }
+            if Instant::now() >= deadline + self.config.forward_timeout * 2 {
+                return self.directory.submit(device, event);
             }
         }
-        self.directory.submit(device, event)
+    }
+
+    /// How long a device's events keep going to an owner that times out, before it is
+    /// left out regardless: long enough for the probes (which decide for every node
+    /// alike) to fail it first.
+    fn reroute_deadline(&self) -> Duration {
+        (self.config.discovery_interval + self.config.forward_timeout)
+            * (membership::PROBE_FAILURES_TO_LEAVE + 1)
+    }
+
+    fn leave_out(&self, peer: SocketAddr) {
+        self.membership.mark_down(peer);
+        self.metrics
+            .cluster_members
+            .set(self.membership.view().ring.len() as i64);
     }
 
     /// Accepts a batch forwarded by another node: one hop only, so it is queued here —
@@ -368,16 +387,15 @@ impl Cluster {
         onward.extend(moved);
         for (device, event) in onward {
             match self.fenced(&device) {
-                Some(holder) => {
-                    if self
-                        .forward(holder, vec![(device.clone(), event)])
-                        .await
-                        .is_err()
-                    {
-                        self.membership.mark_down(holder);
-                        self.directory.submit(&device, event)?;
+                Some(holder) => match self.forward(holder, vec![(device.clone(), event)]).await {
+                    Ok(()) => {}
+                    Err(ForwardError::Overloaded) => return Err(SubmitError::Overloaded),
+                    Err(_) => {
+                        // The device's window is there; the sender will retry the whole
+                        // batch (its queued part is recognised as repeats).
+                        return Err(SubmitError::Unavailable);
                     }
-                }
+                },
                 None => self.directory.submit(&device, event)?,
             }
         }

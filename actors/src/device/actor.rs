@@ -9,9 +9,9 @@ use super::{Admission, Slot};
 use crate::analytics::{AnomalyRule, Window};
 use crate::event::{Analysis, Event};
 use crate::metrics::{Metrics, MetricsMsg};
-use crate::store::WindowSnapshot;
 use crate::store::{Inbox, Record, WriterMsg};
-use crate::tuning::EVENTS_PER_TURN;
+use crate::store::{Version, WindowSnapshot};
+use crate::tuning::{EVENTS_PER_TURN, RESTORE_ATTEMPTS, RESTORE_RETRY_DELAY};
 use chrono::Utc;
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
@@ -77,6 +77,8 @@ pub struct DeviceState {
     /// The newest event processed (restored with the window): an identical one arriving
     /// again is a re-delivery, not a new reading.
     last: Option<Event>,
+    /// The window's version: this incarnation and its events (see [`Version`]).
+    version: u64,
 }
 
 /// Messages of a device actor.
@@ -100,6 +102,7 @@ impl DeviceState {
             return;
         }
         self.last = Some(event);
+        self.version += 1;
         let device_id = self.slot.device_id();
         Arc::make_mut(&mut self.window).push(event.rps, event.cpu);
         let evaluation = ctx.rule.evaluate(&self.window, event.rps);
@@ -111,6 +114,7 @@ impl DeviceState {
         let record = Record {
             analysis: Analysis::new(device_id.clone(), &event, evaluation, Utc::now()),
             window: self.window.clone(),
+            version: self.version,
         };
         if ctx.inbox.put(record) {
             let _ = ctx.writer.cast(WriterMsg::Flush);
@@ -139,35 +143,63 @@ impl DeviceState {
             snapshot.readings().iter().copied(),
         ));
         self.last = snapshot.last_event();
+        self.version = Version::next_incarnation(Some(snapshot.version()));
     }
 
+    /// Restores the device's window from the newest of its possible sources: the node
+    /// that held it before (in a cluster), and this node's writer (its unflushed result,
+    /// else the store). "Newest" is the highest [`Version`]: an incarnation that took the
+    /// device over outranks one that kept running cut off from the cluster.
     async fn restore(&mut self) {
         let ctx = &*self.ctx;
         let device = self.slot.device_id().clone();
-        if let Some(predecessor) = ctx.predecessor.get() {
-            if let Some(snapshot) = predecessor.window(device.clone()).await {
-                self.adopt(&snapshot);
-                return;
+        let pulled = match ctx.predecessor.get() {
+            Some(predecessor) => predecessor.window(device.clone()).await,
+            None => None,
+        };
+        let mut local = None;
+        for attempt in 1..=RESTORE_ATTEMPTS {
+            let reply = ctx
+                .writer
+                .call(
+                    |port| WriterMsg::LoadWindow(device.clone(), port),
+                    Some(ctx.restore_timeout),
+                )
+                .await;
+            let failure = match reply {
+                Ok(CallResult::Success(Ok(found))) => {
+                    local = found;
+                    break;
+                }
+                Ok(CallResult::Success(Err(e))) => e.to_string(),
+                Ok(CallResult::Timeout | CallResult::SenderError) | Err(_) => {
+                    "no answer in time".to_string()
+                }
+            };
+            if pulled.is_some() {
+                break;
+            }
+            if attempt == RESTORE_ATTEMPTS {
+                // Starting empty rather than holding the device's events any longer.
+                ctx.metrics.window_restore_failures.inc();
+                tracing::warn!(device_id = %device, error = %failure, "window not restored; starting empty");
+            } else {
+                tokio::time::sleep(RESTORE_RETRY_DELAY * attempt).await;
             }
         }
-        let reply = ctx
-            .writer
-            .call(
-                |port| WriterMsg::LoadWindow(device.clone(), port),
-                Some(ctx.restore_timeout),
-            )
-            .await;
-        match reply {
-            Ok(CallResult::Success(Ok(Some(snapshot)))) => self.adopt(&snapshot),
-            Ok(CallResult::Success(Ok(None))) => {}
-            Ok(CallResult::Success(Err(e))) => {
-                ctx.metrics.window_restore_failures.inc();
-                tracing::warn!(device_id = %device, error = %e, "window not restored; starting empty");
-            }
-            Ok(CallResult::Timeout | CallResult::SenderError) | Err(_) => {
-                ctx.metrics.window_restore_failures.inc();
-                tracing::warn!(device_id = %device, "window restore timed out; starting empty");
-            }
+        tracing::debug!(
+            device_id = %device,
+            pulled = ?pulled.as_ref().map(|w| (w.version() >> 40, w.version() & 0xff_ffff_ffff, w.readings().len())),
+            local = ?local.as_ref().map(|w| (w.version() >> 40, w.version() & 0xff_ffff_ffff, w.readings().len())),
+            "restoring window"
+        );
+        let newest = match (pulled, local) {
+            (Some(p), Some(l)) if l.version() > p.version() => Some(l),
+            (Some(p), _) => Some(p),
+            (None, l) => l,
+        };
+        if let Some(snapshot) = newest {
+            self.adopt(&snapshot);
         }
     }
 }
@@ -186,6 +218,7 @@ impl Actor for DeviceActor {
         Ok(DeviceState {
             window: Arc::new(Window::new(args.ctx.window_size)),
             last: None,
+            version: Version::next_incarnation(None),
             slot: args.slot,
             ctx: args.ctx,
         })

@@ -206,6 +206,28 @@ impl Directory {
         self.slots.0.iter().map(|e| e.key().clone()).collect()
     }
 
+    /// Stops every device actor with nothing queued or in progress (their windows stay
+    /// with the writer and the store); their devices' next events start new actors.
+    /// Returns how many stopped.
+    pub fn evict_drained(&self) -> usize {
+        let now = tokio::time::Instant::now();
+        let mut stopped = 0;
+        for slot in self
+            .slots
+            .0
+            .iter()
+            .map(|e| e.value().clone())
+            .collect::<Vec<_>>()
+        {
+            if let Some(actor) = slot.close_if_idle(now, std::time::Duration::ZERO) {
+                self.slots.unlist(&slot);
+                actor.stop(Some("cluster view changed".into()));
+                stopped += 1;
+            }
+        }
+        stopped
+    }
+
     /// Removes a handed-off slot, so that the device's next local event (once this node
     /// owns it again) starts a new actor.
     pub(crate) fn unlist(&self, slot: &Arc<Slot>) {

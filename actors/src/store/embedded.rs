@@ -22,7 +22,7 @@ impl EmbeddedStore {
     }
 
     /// Sets every entry, each expiring `ttl` from now.
-    pub fn set_many(&self, entries: Vec<(String, Bytes)>, ttl: Duration) {
+    pub fn set_many(&self, entries: impl IntoIterator<Item = (String, Bytes)>, ttl: Duration) {
         let expires = Instant::now() + ttl;
         for (key, value) in entries {
             self.entries.insert(key, (value, expires));

@@ -10,6 +10,7 @@
 //! A `std::sync::Mutex`: every critical section is a map insert, lookup or swap, never an
 //! `.await`.
 
+use super::WindowSnapshot;
 use crate::analytics::Window;
 use crate::event::Analysis;
 use crate::tuning::FLUSH_EARLY_AT;
@@ -23,6 +24,15 @@ pub struct Record {
     pub analysis: Analysis,
     /// The window after the event, stored under `window:{id}`.
     pub window: Arc<Window>,
+    /// The window's version (see [`super::snapshot::Version`]).
+    pub version: u64,
+}
+
+impl Record {
+    /// The window as persisted.
+    pub fn snapshot(&self) -> WindowSnapshot {
+        WindowSnapshot::of(&self.window, self.analysis.event_timestamp, self.version)
+    }
 }
 
 /// Results per device, newest only.
@@ -66,14 +76,7 @@ impl Inbox {
 
     /// The window of a device's waiting result, if any.
     pub fn window(&self, device: &str) -> Option<super::WindowSnapshot> {
-        self.lock()
-            .get(device)
-            .map(|r| super::WindowSnapshot::of(&r.window, r.analysis.event_timestamp))
-    }
-
-    /// Takes a device's waiting result out, so that it is never flushed.
-    pub fn remove(&self, device: &str) -> Option<Record> {
-        self.lock().remove(device)
+        self.lock().get(device).map(Record::snapshot)
     }
 
     /// Devices waiting.

@@ -19,8 +19,8 @@ mod writer;
 pub use embedded::EmbeddedStore;
 pub use inbox::{Batch, Inbox, Record};
 pub use redis::RedisStore;
-pub use snapshot::{SnapshotError, WindowSnapshot};
-pub use writer::{Released, StoreHealth, WriterActor, WriterArgs, WriterMsg};
+pub use snapshot::{SnapshotError, Version, WindowSnapshot};
+pub use writer::{StoreHealth, WriterActor, WriterArgs, WriterMsg};
 
 use bytes::Bytes;
 use std::sync::Arc;
@@ -34,6 +34,15 @@ pub fn analysis_key(device_id: &str) -> String {
 /// Key of a device's persisted window.
 pub fn window_key(device_id: &str) -> String {
     format!("window:{device_id}")
+}
+
+/// One device's keys, written together.
+#[derive(Debug, Clone)]
+pub struct DeviceWrite {
+    /// `analysis:{id}` and its JSON.
+    pub analysis: (String, Bytes),
+    /// `window:{id}` and its snapshot bytes (see [`WindowSnapshot`]).
+    pub window: (String, Bytes),
 }
 
 /// A store operation that failed.
@@ -71,6 +80,11 @@ pub enum Store {
 }
 
 impl Store {
+    /// Whether writes are conditional on the window's sequence number (a cluster).
+    pub fn is_guarded(&self) -> bool {
+        matches!(self, Store::Redis(s) if s.is_guarded())
+    }
+
     /// A short name for logs and readiness checks.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -79,18 +93,14 @@ impl Store {
         }
     }
 
-    /// Writes every `(key, value)` with expiry `ttl`.
-    pub async fn set_many(
-        &self,
-        entries: Vec<(String, Bytes)>,
-        ttl: Duration,
-    ) -> Result<(), StoreError> {
+    /// Writes every device's analysis and window with expiry `ttl`.
+    pub async fn write(&self, writes: Vec<DeviceWrite>, ttl: Duration) -> Result<(), StoreError> {
         match self {
             Store::Embedded(s) => {
-                s.set_many(entries, ttl);
+                s.set_many(writes.into_iter().flat_map(|w| [w.analysis, w.window]), ttl);
                 Ok(())
             }
-            Store::Redis(s) => s.set_many(entries, ttl).await,
+            Store::Redis(s) => s.write(writes, ttl).await,
         }
     }
 

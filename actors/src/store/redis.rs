@@ -1,19 +1,25 @@
 //! Redis behind a bb8 pool of multiplexed connections.
 //!
-//! Two choices matter here:
-//! - bb8 would PING on every checkout by default; we turn that off (a multiplexed
-//!   connection is shared and cheap), and instead mark a connection broken when a command
-//!   on it fails, so that bb8 drops it and dials a new one. bb8-redis's own manager always
-//!   reports connections as healthy, so [`Manager`] wraps it to carry that mark.
+//! Three choices matter here:
+//! - A multiplexed connection serves any number of commands at once, so an operation
+//!   holds its pooled connection only to clone the handle: the pool spreads operations
+//!   over its connections instead of limiting how many run (with exclusive checkouts,
+//!   thousands of window restores at once timed out waiting for one of four connections).
+//! - bb8 would PING on every checkout by default; instead, a command that fails marks its
+//!   connection broken (a shared flag), and the checkout test is a look at that flag, so
+//!   bb8 drops the connection and dials a new one. bb8-redis's own manager always reports
+//!   connections as healthy, so [`Manager`] wraps it to carry that mark.
 //! - Every operation runs under a deadline: a Redis that stops answering (paused, network
 //!   partition) must turn into an error the writer can retry, not a hung flush.
 
-use super::StoreError;
+use super::{DeviceWrite, StoreError};
 use bb8_redis::bb8::{self, ManageConnection, Pool, PooledConnection};
 use bb8_redis::redis::{self, aio::MultiplexedConnection};
 use bb8_redis::RedisConnectionManager;
 use bytes::Bytes;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::task::JoinSet;
 
@@ -23,7 +29,7 @@ const PIPELINE_CHUNK: usize = 512;
 /// A pooled connection with a flag set when a command on it failed.
 pub struct TrackedConnection {
     inner: MultiplexedConnection,
-    broken: bool,
+    broken: Arc<AtomicBool>,
 }
 
 /// bb8-redis's manager, plus broken-connection tracking.
@@ -38,24 +44,56 @@ impl ManageConnection for Manager {
         let inner = self.0.connect().await?;
         Ok(TrackedConnection {
             inner,
-            broken: false,
+            broken: Arc::new(AtomicBool::new(false)),
         })
     }
 
     async fn is_valid(&self, conn: &mut Self::Connection) -> Result<(), Self::Error> {
-        self.0.is_valid(&mut conn.inner).await
+        // No round trip: a connection is valid until a command on it failed.
+        if conn.broken.load(Ordering::Relaxed) {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::Io,
+                "connection marked broken",
+            )));
+        }
+        Ok(())
     }
 
     fn has_broken(&self, conn: &mut Self::Connection) -> bool {
-        conn.broken
+        conn.broken.load(Ordering::Relaxed)
     }
 }
+
+/// A device's two keys, set only when the stored window is not newer: its version
+/// (big-endian bytes 4..11 of an `IW2` value) is not greater than the new one's. The
+/// bytes are compared one by one: Lua's string comparison stops at a NUL byte, and its
+/// numbers are doubles, not exact past 2^53.
+const GUARDED_SET: &str = r#"
+local function newer(a, b)
+  for i = 4, 11 do
+    local x, y = string.byte(a, i), string.byte(b, i)
+    if x ~= y then return x > y end
+  end
+  return false
+end
+local stored = redis.call('GET', KEYS[2])
+if stored and #stored >= 11 and string.sub(stored, 1, 3) == 'IW2'
+   and newer(stored, ARGV[2]) then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+return 1
+"#;
 
 /// Redis store handle; cheap to clone.
 #[derive(Clone)]
 pub struct RedisStore {
     pool: Pool<Manager>,
     timeout: Duration,
+    /// In a cluster: writes are conditional on the stored window's sequence number.
+    guarded: bool,
+    script_sha: Arc<str>,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -63,6 +101,7 @@ impl std::fmt::Debug for RedisStore {
         f.debug_struct("RedisStore")
             .field("state", &self.pool.state())
             .field("timeout", &self.timeout)
+            .field("guarded", &self.guarded)
             .finish()
     }
 }
@@ -74,10 +113,27 @@ impl RedisStore {
         let manager = Manager(RedisConnectionManager::new(url)?);
         let pool = bb8::Pool::builder()
             .max_size(pool_size.max(1))
-            .test_on_check_out(false)
+            .test_on_check_out(true)
             .connection_timeout(timeout)
             .build_unchecked(manager);
-        Ok(Self { pool, timeout })
+        Ok(Self {
+            pool,
+            timeout,
+            guarded: false,
+            script_sha: Arc::from(redis::Script::new(GUARDED_SET).get_hash()),
+        })
+    }
+
+    /// Conditional writes (a cluster): a node that lost a device, and still holds an
+    /// older window of it, can never overwrite the newer window of the device's owner.
+    pub fn guarded(mut self) -> Self {
+        self.guarded = true;
+        self
+    }
+
+    /// Whether writes are conditional.
+    pub fn is_guarded(&self) -> bool {
+        self.guarded
     }
 
     /// Runs `op` on a pooled connection under the deadline; marks the connection broken
@@ -87,44 +143,65 @@ impl RedisStore {
         F: FnOnce(MultiplexedConnection) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
-        let mut conn: PooledConnection<'_, Manager> =
-            self.pool.get().await.map_err(|e| match e {
-                bb8::RunError::User(e) => StoreError::Redis(e),
-                bb8::RunError::TimedOut => StoreError::Timeout(self.timeout),
-            })?;
-        let result = tokio::time::timeout(self.timeout, op(conn.inner.clone())).await;
+        let (inner, broken) = {
+            let conn: PooledConnection<'_, Manager> =
+                self.pool.get().await.map_err(|e| match e {
+                    bb8::RunError::User(e) => StoreError::Redis(e),
+                    bb8::RunError::TimedOut => StoreError::Timeout(self.timeout),
+                })?;
+            (conn.inner.clone(), conn.broken.clone())
+        };
+        let result = tokio::time::timeout(self.timeout, op(inner)).await;
         match result {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => {
                 // A reply error (e.g. WRONGTYPE) leaves the connection usable.
-                conn.broken = !matches!(e.kind(), redis::ErrorKind::Server(_));
+                if !matches!(e.kind(), redis::ErrorKind::Server(_)) {
+                    broken.store(true, Ordering::Relaxed);
+                }
                 Err(e.into())
             }
             Err(_) => {
-                conn.broken = true;
+                broken.store(true, Ordering::Relaxed);
                 Err(StoreError::Timeout(self.timeout))
             }
         }
     }
 
-    /// `SET key value PX ttl` for every entry, pipelined, chunks in parallel.
-    pub async fn set_many(
-        &self,
-        entries: Vec<(String, Bytes)>,
-        ttl: Duration,
-    ) -> Result<(), StoreError> {
+    /// Every device's analysis and window with `PX ttl`, pipelined, chunks in parallel;
+    /// conditional on the sequence number when [`RedisStore::guarded`].
+    pub async fn write(&self, writes: Vec<DeviceWrite>, ttl: Duration) -> Result<(), StoreError> {
         let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
         let mut chunks = JoinSet::new();
-        let mut entries = entries.into_iter().peekable();
-        while entries.peek().is_some() {
+        let mut writes = writes.into_iter().peekable();
+        while writes.peek().is_some() {
             let mut pipe = redis::pipe();
-            for (key, value) in entries.by_ref().take(PIPELINE_CHUNK) {
-                pipe.cmd("SET")
-                    .arg(key)
-                    .arg(&value[..])
-                    .arg("PX")
-                    .arg(ttl_ms)
-                    .ignore();
+            if self.guarded {
+                // Idempotent, and cheap next to a chunk: EVALSHA below never misses.
+                pipe.cmd("SCRIPT").arg("LOAD").arg(GUARDED_SET).ignore();
+            }
+            for w in writes.by_ref().take(PIPELINE_CHUNK / 2) {
+                let ((akey, analysis), (wkey, window)) = (w.analysis, w.window);
+                if self.guarded {
+                    pipe.cmd("EVALSHA")
+                        .arg(&*self.script_sha)
+                        .arg(2)
+                        .arg(akey)
+                        .arg(wkey)
+                        .arg(&analysis[..])
+                        .arg(&window[..])
+                        .arg(ttl_ms)
+                        .ignore();
+                } else {
+                    for (key, value) in [(akey, analysis), (wkey, window)] {
+                        pipe.cmd("SET")
+                            .arg(key)
+                            .arg(&value[..])
+                            .arg("PX")
+                            .arg(ttl_ms)
+                            .ignore();
+                    }
+                }
             }
             let store = self.clone();
             chunks.spawn(async move {

@@ -2,13 +2,20 @@
 //!
 //! Binary rather than JSON: it is written with every flushed result, so at full load it
 //! is the largest value the service produces, and formatting 100 floats as text cost
-//! more CPU than all the analytics together. The format is `IW2`, the newest event's
-//! timestamp (i64 LE seconds and u32 LE nanoseconds since the Unix epoch), then each
-//! reading, oldest first, as two little-endian f64 (rps, cpu): exact, and 16 bytes a
-//! reading (a default window is 815 bytes). The newest event's identity (its timestamp
-//! and the newest reading) lets a device actor recognise a forwarded event that reaches
-//! it twice (a forward that timed out after the owner had queued it, then re-routed).
-//! `IW1` (no timestamp), written by earlier versions, is still read.
+//! more CPU than all the analytics together. The format is `IW2`; the window's version
+//! (u64 big-endian, see [`Version`]);
+//! the newest event's timestamp (i64 LE seconds and u32 LE nanoseconds since the Unix
+//! epoch); then each reading, oldest first, as two little-endian f64 (rps, cpu): exact,
+//! and 16 bytes a reading (a default window is 823 bytes).
+//!
+//! - The version lets a cluster's store writes be conditional: a node that was cut off
+//!   and still holds an older window never overwrites a newer one (the check runs in
+//!   Redis, on the big-endian bytes at offset 3).
+//! - The newest event's identity (its timestamp and the newest reading) lets a device
+//!   actor recognise a forwarded event that reaches it twice (a forward that timed out
+//!   after the owner had queued it, then re-routed).
+//!
+//! `IW1` (readings only), written by earlier versions, is still read.
 
 use crate::analytics::Window;
 use crate::event::Event;
@@ -16,6 +23,23 @@ use bytes::{BufMut, Bytes, BytesMut};
 use chrono::{DateTime, Utc};
 
 const MAGIC: &[u8; 3] = b"IW2";
+
+/// How a window's version is made: the incarnation of the device's actor in the high 24
+/// bits (every actor that starts for the device, on any node, counts one more than the
+/// window it restored), the events processed by that incarnation in the low 40. So an
+/// actor that took a device over always outranks one that kept running on a node that
+/// was cut off, whatever either processed, and within one incarnation later is newer.
+pub struct Version;
+
+impl Version {
+    const EVENT_BITS: u32 = 40;
+
+    /// The version of a fresh incarnation restored from a window of `restored`.
+    pub fn next_incarnation(restored: Option<u64>) -> u64 {
+        let incarnation = restored.map_or(0, |v| v >> Self::EVENT_BITS);
+        (incarnation + 1) << Self::EVENT_BITS
+    }
+}
 const MAGIC_V1: &[u8; 3] = b"IW1";
 
 /// A stored window could not be decoded.
@@ -30,21 +54,28 @@ pub struct SnapshotError {
 pub struct WindowSnapshot {
     readings: Vec<(f64, f64)>,
     last_event: Option<DateTime<Utc>>,
+    version: u64,
 }
 
 impl WindowSnapshot {
     /// A snapshot of these readings, the newest of which came with an event of
     /// `last_event`'s timestamp.
-    pub fn new(readings: Vec<(f64, f64)>, last_event: Option<DateTime<Utc>>) -> Self {
+    pub fn new(readings: Vec<(f64, f64)>, last_event: Option<DateTime<Utc>>, version: u64) -> Self {
         Self {
             readings,
             last_event,
+            version,
         }
     }
 
     /// A copy of a live window's readings.
-    pub fn of(window: &Window, last_event: DateTime<Utc>) -> Self {
-        Self::new(window.readings().collect(), Some(last_event))
+    pub fn of(window: &Window, last_event: DateTime<Utc>, version: u64) -> Self {
+        Self::new(window.readings().collect(), Some(last_event), version)
+    }
+
+    /// The window's version (see [`Version`]).
+    pub fn version(&self) -> u64 {
+        self.version
     }
 
     /// The newest event: its timestamp and the newest reading.
@@ -66,9 +97,11 @@ impl WindowSnapshot {
     pub fn encode(
         readings: impl ExactSizeIterator<Item = (f64, f64)>,
         last_event: Option<DateTime<Utc>>,
+        version: u64,
     ) -> Bytes {
-        let mut out = BytesMut::with_capacity(MAGIC.len() + 12 + 16 * readings.len());
+        let mut out = BytesMut::with_capacity(MAGIC.len() + 20 + 16 * readings.len());
         out.put_slice(MAGIC);
+        out.put_u64(version);
         // No timestamp is stored as i64::MIN seconds (never a real event's).
         out.put_i64_le(last_event.map_or(i64::MIN, |t| t.timestamp()));
         out.put_u32_le(last_event.map_or(0, |t| t.timestamp_subsec_nanos()));
@@ -81,16 +114,18 @@ impl WindowSnapshot {
 
     /// These bytes again.
     pub fn to_bytes(&self) -> Bytes {
-        Self::encode(self.readings.iter().copied(), self.last_event)
+        Self::encode(self.readings.iter().copied(), self.last_event, self.version)
     }
 
     /// Parses stored bytes.
     pub fn decode(bytes: &[u8]) -> Result<Self, SnapshotError> {
         let bad = SnapshotError { len: bytes.len() };
-        let (body, last_event) = if let Some(rest) = bytes.strip_prefix(MAGIC) {
-            if rest.len() < 12 {
+        let (body, last_event, version) = if let Some(rest) = bytes.strip_prefix(MAGIC) {
+            if rest.len() < 20 {
                 return Err(bad);
             }
+            let (version, rest) = rest.split_at(8);
+            let version = u64::from_be_bytes(version.try_into().map_err(|_| bad.clone())?);
             let (stamp, body) = rest.split_at(12);
             let secs = i64::from_le_bytes(stamp[..8].try_into().map_err(|_| bad.clone())?);
             let nanos = u32::from_le_bytes(stamp[8..].try_into().map_err(|_| bad.clone())?);
@@ -99,9 +134,11 @@ impl WindowSnapshot {
             } else {
                 Some(DateTime::from_timestamp(secs, nanos).ok_or(bad.clone())?)
             };
-            (body, last)
+            (body, last, version)
         } else {
-            (bytes.strip_prefix(MAGIC_V1).ok_or(bad.clone())?, None)
+            let body = bytes.strip_prefix(MAGIC_V1).ok_or(bad.clone())?;
+            // Without a count, the readings held are the best lower bound.
+            (body, None, (body.len() / 16) as u64)
         };
         if body.len() % 16 != 0 {
             return Err(bad);
@@ -116,6 +153,7 @@ impl WindowSnapshot {
         Ok(Self {
             readings,
             last_event,
+            version,
         })
     }
 }
@@ -134,12 +172,18 @@ mod tests {
     fn round_trips_exactly() {
         let t = DateTime::from_timestamp(1_700_000_000, 123_456_789);
         for last in [t, None] {
-            let s = WindowSnapshot::new(vec![(0.1, 0.2), (1e9 + 0.5, 1.0), (f64::MAX, 0.0)], last);
+            let s = WindowSnapshot::new(
+                vec![(0.1, 0.2), (1e9 + 0.5, 1.0), (f64::MAX, 0.0)],
+                last,
+                u64::MAX - 7,
+            );
             let bytes = s.to_bytes();
-            assert_eq!(bytes.len(), 3 + 12 + 48);
+            assert_eq!(bytes.len(), 3 + 8 + 12 + 48);
+            // Redis compares the sequence as big-endian bytes at offset 3.
+            assert_eq!(&bytes[3..11], &(u64::MAX - 7).to_be_bytes());
             assert_eq!(WindowSnapshot::decode(&bytes), Ok(s));
         }
-        let s = WindowSnapshot::new(vec![(5.0, 0.5)], t);
+        let s = WindowSnapshot::new(vec![(5.0, 0.5)], t, 1);
         let last = s.last_event().expect("last event");
         assert_eq!((last.rps, last.cpu, Some(last.timestamp)), (5.0, 0.5, t));
     }
@@ -156,6 +200,7 @@ mod tests {
         let s = WindowSnapshot::decode(&v1).expect("v1");
         assert_eq!(s.readings(), &[(2.5, 0.25)]);
         assert_eq!(s.last_event(), None);
+        assert_eq!(s.version(), 1);
     }
 
     #[test]

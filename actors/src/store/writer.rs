@@ -14,7 +14,7 @@
 //! was never flushed.
 
 use super::inbox::{Batch, Inbox};
-use super::{analysis_key, window_key, Store, StoreError, WindowSnapshot};
+use super::{analysis_key, window_key, DeviceWrite, Record, Store, StoreError, WindowSnapshot};
 use crate::metrics::Metrics;
 use crate::tuning::{
     EMBEDDED_PURGE_EVERY, STORE_MAX_BACKOFF, STORE_MIN_BACKOFF, STORE_PROBE_EVERY,
@@ -25,16 +25,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
-
-/// What a released device leaves behind on this node.
-#[derive(Debug)]
-pub struct Released {
-    /// Its final window, when known.
-    pub window: Option<WindowSnapshot>,
-    /// Its unflushed result, taken out of the inbox: the new owner's results are newer.
-    /// (Put back with [`Inbox::restore`] if the handoff fails.)
-    pub record: Option<super::Record>,
-}
 
 /// Whether the store answered the last contact; read by `/ready`.
 #[derive(Debug, Clone)]
@@ -107,9 +97,9 @@ pub enum WriterMsg {
         Arc<str>,
         RpcReplyPort<Result<Option<WindowSnapshot>, StoreError>>,
     ),
-    /// The device moves to another node: its waiting result is taken out (so it can
-    /// never be flushed after the new owner's) and answered with its final window.
-    Release(Arc<str>, RpcReplyPort<Result<Released, StoreError>>),
+    /// The device moves to another node: its final window, when this node has one that
+    /// is not yet in the store.
+    Release(Arc<str>, RpcReplyPort<Option<WindowSnapshot>>),
     /// Shutdown: flush everything now, answer when nothing is pending.
     Drain(RpcReplyPort<()>),
 }
@@ -151,7 +141,7 @@ impl WriterState {
             let started = Instant::now();
             let records = batch.len();
             let result = match encode(&batch) {
-                Ok(entries) => store.set_many(entries, ttl).await.map(|()| records),
+                Ok(writes) => store.write(writes, ttl).await.map(|()| records),
                 Err(e) => Err(StoreError::Encode(e)),
             };
             // Let go of the batch before reporting, so that after a failure the writer
@@ -177,28 +167,45 @@ impl WriterState {
         });
     }
 
-    /// Answers a device's window: `known` (from the inbox), else the one in flight, else
-    /// the store's (read in a task, so the writer never waits on the store).
+    /// A device's unflushed window: in the inbox, else in the flight it was taken into.
+    fn in_memory(&self, device: &str) -> Option<WindowSnapshot> {
+        self.inbox.window(device).or_else(|| {
+            self.inflight
+                .as_ref()
+                .and_then(|b| b.get(device))
+                .map(Record::snapshot)
+        })
+    }
+
+    /// Answers a device's window: the unflushed one, else the store's (read in a task,
+    /// so the writer never waits on the store). With conditional writes (a cluster) the
+    /// store is read either way and the newer window wins: this node's unflushed one may
+    /// be older than what another node wrote while this one was cut off.
     fn answer_window(
         &self,
         device: Arc<str>,
-        known: Option<WindowSnapshot>,
         reply: RpcReplyPort<Result<Option<WindowSnapshot>, StoreError>>,
     ) {
-        let known = known.or_else(|| {
-            self.inflight
-                .as_ref()
-                .and_then(|b| b.get(&device))
-                .map(|r| WindowSnapshot::of(&r.window, r.analysis.event_timestamp))
-        });
-        if let Some(window) = known {
-            let _ = reply.send(Ok(Some(window)));
-        } else {
-            let store = self.store.clone();
-            tokio::spawn(async move {
-                let _ = reply.send(store.load_window(&device).await);
-            });
+        let known = self.in_memory(&device);
+        if known.is_some() && !self.store.is_guarded() {
+            let _ = reply.send(Ok(known));
+            return;
         }
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            let answer = match (known, store.load_window(&device).await) {
+                (Some(mine), Ok(Some(stored))) if stored.version() > mine.version() => {
+                    Ok(Some(stored))
+                }
+                (Some(mine), Ok(_)) => Ok(Some(mine)),
+                (Some(mine), Err(e)) => {
+                    tracing::debug!(device_id = %device, error = %e, "store unreadable; using the unflushed window");
+                    Ok(Some(mine))
+                }
+                (None, stored) => stored,
+            };
+            let _ = reply.send(answer);
+        });
     }
 
     fn answer_drain_if_done(&mut self) {
@@ -212,23 +219,27 @@ impl WriterState {
     }
 }
 
-/// Serialises a batch into `(key, value)` pairs: analysis and window per device.
-fn encode(batch: &Batch) -> Result<Vec<(String, Bytes)>, serde_json::Error> {
-    let mut entries = Vec::with_capacity(batch.len() * 2);
-    for (device, record) in batch {
-        entries.push((
-            analysis_key(device),
-            Bytes::from(serde_json::to_vec(&record.analysis)?),
-        ));
-        entries.push((
-            window_key(device),
-            WindowSnapshot::encode(
-                record.window.readings(),
-                Some(record.analysis.event_timestamp),
-            ),
-        ));
-    }
-    Ok(entries)
+/// Serialises a batch: analysis and window per device.
+fn encode(batch: &Batch) -> Result<Vec<DeviceWrite>, serde_json::Error> {
+    batch
+        .iter()
+        .map(|(device, record)| {
+            Ok(DeviceWrite {
+                analysis: (
+                    analysis_key(device),
+                    Bytes::from(serde_json::to_vec(&record.analysis)?),
+                ),
+                window: (
+                    window_key(device),
+                    WindowSnapshot::encode(
+                        record.window.readings(),
+                        Some(record.analysis.event_timestamp),
+                        record.version,
+                    ),
+                ),
+            })
+        })
+        .collect()
 }
 
 impl Actor for WriterActor {
@@ -336,35 +347,14 @@ impl Actor for WriterActor {
             WriterMsg::LoadWindow(device, reply) => {
                 // Only this actor takes from the inbox, so a result is either still in
                 // the inbox, in the flight it was taken into, or already in the store.
-                let known = state.inbox.window(&device);
-                state.answer_window(device, known, reply);
+                state.answer_window(device, reply);
             }
             WriterMsg::Release(device, reply) => {
-                if let Some(record) = state.inbox.remove(&device) {
-                    state.pending_gauge();
-                    let _ = reply.send(Ok(Released {
-                        window: Some(WindowSnapshot::of(
-                            &record.window,
-                            record.analysis.event_timestamp,
-                        )),
-                        record: Some(record),
-                    }));
-                } else {
-                    // Nothing unflushed: the window in flight or in the store is final.
-                    let (port, answer) = tokio::sync::oneshot::channel();
-                    state.answer_window(device, None, port.into());
-                    tokio::spawn(async move {
-                        let released = match answer.await {
-                            Ok(Ok(window)) => Ok(Released {
-                                window,
-                                record: None,
-                            }),
-                            Ok(Err(e)) => Err(e),
-                            Err(_) => return,
-                        };
-                        let _ = reply.send(released);
-                    });
-                }
+                // Only what is in memory: a window already in the store is read there by
+                // the new owner itself. The unflushed result still gets flushed: in a
+                // cluster writes are conditional, and the new owner's incarnation
+                // outranks this one, so it can never overwrite the new owner's.
+                let _ = reply.send(state.in_memory(&device));
             }
             WriterMsg::Drain(reply) => {
                 state.drain_waiters.push(reply);

@@ -26,6 +26,10 @@ lint:
     cargo fmt --all -- --check
     cargo clippy --all-targets --workspace -- -D warnings
 
+# Three clustered nodes (public ports 8080, 8090, 8100) sharing a local redis-server.
+cluster nodes="3":
+    scripts/cluster.sh {{nodes}}
+
 # The benchmark (starts redis-server, the service and the limit server itself).
 bench seconds="10":
     bench/run.sh {{seconds}}

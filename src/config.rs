@@ -3,7 +3,7 @@
 //! Parsed once at start-up; invalid values stop start-up with clap's message, which
 //! names the flag and the variable. Library code never reads the environment.
 
-use clap::{Parser, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -118,9 +118,15 @@ pub struct Config {
     pub cluster_forward_timeout: Duration,
 }
 
-/// A combination of settings that cannot work.
+/// A setting, or a combination of settings, that cannot work.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// Not a Redis URL this build can use (checked here rather than by clap, whose
+    /// message would echo the value and with it the password).
+    #[error(
+        "invalid value for '--redis-url' (REDIS_URL): expected redis://[:password@]host:port/db{0}"
+    )]
+    RedisUrl(&'static str),
     /// Clustering needs a shared store.
     #[error("CLUSTER_PEERS is set but REDIS_URL is not: a cluster needs Redis, because any replica must be able to answer /analyze and a device's window must survive the crash of the node that owns it; set REDIS_URL or unset CLUSTER_PEERS")]
     ClusterWithoutRedis,
@@ -133,9 +139,29 @@ pub enum ConfigError {
 }
 
 impl Config {
-    /// The cluster settings, `None` on a single node; errors for combinations that
-    /// cannot work.
-    pub fn cluster(&self) -> Result<Option<actors::cluster::ClusterConfig>, ConfigError> {
+    /// Parses the command line and the environment (exiting with clap's message on an
+    /// invalid value), and describes the effective settings for the start-up line.
+    pub fn load() -> (Self, String) {
+        let command = Self::command();
+        let matches = command.clone().get_matches();
+        let config = Self::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+        (config, effective(&command, &matches))
+    }
+
+    /// Checks what clap cannot, and returns the cluster settings (`None` on a single
+    /// node).
+    pub fn check(&self) -> Result<Option<actors::cluster::ClusterConfig>, ConfigError> {
+        if let Some(url) = &self.redis_url {
+            match url.split_once("://").map(|(scheme, _)| scheme) {
+                Some("redis" | "redis+unix" | "unix") => {}
+                Some("rediss") => {
+                    return Err(ConfigError::RedisUrl(
+                        " (rediss://, TLS, is not supported by this build)",
+                    ))
+                }
+                _ => return Err(ConfigError::RedisUrl("")),
+            }
+        }
         if self.cluster_peers.iter().all(|p| p.trim().is_empty()) {
             return Ok(None);
         }
@@ -175,6 +201,32 @@ impl From<&Config> for actors::SystemConfig {
             max_device_labels: c.max_device_labels as usize,
         }
     }
+}
+
+/// Every setting as `ENV=value`, defaults included; secrets (the settings clap hides in
+/// `--help`) show only that they are set, and a URL only its scheme and host.
+fn effective(command: &clap::Command, matches: &clap::ArgMatches) -> String {
+    command
+        .get_arguments()
+        .filter_map(|arg| {
+            let env = arg.get_env()?.to_string_lossy();
+            let value = matches
+                .get_raw(arg.get_id().as_str())?
+                .map(|v| v.to_string_lossy())
+                .collect::<Vec<_>>()
+                .join(",");
+            let shown = if !arg.is_hide_env_values_set() {
+                value
+            } else if let Some((scheme, rest)) = value.split_once("://") {
+                let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+                format!("{scheme}://***@{host}")
+            } else {
+                "<set>".to_string()
+            };
+            Some(format!("{env}={shown}"))
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn parse_positive_duration(s: &str) -> Result<Duration, String> {
@@ -229,7 +281,7 @@ mod tests {
         assert_eq!(c.keep_alive_timeout, Duration::from_secs(60));
         assert_eq!(c.max_connections, 10_000);
         assert!(c.redis_url.is_none());
-        assert!(c.cluster().expect("single node").is_none());
+        assert!(c.check().expect("single node").is_none());
         assert_eq!(c.cluster_listen_addr, "0.0.0.0:8081".parse().expect("addr"));
         assert_eq!(c.cluster_discovery_interval, Duration::from_secs(2));
         assert_eq!(c.cluster_forward_timeout, Duration::from_secs(1));
@@ -242,7 +294,7 @@ mod tests {
             let args: Vec<&str> = peers.iter().chain(extra).copied().collect();
             parse(&args)
                 .expect("parses")
-                .cluster()
+                .check()
                 .expect_err("refused")
                 .to_string()
         };
@@ -266,10 +318,38 @@ mod tests {
             "t",
         ])
         .expect("parses")
-        .cluster()
+        .check()
         .expect("valid")
         .expect("clustered");
         assert_eq!(ok.peers, vec!["a:8081", "b:8081"]);
+    }
+
+    #[test]
+    fn the_start_up_line_shows_every_setting_but_no_secret() {
+        let command = Config::command();
+        let matches = command
+            .clone()
+            .try_get_matches_from([
+                "iot-processor",
+                "--redis-url",
+                "redis://:hunter2@redis:6379/0",
+                "--cluster-token",
+                "tok3n",
+            ])
+            .expect("parses");
+        let line = effective(&command, &matches);
+        for shown in [
+            "LISTEN_ADDR=0.0.0.0:8080",
+            "WINDOW_SIZE=50",
+            "REDIS_URL=redis://***@redis:6379/0",
+            "CLUSTER_TOKEN=<set>",
+        ] {
+            assert!(line.contains(shown), "{shown} missing from {line}");
+        }
+        assert!(
+            !line.contains("hunter2") && !line.contains("tok3n"),
+            "{line}"
+        );
     }
 
     #[test]
@@ -339,5 +419,26 @@ mod tests {
             let err = parse(args).expect_err("must be rejected").to_string();
             assert!(err.contains(name), "{err}");
         }
+        for url in [
+            "http://user:secret@host/",
+            "secret@host:6379",
+            "rediss://:secret@h/",
+        ] {
+            let err = parse(&["--redis-url", url])
+                .expect("clap takes any string")
+                .check()
+                .expect_err("must be rejected")
+                .to_string();
+            assert!(
+                err.contains("REDIS_URL") && err.contains("redis://"),
+                "{err}"
+            );
+            assert!(
+                !err.contains("secret"),
+                "a password in REDIS_URL is never echoed: {err}"
+            );
+        }
+        let ok = parse(&["--redis-url", "redis://:secret@host:6379/0"]).expect("parses");
+        assert!(ok.check().expect("valid").is_none());
     }
 }

@@ -24,7 +24,6 @@ use actors::store::{EmbeddedStore, RedisStore, Store};
 use actors::tuning::STORE_OP_TIMEOUT;
 use actors::System;
 use anyhow::Context;
-use clap::Parser;
 use cluster::client::HttpTransport;
 use config::Config;
 use prometheus_client::registry::Registry;
@@ -39,13 +38,14 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let config = Config::parse();
+    let (config, settings) = Config::load();
     if let Err(e) = logging::init(config.log_format) {
         // Like clap's own errors for every other setting: a message naming it, exit 2.
         eprintln!("error: {e}");
         std::process::exit(2);
     }
-    let cluster_config = match config.cluster() {
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), %settings, "starting");
+    let cluster_config = match config.check() {
         Ok(c) => c,
         Err(e) => {
             // Exit 2, as clap does for every other invalid setting.
@@ -174,8 +174,10 @@ async fn main() -> anyhow::Result<()> {
     } else {
         tracing::error!(
             unprocessed = report.unprocessed,
-            store_flushed = report.store_flushed,
-            "shutdown deadline reached before everything was stored"
+            unstored_results = report.unstored,
+            "shutdown deadline reached: {} accepted events were not processed and the newest results of {} devices could not be stored",
+            report.unprocessed,
+            report.unstored
         );
     }
     Ok(())

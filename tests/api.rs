@@ -375,15 +375,104 @@ async fn sigterm_exits_zero_after_a_clean_drain() {
 
 #[tokio::test]
 async fn invalid_configuration_stops_start_up_naming_the_setting() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_iot-processor"))
-        .env_clear()
-        .env("RESULT_TTL", "10ms")
-        .output()
-        .expect("run");
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("--result-ttl") && err.contains("at least 1s"),
-        "{err}"
+    for (env, expected) in [
+        (("RESULT_TTL", "10ms"), &["--result-ttl", "at least 1s"][..]),
+        (("RUST_LOG", "info,[="), &["RUST_LOG"][..]),
+        (
+            ("REDIS_URL", "http://user:hunter2@host/"),
+            &["REDIS_URL", "redis://"][..],
+        ),
+        (
+            ("CLUSTER_PEERS", "a:8081"),
+            &["CLUSTER_PEERS", "REDIS_URL"][..],
+        ),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_iot-processor"))
+            .env_clear()
+            .env(env.0, env.1)
+            .env("LISTEN_ADDR", "127.0.0.1:0")
+            .output()
+            .expect("run");
+        assert_eq!(out.status.code(), Some(2), "{env:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        for word in expected {
+            assert!(err.contains(word), "{env:?}: {err}");
+        }
+        assert!(
+            !err.contains("hunter2"),
+            "a password is never echoed: {err}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn start_up_logs_the_version_and_every_setting_without_secrets() {
+    let port = common::free_port();
+    let mut svc = Service::start(&[
+        ("REDIS_URL", &format!("redis://:hunter2@127.0.0.1:{port}/")),
+        ("WINDOW_SIZE", "77"),
+    ]);
+    let start = svc
+        .wait_log(Duration::from_secs(1), |v| v["message"] == "starting")
+        .expect("a start-up line");
+    assert_eq!(start["version"], env!("CARGO_PKG_VERSION"));
+    let settings = start["settings"].as_str().expect("settings");
+    for shown in [
+        "WINDOW_SIZE=77",
+        "FLUSH_INTERVAL=5ms",
+        &format!("REDIS_URL=redis://***@127.0.0.1:{port}/"),
+    ] {
+        assert!(settings.contains(shown), "{shown} missing: {settings}");
+    }
+    assert!(!start.to_string().contains("hunter2"));
+    // Nothing listens on that port: the first contact says so, as a warning.
+    let warn = svc
+        .wait_log(Duration::from_secs(5), |v| {
+            v["level"] == "WARN"
+                && v["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("unreachable at start-up"))
+        })
+        .expect("a warning that the store is unreachable");
+    assert_eq!(warn["store"], "redis");
+}
+
+#[tokio::test]
+async fn failed_requests_are_logged_with_their_request_id() {
+    let mut svc = Service::start(&[]);
+    let bad = r#"{"device_id":"dev-9","cpu":7,"rps":1}"#;
+    let request = format!(
+        "POST /metric HTTP/1.1\r\nHost: t\r\nConnection: close\r\nX-Request-Id: req-42\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{bad}",
+        bad.len()
     );
+    let reply = raw(svc.addr, request.as_bytes()).await;
+    assert_eq!(reply.status, 400);
+    assert_eq!(reply.header("x-request-id"), Some("req-42"));
+    let line = svc
+        .wait_log(Duration::from_secs(5), |v| v["request_id"] == "req-42")
+        .expect("a line for the failed request");
+    assert_eq!(line["message"], "request failed");
+    assert_eq!(line["level"], "WARN");
+    assert_eq!(line["status"], 400);
+    assert_eq!(line["path"], "/metric");
+    assert_eq!(line["field"], "cpu");
+    assert!(
+        line["reason"].as_str().is_some_and(|r| r.contains("cpu")),
+        "{line}"
+    );
+    // Without an id of its own, a request gets one, also on success.
+    let ok = post_event(svc.addr, "dev-9", 0.5, 1.0).await;
+    let id = ok.header("x-request-id").expect("generated id");
+    assert!(
+        id.len() == 16 && id.chars().all(|c| c.is_ascii_hexdigit()),
+        "{id}"
+    );
+    // /analyze failures name the device from the query.
+    let missing = get(svc.addr, "/analyze?device_id=nobody").await;
+    assert_eq!(missing.status, 404);
+    let rid = missing.header("x-request-id").expect("id").to_string();
+    let line = svc
+        .wait_log(Duration::from_secs(5), |v| v["request_id"] == rid.as_str())
+        .expect("a line for the 404");
+    assert_eq!(line["device_id"], "nobody");
 }

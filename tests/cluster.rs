@@ -36,7 +36,22 @@ fn internal_addrs(n: usize) -> Vec<SocketAddr> {
         .collect()
 }
 
+/// Forward timeout of the test nodes: generous, because debug builds of three nodes, Redis
+/// and the load share two cores here, and a slow answer is not what these tests are about
+/// (the hanging-peer test sets its own).
+const FORWARD_TIMEOUT: &str = "3s";
+
 fn start_node(redis: &Redis, me: SocketAddr, peers: &[SocketAddr], token: &str) -> Node {
+    start_node_with(redis, me, peers, token, FORWARD_TIMEOUT)
+}
+
+fn start_node_with(
+    redis: &Redis,
+    me: SocketAddr,
+    peers: &[SocketAddr],
+    token: &str,
+    forward_timeout: &str,
+) -> Node {
     let peers = peers
         .iter()
         .map(|p| p.to_string())
@@ -49,7 +64,7 @@ fn start_node(redis: &Redis, me: SocketAddr, peers: &[SocketAddr], token: &str) 
         ("CLUSTER_LISTEN_ADDR", &me.to_string()),
         ("CLUSTER_TOKEN", token),
         ("CLUSTER_DISCOVERY_INTERVAL", "100ms"),
-        ("CLUSTER_FORWARD_TIMEOUT", "1s"),
+        ("CLUSTER_FORWARD_TIMEOUT", forward_timeout),
         ("WINDOW_SIZE", &WINDOW.to_string()),
         ("MAX_DEVICE_LABELS", "100000"),
         ("RUST_LOG", "info,actors=debug"),
@@ -302,7 +317,7 @@ async fn a_hanging_peer_is_routed_around_and_nothing_is_lost() {
     let addrs = internal_addrs(3);
     let nodes: Vec<Node> = addrs
         .iter()
-        .map(|me| start_node(&redis, *me, &addrs, "t"))
+        .map(|me| start_node_with(&redis, *me, &addrs, "t", "1s"))
         .collect();
     converged(&nodes, 3.0).await;
     let targets = Arc::new(std::sync::Mutex::new(

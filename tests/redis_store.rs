@@ -200,6 +200,14 @@ async fn an_unreachable_redis_at_start_up_is_not_fatal() {
     assert_eq!(r.status, 503);
     assert_eq!(r.json()["checks"]["store"], "unreachable");
     assert_eq!(post_event(svc.addr, "early", 0.5, 1.0).await.status, 200);
+    // The client is told the store is down, not the pool's internals.
+    let analyze = get(svc.addr, "/analyze?device_id=early").await;
+    assert_eq!(analyze.status, 503);
+    assert_eq!(analyze.header("retry-after"), Some("1"));
+    assert_eq!(
+        analyze.json()["error"],
+        "the store is unavailable; retry shortly"
+    );
 
     let redis = Redis::start_on(port);
     eventually(SOON, "/ready once Redis appears", || async {
@@ -319,5 +327,32 @@ async fn in_a_cluster_an_older_window_never_replaces_a_newer_one() {
     assert_eq!(
         redis.cli(&["GET", "analysis:g"]).as_deref(),
         Some(r#"{"m":"e"}"#)
+    );
+}
+
+#[tokio::test]
+async fn sigterm_with_redis_down_says_how_many_results_were_not_stored() {
+    let port = common::free_port();
+    let svc = Service::start(&[
+        ("REDIS_URL", &format!("redis://127.0.0.1:{port}/")),
+        ("SHUTDOWN_TIMEOUT", "2s"),
+    ]);
+    for device in ["u-1", "u-2", "u-3"] {
+        assert_eq!(post_event(svc.addr, device, 0.5, 1.0).await.status, 200);
+    }
+    let (code, logs) = svc.terminate();
+    assert_eq!(code, 0, "a store outage is no reason to fail the exit");
+    let line = logs
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["level"] == "ERROR" && v["unstored_results"].is_number())
+        .unwrap_or_else(|| panic!("no shutdown report in {logs:#?}"));
+    assert_eq!(line["unstored_results"], 3);
+    assert_eq!(line["unprocessed"], 0);
+    assert!(
+        line["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("3 devices could not be stored")),
+        "{line}"
     );
 }

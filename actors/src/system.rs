@@ -88,6 +88,8 @@ pub struct ShutdownReport {
     pub unprocessed: usize,
     /// Whether the store holds every result.
     pub store_flushed: bool,
+    /// Devices whose newest result is not in the store (0 when flushed).
+    pub unstored: usize,
 }
 
 /// The running actor tree.
@@ -241,6 +243,13 @@ impl System {
             self.writer.call(WriterMsg::Drain, Some(remaining)).await,
             Ok(CallResult::Success(()))
         );
+        // Counted now, while the writer still holds the batch in flight too.
+        let unstored = if store_flushed {
+            0
+        } else {
+            let pending = usize::try_from(self.metrics.store_pending_results.get()).unwrap_or(0);
+            pending.max(self.ctx.inbox.len())
+        };
         let remaining = deadline.saturating_duration_since(Instant::now());
         self.supervisor
             .stop_children_and_wait(Some("shutdown".into()), Some(remaining))
@@ -258,6 +267,7 @@ impl System {
         ShutdownReport {
             unprocessed,
             store_flushed: store_flushed && unprocessed == 0,
+            unstored,
         }
     }
 }

@@ -31,10 +31,11 @@ async fn analyze(state: &AppState, uri: &Uri) -> Result<Response<Body>, ApiError
             )
         }),
         Err(e) => {
-            tracing::debug!(error = %e, "analyze read failed");
+            // The client learns that the store is down; the operator, why (in the log).
+            tracing::warn!(error = %e, device_id = %id, "analyze: store read failed");
             Err(ApiError::status(
                 StatusCode::SERVICE_UNAVAILABLE,
-                format!("store unavailable: {e}"),
+                "the store is unavailable; retry shortly",
             ))
         }
     }

@@ -1,6 +1,7 @@
 //! The JSON error body every failure answers with, `{"error": …, "field": …}`, and the
 //! small response helpers the endpoints share.
 
+use super::request_log::Failure;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::header::{HeaderValue, CONNECTION, CONTENT_TYPE, RETRY_AFTER};
@@ -59,7 +60,7 @@ impl ApiError {
         }
     }
 
-    /// The response; 503s carry `Retry-After: 1`.
+    /// The response; 503s carry `Retry-After: 1`. The reason rides along for the log.
     pub fn into_response(self) -> Response<Body> {
         let mut response = json(
             self.status,
@@ -68,6 +69,10 @@ impl ApiError {
                 field: self.field,
             },
         );
+        response.extensions_mut().insert(Failure {
+            reason: self.message,
+            field: self.field,
+        });
         if self.status == StatusCode::SERVICE_UNAVAILABLE {
             response
                 .headers_mut()

@@ -3,6 +3,7 @@
 
 use super::errors::{json, ApiError, Body};
 use super::metrics::CloseReason;
+use super::request_log::DeviceNote;
 use super::{validate, AppState};
 use actors::device::SubmitError;
 use actors::metrics::{ReasonLabel, RejectReason};
@@ -23,16 +24,23 @@ struct Accepted<'a> {
 pub async fn post(state: &AppState, req: Request<Incoming>) -> Response<Body> {
     match accept(state, req).await {
         Ok(response) => response,
-        Err((reason, error)) => {
-            state
-                .system()
-                .metrics()
-                .events_rejected
-                .get_or_create(&ReasonLabel { reason })
-                .inc();
-            error.into_response()
-        }
+        Err((reason, error)) => count_rejected(state, reason, error.into_response()),
     }
+}
+
+/// Counts a refused event under its reason.
+fn count_rejected(
+    state: &AppState,
+    reason: RejectReason,
+    response: Response<Body>,
+) -> Response<Body> {
+    state
+        .system()
+        .metrics()
+        .events_rejected
+        .get_or_create(&ReasonLabel { reason })
+        .inc();
+    response
 }
 
 async fn accept(
@@ -78,6 +86,13 @@ async fn accept(
     let (device_id, event) =
         validate::event(&body, received).map_err(|e| (RejectReason::Invalid, e))?;
     let metrics = state.system().metrics();
+    let refused = |reason, error: ApiError| {
+        let mut response = error.into_response();
+        response
+            .extensions_mut()
+            .insert(DeviceNote(device_id.to_string()));
+        Ok::<_, (RejectReason, ApiError)>(count_rejected(state, reason, response))
+    };
     match state.submit(&device_id, event).await {
         Ok(()) => {
             metrics.events_accepted.inc();
@@ -89,15 +104,15 @@ async fn accept(
                 },
             ))
         }
-        Err(SubmitError::Overloaded) => Err((
+        Err(SubmitError::Overloaded) => refused(
             RejectReason::Overloaded,
             ApiError::status(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "too many events pending (MAX_PENDING_EVENTS); retry shortly",
             ),
-        )),
+        ),
         Err(SubmitError::Unavailable | SubmitError::HandedOff) => {
-            Err((RejectReason::ShuttingDown, shutting_down()))
+            refused(RejectReason::ShuttingDown, shutting_down())
         }
     }
 }

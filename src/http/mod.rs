@@ -8,6 +8,7 @@ mod errors;
 mod ingest;
 mod metrics;
 mod probes;
+mod request_log;
 mod router;
 mod routes;
 mod scrape;
@@ -22,6 +23,7 @@ use actors::cluster::Cluster;
 use actors::device::SubmitError;
 use actors::event::Event;
 use actors::System;
+use request_log::RequestLog;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -36,6 +38,7 @@ struct Inner {
     system: Arc<System>,
     cluster: Option<Arc<Cluster>>,
     http_metrics: Arc<HttpMetrics>,
+    request_log: Arc<RequestLog>,
     max_body_bytes: usize,
     body_read_timeout: Duration,
     shutdown_began: OnceLock<Instant>,
@@ -55,6 +58,11 @@ impl AppState {
                 system,
                 cluster,
                 http_metrics,
+                request_log: Arc::new(RequestLog::new(
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_nanos() as u64),
+                )),
                 max_body_bytes,
                 body_read_timeout,
                 shutdown_began: OnceLock::new(),
@@ -68,6 +76,10 @@ impl AppState {
 
     fn http_metrics(&self) -> &Arc<HttpMetrics> {
         &self.inner.http_metrics
+    }
+
+    fn request_log(&self) -> &Arc<RequestLog> {
+        &self.inner.request_log
     }
 
     fn cluster(&self) -> Option<&Cluster> {

@@ -3,6 +3,7 @@
 
 use super::errors::{ApiError, Body};
 use super::metrics::MethodLabel;
+use super::request_log::{DeviceNote, Failure, Verdict};
 use super::routes::Endpoint;
 use super::AppState;
 use futures_util::FutureExt;
@@ -20,14 +21,52 @@ pub async fn handle(state: AppState, req: Request<Incoming>) -> Result<Response<
     let method = MethodLabel::of(req.method());
     let endpoint = Endpoint::of_path(req.uri().path());
     let metrics = state.http_metrics().clone();
-    let response = guarded(route(state, req, endpoint)).await;
+    let log = state.request_log().clone();
+    let id = log.id(req.headers().get(REQUEST_ID).map(HeaderValue::as_bytes));
+    let (verb, uri) = (req.method().clone(), req.uri().clone());
+    let mut response = guarded(route(state, req, endpoint)).await;
+    let status = response.status();
     metrics.record(
         method,
         endpoint,
-        response.status().as_u16(),
+        status.as_u16(),
         started.elapsed().as_secs_f64(),
     );
+    if status.as_u16() >= 400 {
+        if let Verdict::Write { suppressed } = log.admit(started) {
+            let failure = response.extensions().get::<Failure>();
+            let device = response
+                .extensions()
+                .get::<DeviceNote>()
+                .map(|d| d.0.as_str())
+                .or_else(|| query_device(&uri));
+            tracing::warn!(
+                request_id = %id,
+                method = %verb,
+                path = uri.path(),
+                status = status.as_u16(),
+                reason = failure.map_or("", |f| f.reason.as_str()),
+                field = failure.and_then(|f| f.field),
+                device_id = device,
+                suppressed_since_last = suppressed,
+                "request failed"
+            );
+        }
+    }
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert(REQUEST_ID, value);
+    }
     Ok(response)
+}
+
+/// `X-Request-Id`.
+const REQUEST_ID: &str = "x-request-id";
+
+/// The `device_id` of a query string, if any.
+fn query_device(uri: &hyper::Uri) -> Option<&str> {
+    uri.query()?
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("device_id="))
 }
 
 /// 404 for an unknown path, 405 with `Allow` for a known path and another method.

@@ -126,6 +126,8 @@ pub struct Service {
     child: Child,
     pub addr: SocketAddr,
     logs: mpsc::Receiver<String>,
+    /// Every log line read so far (start-up included).
+    seen: Vec<String>,
 }
 
 impl Service {
@@ -152,11 +154,14 @@ impl Service {
             }
         });
         let deadline = Instant::now() + Duration::from_secs(20);
+        let mut seen = Vec::new();
         let addr = loop {
             let line = rx
                 .recv_timeout(deadline.saturating_duration_since(Instant::now()))
                 .expect("service logs 'listening' within 20s");
-            if let Ok(v) = serde_json::from_str::<Value>(&line) {
+            let parsed = serde_json::from_str::<Value>(&line).ok();
+            seen.push(line);
+            if let Some(v) = parsed {
                 if v["message"] == "listening" {
                     break v["addr"]
                         .as_str()
@@ -170,7 +175,36 @@ impl Service {
             child,
             addr,
             logs: rx,
+            seen,
         }
+    }
+
+    /// Waits up to `within` for a log line (JSON) that `matches`; returns it.
+    pub fn wait_log(
+        &mut self,
+        within: Duration,
+        matches: impl Fn(&Value) -> bool,
+    ) -> Option<Value> {
+        let find = |lines: &[String]| {
+            lines
+                .iter()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .find(|v| matches(v))
+        };
+        if let Some(v) = find(&self.seen) {
+            return Some(v);
+        }
+        let deadline = Instant::now() + within;
+        while let Ok(line) = self
+            .logs
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            self.seen.push(line);
+            if let Some(v) = find(&self.seen[self.seen.len() - 1..]) {
+                return Some(v);
+            }
+        }
+        None
     }
 
     /// The process id.
@@ -196,7 +230,12 @@ impl Service {
             );
             std::thread::sleep(Duration::from_millis(10));
         };
-        let logs = self.logs.try_iter().collect();
+        // Every line the process wrote: read until its stderr closes (the reader thread
+        // then drops the sender), not just what happened to be read already.
+        let mut logs = std::mem::take(&mut self.seen);
+        while let Ok(line) = self.logs.recv_timeout(Duration::from_secs(10)) {
+            logs.push(line);
+        }
         (status.code().unwrap_or(-1), logs)
     }
 

@@ -385,18 +385,20 @@ impl Cluster {
         let moved = self.directory.submit_many(local.into_iter())?;
         let mut onward = onward;
         onward.extend(moved);
+        // Part of the batch is queued already: from here on every event is taken, so
+        // that the answer stays all or nothing (a refused batch is resent whole).
         for (device, event) in onward {
-            match self.fenced(&device) {
-                Some(holder) => match self.forward(holder, vec![(device.clone(), event)]).await {
-                    Ok(()) => {}
-                    Err(ForwardError::Overloaded) => return Err(SubmitError::Overloaded),
-                    Err(_) => {
-                        // The device's window is there; the sender will retry the whole
-                        // batch (its queued part is recognised as repeats).
-                        return Err(SubmitError::Unavailable);
-                    }
-                },
-                None => self.directory.submit(&device, event)?,
+            let sent = match self.fenced(&device) {
+                Some(holder) => self
+                    .forward(holder, vec![(device.clone(), event)])
+                    .await
+                    .is_ok(),
+                None => false,
+            };
+            if !sent {
+                // The device's new holder cannot take it: it is processed here; its actor
+                // starts from the newest window it can find.
+                self.directory.submit_regardless(&device, event)?;
             }
         }
         self.metrics.forwarded_events_received.inc_by(count);

@@ -115,6 +115,14 @@ impl Directory {
         self.push_admitted(device_id, event)
     }
 
+    /// Accepts `event` even past MAX_PENDING_EVENTS: for the rest of a batch that is
+    /// partly queued already (refusing it now would make its sender resend the part that
+    /// was taken). Fails only when the actor system is stopping.
+    pub fn submit_regardless(&self, device_id: &str, event: Event) -> Result<(), SubmitError> {
+        self.admission.pending.inc();
+        self.push_admitted(device_id, event)
+    }
+
     /// Accepts all of `events` or none (then `Overloaded`): a batch that does not fit
     /// under MAX_PENDING_EVENTS is refused whole, so a retry never duplicates. Events of
     /// one device are queued in the order given. Returns the events of devices that were

@@ -80,6 +80,8 @@ pub struct WriterState {
     last_contact: Instant,
     last_purge: Instant,
     drain_waiters: Vec<RpcReplyPort<()>>,
+    /// Whether the store has been contacted yet (the first contact is logged as such).
+    contacted: bool,
 }
 
 /// Messages of the writer.
@@ -115,7 +117,17 @@ impl WriterState {
     fn set_up(&mut self, up: bool) {
         let was = self.health.up.swap(up, Ordering::Relaxed);
         self.metrics.store_up.set(i64::from(up));
-        if was != up {
+        let first = !std::mem::replace(&mut self.contacted, true);
+        if first {
+            if up {
+                tracing::info!(store = self.store.kind(), "store reachable");
+            } else {
+                tracing::warn!(
+                    store = self.store.kind(),
+                    "store unreachable at start-up; events are accepted, results are kept and retried, /ready answers 503 until it answers"
+                );
+            }
+        } else if was != up {
             if up {
                 tracing::info!(store = self.store.kind(), "store reachable again");
             } else {
@@ -272,6 +284,7 @@ impl Actor for WriterActor {
             last_contact: now.checked_sub(STORE_PROBE_EVERY).unwrap_or(now),
             last_purge: now,
             drain_waiters: Vec::new(),
+            contacted: up,
         })
     }
 

@@ -221,6 +221,53 @@ async fn finish_load(net: &Net, load: tokio::task::JoinHandle<usize>, last_chang
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_replicas_found_through_dns_compute_exactly_what_one_node_computes() {
+    let _one = ONE_NET.lock().await;
+    let Some(mut net) = net_or_skip("steady", 3) else {
+        return;
+    };
+    net.set_dns(&[0, 1, 2]);
+    for i in 0..3 {
+        net.start(i);
+    }
+    net.converged(&[0, 1, 2], 3, SOON).await;
+    let (devices, per_device) = (100, 60);
+    let all: Vec<SocketAddr> = (0..3).map(|i| net.public(i)).collect();
+    let retries = load(devices, per_device, targets(all.clone()), Duration::ZERO).await;
+    eprintln!("[{:6.2}s] load done: {retries} client retries", net.t());
+    assert_eq!(retries, 0, "every event was answered 200 the first time");
+    net.report().await;
+    check(
+        &net,
+        3,
+        "every device equals the single-node reference on every replica",
+        all_match(all.clone(), devices, per_device),
+    )
+    .await;
+    // Two thirds of the events reached a replica that does not own their device and
+    // crossed the bridge to the owner; none of those forwards failed.
+    let mut forwarded = 0.0;
+    for &addr in &all {
+        forwarded += netns::metric(addr, "events_forwarded_total")
+            .await
+            .unwrap_or(0.0);
+        for reason in ["timeout", "unreachable", "rejected"] {
+            let series = format!("forward_failures_total{{reason=\"{reason}\"}}");
+            assert_eq!(
+                netns::metric(addr, &series).await,
+                Some(0.0),
+                "{addr} {series}"
+            );
+        }
+    }
+    let total = (devices * per_device) as f64;
+    assert!(
+        forwarded > total * 0.5 && forwarded < total * 0.8,
+        "forwarded {forwarded} of {total}"
+    );
+}
+
 // Fails in about half the runs (3 of 5 here): events lost or counted twice.
 #[ignore = "service bug: a replica SIGTERMed while peers still route to it starts a forwarding loop between two nodes whose handoff fences point at each other; see README, Multi-host tier"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -265,6 +312,8 @@ async fn a_replica_added_to_and_removed_from_dns_keeps_every_window_exact() {
     final_checks(&net, 3, watch, devices, per_device).await;
 }
 
+// Fails in about one run of seven (1 of 7 here): one event lost (bug 1 of README).
+#[ignore = "service bug: during the restart two replicas can end up with handoff fences pointing at each other (forwarding loop); see README, Multi-host tier"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_rolling_restart_keeps_every_window_exact() {
     let _one = ONE_NET.lock().await;

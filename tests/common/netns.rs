@@ -781,6 +781,9 @@ impl Drop for Net {
             let _ = run("ip", &["link", "del", &self.bridge]);
         }
         let _ = fs::remove_file(&self.state_file);
+        // Only when empty: other users' namespaces or runs may have entries there.
+        let _ = fs::remove_dir("/etc/netns");
+        let _ = fs::remove_dir(STATE_DIR);
         if std::thread::panicking() || std::env::var_os("MULTIHOST_KEEP_LOGS").is_some() {
             eprintln!("multi-host logs kept in {}", self.log_dir.display());
         } else {

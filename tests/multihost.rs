@@ -3,22 +3,25 @@
 //! `peers.iot.test` with every replica's address, as a headless Service does), Redis on
 //! the bridge, and the test client in the root namespace (see `common/netns.rs`).
 //!
-//! Each test runs the round-robin load of `common/cluster.rs` while the cluster changes,
-//! then checks that every device, read from every remaining replica, equals what one node
-//! computes from the same events, and (while the load runs) that no device's stored
-//! `samples` ever goes back. Needs root, iproute2, dnsmasq and redis-server; without them
-//! each test prints `SKIPPED (…)` and returns (set MULTIHOST_REQUIRED=1 to fail instead).
+//! Each test runs the round-robin load of `common/cluster.rs` (the same events and
+//! retries; this file's copy also records why each retry happened) while the cluster
+//! changes, then checks that every device, read from every remaining replica, equals what
+//! one node computes from the same events, and (while the load runs) that no device's
+//! stored `samples` ever goes back. Needs root, iproute2, dnsmasq and redis-server;
+//! without them each test prints `SKIPPED (…)` and returns (set MULTIHOST_REQUIRED=1 to
+//! fail instead).
 //!
-//! `cargo test --test multihost -- --nocapture` shows the timeline of each test; two tests
-//! are `#[ignore]`d while the service bugs they found are open (`-- --include-ignored`
-//! runs them). MULTIHOST_KEEP_LOGS=1 keeps the replicas' logs of passing tests too, and
-//! MULTIHOST_PCAP=1 also records each replica's internal traffic (needs tcpdump).
+//! `cargo test --test multihost -- --nocapture` shows the timeline of each test; three
+//! tests are `#[ignore]`d while the service bugs they found are open
+//! (`-- --include-ignored` runs them). MULTIHOST_KEEP_LOGS=1 keeps the replicas' logs of
+//! passing tests too, and MULTIHOST_PCAP=1 also records each replica's internal traffic
+//! (needs tcpdump).
 
 mod common;
 #[path = "common/netns.rs"]
 mod netns;
 
-use common::cluster::{load, samples_never_go_back, Targets};
+use common::cluster::{events_of, samples_never_go_back, Targets};
 use netns::Net;
 use std::future::Future;
 use std::io::Write;
@@ -40,6 +43,7 @@ static ONE_NET: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// The network for `test`, or `None` (with a loud message) when this machine cannot
 /// build one.
 fn net_or_skip(test: &str, size: usize) -> Option<Net> {
+    RETRIES.lock().expect("retries").clear();
     match netns::preflight() {
         Ok(()) => Some(Net::new(test, size)),
         Err(why) => {
@@ -61,6 +65,128 @@ fn targets(addrs: Vec<SocketAddr>) -> Targets {
 
 fn set(targets: &Targets, addrs: Vec<SocketAddr>) {
     *targets.lock().expect("targets") = addrs;
+}
+
+/// Why the client sent an event again: a status other than 200 means the event was not
+/// accepted; a timeout or a broken connection after the request was written leaves it
+/// open whether it was (a retry may then be a duplicate only the client could avoid).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Retry {
+    Status(u16),
+    Connect,
+    Timeout,
+    Broken,
+}
+
+impl Retry {
+    fn ambiguous(self) -> bool {
+        matches!(self, Retry::Timeout | Retry::Broken)
+    }
+}
+
+/// Every retry of the current test: (device, event index, node, why).
+static RETRIES: Mutex<Vec<(usize, usize, SocketAddr, Retry)>> = Mutex::new(Vec::new());
+
+/// Longest wait for one answer before the client tries the next node.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One POST /metric; `Err` says why it did not get a 200.
+async fn post_event(addr: SocketAddr, body: &str) -> Result<(), Retry> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|_| Retry::Connect)?;
+    let req = format!(
+        "POST /metric HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream
+        .write_all(req.as_bytes())
+        .await
+        .map_err(|_| Retry::Broken)?;
+    let mut out = Vec::new();
+    stream
+        .read_to_end(&mut out)
+        .await
+        .map_err(|_| Retry::Broken)?;
+    let status = String::from_utf8_lossy(&out)
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or(Retry::Broken)?;
+    (status == 200).then_some(()).ok_or(Retry::Status(status))
+}
+
+/// The load of `common/cluster.rs` (`send_device`: each event to the next node in
+/// turn, on failure the next node after 20 ms, at most 50 attempts), recording in
+/// [`RETRIES`] why each retry happened.
+async fn send_device(d: usize, per_device: usize, targets: Targets, pause: Duration) -> usize {
+    let device = format!("dev-{d}");
+    let mut retries = 0;
+    for (i, (rps, cpu)) in events_of(d, per_device).into_iter().enumerate() {
+        let body = serde_json::json!({"device_id": device, "cpu": cpu, "rps": rps}).to_string();
+        let mut attempt = 0;
+        loop {
+            let addr = {
+                let t = targets.lock().expect("targets");
+                t[(d + i + attempt) % t.len()]
+            };
+            let why = match tokio::time::timeout(CLIENT_TIMEOUT, post_event(addr, &body)).await {
+                Ok(Ok(())) => break,
+                Ok(Err(why)) => why,
+                Err(_) => Retry::Timeout,
+            };
+            RETRIES.lock().expect("retries").push((d, i, addr, why));
+            attempt += 1;
+            retries += 1;
+            assert!(attempt < 50, "{device} event {i} never accepted");
+            sleep(Duration::from_millis(20)).await;
+        }
+        if !pause.is_zero() {
+            sleep(pause).await;
+        }
+    }
+    retries
+}
+
+/// `devices` devices × `per_device` events, all devices at once, spread over `targets`;
+/// answers the number of retries.
+async fn load(devices: usize, per_device: usize, targets: Targets, pause: Duration) -> usize {
+    let mut tasks = tokio::task::JoinSet::new();
+    for d in 0..devices {
+        tasks.spawn(send_device(d, per_device, targets.clone(), pause));
+    }
+    let mut retries = 0;
+    while let Some(r) = tasks.join_next().await {
+        retries += r.expect("sender");
+    }
+    retries
+}
+
+/// The retries of the current test by reason, and those of `device` if given.
+fn retries_summary(device: Option<usize>) -> String {
+    let retries = RETRIES.lock().expect("retries");
+    let mut by_reason = std::collections::BTreeMap::new();
+    for (_, _, _, why) in retries.iter() {
+        *by_reason.entry(*why).or_insert(0) += 1;
+    }
+    let mut text = format!("client retries by reason: {by_reason:?}");
+    if let Some(d) = device {
+        let mine: Vec<String> = retries
+            .iter()
+            .filter(|r| r.0 == d)
+            .map(|(_, i, addr, why)| format!("event {i} at {addr}: {why:?}"))
+            .collect();
+        let ambiguous = retries
+            .iter()
+            .filter(|r| r.0 == d && r.3.ambiguous())
+            .count();
+        text.push_str(&format!(
+            "; dev-{d}: {} retries {mine:?} ({ambiguous} after which the event may have been accepted twice)",
+            mine.len()
+        ));
+    }
+    text
 }
 
 /// The first `dev-N` in a failure message.
@@ -106,6 +232,8 @@ fn explain(net: &Net, size: usize, what: &str, message: &str) {
     match device_in(message) {
         Some(device) => {
             eprintln!("owners of {device}: {}", owners(net, size, device.as_str()));
+            let d = device.trim_start_matches("dev-").parse().ok();
+            eprintln!("{}", retries_summary(d));
             let key = format!("analysis:{device}");
             eprintln!("redis {key} = {:?}", net.redis_cli(&["GET", &key]));
             net.dump(
@@ -119,14 +247,17 @@ fn explain(net: &Net, size: usize, what: &str, message: &str) {
                 80,
             );
         }
-        None => net.dump(
-            &[
-                "cluster view changed",
-                "\"level\":\"WARN\"",
-                "\"level\":\"ERROR\"",
-            ],
-            60,
-        ),
+        None => {
+            eprintln!("{}", retries_summary(None));
+            net.dump(
+                &[
+                    "cluster view changed",
+                    "\"level\":\"WARN\"",
+                    "\"level\":\"ERROR\"",
+                ],
+                60,
+            );
+        }
     }
 }
 
@@ -215,6 +346,7 @@ async fn finish_load(net: &Net, load: tokio::task::JoinHandle<usize>, last_chang
         "[{ended:6.2}s] load done: {retries} client retries; it ran {:.2}s past the last change",
         ended - last_change
     );
+    eprintln!("{}", retries_summary(None));
     assert!(
         ended > last_change,
         "the load ended before the last cluster change: the test did not test it"

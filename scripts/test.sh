@@ -5,11 +5,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# The integration tests start a real redis-server (and use redis-cli) on free ports.
-NEEDED=(redis-server)
+# The integration tests start a real redis-server (and use redis-cli) on free ports; the
+# multi-host tier (tests/multihost.rs, root only, skipped otherwise) also needs ip and
+# dnsmasq. Each entry: the command the tests run, then the package that provides it.
+NEEDED=(redis-server:redis-server)
+if [ "$(id -u)" = 0 ]; then
+  NEEDED+=(ip:iproute2 dnsmasq:dnsmasq-base)
+fi
 missing=()
-for pkg in "${NEEDED[@]}"; do
-  command -v "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+for entry in "${NEEDED[@]}"; do
+  command -v "${entry%%:*}" >/dev/null 2>&1 || missing+=("${entry#*:}")
 done
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

@@ -11,9 +11,7 @@
 //! without them each test prints `SKIPPED (…)` and returns (set MULTIHOST_REQUIRED=1 to
 //! fail instead).
 //!
-//! `cargo test --test multihost -- --nocapture` shows the timeline of each test; the
-//! partition test is `#[ignore]`d while the duplicate it finds is open
-//! (`-- --include-ignored` runs it). MULTIHOST_KEEP_LOGS=1 keeps the replicas' logs of
+//! `cargo test --test multihost -- --nocapture` shows the timeline of each test. MULTIHOST_KEEP_LOGS=1 keeps the replicas' logs of
 //! passing tests too, and MULTIHOST_PCAP=1 also records each replica's internal traffic
 //! (needs tcpdump).
 
@@ -495,7 +493,6 @@ async fn a_rolling_restart_keeps_every_window_exact() {
 }
 
 // Failed 9 of 9 runs here: samples go back, up to tens of events lost per device.
-#[ignore = "open: in some runs one device ends with the event cut mid-forward counted twice (91 of 90); see README, Multi-host tier"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_partitioned_replica_loses_nothing_and_never_overwrites_newer_windows() {
     let _one = ONE_NET.lock().await;

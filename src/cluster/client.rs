@@ -111,7 +111,12 @@ impl Transport for HttpTransport {
     fn send_events(&self, peer: SocketAddr, body: Bytes) -> BoxFuture<Result<(), ForwardError>> {
         let this = self.clone();
         Box::pin(async move {
-            match this.call(Method::POST, peer, paths::EVENTS, body).await? {
+            // Past this instant the sender has given up on the batch (and re-routed it):
+            // a copy that reaches the owner later, e.g. retransmitted after a network
+            // partition heals, must not be queued a second time.
+            let deadline = super::unix_millis() + this.timeout.as_millis() as u64;
+            let path = format!("{}?deadline={deadline}", paths::EVENTS);
+            match this.call(Method::POST, peer, &path, body).await? {
                 (StatusCode::OK, _) => Ok(()),
                 (status, _) => Err(refused(status)),
             }

@@ -9,6 +9,13 @@ pub const TOKEN_HEADER: hyper::header::HeaderName = hyper::header::AUTHORIZATION
 /// The calling node's advertised address (a release hands the device to it).
 pub const FROM_HEADER: &str = "x-cluster-from";
 
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+pub fn unix_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// The internal routes.
 pub mod paths {
     /// A forwarded batch of events.

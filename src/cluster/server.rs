@@ -2,9 +2,10 @@
 //!
 //! Every request must carry `Authorization: Bearer <CLUSTER_TOKEN>`; without it the
 //! answer is 401 and the attempt is counted (`cluster_unauthorized_total`). Routes:
-//! - `POST /cluster/events`: a forwarded batch ([`actors::cluster::wire`]); 200 once
-//!   every event is queued here (the acknowledgement), 503 when it does not fit under
-//!   MAX_PENDING_EVENTS (nothing was queued), 400 when it does not decode.
+//! - `POST /cluster/events?deadline=MS`: a forwarded batch ([`actors::cluster::wire`]);
+//!   200 once every event is queued here (the acknowledgement), 503 when it does not fit
+//!   under MAX_PENDING_EVENTS (nothing was queued), 400 when it does not decode, 410 when
+//!   it arrives after the sender's deadline (the sender has re-routed it; nothing queued).
 //! - `GET /cluster/ping`: `member`, `starting` or `leaving`; `?rejoin=1` from a peer
 //!   that does not count this node as a member makes it resync its device actors.
 //! - `POST /cluster/release?device_id=ID` (from `X-Cluster-From: ip:port`): hand the
@@ -131,6 +132,11 @@ impl Internal {
     }
 
     async fn events(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let deadline = req.uri().query().and_then(|q| {
+            form_urlencoded::parse(q.as_bytes())
+                .find(|(k, _)| k == "deadline")
+                .and_then(|(_, v)| v.parse::<u64>().ok())
+        });
         let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
             Ok(body) => body.to_bytes(),
             Err(e) => return answer(StatusCode::BAD_REQUEST, e.to_string()),
@@ -139,6 +145,12 @@ impl Internal {
             Ok(events) => events,
             Err(e) => return answer(StatusCode::BAD_REQUEST, e.to_string()),
         };
+        // The sender stopped waiting (timed out, re-routed the events): taking them now
+        // would count them twice. Clocks of pods agree to well within a forward timeout.
+        if deadline.is_some_and(|d| super::unix_millis() > d) {
+            self.metrics.forwarded_batches_expired.inc();
+            return answer(StatusCode::GONE, "the sender gave up on this batch");
+        }
         match self.cluster.receive(events).await {
             Ok(()) => answer(StatusCode::OK, ""),
             Err(SubmitError::Overloaded) => answer(

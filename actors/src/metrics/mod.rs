@@ -97,6 +97,9 @@ pub struct Metrics {
     pub device_handoffs: Family<DirectionLabel, Counter>,
     /// Requests to the internal listener with a missing or wrong CLUSTER_TOKEN.
     pub cluster_unauthorized: Counter,
+    /// Forwarded batches that arrived after their sender had given up on them (late
+    /// retransmissions after a partition): refused, their events were re-routed.
+    pub forwarded_batches_expired: Counter,
     /// `process_*`, refreshed at each scrape.
     pub process: ProcessMetrics,
 }
@@ -130,6 +133,7 @@ impl Metrics {
             forward_batch_duration_seconds: register(r, "forward_batch_duration_seconds", "Latency of one forwarded batch until the owner's acknowledgement", Histogram::new(STORE_BUCKETS)),
             device_handoffs: register(r, "device_handoffs", "Device windows moved between nodes, by direction", Family::default()),
             cluster_unauthorized: register(r, "cluster_unauthorized", "Internal requests with a missing or wrong CLUSTER_TOKEN", Counter::default()),
+            forwarded_batches_expired: register(r, "forwarded_batches_expired", "Forwarded batches that arrived after their sender had given up on them (refused; re-routed)", Counter::default()),
             process: ProcessMetrics::register(r),
         };
         m.cluster_members.set(1);

@@ -75,6 +75,25 @@ fn start_node_with(
     }
 }
 
+/// Starts the first `running` of `addrs` (each listing all of them as peers), waits until
+/// they agree, and returns them with the load's targets (their public addresses).
+async fn cluster(
+    redis: &Redis,
+    addrs: &[SocketAddr],
+    running: usize,
+    forward_timeout: &str,
+) -> (Vec<Node>, common::cluster::Targets) {
+    let nodes: Vec<Node> = addrs[..running]
+        .iter()
+        .map(|me| start_node_with(redis, *me, addrs, "t", forward_timeout))
+        .collect();
+    converged(&nodes, running as f64).await;
+    let targets = Arc::new(std::sync::Mutex::new(
+        nodes.iter().map(|n| n.svc().addr).collect::<Vec<_>>(),
+    ));
+    (nodes, targets)
+}
+
 /// Waits until every running node is ready and sees `members` members.
 async fn converged(nodes: &[Node], members: f64) {
     for node in nodes.iter().filter(|n| n.svc.is_some()) {
@@ -93,20 +112,10 @@ async fn three_nodes_compute_exactly_what_one_node_computes() {
     let _one = ONE_CLUSTER.lock().await;
     let redis = Redis::start();
     let addrs = internal_addrs(3);
-    let nodes: Vec<Node> = addrs
-        .iter()
-        .map(|me| start_node(&redis, *me, &addrs, "s3cret"))
-        .collect();
-    converged(&nodes, 3.0).await;
+    let (nodes, targets) = cluster(&redis, &addrs, 3, FORWARD_TIMEOUT).await;
     let public: Vec<SocketAddr> = nodes.iter().map(|n| n.svc().addr).collect();
     let (devices, per_device) = (300, 60);
-    load(
-        devices,
-        per_device,
-        Arc::new(std::sync::Mutex::new(public.clone())),
-        Duration::ZERO,
-    )
-    .await;
+    load(devices, per_device, targets, Duration::ZERO).await;
     all_match(&public, devices, per_device).await;
     // Two thirds of the events arrived at a node that does not own their device.
     let mut forwarded = 0.0;
@@ -165,19 +174,9 @@ async fn a_peer_that_is_down_owns_nothing_and_loses_nothing() {
     let redis = Redis::start();
     let addrs = internal_addrs(3);
     // The third node never starts: its address is in every peer list.
-    let nodes: Vec<Node> = addrs[..2]
-        .iter()
-        .map(|me| start_node(&redis, *me, &addrs, "t"))
-        .collect();
-    converged(&nodes, 2.0).await;
+    let (nodes, targets) = cluster(&redis, &addrs, 2, FORWARD_TIMEOUT).await;
     let public: Vec<SocketAddr> = nodes.iter().map(|n| n.svc().addr).collect();
-    let retries = load(
-        60,
-        30,
-        Arc::new(std::sync::Mutex::new(public.clone())),
-        Duration::ZERO,
-    )
-    .await;
+    let retries = load(60, 30, targets, Duration::ZERO).await;
     assert_eq!(retries, 0, "every event was answered 200 the first time");
     all_match(&public, 60, 30).await;
 }
@@ -187,14 +186,7 @@ async fn scaling_out_and_in_under_load_keeps_every_window_exact() {
     let _one = ONE_CLUSTER.lock().await;
     let redis = Redis::start();
     let addrs = internal_addrs(3);
-    let mut nodes: Vec<Node> = addrs[..2]
-        .iter()
-        .map(|me| start_node(&redis, *me, &addrs, "t"))
-        .collect();
-    converged(&nodes, 2.0).await;
-    let targets = Arc::new(std::sync::Mutex::new(
-        nodes.iter().map(|n| n.svc().addr).collect::<Vec<_>>(),
-    ));
+    let (mut nodes, targets) = cluster(&redis, &addrs, 2, FORWARD_TIMEOUT).await;
     let (devices, per_device) = (100, 60);
     let load = tokio::spawn(load(
         devices,
@@ -257,14 +249,7 @@ async fn a_crashed_node_s_devices_continue_from_their_stored_windows() {
     let _one = ONE_CLUSTER.lock().await;
     let redis = Redis::start();
     let addrs = internal_addrs(3);
-    let mut nodes: Vec<Node> = addrs
-        .iter()
-        .map(|me| start_node(&redis, *me, &addrs, "t"))
-        .collect();
-    converged(&nodes, 3.0).await;
-    let targets = Arc::new(std::sync::Mutex::new(
-        nodes.iter().map(|n| n.svc().addr).collect::<Vec<_>>(),
-    ));
+    let (mut nodes, targets) = cluster(&redis, &addrs, addrs.len(), FORWARD_TIMEOUT).await;
     let (devices, per_device) = (90, 40);
     let load = tokio::spawn(load(
         devices,
@@ -293,21 +278,39 @@ async fn a_crashed_node_s_devices_continue_from_their_stored_windows() {
         .filter_map(|n| n.svc.as_ref())
         .map(|s| s.addr)
         .collect();
+    if let Some((d, addr, samples)) =
+        outside_bounds(&survivors, devices, per_device, LOSS, DUPLICATES).await
+    {
+        panic!(
+            "dev-{d} on {addr}: {samples} samples after {per_device} events (a window restarted?)"
+        );
+    }
+}
+
+/// The first device whose window, read from any of `addrs`, holds fewer than
+/// `per_device − loss` or more than `per_device + duplicates` samples.
+async fn outside_bounds(
+    addrs: &[SocketAddr],
+    devices: usize,
+    per_device: usize,
+    loss: u64,
+    duplicates: u64,
+) -> Option<(usize, SocketAddr, u64)> {
+    let n = per_device as u64;
     for d in 0..devices {
-        for addr in &survivors {
+        for addr in addrs {
             let v = eventually(SOON, "analysis", || async {
                 let r = get(*addr, &format!("/analyze?device_id=dev-{d}")).await;
                 (r.status == 200).then(|| r.json())
             })
             .await;
             let samples = v["samples"].as_u64().expect("samples");
-            let n = per_device as u64;
-            assert!(
-                samples + LOSS >= n && samples <= n + DUPLICATES,
-                "dev-{d}: {samples} samples after {n} events (a window restarted?)"
-            );
+            if samples + loss < n || samples > n + duplicates {
+                return Some((d, *addr, samples));
+            }
         }
     }
+    None
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -315,14 +318,7 @@ async fn a_hanging_peer_is_routed_around_and_nothing_is_lost() {
     let _one = ONE_CLUSTER.lock().await;
     let redis = Redis::start();
     let addrs = internal_addrs(3);
-    let nodes: Vec<Node> = addrs
-        .iter()
-        .map(|me| start_node_with(&redis, *me, &addrs, "t", "1s"))
-        .collect();
-    converged(&nodes, 3.0).await;
-    let targets = Arc::new(std::sync::Mutex::new(
-        nodes.iter().map(|n| n.svc().addr).collect::<Vec<_>>(),
-    ));
+    let (nodes, targets) = cluster(&redis, &addrs, addrs.len(), "1s").await;
     let (devices, per_device) = (60, 40);
     let load = tokio::spawn(load(
         devices,
@@ -353,30 +349,21 @@ async fn a_hanging_peer_is_routed_around_and_nothing_is_lost() {
     // pause may cost; everything re-routed is counted once.
     const LOSS: u64 = 1;
     let all: Vec<SocketAddr> = nodes.iter().map(|n| n.svc().addr).collect();
-    for d in 0..devices {
-        for addr in &all {
-            let v = eventually(SOON, "analysis", || async {
-                let r = get(*addr, &format!("/analyze?device_id=dev-{d}")).await;
-                (r.status == 200).then(|| r.json())
-            })
-            .await;
-            let samples = v["samples"].as_u64().expect("samples");
-            let n = per_device as u64;
-            if !(samples + LOSS >= n && samples <= n) {
-                let mut nodes = nodes;
-                for (i, node) in nodes.iter_mut().enumerate() {
-                    let svc = node.svc.take().expect("svc");
-                    let (_, logs) = svc.terminate();
-                    for l in logs
-                        .iter()
-                        .filter(|l| l.contains(&format!("\"dev-{d}\"")) || l.contains("view"))
-                    {
-                        eprintln!("node{i}: {l}");
-                    }
+    if let Some((d, addr, samples)) = outside_bounds(&all, devices, per_device, LOSS, 0).await {
+        // What each node did with the device, for whoever has to find out why.
+        let mut nodes = nodes;
+        for (i, node) in nodes.iter_mut().enumerate() {
+            if let Some(svc) = node.svc.take() {
+                let (_, logs) = svc.terminate();
+                for l in logs
+                    .iter()
+                    .filter(|l| l.contains(&format!("\"dev-{d}\"")) || l.contains("view"))
+                {
+                    eprintln!("node{i}: {l}");
                 }
-                panic!("dev-{d} on {addr}: {samples} samples after {n} events");
             }
         }
+        panic!("dev-{d} on {addr}: {samples} samples after {per_device} events");
     }
 }
 

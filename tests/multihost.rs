@@ -398,8 +398,6 @@ async fn three_replicas_found_through_dns_compute_exactly_what_one_node_computes
     );
 }
 
-// Failed 3 of 8 runs here (events lost or counted twice); passed 3 of 3 with a 1 s
-// pause between leaving DNS and SIGTERM.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_replica_added_to_and_removed_from_dns_keeps_every_window_exact() {
     let _one = ONE_NET.lock().await;
@@ -442,7 +440,6 @@ async fn a_replica_added_to_and_removed_from_dns_keeps_every_window_exact() {
     final_checks(&net, 3, watch, devices, per_device).await;
 }
 
-// Failed 1 of 9 runs here: one event lost (bug 1 of README).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_rolling_restart_keeps_every_window_exact() {
     let _one = ONE_NET.lock().await;
@@ -492,7 +489,6 @@ async fn a_rolling_restart_keeps_every_window_exact() {
     final_checks(&net, 3, watch, devices, per_device).await;
 }
 
-// Failed 9 of 9 runs here: samples go back, up to tens of events lost per device.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_partitioned_replica_loses_nothing_and_never_overwrites_newer_windows() {
     let _one = ONE_NET.lock().await;

@@ -29,6 +29,11 @@ pub trait Predecessor: Send + Sync {
     fn window(&self, device: Arc<str>) -> BoxFuture<Option<WindowSnapshot>>;
 }
 
+/// Test only: an event with this rps makes its device actor panic while processing it
+/// (validation at the front end never lets a negative rps through).
+#[cfg(test)]
+pub(crate) const PANIC_RPS: f64 = -1.0;
+
 /// A boxed, sendable future.
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
@@ -100,6 +105,10 @@ impl DeviceState {
         if self.last == Some(event) {
             ctx.metrics.events_duplicate.inc();
             return;
+        }
+        #[cfg(test)]
+        if event.rps == PANIC_RPS {
+            panic!("test-induced failure while processing an event");
         }
         self.last = Some(event);
         self.version += 1;

@@ -91,6 +91,32 @@ async fn supervisor_restarts_a_failed_device_actor_and_the_window_continues() {
     );
 }
 
+#[tokio::test]
+async fn a_panic_in_the_middle_of_an_event_drops_only_that_event() {
+    let store = Store::Embedded(Arc::new(EmbeddedStore::new()));
+    let system = start(config(Duration::from_secs(600)), &store).await;
+    let dir = system.directory();
+    // Queued together: the second panics the actor while it is being processed; the two
+    // behind it wait in the slot for the restarted actor.
+    for x in [10.0, super::actor::PANIC_RPS, 20.0, 30.0] {
+        dir.submit("mid", event(x)).expect("accepted");
+    }
+    let v = wait_samples(&store, "mid", 3).await;
+    assert_eq!(
+        v["rolling_average_rps"], 20.0,
+        "10, 20, 30: the failing event is not in the window"
+    );
+    let m = system.metrics();
+    assert_eq!(m.events_failed.get(), 1);
+    assert_eq!(m.actor_restarts.get(), 1);
+    assert_eq!(m.events_processed.get(), 3);
+    assert_eq!(
+        m.pending_events.get(),
+        0,
+        "the failed event's pending slot was released"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn idle_device_actors_are_evicted_and_restored_on_the_next_event() {
     let store = Store::Embedded(Arc::new(EmbeddedStore::new()));

@@ -264,6 +264,16 @@ async fn health_and_ready() {
 async fn metrics_expose_the_spec_families_with_their_labels() {
     let svc = Service::start(&[]);
     assert_eq!(post_event(svc.addr, "m-1", 0.5, 10.0).await.status, 200);
+    // A spike, so that anomalies_detected_total has a series too.
+    for rps in [10.0, 11.0, 10.0, 9.0, 10.0, 11.0, 10.0, 9.0, 10.0, 500.0] {
+        assert_eq!(post_event(svc.addr, "m-2", 0.5, rps).await.status, 200);
+    }
+    eventually(Duration::from_secs(5), "the anomaly counted", || async {
+        svc.metric(r#"anomalies_detected_total{device_id="m-2"}"#)
+            .await
+            .filter(|n| *n == 1.0)
+    })
+    .await;
     assert_eq!(get(svc.addr, "/health").await.status, 200);
     let r = get(svc.addr, "/metrics").await;
     assert_eq!(r.status, 200);
@@ -278,7 +288,7 @@ async fn metrics_expose_the_spec_families_with_their_labels() {
         "# TYPE request_duration_seconds histogram",
         r#"request_duration_seconds_bucket{le="0.0001",method="POST",endpoint="/metric"}"#,
         r#"request_duration_seconds_bucket{le="2.5",method="POST",endpoint="/metric"}"#,
-        "events_accepted_total 1",
+        "events_accepted_total 11",
         r#"events_rejected_total{reason="overloaded"} 0"#,
         "# TYPE pending_events gauge",
         "# TYPE device_actors gauge",
@@ -295,6 +305,35 @@ async fn metrics_expose_the_spec_families_with_their_labels() {
         "# EOF",
     ] {
         assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+    }
+    // Every family the README documents is exported, with a value, from the start.
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).expect("README");
+    let documented: Vec<&str> = readme
+        .lines()
+        .filter(|l| l.starts_with("| `"))
+        .filter(|l| {
+            ["counter", "gauge", "histogram", "info"]
+                .iter()
+                .any(|t| l.split('|').nth(2).is_some_and(|c| c.trim().starts_with(t)))
+        })
+        .flat_map(|l| l.split('|').nth(1).unwrap_or("").split(','))
+        .filter_map(|name| name.trim().strip_prefix('`')?.strip_suffix('`'))
+        .collect();
+    assert!(
+        documented.len() >= 30,
+        "the README table was not found: {documented:?}"
+    );
+    for family in documented {
+        let exported = text.lines().any(|l| {
+            !l.starts_with('#')
+                && (l.starts_with(&format!("{family} ")) || l.starts_with(&format!("{family}{{")))
+        }) || text.contains(&format!("\n{family}_bucket"))
+            || text.contains(&format!("\n{family}_count"));
+        assert!(
+            exported,
+            "README documents {family}, the service exports no value of it"
+        );
     }
 }
 

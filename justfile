@@ -34,6 +34,10 @@ cluster nodes="3":
 bench seconds="10":
     bench/run.sh {{seconds}}
 
+# Scale-out benchmark: one node against two clustered nodes (starts redis-server and the nodes itself).
+bench-cluster seconds="10":
+    bench/cluster.sh {{seconds}}
+
 # Load test a running service: just load http://127.0.0.1:8080/metric 1 64 30s
 load url="http://127.0.0.1:8080/metric" threads="1" connections="64" duration="30s":
     cargo run --release -p bench --bin loadtest -- {{url}} {{threads}} {{connections}} {{duration}}

@@ -1,9 +1,10 @@
 # shellcheck shell=bash
-# Helpers of the bench scripts (sourced by run.sh, soak.sh, overload.sh; not run itself):
-# free loopback ports, starting processes each with its own log file, readiness waits that
-# are bounded and, when a process dies or never gets ready, name its log and show its
-# tail, and killing everything started when the script ends. A busy port or a crash then
-# stops the script within seconds, saying where to look, instead of waiting forever.
+# Helpers of the bench scripts (sourced by run.sh, soak.sh, overload.sh, cluster.sh; not
+# run itself): free loopback ports, starting processes each with its own log file,
+# readiness waits that are bounded and, when a process dies or never gets ready, name its
+# log and show its tail, and killing everything started when the script ends. A busy port
+# or a crash then stops the script within seconds, saying where to look, instead of
+# waiting forever.
 
 # One folder per run for every log (and by default the results): kept afterwards.
 BENCH_LOGS=$(mktemp -d "${TMPDIR:-/tmp}/bench.XXXXXX")

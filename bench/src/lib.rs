@@ -8,7 +8,8 @@
 //! - `bin/loadtest.rs`: the load generator (closed loop or fixed rate, HDR latencies).
 //! - `bin/limit-server.rs`: the hardware-limit reference, a bare hyper server.
 //! - `run.sh`, `soak.sh`, `overload.sh`: the benchmarks that start Redis and the service
-//!   on free loopback ports and run the scenarios (`common.sh` holds their helpers).
+//!   on free loopback ports and run the scenarios (`common.sh` holds their helpers);
+//!   `cluster.sh` compares one node with a two-node cluster (the cost of forwarding).
 #![forbid(unsafe_code)]
 
 pub mod events;

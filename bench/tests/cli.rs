@@ -106,6 +106,35 @@ fn a_run_against_the_limit_server_succeeds_with_p99_9() {
 }
 
 #[test]
+fn a_url_list_spreads_the_connections_over_every_target() {
+    // Connections 0 and 2 go to the limit server, 1 and 3 to a closed port: both show up.
+    let server = LimitServer::start();
+    let urls = format!(
+        "http://{}/metric,http://127.0.0.1:{}/metric",
+        server.addr,
+        closed_port()
+    );
+    let out = loadtest(
+        &urls,
+        &["--requests", "200", "--json", "--min-success", "0"],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    assert_eq!(report["url"], urls.as_str());
+    assert!(report["successful"].as_u64() > Some(0), "{report}");
+    assert!(
+        report["failures"]["by_error"]["connection refused"].as_u64() > Some(0),
+        "{report}"
+    );
+    assert_eq!(report["total"], 200);
+}
+
+#[test]
 fn limit_server_help_and_bad_address() {
     let help = Command::new(LIMIT_SERVER)
         .arg("--help")

@@ -2,6 +2,8 @@
 //! duration`, with real keep-alive connections, a fixed-rate mode free of coordinated
 //! omission, realistic events, and HDR-histogram latencies. A run whose success rate is
 //! below `--min-success` (95 % by default) exits 1 after printing its failure breakdown.
+//! The URL may be a comma-separated list (the replicas of a cluster): connection i then
+//! talks to target i mod n.
 #![forbid(unsafe_code)]
 
 use anyhow::{bail, Context};
@@ -26,7 +28,11 @@ use tokio::time::Instant;
 #[derive(Debug, Parser)]
 #[command(name = "loadtest")]
 struct Args {
-    /// Target, e.g. http://127.0.0.1:8080/metric (a bare host gets /metric).
+    /// Target, e.g. http://127.0.0.1:8080/metric (a bare host gets /metric); several as a
+    /// comma-separated list, e.g. http://127.0.0.1:8080/metric,http://127.0.0.1:8090/metric:
+    /// connection i talks to target i mod n. Visibility probe k posts to target k mod n and
+    /// reads /analyze from target (k + 1) mod n (the same one when there is only one).
+    #[arg(value_parser = url_list)]
     url: String,
     /// Worker threads of the generator.
     #[arg(default_value_t = 1)]
@@ -84,6 +90,29 @@ fn at_least_one(s: &str) -> Result<usize, String> {
         Ok(_) => Err("must be at least 1".into()),
         Err(e) => Err(e.to_string()),
     }
+}
+
+/// The targets of a comma-separated URL list, in order; empty entries are refused.
+fn split_urls(s: &str) -> Result<Vec<&str>, String> {
+    s.split(',')
+        .map(str::trim)
+        .map(|u| {
+            if u.is_empty() {
+                Err("empty URL in the list".to_string())
+            } else {
+                Ok(u)
+            }
+        })
+        .collect()
+}
+
+fn url_list(s: &str) -> Result<String, String> {
+    split_urls(s).map(|_| s.to_string())
+}
+
+/// Which of `targets` connection (or probe) `i` uses: round-robin.
+fn target_of(i: usize, targets: usize) -> usize {
+    i % targets
 }
 
 fn percent(s: &str) -> Result<f64, String> {
@@ -255,31 +284,46 @@ async fn run_connection(
 }
 
 /// Event-to-visible latency: from the 200 of a marked event until /analyze shows it.
+/// Probe k posts to target k mod n and reads /analyze from target (k + 1) mod n, so with
+/// several replicas the event is read from another node than the one that took it.
 async fn probe_visibility(
-    target: Arc<Target>,
+    targets: Vec<Arc<Target>>,
     probes: u64,
     plan: Arc<Plan>,
 ) -> anyhow::Result<Histogram<u64>> {
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-    let mut sender = connect(&target).await?;
-    let analyze_base = target.path.trim_end_matches("/metric").to_string();
+    let mut senders = Vec::with_capacity(targets.len());
+    for target in &targets {
+        senders.push(connect(target).await?);
+    }
     let gap = plan.deadline.saturating_duration_since(Instant::now()) / (probes as u32 + 1);
     for k in 0..probes {
         if plan.stop.load(Ordering::Relaxed) {
             break;
         }
+        let post = target_of(k as usize, targets.len());
+        let read = target_of(k as usize + 1, targets.len());
+        let (post_target, read_target) = (&*targets[post], &*targets[read]);
         let marker = 1_000_000.0 + k as f64;
         let device = format!("visibility-{}", k % 16);
         let body = format!(r#"{{"device_id":"{device}","cpu":0.5,"rps":{marker}}}"#);
-        let (status, _) =
-            send(&mut sender, &target, Method::POST, &target.path, Some(body)).await?;
+        let (status, _) = send(
+            &mut senders[post],
+            post_target,
+            Method::POST,
+            &post_target.path,
+            Some(body),
+        )
+        .await?;
         if status != 200 {
             continue;
         }
         let accepted = Instant::now();
+        let analyze_base = read_target.path.trim_end_matches("/metric");
         let path = format!("{analyze_base}/analyze?device_id={device}");
         loop {
-            let (status, bytes) = send(&mut sender, &target, Method::GET, &path, None).await?;
+            let (status, bytes) =
+                send(&mut senders[read], read_target, Method::GET, &path, None).await?;
             if status == 200 {
                 let v: serde_json::Value = serde_json::from_slice(&bytes)?;
                 if v["last_rps"].as_f64() == Some(marker) {
@@ -326,7 +370,10 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let target = Arc::new(resolve(&args.url).await?);
+    let mut targets = Vec::new();
+    for url in split_urls(&args.url).map_err(anyhow::Error::msg)? {
+        targets.push(Arc::new(resolve(url).await?));
+    }
     let start = Instant::now();
     let plan = Arc::new(Plan {
         deadline: start + args.duration,
@@ -348,7 +395,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .map(|id| {
             tokio::spawn(run_connection(
                 id,
-                target.clone(),
+                targets[target_of(id, targets.len())].clone(),
                 plan.clone(),
                 counters.clone(),
             ))
@@ -356,7 +403,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .collect();
     let visibility = (args.visibility_probes > 0).then(|| {
         tokio::spawn(probe_visibility(
-            target.clone(),
+            targets.clone(),
             args.visibility_probes,
             plan.clone(),
         ))
@@ -458,6 +505,58 @@ mod tests {
         assert_eq!(a.min_success, 95.0);
         assert_eq!(a.timeout, Duration::from_secs(10));
         assert!(!a.json);
+    }
+
+    #[test]
+    fn a_comma_separated_url_is_a_list_of_targets_and_one_url_stays_one() {
+        let one = "http://127.0.0.1:8080/metric";
+        assert_eq!(split_urls(one), Ok(vec![one]));
+        assert_eq!(
+            split_urls("http://127.0.0.1:8080/metric, http://127.0.0.1:8090/metric"),
+            Ok(vec![
+                "http://127.0.0.1:8080/metric",
+                "http://127.0.0.1:8090/metric"
+            ])
+        );
+        for bad in [
+            "",
+            "http://a:1/metric,",
+            ",http://a:1",
+            "http://a:1,,http://b:2",
+        ] {
+            assert!(split_urls(bad).is_err(), "{bad:?}");
+        }
+        // The parser keeps the argument as given (it is the report's `url`) and refuses
+        // an empty entry.
+        let a = Args::try_parse_from(["loadtest", "http://a:1/metric,http://b:2/metric"])
+            .expect("valid");
+        assert_eq!(a.url, "http://a:1/metric,http://b:2/metric");
+        let err = Args::try_parse_from(["loadtest", "http://a:1/metric,"]).expect_err("empty");
+        assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation);
+    }
+
+    #[test]
+    fn connections_are_spread_round_robin_over_the_targets() {
+        // One target: every connection (and probe) uses it, as before.
+        assert!((0..64).all(|i| target_of(i, 1) == 0));
+        // Connection i → target i mod n: 64 connections over 2 targets, 32 each, alternating;
+        // over 3 targets, 22/21/21.
+        let spread = |connections: usize, n: usize| {
+            let mut per_target = vec![0; n];
+            for i in 0..connections {
+                per_target[target_of(i, n)] += 1;
+            }
+            per_target
+        };
+        assert_eq!(
+            (0..4).map(|i| target_of(i, 2)).collect::<Vec<_>>(),
+            [0, 1, 0, 1]
+        );
+        assert_eq!(spread(64, 2), [32, 32]);
+        assert_eq!(spread(64, 3), [22, 21, 21]);
+        // A visibility probe reads /analyze from the next target: another node when there
+        // are several.
+        assert!((0..10).all(|k| target_of(k + 1, 2) != target_of(k, 2)));
     }
 
     #[test]

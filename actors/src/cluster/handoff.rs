@@ -102,7 +102,7 @@ impl Handoff {
         device: Arc<str>,
         to: SocketAddr,
     ) -> Result<Option<WindowSnapshot>, ReleaseError> {
-        self.stop_processing(&device, to).await?;
+        let had_actor = self.stop_processing(&device, to).await?;
         let window = match self
             .writer
             .call(
@@ -114,8 +114,12 @@ impl Handoff {
             Ok(CallResult::Success(window)) => window,
             _ => return Err(ReleaseError::Writer),
         };
-        self.count(Direction::Out);
-        tracing::debug!(device_id = %device, %to, "device handed off");
+        // Only a device this node really held counts as handed off (a first start
+        // elsewhere asks here too, and finds nothing).
+        if had_actor || window.is_some() {
+            self.count(Direction::Out);
+            tracing::debug!(device_id = %device, %to, "device handed off");
+        }
         Ok(window)
     }
 
@@ -127,8 +131,12 @@ impl Handoff {
     }
 
     /// Fences `device` (its events here go to `to` from now on), lets its actor finish
-    /// what is queued, and stops it.
-    async fn stop_processing(&self, device: &Arc<str>, to: SocketAddr) -> Result<(), ReleaseError> {
+    /// what is queued, and stops it. Returns whether there was an actor.
+    async fn stop_processing(
+        &self,
+        device: &Arc<str>,
+        to: SocketAddr,
+    ) -> Result<bool, ReleaseError> {
         self.fences.insert(device.clone(), to);
         if let Some(slot) = self.directory.slot(device) {
             slot.close_for_handoff();
@@ -147,8 +155,9 @@ impl Handoff {
                 actor.stop(Some("handed off".into()));
             }
             self.directory.unlist(&slot);
+            return Ok(true);
         }
-        Ok(())
+        Ok(false)
     }
 
     /// New-owner side: the node that may still hold `device`, if any. A node that was
@@ -172,8 +181,10 @@ impl Handoff {
         let from = self.predecessor_of(&device)?;
         match self.transport.release(from, device.clone()).await {
             Ok(window) => {
-                self.count(Direction::In);
-                tracing::debug!(device_id = %device, %from, "device taken over");
+                if window.is_some() {
+                    self.count(Direction::In);
+                    tracing::debug!(device_id = %device, %from, "device taken over");
+                }
                 // None: the holder knew no window either; the store may (or not).
                 window
             }

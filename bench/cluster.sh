@@ -27,16 +27,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 usage() { sed -n '7,15s/^# \{0,1\}//p' "$0"; }
-SECS=10
-WRITE=${WRITE_RESULTS:-0}
-for arg in "$@"; do
-  case $arg in
-    --write) WRITE=1 ;;
-    -h | --help) usage; exit 0 ;;
-    '' | *[!0-9]*) usage >&2; exit 2 ;;
-    *) SECS=$arg ;;
-  esac
-done
+. bench/args.sh
+bench_args "$@"
+SECS=${POSITIONAL[0]:-10}
 ROUNDS=${ROUNDS:-3}
 ((10#$SECS >= 1)) || { usage >&2; exit 2; }
 case $ROUNDS in '' | *[!0-9]* | 0) usage >&2; exit 2 ;; esac

@@ -12,16 +12,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 usage() { sed -n '6,10s/^# \{0,1\}//p' "$0"; }
-WRITE=${WRITE_RESULTS:-0}
-POSITIONAL=()
-for arg in "$@"; do
-  case $arg in
-    --write) WRITE=1 ;;
-    -h | --help) usage; exit 0 ;;
-    '' | *[!0-9]*) usage >&2; exit 2 ;;
-    *) POSITIONAL+=("$arg") ;;
-  esac
-done
+. bench/args.sh
+bench_args "$@"
 MINUTES=${POSITIONAL[0]:-10}
 RATE=${POSITIONAL[1]:-2000}
 ((10#$MINUTES >= 1 && 10#$RATE >= 1)) || { usage >&2; exit 2; }

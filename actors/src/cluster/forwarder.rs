@@ -2,10 +2,13 @@
 //! and sends them over the pooled connection, answering each sender when the owner has
 //! acknowledged (queued) its events.
 //!
-//! Batching is adaptive, like TCP's Nagle algorithm without the delay: while fewer than
-//! [`MAX_IN_FLIGHT`] batches are on the wire, events go out at once (no added latency at
-//! low load); beyond that they gather until a batch returns, so under load one request
-//! carries many events (up to [`MAX_BATCH_EVENTS`]).
+//! Batching has a size and a time bound: events gather for [`LINGER`] after the first
+//! one (or until [`MAX_BATCH_EVENTS`] are waiting), then go out in one request; at most
+//! [`MAX_IN_FLIGHT`] requests are on the wire per peer, and beyond that events gather
+//! until one returns. Measured on the 2-core bench, sending at once whenever a request
+//! slot was free gave about 3 events a request at saturation and 30 µs of CPU per
+//! forwarded event; a request costs the same whatever it carries, so the linger buys
+//! its millisecond back many times over.
 
 use super::{wire, ForwardError, Transport};
 use crate::event::Event;
@@ -13,10 +16,13 @@ use crate::metrics::{ForwardFailureLabel, Metrics};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::time::Instant;
 
 /// Batches on the wire to one peer at once.
 pub const MAX_IN_FLIGHT: usize = 4;
+/// How long the first event of a batch waits for others.
+pub const LINGER: Duration = Duration::from_millis(1);
 /// Events in one forwarded request at most.
 pub const MAX_BATCH_EVENTS: usize = 4096;
 
@@ -42,6 +48,8 @@ pub enum ForwarderMsg {
     /// Events for devices the peer owns, in order; answered once the peer has queued
     /// them (or failed to).
     Forward(Vec<(Arc<str>, Event)>, RpcReplyPort<Ack>),
+    /// The linger of the oldest waiting event is over.
+    Flush,
     /// A batch came back, failed when `Some`.
     Done(Option<ForwardError>),
 }
@@ -55,6 +63,8 @@ pub struct ForwarderState {
     /// Senders waiting, each with how many of the buffered events are theirs.
     waiters: Vec<(usize, RpcReplyPort<Ack>)>,
     in_flight: usize,
+    /// A [`ForwarderMsg::Flush`] is on its way.
+    lingering: bool,
 }
 
 impl ForwarderState {
@@ -127,6 +137,7 @@ impl Actor for Forwarder {
             buffer: Vec::new(),
             waiters: Vec::new(),
             in_flight: 0,
+            lingering: false,
         })
     }
 
@@ -140,7 +151,15 @@ impl Actor for Forwarder {
             ForwarderMsg::Forward(events, reply) => {
                 state.waiters.push((events.len(), reply));
                 state.buffer.extend(events);
+                if state.buffer.len() < MAX_BATCH_EVENTS {
+                    if !state.lingering {
+                        state.lingering = true;
+                        myself.send_after(LINGER, || ForwarderMsg::Flush);
+                    }
+                    return Ok(());
+                }
             }
+            ForwarderMsg::Flush => state.lingering = false,
             ForwarderMsg::Done(failed) => {
                 state.in_flight -= 1;
                 if let Some(e) = failed.filter(|e| e.failure().is_some()) {

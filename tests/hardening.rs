@@ -166,16 +166,25 @@ async fn connections_past_the_limit_are_refused_with_503_and_counted() {
         .as_str()
         .is_some_and(|e| e.contains("connections")));
     drop(held);
-    // Capacity comes back as soon as connections close.
+    // Capacity comes back as soon as connections close (the server may still refuse a
+    // few while it notices the closes: those are counted too).
+    let refused_meanwhile = std::sync::atomic::AtomicU32::new(0);
     common::eventually(Duration::from_secs(5), "a free connection slot", || async {
-        (get(svc.addr, "/health").await.status == 200).then_some(())
+        match get(svc.addr, "/health").await.status {
+            200 => Some(()),
+            _ => {
+                refused_meanwhile.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                None
+            }
+        }
     })
     .await;
     let rejected = svc
         .metric("http_connections_rejected_total")
         .await
         .expect("metric");
-    assert_eq!(rejected, 1.0, "exactly the one refused connection");
+    let seen = 1 + refused_meanwhile.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(rejected, f64::from(seen), "every refusal counted, once");
 }
 
 #[tokio::test]

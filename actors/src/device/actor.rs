@@ -198,8 +198,8 @@ impl DeviceState {
         }
         tracing::debug!(
             device_id = %device,
-            pulled = ?pulled.as_ref().map(|w| (w.version() >> 40, w.version() & 0xff_ffff_ffff, w.readings().len())),
-            local = ?local.as_ref().map(|w| (w.version() >> 40, w.version() & 0xff_ffff_ffff, w.readings().len())),
+            pulled = ?pulled.as_ref().map(|w| (Version::parts(w.version()), w.readings().len())),
+            local = ?local.as_ref().map(|w| (Version::parts(w.version()), w.readings().len())),
             "restoring window"
         );
         let newest = match (pulled, local) {

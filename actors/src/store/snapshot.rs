@@ -34,6 +34,14 @@ pub struct Version;
 impl Version {
     const EVENT_BITS: u32 = 40;
 
+    /// (incarnation, events) of a version, for logs.
+    pub fn parts(version: u64) -> (u64, u64) {
+        (
+            version >> Self::EVENT_BITS,
+            version & ((1 << Self::EVENT_BITS) - 1),
+        )
+    }
+
     /// The version of a fresh incarnation restored from a window of `restored`.
     pub fn next_incarnation(restored: Option<u64>) -> u64 {
         let incarnation = restored.map_or(0, |v| v >> Self::EVENT_BITS);
@@ -186,6 +194,19 @@ mod tests {
         let s = WindowSnapshot::new(vec![(5.0, 0.5)], t, 1);
         let last = s.last_event().expect("last event");
         assert_eq!((last.rps, last.cpu, Some(last.timestamp)), (5.0, 0.5, t));
+    }
+
+    #[test]
+    fn every_new_incarnation_outranks_whatever_its_predecessor_processed() {
+        let first = Version::next_incarnation(None);
+        assert_eq!(Version::parts(first), (1, 0));
+        // An incarnation that processed a million events...
+        let busy = first + 1_000_000;
+        // ...is outranked by the next one before it processed anything.
+        let next = Version::next_incarnation(Some(busy));
+        assert_eq!(Version::parts(next), (2, 0));
+        assert!(next > busy);
+        assert!(next + 1 > next);
     }
 
     #[test]

@@ -16,6 +16,7 @@
 //! between the app's own pods.
 
 use super::{paths, FROM_HEADER, TOKEN_HEADER};
+use crate::http::query_param;
 use actors::cluster::{wire, Cluster, ReleaseError};
 use actors::device::SubmitError;
 use actors::metrics::Metrics;
@@ -90,13 +91,6 @@ pub async fn serve(
     }
 }
 
-fn device_of(req: &Request<Incoming>) -> Option<String> {
-    let query = req.uri().query()?;
-    form_urlencoded::parse(query.as_bytes())
-        .find(|(k, _)| k == "device_id")
-        .map(|(_, v)| v.into_owned())
-}
-
 fn answer(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(body.into()));
     *response.status_mut() = status;
@@ -132,11 +126,7 @@ impl Internal {
     }
 
     async fn events(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
-        let deadline = req.uri().query().and_then(|q| {
-            form_urlencoded::parse(q.as_bytes())
-                .find(|(k, _)| k == "deadline")
-                .and_then(|(_, v)| v.parse::<u64>().ok())
-        });
+        let deadline = query_param(req.uri(), "deadline").and_then(|v| v.parse::<u64>().ok());
         let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
             Ok(body) => body.to_bytes(),
             Err(e) => return answer(StatusCode::BAD_REQUEST, e.to_string()),
@@ -167,7 +157,7 @@ impl Internal {
             .get(FROM_HEADER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok());
-        let device = device_of(&req);
+        let device = query_param(req.uri(), "device_id");
         let (Some(from), Some(device)) = (from, device) else {
             return answer(
                 StatusCode::BAD_REQUEST,

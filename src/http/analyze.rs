@@ -4,7 +4,6 @@ use super::errors::{json_bytes, ApiError, Body};
 use super::{validate, AppState};
 use actors::store::analysis_key;
 use hyper::{Response, StatusCode, Uri};
-use std::borrow::Cow;
 
 /// Handles `GET /analyze`.
 pub async fn get(state: &AppState, uri: &Uri) -> Response<Body> {
@@ -15,10 +14,7 @@ pub async fn get(state: &AppState, uri: &Uri) -> Response<Body> {
 }
 
 async fn analyze(state: &AppState, uri: &Uri) -> Result<Response<Body>, ApiError> {
-    let query = uri.query().unwrap_or("");
-    let id: Cow<'_, str> = form_urlencoded::parse(query.as_bytes())
-        .find(|(k, _)| k == "device_id")
-        .map(|(_, v)| v)
+    let id = super::query_param(uri, "device_id")
         .ok_or_else(|| ApiError::invalid("device_id", "query parameter device_id is required"))?;
     validate::device_id(&id)?;
     match state.system().store().get(&analysis_key(&id)).await {

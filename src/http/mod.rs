@@ -28,6 +28,14 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::time::Instant;
 
+/// The (URL-decoded) value of query parameter `name`, if present. The one query parser
+/// of the binary: the endpoints, the failure log and the internal listener use it.
+pub fn query_param(uri: &hyper::Uri, name: &str) -> Option<String> {
+    form_urlencoded::parse(uri.query()?.as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
+}
+
 /// What every request handler can reach; cloned per connection (an `Arc` inside).
 #[derive(Clone)]
 pub struct AppState {

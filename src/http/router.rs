@@ -38,8 +38,8 @@ pub async fn handle(state: AppState, req: Request<Incoming>) -> Result<Response<
             let device = response
                 .extensions()
                 .get::<DeviceNote>()
-                .map(|d| d.0.as_str())
-                .or_else(|| query_device(&uri));
+                .map(|d| d.0.clone())
+                .or_else(|| super::query_param(&uri, "device_id"));
             tracing::warn!(
                 request_id = %id,
                 method = %verb,
@@ -47,7 +47,7 @@ pub async fn handle(state: AppState, req: Request<Incoming>) -> Result<Response<
                 status = status.as_u16(),
                 reason = failure.map_or("", |f| f.reason.as_str()),
                 field = failure.and_then(|f| f.field),
-                device_id = device,
+                device_id = device.as_deref(),
                 suppressed_since_last = suppressed,
                 "request failed"
             );
@@ -61,13 +61,6 @@ pub async fn handle(state: AppState, req: Request<Incoming>) -> Result<Response<
 
 /// `X-Request-Id`.
 const REQUEST_ID: &str = "x-request-id";
-
-/// The `device_id` of a query string, if any.
-fn query_device(uri: &hyper::Uri) -> Option<&str> {
-    uri.query()?
-        .split('&')
-        .find_map(|pair| pair.strip_prefix("device_id="))
-}
 
 /// 404 for an unknown path, 405 with `Allow` for a known path and another method.
 async fn route(state: AppState, req: Request<Incoming>, endpoint: Endpoint) -> Response<Body> {

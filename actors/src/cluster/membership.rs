@@ -121,7 +121,7 @@ impl Membership {
     }
 
     /// A forward to `peer` failed: it owns nothing until a probe answers again.
-    pub fn mark_down(&self, peer: SocketAddr) -> bool {
+    pub fn mark_down(&self, peer: SocketAddr) {
         self.health
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -142,7 +142,6 @@ impl Membership {
         if changed.is_some() {
             tracing::warn!(%peer, "peer left out of ownership after a failed forward");
         }
-        changed.is_some()
     }
 
     /// One discovery round: `resolved` is what the peer spec resolved to (`None` when

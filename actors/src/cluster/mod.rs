@@ -208,6 +208,11 @@ impl Cluster {
     /// answering forwarded events and handoffs until it exits.
     pub fn leave(&self) {
         self.membership.leave();
+        self.publish_members();
+    }
+
+    /// `cluster_members` follows the view, whichever way it changed.
+    fn publish_members(&self) {
         self.metrics
             .cluster_members
             .set(self.membership.view().ring.len() as i64);
@@ -247,7 +252,7 @@ impl Cluster {
                 .refresh(resolved, &mut last_resolved, &*self.transport)
                 .await
             {
-                self.metrics.cluster_members.set(view.ring.len() as i64);
+                self.publish_members();
                 tracing::info!(
                     members = ?view.ring.members().collect::<Vec<_>>(),
                     reachable = view.reachable.len(),
@@ -369,9 +374,7 @@ impl Cluster {
 
     fn leave_out(&self, peer: SocketAddr) {
         self.membership.mark_down(peer);
-        self.metrics
-            .cluster_members
-            .set(self.membership.view().ring.len() as i64);
+        self.publish_members();
     }
 
     /// Accepts a batch forwarded by another node: one hop only, so it is queued here —

@@ -209,11 +209,6 @@ impl Directory {
         self.slots.0.len()
     }
 
-    /// The devices with a live slot.
-    pub fn device_ids(&self) -> Vec<Arc<str>> {
-        self.slots.0.iter().map(|e| e.key().clone()).collect()
-    }
-
     /// Stops every device actor with nothing queued or in progress (their windows stay
     /// with the writer and the store); their devices' next events start new actors.
     /// Returns how many stopped.

@@ -101,13 +101,14 @@ RATIO=$(python3 -c "print(f'{$S_RPS/$L_RPS:.2f}')")
 echo "== 3+6. fixed rates" >&2
 declare -A FIXED
 for rate in 1000 10000; do
-  c0=$(redis_calls)
+  c0=$(redis_calls); k0=$(metric store_keys_written_total)
   run "$SVC" "$SVC_PID" --devices 1000 --rate "$rate"
   read -r r c p50 p95 p99 max failed ok <<<"$RESULT"
   sleep 0.1
-  c1=$(redis_calls)
+  c1=$(redis_calls); k1=$(metric store_keys_written_total)
   per_event=$(python3 -c "print(f'{($c1-$c0)/max($ok,1):.3f}')")
-  FIXED[$rate]="$p50 $p95 $p99 $max $failed $ok $per_event $c"
+  keys_per_event=$(python3 -c "print(f'{($k1-$k0)/max($ok,1):.3f}')")
+  FIXED[$rate]="$p50 $p95 $p99 $max $failed $ok $per_event $c $keys_per_event"
   echo "   $rate req/s: p50 $p50 p95 $p95 p99 $p99 max $max ms, failed $failed, redis cmds/event $per_event" >&2
 done
 
@@ -121,6 +122,33 @@ c1=$(redis_calls)
 HOT_CMD=$(python3 -c "print(f'{($c1-$c0)/max($HOT_OK,1):.3f}')")
 echo "   10 000 req/s over 10 devices: redis cmds/event $HOT_CMD" >&2
 
+echo "== 7. batch ingest: NDJSON batches of 1000 events over 1000 devices" >&2
+keys() { metric store_keys_written_total; }
+# batch_run FLAGS…: a closed-loop batch run; sets BATCH to "events/s(accepted and processed)
+# keys/event p99 failed", counting until every accepted event is processed.
+batch_run() {
+  local k0 p0 t0 k1 p1 t1 accepted
+  k0=$(keys); p0=$(metric events_processed_total); t0=$(date +%s.%N)
+  loadtest "http://$SVC/metric" 1 8 "${SECS}s" --devices 1000 --batch 1000 "$@"
+  wait_ready "iot-processor (draining pending events)" "$SVC_PID" "$SVC_LOG" pending_drained
+  t1=$(date +%s.%N); sleep 0.1
+  k1=$(keys); p1=$(metric events_processed_total)
+  accepted=$(json "d['successful']*d['batch']" <<<"$LOADTEST_JSON")
+  BATCH=$(python3 -c "print(f'{($p1-$p0)/($t1-$t0):.0f} {($k1-$k0)/max($p1-$p0,1):.3f} {$accepted} {$p1-$p0:.0f}')")
+  BATCH="$BATCH $(json "f\"{d['latency_ms']['p99']:.2f} {d['failed']}\"" <<<"$LOADTEST_JSON")"
+}
+pending_drained() { [ "$(metric pending_events)" = 0 ]; }
+batch_run
+read -r B_EPS B_KEYS B_ACC B_PROC B_P99 B_FAIL <<<"$BATCH"
+echo "   plain: $B_EPS events/s accepted and processed ($B_ACC accepted, $B_PROC processed), $B_KEYS keys/event, p99 $B_P99 ms" >&2
+batch_run --gzip
+read -r G_EPS G_KEYS G_ACC G_PROC G_P99 G_FAIL <<<"$BATCH"
+echo "   gzip: $G_EPS events/s, $G_KEYS keys/event, p99 $G_P99 ms" >&2
+HALF=$(python3 -c "print(max(1, round($B_EPS / 2 / 1000)))")
+loadtest "http://$SVC/metric" 1 8 "${SECS}s" --devices 1000 --batch 1000 --rate "$HALF"
+read -r H50 H99 HMAX HFAIL <<<"$(json "f\"{d['latency_ms']['p50']:.2f} {d['latency_ms']['p99']:.2f} {d['latency_ms']['max']:.2f} {d['failed']}\"" <<<"$LOADTEST_JSON")"
+echo "   at $HALF batches/s: p50 $H50 ms, p99 $H99 ms" >&2
+
 echo "== 4. event-to-visible latency at 1000 req/s" >&2
 loadtest "http://$SVC/metric" 1 64 "${SECS}s" --devices 1000 --rate 1000 --visibility-probes 200
 read -r V50 V99 VMAX <<<"$(json "f\"{d['visibility_ms']['p50']:.3f} {d['visibility_ms']['p99']:.3f} {d['visibility_ms']['max']:.3f}\"" <<<"$LOADTEST_JSON")"
@@ -132,7 +160,6 @@ timeout 5 redis-cli -p "$REDIS_PORT" flushall >/dev/null
 start_service "$BENCH_LOGS/service-memory.log"
 RSS0=$(rss_kb "$SVC_PID")
 loadtest "http://$SVC/metric" 1 64 120s --devices 100000 --requests 100000 --sequential
-pending_drained() { [ "$(metric pending_events)" = 0 ]; }
 wait_ready "iot-processor (draining pending events)" "$SVC_PID" "$SVC_LOG" pending_drained
 sleep 0.5
 RSS1=$(rss_kb "$SVC_PID")
@@ -140,8 +167,8 @@ ACTORS=$(metric device_actors)
 PER_DEVICE=$(python3 -c "print(f'{($RSS1-$RSS0)*1024/100000:.0f}')")
 echo "   RSS $RSS0 kB → $RSS1 kB with $ACTORS device actors: $PER_DEVICE bytes/device" >&2
 
-read -r F1_50 F1_95 F1_99 F1_MAX F1_FAIL F1_OK F1_CMD F1_CPU <<<"${FIXED[1000]}"
-read -r F10_50 F10_95 F10_99 F10_MAX F10_FAIL F10_OK F10_CMD F10_CPU <<<"${FIXED[10000]}"
+read -r F1_50 F1_95 F1_99 F1_MAX F1_FAIL F1_OK F1_CMD F1_CPU F1_KEYS <<<"${FIXED[1000]}"
+read -r F10_50 F10_95 F10_99 F10_MAX F10_FAIL F10_OK F10_CMD F10_CPU F10_KEYS <<<"${FIXED[10000]}"
 {
   echo "| scenario | result | target |"
   echo "|---|---|---|"
@@ -152,6 +179,10 @@ read -r F10_50 F10_95 F10_99 F10_MAX F10_FAIL F10_OK F10_CMD F10_CPU <<<"${FIXED
   echo "| 4. event → visible in /analyze (at 1 000 req/s) | p50 $V50 ms, p99 **$V99 ms**, max $VMAX ms | p99 ≤ FLUSH_INTERVAL + 5 ms = 10 ms |"
   echo "| 5. RSS per device at 100 000 devices | **$PER_DEVICE bytes** ($RSS0 → $RSS1 kB, $ACTORS live actors) | ≤ 10 KB |"
   echo "| 6. Redis commands per accepted event | 1 000 devices: **$F1_CMD** at 1 000 req/s, **$F10_CMD** at 10 000 req/s; 10 devices at 10 000 req/s: **$HOT_CMD** | ≤ 0.1 |"
+  echo "| 6b. Redis keys written per event, single events, 1 000 devices | **$F1_KEYS** at 1 000 req/s, **$F10_KEYS** at 10 000 req/s | ≤ 1.05 |"
+  echo "| 7a. batch: NDJSON, 1 000 events per request, 1 000 devices, 8 conns | **$B_EPS events/s accepted and processed** ($B_ACC accepted, $B_PROC processed); $B_KEYS keys/event; p99 $B_P99 ms per batch (closed loop), $B_FAIL failed | ≥ 1 000 000; keys ≤ 0.25 |"
+  echo "| 7b. batch, gzip | **$G_EPS events/s** ($G_ACC accepted, $G_PROC processed); $G_KEYS keys/event; p99 $G_P99 ms, $G_FAIL failed | within 25 % of 7a |"
+  echo "| 7c. batch at half of 7a ($HALF batches/s) | p50 $H50 ms, p99 **$H99 ms**, max $HMAX ms per batch, $HFAIL failed | p99 < 10 ms |"
 } | tee "$OUT"
 echo >&2
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(date -u +%Y-%m-%d); seconds per run: $SECS" | tee -a "$OUT"

@@ -60,6 +60,19 @@ pub struct Config {
     #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 65_536, value_parser = clap::value_parser!(u64).range(64..=16_777_216))]
     pub max_body_bytes: u64,
 
+    /// Most events in one POST /metric/batch; more get 413.
+    #[arg(long, env = "MAX_BATCH_EVENTS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_batch_events: u64,
+
+    /// Largest POST /metric/batch body in bytes, after gzip decompression; more get 413.
+    #[arg(long, env = "MAX_BATCH_BYTES", default_value_t = 8_388_608, value_parser = clap::value_parser!(u64).range(64..=268_435_456))]
+    pub max_batch_bytes: u64,
+
+    /// How often, at most, a device's window is written to the store (also on idle
+    /// eviction, handoff and shutdown); 0 writes it with every result.
+    #[arg(long, env = "WINDOW_CHECKPOINT_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub window_checkpoint_interval: Duration,
+
     /// Distinct device_id label values of anomalies_detected_total; more count as __other__.
     #[arg(long, env = "MAX_DEVICE_LABELS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     pub max_device_labels: u64,
@@ -133,6 +146,13 @@ pub enum ConfigError {
     /// A clustered node must know itself.
     #[error("CLUSTER_PEERS is set but CLUSTER_ADVERTISE_ADDR is not: each node must know the address its peers reach it at (in Kubernetes, $(POD_IP):8081)")]
     NoAdvertiseAddr,
+    /// A window must be checkpointed before its key expires and before its actor is
+    /// evicted.
+    #[error("WINDOW_CHECKPOINT_INTERVAL ({interval:?}) must be shorter than RESULT_TTL and DEVICE_IDLE_TIMEOUT: a stored window would expire between checkpoints, or an actor be evicted before its trailing checkpoint")]
+    CheckpointInterval {
+        /// The interval set.
+        interval: Duration,
+    },
     /// Internal requests must be authenticated.
     #[error("CLUSTER_PEERS is set but CLUSTER_TOKEN is not (or is empty): internal requests must carry a shared secret")]
     NoToken,
@@ -161,6 +181,10 @@ impl Config {
                 }
                 _ => return Err(ConfigError::RedisUrl("")),
             }
+        }
+        let interval = self.window_checkpoint_interval;
+        if interval >= self.result_ttl || interval >= self.device_idle_timeout {
+            return Err(ConfigError::CheckpointInterval { interval });
         }
         if self.cluster_peers.iter().all(|p| p.trim().is_empty()) {
             return Ok(None);
@@ -199,6 +223,7 @@ impl From<&Config> for actors::SystemConfig {
             device_idle_timeout: c.device_idle_timeout,
             max_pending_events: c.max_pending_events as usize,
             max_device_labels: c.max_device_labels as usize,
+            window_checkpoint_interval: c.window_checkpoint_interval,
         }
     }
 }
@@ -229,9 +254,12 @@ fn effective(command: &clap::Command, matches: &clap::ArgMatches) -> String {
         .join(" ")
 }
 
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (expected e.g. 250ms, 5s, 10m)"))
+}
+
 fn parse_positive_duration(s: &str) -> Result<Duration, String> {
-    let d =
-        humantime::parse_duration(s).map_err(|e| format!("{e} (expected e.g. 250ms, 5s, 10m)"))?;
+    let d = parse_duration(s)?;
     if d.is_zero() {
         return Err("must be greater than zero".into());
     }
@@ -280,6 +308,9 @@ mod tests {
         assert_eq!(c.body_read_timeout, Duration::from_secs(10));
         assert_eq!(c.keep_alive_timeout, Duration::from_secs(60));
         assert_eq!(c.max_connections, 10_000);
+        assert_eq!(c.max_batch_events, 10_000);
+        assert_eq!(c.max_batch_bytes, 8 << 20);
+        assert_eq!(c.window_checkpoint_interval, Duration::from_secs(1));
         assert!(c.redis_url.is_none());
         assert!(c.check().expect("single node").is_none());
         assert_eq!(c.cluster_listen_addr, "0.0.0.0:8081".parse().expect("addr"));
@@ -404,6 +435,25 @@ mod tests {
                     || deployment.contains(&format!("- name: {env}\n")),
                 "{env} is neither in manifests/configmap.yaml nor set in manifests/app.yaml"
             );
+        }
+    }
+
+    #[test]
+    fn a_checkpoint_interval_must_be_shorter_than_the_ttl_and_the_idle_timeout() {
+        let check = |args: &[&str]| parse(args).expect("parses").check().map(|_| ());
+        assert!(check(&["--window-checkpoint-interval", "0"]).is_ok());
+        assert!(check(&["--window-checkpoint-interval", "4m"]).is_ok());
+        for args in [
+            &["--window-checkpoint-interval", "5m"][..],
+            &[
+                "--window-checkpoint-interval",
+                "2s",
+                "--device-idle-timeout",
+                "2s",
+            ][..],
+        ] {
+            let err = check(args).expect_err("refused").to_string();
+            assert!(err.contains("WINDOW_CHECKPOINT_INTERVAL"), "{err}");
         }
     }
 

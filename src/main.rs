@@ -130,8 +130,12 @@ async fn main() -> anyhow::Result<()> {
         system.clone(),
         cluster.clone(),
         http_metrics,
-        config.max_body_bytes as usize,
-        config.body_read_timeout,
+        http::BodyLimits {
+            max_body_bytes: config.max_body_bytes as usize,
+            max_batch_bytes: config.max_batch_bytes as usize,
+            max_batch_events: config.max_batch_events as usize,
+            body_read_timeout: config.body_read_timeout,
+        },
     );
     let limits = http::Limits {
         max_connections: config.max_connections,

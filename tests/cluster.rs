@@ -41,6 +41,9 @@ fn internal_addrs(n: usize) -> Vec<SocketAddr> {
 /// (the hanging-peer test sets its own).
 const FORWARD_TIMEOUT: &str = "3s";
 
+/// Window checkpoints of the test nodes: what a crash may lose (see the crash test).
+const CHECKPOINT_INTERVAL: &str = "200ms";
+
 fn start_node(redis: &Redis, me: SocketAddr, peers: &[SocketAddr], token: &str) -> Node {
     start_node_with(redis, me, peers, token, FORWARD_TIMEOUT)
 }
@@ -67,6 +70,7 @@ fn start_node_with(
         ("CLUSTER_FORWARD_TIMEOUT", forward_timeout),
         ("WINDOW_SIZE", &WINDOW.to_string()),
         ("MAX_DEVICE_LABELS", "100000"),
+        ("WINDOW_CHECKPOINT_INTERVAL", CHECKPOINT_INTERVAL),
         ("RUST_LOG", "info,actors=debug"),
     ]);
     Node {
@@ -105,6 +109,49 @@ async fn converged(nodes: &[Node], members: f64) {
         })
         .await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn batches_are_split_by_owner_and_every_device_matches_one_node() {
+    let _one = ONE_CLUSTER.lock().await;
+    let redis = Redis::start();
+    let addrs = internal_addrs(3);
+    let (nodes, _) = cluster(&redis, &addrs, 3, FORWARD_TIMEOUT).await;
+    let public: Vec<SocketAddr> = nodes.iter().map(|n| n.svc().addr).collect();
+    let (devices, per_device) = (200, 30);
+    let events: Vec<Vec<(f64, f64)>> = (0..devices)
+        .map(|d| common::cluster::events_of(d, per_device))
+        .collect();
+    // Batch i holds every device's i-th event; batches go to the nodes in turn, one
+    // after the other (a device's events in order, as one gateway sends them).
+    for i in 0..per_device {
+        let body: String = (0..devices)
+            .map(|d| {
+                let (rps, cpu) = events[d][i];
+                format!(
+                    "{}\n",
+                    serde_json::json!({"device_id": format!("dev-{d}"), "cpu": cpu, "rps": rps})
+                )
+            })
+            .collect();
+        let r = common::post(public[i % public.len()], "/metric/batch", &body).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(r.json()["accepted"], devices);
+    }
+    all_match(&public, devices, per_device).await;
+    let mut forwarded = 0.0;
+    for n in &nodes {
+        forwarded += n
+            .svc()
+            .metric("events_forwarded_total")
+            .await
+            .unwrap_or(0.0);
+    }
+    let total = (devices * per_device) as f64;
+    assert!(
+        forwarded > total * 0.5 && forwarded < total * 0.8,
+        "forwarded {forwarded} of {total}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -265,12 +312,12 @@ async fn a_crashed_node_s_devices_continue_from_their_stored_windows() {
         .retain(|a| *a != crashed.addr);
     drop(crashed);
     load.await.expect("load");
-    // What a crash may lose, per device: the events its owner had accepted but not yet
-    // flushed. Events of one device are sent one after the other, each after the answer
-    // to the previous one, every 40 ms, and results are flushed every 5 ms: at most the
-    // one event being processed or waiting for the flush, plus one retried duplicate
-    // when the crash cut a connection after the event was accepted.
-    const LOSS: u64 = 1;
+    // What a crash may lose, per device: the events since its window's last checkpoint
+    // (CHECKPOINT_INTERVAL, 200 ms), plus the one event being processed or waiting for
+    // the flush. Events of one device are sent one after the other, each after the
+    // answer to the previous one, every 40 ms (or more): at most 200 / 40 + 1 events; plus
+    // one retried duplicate when the crash cut a connection after the event was accepted.
+    const LOSS: u64 = 200 / 40 + 1;
     const DUPLICATES: u64 = 1;
     let survivors: Vec<SocketAddr> = nodes
         .iter()

@@ -271,8 +271,14 @@ async fn in_a_cluster_an_older_window_never_replaces_a_newer_one() {
         ),
         window: (
             "window:g".into(),
-            WindowSnapshot::new(vec![(version as f64, 0.5)], None, version).to_bytes(),
+            Some(WindowSnapshot::new(vec![(version as f64, 0.5)], None, version).to_bytes()),
         ),
+        version,
+    };
+    // Between checkpoints: the analysis only, guarded by the same version.
+    let analysis_only = |version: u64, marker: &str| DeviceWrite {
+        window: ("window:g".into(), None),
+        ..write(version, marker)
     };
     let ttl = Duration::from_secs(60);
     // Sequence numbers across the byte boundaries a string comparison would get wrong.
@@ -299,6 +305,25 @@ async fn in_a_cluster_an_older_window_never_replaces_a_newer_one() {
     );
     let window = redis.cli(&["GET", "window:g"]).expect("window");
     assert!(!window.is_empty());
+    // An analysis between checkpoints: an older version is refused, a newer one writes
+    // the analysis and leaves the window.
+    store
+        .write(vec![analysis_only(200, "stale-analysis")], ttl)
+        .await
+        .expect("write");
+    assert_eq!(
+        redis.cli(&["GET", "analysis:g"]).as_deref(),
+        Some(r#"{"m":"b"}"#)
+    );
+    store
+        .write(vec![analysis_only(300, "between")], ttl)
+        .await
+        .expect("write");
+    assert_eq!(
+        redis.cli(&["GET", "analysis:g"]).as_deref(),
+        Some(r#"{"m":"between"}"#)
+    );
+    assert_eq!(redis.cli(&["GET", "window:g"]).as_ref(), Some(&window));
     // The same or a newer sequence number writes.
     store
         .write(vec![write(256, "c")], ttl)

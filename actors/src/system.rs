@@ -38,6 +38,8 @@ pub struct SystemConfig {
     pub max_pending_events: usize,
     /// MAX_DEVICE_LABELS.
     pub max_device_labels: usize,
+    /// WINDOW_CHECKPOINT_INTERVAL.
+    pub window_checkpoint_interval: Duration,
 }
 
 impl Default for SystemConfig {
@@ -51,6 +53,7 @@ impl Default for SystemConfig {
             device_idle_timeout: Duration::from_secs(600),
             max_pending_events: 100_000,
             max_device_labels: 10_000,
+            window_checkpoint_interval: Duration::from_secs(1),
         }
     }
 }
@@ -139,6 +142,7 @@ impl System {
             },
         )
         .await?;
+        let slots = SlotMap::default();
         let admission = Admission::new(metrics.pending_events.clone(), config.max_pending_events);
         let ctx = Arc::new(DeviceContext {
             window_size: config.window_size,
@@ -151,9 +155,10 @@ impl System {
             metrics: metrics.clone(),
             admission: admission.clone(),
             restore_timeout: WINDOW_RESTORE_TIMEOUT,
+            checkpoint_interval: config.window_checkpoint_interval,
             predecessor: OnceLock::new(),
+            slots: slots.clone(),
         });
-        let slots = SlotMap::default();
         let (supervisor, _) = Actor::spawn(
             None,
             DeviceSupervisor,
@@ -238,6 +243,12 @@ impl System {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         let unprocessed = self.directory.pending();
+        // Stopping the device actors first: each writes its window as it stops, and the
+        // drain below then flushes those too.
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        self.supervisor
+            .stop_children_and_wait(Some("shutdown".into()), Some(remaining))
+            .await;
         let remaining = deadline.saturating_duration_since(Instant::now());
         let store_flushed = matches!(
             self.writer.call(WriterMsg::Drain, Some(remaining)).await,
@@ -250,10 +261,6 @@ impl System {
             let pending = usize::try_from(self.metrics.store_pending_results.get()).unwrap_or(0);
             pending.max(self.ctx.inbox.len())
         };
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        self.supervisor
-            .stop_children_and_wait(Some("shutdown".into()), Some(remaining))
-            .await;
         for actor in [
             self.supervisor.get_cell(),
             self.writer.get_cell(),

@@ -78,6 +78,12 @@ pub struct Report {
     pub success_rate: f64,
     /// Successful requests per second.
     pub requests_per_sec: f64,
+    /// Events per request (1: `POST /metric`).
+    pub batch: usize,
+    /// Bodies were gzip-compressed.
+    pub gzip: bool,
+    /// Events of successful requests per second.
+    pub events_per_sec: f64,
     /// Latency of the requests that got an answer (2xx or not); `null` when none did.
     pub latency_ms: Option<Latency>,
     pub failures: FailureBreakdown,
@@ -167,6 +173,15 @@ impl Report {
         }
         writeln!(out, "Success rate:    {:.3}%", self.success_rate)?;
         writeln!(out, "Requests/sec:    {:.1}", self.requests_per_sec)?;
+        if self.batch > 1 || self.gzip {
+            writeln!(
+                out,
+                "Events/sec:      {:.1}  ({} events per request{})",
+                self.events_per_sec,
+                self.batch,
+                if self.gzip { ", gzip" } else { "" }
+            )?;
+        }
         match &self.latency_ms {
             Some(l) => writeln!(
                 out,
@@ -206,6 +221,9 @@ mod tests {
             failed,
             success_rate: success_rate(ok, ok + failed),
             requests_per_sec: ok as f64 / 2.0,
+            batch: 1,
+            gzip: false,
+            events_per_sec: ok as f64 / 2.0,
             latency_ms: Latency::of(hist),
             failures: failures.into(),
             visibility_ms: None,

@@ -23,8 +23,11 @@ const REQUEST_BUCKETS: [f64; 14] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
 ];
 
+/// Batch size buckets: 1 to MAX_BATCH_EVENTS's default and beyond.
+const BATCH_BUCKETS: [f64; 8] = [1.0, 10.0, 50.0, 100.0, 500.0, 1000.0, 5000.0, 10000.0];
+
 /// Statuses whose series are cached; any other status goes through the family.
-const CACHED_STATUSES: [u16; 8] = [200, 400, 404, 405, 413, 500, 503, 408];
+const CACHED_STATUSES: [u16; 9] = [200, 400, 404, 405, 413, 415, 500, 503, 408];
 
 /// HTTP method label; anything unusual counts as `OTHER`.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
@@ -125,6 +128,8 @@ pub struct HttpMetrics {
     pub http_connections_rejected: Counter,
     /// Connections the server closed on a timeout, by reason.
     pub http_connections_closed: Family<CloseLabel, Counter>,
+    /// Events per POST /metric/batch request.
+    batch_size_events: Histogram,
     request_handles: Box<[OnceLock<Counter>]>,
     duration_handles: Box<[OnceLock<Histogram>]>,
 }
@@ -165,6 +170,12 @@ impl HttpMetrics {
                 "Connections the server closed on a timeout, by reason",
                 Family::default(),
             ),
+            batch_size_events: register(
+                r,
+                "batch_size_events",
+                "Events per POST /metric/batch request (valid or not)",
+                Histogram::new(BATCH_BUCKETS),
+            ),
             request_handles: (0..routes * CACHED_STATUSES.len())
                 .map(|_| OnceLock::new())
                 .collect(),
@@ -199,6 +210,11 @@ impl HttpMetrics {
                     .get_or_create_owned(&RouteLabels { method, endpoint })
             })
             .observe(seconds);
+    }
+
+    /// Records the size of one batch.
+    pub fn batch_size(&self, events: usize) {
+        self.batch_size_events.observe(events as f64);
     }
 
     /// Counts a connection closed by the server.

@@ -3,6 +3,8 @@
 //! connection limits, graceful drain).
 
 mod analyze;
+mod batch;
+mod body;
 mod connection;
 mod errors;
 mod ingest;
@@ -36,6 +38,19 @@ pub fn query_param(uri: &hyper::Uri, name: &str) -> Option<String> {
         .map(|(_, v)| v.into_owned())
 }
 
+/// The limits of request bodies.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyLimits {
+    /// MAX_BODY_BYTES.
+    pub max_body_bytes: usize,
+    /// MAX_BATCH_BYTES.
+    pub max_batch_bytes: usize,
+    /// MAX_BATCH_EVENTS.
+    pub max_batch_events: usize,
+    /// BODY_READ_TIMEOUT.
+    pub body_read_timeout: Duration,
+}
+
 /// What every request handler can reach; cloned per connection (an `Arc` inside).
 #[derive(Clone)]
 pub struct AppState {
@@ -48,6 +63,8 @@ struct Inner {
     http_metrics: Arc<HttpMetrics>,
     request_log: Arc<RequestLog>,
     max_body_bytes: usize,
+    max_batch_bytes: usize,
+    max_batch_events: usize,
     body_read_timeout: Duration,
     shutdown_began: OnceLock<Instant>,
 }
@@ -58,8 +75,7 @@ impl AppState {
         system: Arc<System>,
         cluster: Option<Arc<Cluster>>,
         http_metrics: Arc<HttpMetrics>,
-        max_body_bytes: usize,
-        body_read_timeout: Duration,
+        limits: BodyLimits,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -71,8 +87,10 @@ impl AppState {
                         .duration_since(std::time::UNIX_EPOCH)
                         .map_or(0, |d| d.as_nanos() as u64),
                 )),
-                max_body_bytes,
-                body_read_timeout,
+                max_body_bytes: limits.max_body_bytes,
+                max_batch_bytes: limits.max_batch_bytes,
+                max_batch_events: limits.max_batch_events,
+                body_read_timeout: limits.body_read_timeout,
                 shutdown_began: OnceLock::new(),
             }),
         }
@@ -100,6 +118,32 @@ impl AppState {
         match self.cluster() {
             None => self.system().directory().submit(device_id, event),
             Some(cluster) => cluster.submit(device_id, event).await,
+        }
+    }
+
+    /// Accepts the events of a batch, in order per device: all of them or (`Overloaded`)
+    /// none on a single node; in a cluster each owner's part is all or nothing, and the
+    /// answer lists the positions of events whose owner was overloaded.
+    async fn submit_batch(
+        &self,
+        events: Vec<(std::borrow::Cow<'_, str>, Event)>,
+    ) -> Result<Vec<usize>, SubmitError> {
+        match self.cluster() {
+            None => {
+                let directory = self.system().directory();
+                // Only a cluster hands devices off; should one be, it stays here.
+                for (device, event) in directory.submit_many(events.into_iter())? {
+                    directory.submit_regardless(&device, event)?;
+                }
+                Ok(Vec::new())
+            }
+            Some(cluster) => {
+                let events = events
+                    .into_iter()
+                    .map(|(d, e)| (Arc::<str>::from(d.as_ref()), e))
+                    .collect();
+                cluster.submit_batch(events).await
+            }
         }
     }
 

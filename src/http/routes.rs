@@ -3,7 +3,7 @@
 //! and the request metrics all derive from [`ROUTES`], so adding an endpoint is one entry.
 
 use super::errors::Body;
-use super::{analyze, ingest, probes, scrape, AppState};
+use super::{analyze, batch, ingest, probes, scrape, AppState};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response};
 use prometheus_client::encoding::{EncodeLabelValue, LabelValueEncoder};
@@ -25,11 +25,16 @@ pub struct Route {
 }
 
 /// Every route of the public listener.
-pub static ROUTES: [Route; 5] = [
+pub static ROUTES: [Route; 6] = [
     Route {
         path: "/metric",
         method: Method::POST,
         handler: |state, req| Box::pin(async move { ingest::post(&state, req).await }),
+    },
+    Route {
+        path: "/metric/batch",
+        method: Method::POST,
+        handler: |state, req| Box::pin(async move { batch::post(&state, req).await }),
     },
     Route {
         path: "/analyze",
@@ -105,7 +110,14 @@ mod tests {
             assert_eq!(endpoint.index(), i);
             assert_eq!(endpoint.as_str(), route.path);
         }
-        for path in ["/", "/metric/", "/METRIC", "/analyze/x", ""] {
+        for path in [
+            "/",
+            "/metric/",
+            "/metric/batch/",
+            "/METRIC",
+            "/analyze/x",
+            "",
+        ] {
             assert_eq!(Endpoint::of_path(path), Endpoint::UNMATCHED, "{path}");
         }
         assert_eq!(Endpoint::UNMATCHED.as_str(), "unmatched");

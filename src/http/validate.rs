@@ -55,15 +55,28 @@ pub fn device_id(id: &str) -> Result<&str, ApiError> {
 
 /// Decodes and validates an event body; `received` stands in for a missing timestamp.
 pub fn event(body: &[u8], received: DateTime<Utc>) -> Result<(Cow<'_, str>, Event), ApiError> {
+    decode(body, received, "body")
+}
+
+/// `subject` is what the messages call the JSON text: the body, or one event of a batch.
+fn decode<'a>(
+    body: &'a [u8],
+    received: DateTime<Utc>,
+    subject: &'static str,
+) -> Result<(Cow<'a, str>, Event), ApiError> {
+    let not_object = || ApiError::bad_body(format!("{subject} must be a JSON object"));
     // serde would also accept a JSON array as a struct, by position.
     if body
         .iter()
         .find(|b| !b.is_ascii_whitespace())
         .is_some_and(|&b| b != b'{')
     {
-        return Err(ApiError::bad_body("body must be a JSON object"));
+        return Err(not_object());
     }
-    let wire: WireEvent<'_> = serde_json::from_slice(body).map_err(body_error)?;
+    let wire: WireEvent<'_> = serde_json::from_slice(body).map_err(|e| match body_error(e) {
+        Some(error) => error,
+        None => not_object(),
+    })?;
 
     let raw_id = wire
         .device_id
@@ -133,20 +146,78 @@ fn timestamp(raw: &RawValue) -> Result<DateTime<Utc>, ApiError> {
         })
 }
 
-fn body_error(e: serde_json::Error) -> ApiError {
+/// The error for a JSON text that did not decode; `None` when it is not an object.
+fn body_error(e: serde_json::Error) -> Option<ApiError> {
     use serde_json::error::Category;
     let text = e.to_string();
     for field in ["device_id", "cpu", "rps", "timestamp"] {
         if text.starts_with(&format!("duplicate field `{field}`")) {
-            return ApiError::invalid(field, format!("{field} appears more than once"));
+            return Some(ApiError::invalid(
+                field,
+                format!("{field} appears more than once"),
+            ));
         }
     }
     match e.classify() {
-        Category::Data => ApiError::bad_body("body must be a JSON object"),
+        Category::Data => None,
         Category::Io | Category::Syntax | Category::Eof => {
-            ApiError::bad_body(format!("malformed JSON: {text}"))
+            Some(ApiError::bad_body(format!("malformed JSON: {text}")))
         }
     }
+}
+
+/// One event of a batch: its position and what it decoded to.
+pub type BatchItem<'a> = (usize, Result<(Cow<'a, str>, Event), ApiError>);
+
+/// Why a batch body was refused as a whole.
+#[derive(Debug, PartialEq)]
+pub enum BatchError {
+    /// Not NDJSON or a JSON array at all (400).
+    Malformed(ApiError),
+    /// More than `max_events` events (413).
+    TooMany,
+}
+
+/// Decodes a batch: a JSON array of events (the body starts with `[`), or else NDJSON,
+/// one event per line with blank lines skipped. Each event is checked on its own (index =
+/// position among the events, 0-based); a batch with more than `max_events` is refused
+/// whole. Events without a timestamp get `received` plus their index in nanoseconds:
+/// distinct, so that two identical readings in one batch are two readings (a device
+/// actor drops an exact repeat of its last event as a re-delivery).
+pub fn batch(
+    body: &[u8],
+    received: DateTime<Utc>,
+    max_events: usize,
+) -> Result<Vec<BatchItem<'_>>, BatchError> {
+    let stamp = |i: usize| received + chrono::Duration::nanoseconds(i as i64);
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    if first == Some(&b'[') {
+        let raw: Vec<&RawValue> = serde_json::from_slice(body).map_err(|e| {
+            BatchError::Malformed(ApiError::bad_body(format!(
+                "body must be a JSON array of events or NDJSON: {e}"
+            )))
+        })?;
+        if raw.len() > max_events {
+            return Err(BatchError::TooMany);
+        }
+        return Ok(raw
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| (i, decode(r.get().as_bytes(), stamp(i), "event")))
+            .collect());
+    }
+    let mut items = Vec::new();
+    for line in body.split(|&b| b == b'\n') {
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let i = items.len();
+        if i == max_events {
+            return Err(BatchError::TooMany);
+        }
+        items.push((i, decode(line, stamp(i), "event")));
+    }
+    Ok(items)
 }
 
 #[cfg(test)]

@@ -558,6 +558,10 @@ impl Net {
             ("CLUSTER_TOKEN", TOKEN.into()),
             ("CLUSTER_DISCOVERY_INTERVAL", "200ms".into()),
             ("WINDOW_SIZE", WINDOW.to_string()),
+            // Every result carries its window: these tests check that partitions, DNS
+            // changes and restarts lose nothing at all. What a crash loses between
+            // checkpoints is bounded by the loopback crash test.
+            ("WINDOW_CHECKPOINT_INTERVAL", "0".into()),
             ("LOG_FORMAT", "json".into()),
             ("RUST_LOG", "info,actors::cluster=debug".into()),
             ("SHUTDOWN_TIMEOUT", "10s".into()),

@@ -152,7 +152,11 @@ impl Handoff {
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
             if let Some(actor) = slot.attached() {
-                actor.stop(Some("handed off".into()));
+                // Waiting for it to stop: as it stops it deposits its window if that is
+                // newer than its last checkpoint, and the release below answers it.
+                let _ = actor
+                    .stop_and_wait(Some("handed off".into()), Some(self.drain_timeout))
+                    .await;
             }
             self.directory.unlist(&slot);
             return Ok(true);

@@ -30,7 +30,7 @@ use dashmap::DashMap;
 use forwarder::{Forwarder, ForwarderArgs, ForwarderMsg};
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorRef};
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -128,6 +128,9 @@ pub struct ClusterConfig {
     /// How long handoff fences are kept (the window is in the store by then).
     pub fence_ttl: Duration,
 }
+
+/// Events with their devices, as forwarded.
+type Events = Vec<(Arc<str>, Event)>;
 
 /// Where an event goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -362,6 +365,98 @@ impl Cluster {
                 return self.directory.submit(device, event);
             }
         }
+    }
+
+    /// Accepts a batch: split by owner, this node's part queued here and each peer's
+    /// part forwarded in one message, in the batch's order per device. Each part is all
+    /// or nothing at its owner's MAX_PENDING_EVENTS: the answer lists the positions of
+    /// the events whose owner was overloaded (every other event is accepted), and is
+    /// `Err(Overloaded)` only when nothing was accepted, so that a 503 never hides an
+    /// accepted event. A part whose owner failed otherwise goes through [`Cluster::submit`]
+    /// event by event (re-routed, never dropped).
+    pub async fn submit_batch(
+        &self,
+        events: Vec<(Arc<str>, Event)>,
+    ) -> Result<Vec<usize>, SubmitError> {
+        let mut local = Vec::new();
+        let mut local_positions = Vec::new();
+        // Per peer: the events' positions in the batch, and the events.
+        let mut remote: HashMap<SocketAddr, (Vec<usize>, Events)> = HashMap::new();
+        for (i, (device, event)) in events.into_iter().enumerate() {
+            match self.route(&device) {
+                Route::Local => {
+                    local_positions.push(i);
+                    local.push((device, event));
+                }
+                Route::Remote(peer) => {
+                    let part = remote.entry(peer).or_default();
+                    part.0.push(i);
+                    part.1.push((device, event));
+                }
+            }
+        }
+        let mut accepted_any = !local.is_empty();
+        let mut again = Vec::new();
+        if !local.is_empty() {
+            // Refused here: nothing is sent anywhere, the whole batch is refused.
+            for (device, event) in self.directory.submit_many(local.into_iter())? {
+                // Handed off meanwhile: through the single-event path, which follows
+                // the fence.
+                again.push((usize::MAX, device, event));
+            }
+        }
+        let sent = futures_util::future::join_all(remote.into_iter().map(
+            |(peer, (positions, part))| async move {
+                let result = self.forward(peer, part.clone()).await;
+                (peer, positions, part, result)
+            },
+        ))
+        .await;
+        let mut refused = Vec::new();
+        for (peer, positions, part, result) in sent {
+            match result {
+                Ok(()) => accepted_any = true,
+                Err(ForwardError::Overloaded) => refused.extend(positions),
+                Err(e) => {
+                    if e != ForwardError::Timeout {
+                        self.leave_out(peer);
+                    }
+                    again.extend(positions.into_iter().zip(part).map(|(i, (d, e))| (i, d, e)));
+                }
+            }
+        }
+        // One task per device keeps each device's events in order.
+        let mut per_device: HashMap<Arc<str>, Vec<(usize, Event)>> = HashMap::new();
+        for (i, device, event) in again {
+            per_device.entry(device).or_default().push((i, event));
+        }
+        let retried = futures_util::future::join_all(per_device.into_iter().map(
+            |(device, events)| async move {
+                let mut refused = Vec::new();
+                let mut accepted = false;
+                for (i, event) in events {
+                    match self.submit(&device, event).await {
+                        Ok(()) => accepted = true,
+                        Err(_) if i != usize::MAX => refused.push(i),
+                        // A local event, admitted already: it is taken regardless.
+                        Err(_) => {
+                            accepted |= self.directory.submit_regardless(&device, event).is_ok()
+                        }
+                    }
+                }
+                (accepted, refused)
+            },
+        ))
+        .await;
+        for (accepted, positions) in retried {
+            accepted_any |= accepted;
+            refused.extend(positions);
+        }
+        if !accepted_any {
+            return Err(SubmitError::Overloaded);
+        }
+        refused.sort_unstable();
+        Ok(refused)
     }
 
     /// How long a device's events keep going to an owner that times out, before it is

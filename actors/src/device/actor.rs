@@ -5,6 +5,7 @@
 //! knows results not flushed yet), so eviction, a crash or a restart on another replica
 //! continue the window instead of starting it over.
 
+use super::directory::SlotMap;
 use super::{Admission, Slot};
 use crate::analytics::{AnomalyRule, Window};
 use crate::event::{Analysis, Event};
@@ -19,6 +20,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
+use tokio::time::Instant;
 
 /// Where a starting device actor finds a window that another node holds: the cluster
 /// (the previous owner of the device) when this node has just taken the device over.
@@ -55,8 +57,13 @@ pub struct DeviceContext {
     pub admission: Admission,
     /// How long a starting actor waits for its persisted window.
     pub restore_timeout: Duration,
+    /// WINDOW_CHECKPOINT_INTERVAL: how often, at most, a result carries its window to
+    /// the store.
+    pub checkpoint_interval: Duration,
     /// Set once when the node runs in a cluster.
     pub predecessor: OnceLock<Arc<dyn Predecessor>>,
+    /// The live slots, and the actors of evicted ones still stopping.
+    pub(crate) slots: SlotMap,
 }
 
 /// The device actor (configuration only).
@@ -84,6 +91,16 @@ pub struct DeviceState {
     last: Option<Event>,
     /// The window's version: this incarnation and its events (see [`Version`]).
     version: u64,
+    /// When a result last carried the window to the store; `None` until the first (an
+    /// incarnation's first result always does: it establishes the version that guards
+    /// a cluster's writes).
+    checkpointed_at: Option<Instant>,
+    /// The newest analysis, when its window has not been checkpointed: written again
+    /// with the window by the trailing checkpoint (or when the actor stops), so the store
+    /// ends up with the exact window once the device goes quiet.
+    unsaved: Option<Analysis>,
+    /// A [`DeviceMsg::Checkpoint`] is on its way.
+    checkpoint_timer: bool,
 }
 
 /// Messages of a device actor.
@@ -91,6 +108,9 @@ pub struct DeviceState {
 pub enum DeviceMsg {
     /// Events are waiting in the slot.
     Wake,
+    /// The checkpoint interval has passed since the last checkpoint: write the window if
+    /// newer results left it unsaved.
+    Checkpoint,
     /// Test only: fail the actor, to exercise supervision.
     #[cfg(test)]
     Panic,
@@ -120,15 +140,54 @@ impl DeviceState {
                 .metrics_actor
                 .cast(MetricsMsg::Anomaly(device_id.clone()));
         }
+        let analysis = Analysis::new(device_id.clone(), &event, evaluation, Utc::now());
+        let now = Instant::now();
+        let checkpoint = self
+            .checkpointed_at
+            .is_none_or(|t| now.duration_since(t) >= ctx.checkpoint_interval);
+        if checkpoint {
+            self.checkpointed_at = Some(now);
+            self.unsaved = None;
+        } else {
+            self.unsaved = Some(analysis.clone());
+        }
+        self.deposit(analysis, checkpoint);
+        ctx.metrics.events_processed.inc();
+    }
+
+    /// Checkpoints an unsaved window now; the trailing checkpoint after a device's last
+    /// event, so that a quiet device's stored window is exact within the interval.
+    fn checkpoint_now(&mut self) {
+        self.checkpoint_timer = false;
+        if let Some(analysis) = self.unsaved.take() {
+            self.checkpointed_at = Some(Instant::now());
+            self.deposit(analysis, true);
+        }
+    }
+
+    /// Makes sure an unsaved window is checkpointed within the interval even when no
+    /// further event comes.
+    fn schedule_checkpoint(&mut self, myself: &ActorRef<DeviceMsg>) {
+        if self.unsaved.is_none() || self.checkpoint_timer {
+            return;
+        }
+        let since = self.checkpointed_at.map_or(Duration::ZERO, |t| t.elapsed());
+        self.checkpoint_timer = true;
+        myself.send_after(self.ctx.checkpoint_interval.saturating_sub(since), || {
+            DeviceMsg::Checkpoint
+        });
+    }
+
+    fn deposit(&self, analysis: Analysis, checkpoint: bool) {
         let record = Record {
-            analysis: Analysis::new(device_id.clone(), &event, evaluation, Utc::now()),
+            analysis,
             window: self.window.clone(),
             version: self.version,
+            checkpoint,
         };
-        if ctx.inbox.put(record) {
-            let _ = ctx.writer.cast(WriterMsg::Flush);
+        if self.ctx.inbox.put(record) {
+            let _ = self.ctx.writer.cast(WriterMsg::Flush);
         }
-        ctx.metrics.events_processed.inc();
     }
 
     /// Processes up to a turn's worth of queued events; asks to be woken again if more
@@ -136,6 +195,7 @@ impl DeviceState {
     fn drain(&mut self, myself: &ActorRef<DeviceMsg>) {
         for _ in 0..EVENTS_PER_TURN {
             let Some(event) = self.slot.next() else {
+                self.schedule_checkpoint(myself);
                 return;
             };
             self.process(event);
@@ -162,6 +222,11 @@ impl DeviceState {
     async fn restore(&mut self) {
         let ctx = &*self.ctx;
         let device = self.slot.device_id().clone();
+        // An evicted actor of this device deposits its window as it stops: wait for it,
+        // or this actor could read the older checkpoint.
+        if let Some(previous) = ctx.slots.stopping(&device) {
+            let _ = previous.wait(Some(ctx.restore_timeout)).await;
+        }
         let pulled = match ctx.predecessor.get() {
             Some(predecessor) => predecessor.window(device.clone()).await,
             None => None,
@@ -228,6 +293,9 @@ impl Actor for DeviceActor {
             window: Arc::new(Window::new(args.ctx.window_size)),
             last: None,
             version: Version::next_incarnation(None),
+            checkpointed_at: None,
+            unsaved: None,
+            checkpoint_timer: false,
             slot: args.slot,
             ctx: args.ctx,
         })
@@ -245,6 +313,17 @@ impl Actor for DeviceActor {
         Ok(())
     }
 
+    async fn post_stop(
+        &self,
+        _: ActorRef<Self::Msg>,
+        state: &mut DeviceState,
+    ) -> Result<(), ActorProcessingErr> {
+        // Stopping (idle eviction, handoff, shutdown): a window newer than its last
+        // checkpoint goes to the store with the newest result.
+        state.checkpoint_now();
+        Ok(())
+    }
+
     async fn handle(
         &self,
         myself: ActorRef<Self::Msg>,
@@ -253,6 +332,7 @@ impl Actor for DeviceActor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             DeviceMsg::Wake => state.drain(&myself),
+            DeviceMsg::Checkpoint => state.checkpoint_now(),
             #[cfg(test)]
             DeviceMsg::Panic => panic!("test-induced failure of device {}", state.slot.device_id()),
         }

@@ -12,7 +12,7 @@ use crate::event::Event;
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use prometheus_client::metrics::gauge::Gauge;
-use ractor::ActorRef;
+use ractor::{ActorCell, ActorRef};
 use std::sync::Arc;
 
 /// Why an event was not accepted.
@@ -72,9 +72,12 @@ impl Admission {
 }
 
 /// Device id → live slot, shared by the directory (which adds) and the supervisor
-/// (which evicts).
+/// (which evicts); plus the actors of evicted slots that are still stopping.
 #[derive(Debug, Clone, Default)]
-pub(crate) struct SlotMap(Arc<DashMap<Arc<str>, Arc<Slot>>>);
+pub(crate) struct SlotMap(
+    Arc<DashMap<Arc<str>, Arc<Slot>>>,
+    Arc<DashMap<Arc<str>, ActorCell>>,
+);
 
 impl SlotMap {
     /// Removes `slot` from the map if it is still the device's live slot (a newer slot
@@ -82,6 +85,25 @@ impl SlotMap {
     pub(crate) fn unlist(&self, slot: &Arc<Slot>) {
         self.0
             .remove_if(slot.device_id(), |_, live| Arc::ptr_eq(live, slot));
+    }
+
+    /// Unlists an idle slot and stops its actor. Until that actor has stopped (and with
+    /// it deposited its window), a new actor of the device waits for it: see
+    /// [`SlotMap::stopping`].
+    pub(crate) fn retire(&self, slot: &Arc<Slot>, actor: ActorCell, reason: &str) {
+        self.unlist(slot);
+        self.1.insert(slot.device_id().clone(), actor.clone());
+        actor.stop(Some(reason.into()));
+    }
+
+    /// The device's previous actor, if it is still stopping.
+    pub(crate) fn stopping(&self, device: &str) -> Option<ActorCell> {
+        self.1.get(device).map(|a| a.value().clone())
+    }
+
+    /// Forgets a stopped actor (a newer stopping one of the same device is kept).
+    pub(crate) fn stopped(&self, device: &str, actor: ractor::ActorId) {
+        self.1.remove_if(device, |_, a| a.get_id() == actor);
     }
 }
 
@@ -127,17 +149,17 @@ impl Directory {
     /// under MAX_PENDING_EVENTS is refused whole, so a retry never duplicates. Events of
     /// one device are queued in the order given. Returns the events of devices that were
     /// handed off meanwhile (not accepted here; the caller sends them on).
-    pub fn submit_many(
+    pub fn submit_many<D: AsRef<str>>(
         &self,
-        events: impl ExactSizeIterator<Item = (Arc<str>, Event)>,
-    ) -> Result<Vec<(Arc<str>, Event)>, SubmitError> {
+        events: impl ExactSizeIterator<Item = (D, Event)>,
+    ) -> Result<Vec<(D, Event)>, SubmitError> {
         let total = events.len();
         if !self.admission.try_acquire_many(total) {
             return Err(SubmitError::Overloaded);
         }
         let mut moved = Vec::new();
         for (i, (device, event)) in events.enumerate() {
-            match self.push_admitted(&device, event) {
+            match self.push_admitted(device.as_ref(), event) {
                 Ok(()) => {}
                 Err(SubmitError::HandedOff) => moved.push((device, event)),
                 Err(e) => {
@@ -223,8 +245,8 @@ impl Directory {
             .collect::<Vec<_>>()
         {
             if let Some(actor) = slot.close_if_idle(now, std::time::Duration::ZERO) {
-                self.slots.unlist(&slot);
-                actor.stop(Some("cluster view changed".into()));
+                self.slots
+                    .retire(&slot, actor.get_cell(), "cluster view changed");
                 stopped += 1;
             }
         }

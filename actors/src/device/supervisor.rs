@@ -80,9 +80,8 @@ impl SupervisorState {
         let now = Instant::now();
         for slot in self.children.values() {
             if let Some(actor) = slot.close_if_idle(now, self.idle_timeout) {
-                self.slots.unlist(slot);
                 self.ctx.metrics.device_evictions.inc();
-                actor.stop(Some("idle".into()));
+                self.slots.retire(slot, actor.get_cell(), "idle");
             }
         }
     }
@@ -150,9 +149,11 @@ impl Actor for DeviceSupervisor {
                 tracing::error!(device_id = %slot.device_id(), %error, "device actor failed; restarting");
                 state.start_child(&myself, slot).await;
             }
-            SupervisionEvent::ActorTerminated(cell, _, _)
-                if state.children.remove(&cell.get_id()).is_some() =>
-            {
+            SupervisionEvent::ActorTerminated(cell, _, _) => {
+                let Some(slot) = state.children.remove(&cell.get_id()) else {
+                    return Ok(());
+                };
+                state.slots.stopped(slot.device_id(), cell.get_id());
                 state
                     .ctx
                     .metrics

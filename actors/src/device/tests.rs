@@ -205,3 +205,67 @@ async fn submissions_beyond_the_pending_bound_are_refused() {
     );
     assert_eq!(system.metrics().pending_events.get(), 2);
 }
+
+/// Readings in the device's stored window.
+async fn stored_window(store: &Store, device: &str) -> usize {
+    store
+        .load_window(device)
+        .await
+        .expect("readable")
+        .map_or(0, |w| w.readings().len())
+}
+
+#[tokio::test]
+async fn windows_are_checkpointed_at_most_once_per_interval_and_on_shutdown() {
+    let store = Store::Embedded(Arc::new(EmbeddedStore::new()));
+    let cfg = SystemConfig {
+        window_checkpoint_interval: Duration::from_secs(3600),
+        ..config(Duration::from_secs(7200))
+    };
+    let system = start(cfg, &store).await;
+    for (i, x) in [10.0, 20.0, 30.0].into_iter().enumerate() {
+        system.directory().submit("cp", event(x)).expect("accepted");
+        // Each result flushed on its own: no coalescing carries a checkpoint along.
+        wait_samples(&store, "cp", i as u64 + 1).await;
+    }
+    assert_eq!(
+        stored_window(&store, "cp").await,
+        1,
+        "an incarnation's first result carries the window, the next ones only the analysis"
+    );
+    let report = system
+        .shutdown(tokio::time::Instant::now() + Duration::from_secs(5))
+        .await;
+    assert!(report.store_flushed);
+    assert_eq!(
+        stored_window(&store, "cp").await,
+        3,
+        "a stopping actor writes its unsaved window"
+    );
+}
+
+#[tokio::test]
+async fn a_quiet_devices_window_is_checkpointed_within_the_interval() {
+    let store = Store::Embedded(Arc::new(EmbeddedStore::new()));
+    let cfg = SystemConfig {
+        window_checkpoint_interval: Duration::from_millis(300),
+        ..config(Duration::from_secs(600))
+    };
+    let system = start(cfg, &store).await;
+    for (i, x) in [10.0, 20.0, 30.0].into_iter().enumerate() {
+        system
+            .directory()
+            .submit("quiet", event(x))
+            .expect("accepted");
+        wait_samples(&store, "quiet", i as u64 + 1).await;
+    }
+    // No further event: the trailing checkpoint writes the window by itself.
+    for _ in 0..1000 {
+        if stored_window(&store, "quiet").await == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(stored_window(&store, "quiet").await, 3);
+    assert_eq!(system.metrics().events_processed.get(), 3);
+}

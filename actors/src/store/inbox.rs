@@ -14,6 +14,7 @@ use super::WindowSnapshot;
 use crate::analytics::Window;
 use crate::event::Analysis;
 use crate::tuning::FLUSH_EARLY_AT;
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -26,6 +27,10 @@ pub struct Record {
     pub window: Arc<Window>,
     /// The window's version (see [`super::snapshot::Version`]).
     pub version: u64,
+    /// Write the window too, not only the analysis (a checkpoint: see
+    /// WINDOW_CHECKPOINT_INTERVAL). A result that replaces a checkpoint in the inbox
+    /// inherits the flag, so coalescing never skips a checkpoint.
+    pub checkpoint: bool,
 }
 
 impl Record {
@@ -53,9 +58,17 @@ impl Inbox {
     /// Deposits a result, replacing an older one of the same device. Returns true when
     /// enough devices wait that the writer should flush now rather than at its next tick.
     #[must_use = "a full inbox must be flushed early"]
-    pub fn put(&self, record: Record) -> bool {
+    pub fn put(&self, mut record: Record) -> bool {
         let mut results = self.lock();
-        results.insert(record.analysis.device_id.clone(), record);
+        match results.entry(record.analysis.device_id.clone()) {
+            Entry::Occupied(mut older) => {
+                record.checkpoint |= older.get().checkpoint;
+                older.insert(record);
+            }
+            Entry::Vacant(slot) => {
+                slot.insert(record);
+            }
+        }
         results.len() >= FLUSH_EARLY_AT
     }
 
@@ -70,7 +83,12 @@ impl Inbox {
     pub fn restore(&self, batch: Batch) {
         let mut results = self.lock();
         for (device, record) in batch {
-            results.entry(device).or_insert(record);
+            match results.entry(device) {
+                Entry::Occupied(mut newer) => newer.get_mut().checkpoint |= record.checkpoint,
+                Entry::Vacant(slot) => {
+                    slot.insert(record);
+                }
+            }
         }
     }
 

@@ -8,7 +8,8 @@
 //! Keys (the same as the original service's for analyses):
 //! - `analysis:{device_id}`: the `/analyze` JSON.
 //! - `window:{device_id}`: the device's rolling window (see [`snapshot`] for the
-//!   format), written together with the analysis and with the same expiry.
+//!   format), written with the analysis at most every WINDOW_CHECKPOINT_INTERVAL (and
+//!   when its actor stops), with the same expiry.
 
 mod embedded;
 mod inbox;
@@ -41,8 +42,17 @@ pub fn window_key(device_id: &str) -> String {
 pub struct DeviceWrite {
     /// `analysis:{id}` and its JSON.
     pub analysis: (String, Bytes),
-    /// `window:{id}` and its snapshot bytes (see [`WindowSnapshot`]).
-    pub window: (String, Bytes),
+    /// `window:{id}`, and its snapshot bytes (see [`WindowSnapshot`]) on a checkpoint.
+    pub window: (String, Option<Bytes>),
+    /// The window's version, which guards conditional writes (see [`Version`]).
+    pub version: u64,
+}
+
+impl DeviceWrite {
+    /// Keys this write sets.
+    pub fn keys(&self) -> usize {
+        1 + usize::from(self.window.1.is_some())
+    }
 }
 
 /// A store operation that failed.
@@ -97,7 +107,13 @@ impl Store {
     pub async fn write(&self, writes: Vec<DeviceWrite>, ttl: Duration) -> Result<(), StoreError> {
         match self {
             Store::Embedded(s) => {
-                s.set_many(writes.into_iter().flat_map(|w| [w.analysis, w.window]), ttl);
+                s.set_many(
+                    writes.into_iter().flat_map(|w| {
+                        let (key, window) = w.window;
+                        std::iter::once(w.analysis).chain(window.map(|bytes| (key, bytes)))
+                    }),
+                    ttl,
+                );
                 Ok(())
             }
             Store::Redis(s) => s.write(writes, ttl).await,

@@ -64,25 +64,28 @@ impl ManageConnection for Manager {
     }
 }
 
-/// A device's two keys, set only when the stored window is not newer: its version
-/// (big-endian bytes 4..11 of an `IW2` value) is not greater than the new one's. The
-/// bytes are compared one by one: Lua's string comparison stops at a NUL byte, and its
-/// numbers are doubles, not exact past 2^53.
+/// A device's analysis (and, on a checkpoint, its window) set only when the stored
+/// window is not newer: its version (big-endian bytes 4..11 of an `IW2` value) is not
+/// greater than the write's (ARGV[4], 8 bytes big-endian). An empty ARGV[2] leaves the
+/// window as it is. The bytes are compared one by one: Lua's string comparison stops at
+/// a NUL byte, and its numbers are doubles, not exact past 2^53.
 const GUARDED_SET: &str = r#"
-local function newer(a, b)
-  for i = 4, 11 do
-    local x, y = string.byte(a, i), string.byte(b, i)
+local function newer(stored, version)
+  for i = 1, 8 do
+    local x, y = string.byte(stored, i + 3), string.byte(version, i)
     if x ~= y then return x > y end
   end
   return false
 end
 local stored = redis.call('GET', KEYS[2])
 if stored and #stored >= 11 and string.sub(stored, 1, 3) == 'IW2'
-   and newer(stored, ARGV[2]) then
+   and newer(stored, ARGV[4]) then
   return 0
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
-redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+if #ARGV[2] > 0 then
+  redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+end
 return 1
 "#;
 
@@ -168,7 +171,7 @@ impl RedisStore {
         }
     }
 
-    /// Every device's analysis and window with `PX ttl`, pipelined, chunks in parallel;
+    /// Every device's analysis (and window, on a checkpoint) with `PX ttl`, pipelined, chunks in parallel;
     /// conditional on the sequence number when [`RedisStore::guarded`].
     pub async fn write(&self, writes: Vec<DeviceWrite>, ttl: Duration) -> Result<(), StoreError> {
         let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
@@ -180,9 +183,12 @@ impl RedisStore {
                 // Idempotent, and cheap next to a chunk: EVALSHA below never misses.
                 pipe.cmd("SCRIPT").arg("LOAD").arg(GUARDED_SET).ignore();
             }
-            for w in writes.by_ref().take(PIPELINE_CHUNK / 2) {
+            let mut keys = 0;
+            for w in writes.by_ref() {
+                keys += w.keys();
                 let ((akey, analysis), (wkey, window)) = (w.analysis, w.window);
                 if self.guarded {
+                    let window = window.unwrap_or_default();
                     pipe.cmd("EVALSHA")
                         .arg(&*self.script_sha)
                         .arg(2)
@@ -191,9 +197,11 @@ impl RedisStore {
                         .arg(&analysis[..])
                         .arg(&window[..])
                         .arg(ttl_ms)
+                        .arg(&w.version.to_be_bytes()[..])
                         .ignore();
                 } else {
-                    for (key, value) in [(akey, analysis), (wkey, window)] {
+                    let window = window.map(|bytes| (wkey, bytes));
+                    for (key, value) in std::iter::once((akey, analysis)).chain(window) {
                         pipe.cmd("SET")
                             .arg(key)
                             .arg(&value[..])
@@ -201,6 +209,9 @@ impl RedisStore {
                             .arg(ttl_ms)
                             .ignore();
                     }
+                }
+                if keys >= PIPELINE_CHUNK {
+                    break;
                 }
             }
             let store = self.clone();

@@ -90,7 +90,7 @@ pub enum WriterMsg {
     Flush,
     /// Timer: flush if due, probe if idle, purge expired keys.
     Tick,
-    /// A flush task finished, after `elapsed`, with this many records or an error.
+    /// A flush task finished, after `elapsed`, having written this many keys, or not.
     Flushed(Result<usize, StoreError>, Duration),
     /// A probe task finished.
     Probed(Result<(), StoreError>),
@@ -151,9 +151,11 @@ impl WriterState {
         let (store, ttl, myself) = (self.store.clone(), self.ttl, myself.clone());
         tokio::spawn(async move {
             let started = Instant::now();
-            let records = batch.len();
             let result = match encode(&batch) {
-                Ok(writes) => store.write(writes, ttl).await.map(|()| records),
+                Ok(writes) => {
+                    let keys = writes.iter().map(DeviceWrite::keys).sum();
+                    store.write(writes, ttl).await.map(|()| keys)
+                }
                 Err(e) => Err(StoreError::Encode(e)),
             };
             // Let go of the batch before reporting, so that after a failure the writer
@@ -231,7 +233,7 @@ impl WriterState {
     }
 }
 
-/// Serialises a batch: analysis and window per device.
+/// Serialises a batch: the analysis of every device, the window of those due a checkpoint.
 fn encode(batch: &Batch) -> Result<Vec<DeviceWrite>, serde_json::Error> {
     batch
         .iter()
@@ -243,12 +245,15 @@ fn encode(batch: &Batch) -> Result<Vec<DeviceWrite>, serde_json::Error> {
                 ),
                 window: (
                     window_key(device),
-                    WindowSnapshot::encode(
-                        record.window.readings(),
-                        Some(record.analysis.event_timestamp),
-                        record.version,
-                    ),
+                    record.checkpoint.then(|| {
+                        WindowSnapshot::encode(
+                            record.window.readings(),
+                            Some(record.analysis.event_timestamp),
+                            record.version,
+                        )
+                    }),
                 ),
+                version: record.version,
             })
         })
         .collect()
@@ -315,9 +320,9 @@ impl Actor for WriterActor {
                     .store_write_duration_seconds
                     .observe(elapsed.as_secs_f64());
                 match result {
-                    Ok(records) => {
+                    Ok(keys) => {
                         state.metrics.store_flushes.inc();
-                        state.metrics.store_keys_written.inc_by(2 * records as u64);
+                        state.metrics.store_keys_written.inc_by(keys as u64);
                         state.backoff = STORE_MIN_BACKOFF;
                         state.retry_at = None;
                         state.set_up(true);

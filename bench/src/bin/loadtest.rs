@@ -3,7 +3,8 @@
 //! omission, realistic events, and HDR-histogram latencies. A run whose success rate is
 //! below `--min-success` (95 % by default) exits 1 after printing its failure breakdown.
 //! The URL may be a comma-separated list (the replicas of a cluster): connection i then
-//! talks to target i mod n.
+//! talks to target i mod n. `--batch N` sends NDJSON batches of N events to
+//! `/metric/batch`, `--gzip` compresses them.
 #![forbid(unsafe_code)]
 
 use anyhow::{bail, Context};
@@ -12,11 +13,14 @@ use bench::report::{self, FailureBreakdown, Latency, Report, DEFAULT_MIN_SUCCESS
 use bench::{event_body, Baseline, Rng};
 use bytes::Bytes;
 use clap::Parser;
+use flate2::write::GzEncoder;
+use flate2::Compression;
 use hdrhistogram::Histogram;
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper::{Method, Request, Uri};
 use hyper_util::rt::TokioIo;
+use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -71,10 +75,22 @@ struct Args {
     /// Bounds the run even when the server hangs.
     #[arg(long, default_value = "10s", value_parser = humantime_duration)]
     timeout: Duration,
+    /// Events per request: above 1, NDJSON bodies of this many events go to
+    /// /metric/batch (a target path of /metric becomes /metric/batch).
+    #[arg(long, default_value_t = 1, value_parser = at_least_one)]
+    batch: usize,
+    /// Compress bodies with gzip (Content-Encoding: gzip). Bodies come from a pool made
+    /// before the run, so that compressing does not take the generator's CPU from the
+    /// service it measures.
+    #[arg(long)]
+    gzip: bool,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
 }
+
+/// Distinct pre-made bodies per connection in batch or gzip mode.
+const BODY_POOL: usize = 16;
 
 fn humantime_duration(s: &str) -> Result<Duration, String> {
     // Accept the original's plain seconds ("30") as well as "30s".
@@ -155,29 +171,83 @@ async fn connect(target: &Target) -> Result<SendRequest<Full<Bytes>>, RequestErr
     Ok(sender)
 }
 
+/// A request body and how it is encoded.
+#[derive(Clone)]
+struct Payload {
+    bytes: Bytes,
+    ndjson: bool,
+    gzip: bool,
+}
+
+impl Payload {
+    fn json(body: String) -> Self {
+        Self {
+            bytes: Bytes::from(body),
+            ndjson: false,
+            gzip: false,
+        }
+    }
+}
+
 /// Sends one request; Ok(status) when an answer came back.
 async fn send(
     sender: &mut SendRequest<Full<Bytes>>,
     target: &Target,
     method: Method,
     path: &str,
-    body: Option<String>,
+    body: Option<Payload>,
 ) -> Result<(u16, Bytes), RequestError> {
     sender.ready().await?;
     let mut req = Request::builder()
         .method(method)
         .uri(path)
         .header(hyper::header::HOST, &target.host);
-    if body.is_some() {
-        req = req.header(hyper::header::CONTENT_TYPE, "application/json");
+    if let Some(p) = &body {
+        let kind = if p.ndjson {
+            "application/x-ndjson"
+        } else {
+            "application/json"
+        };
+        req = req.header(hyper::header::CONTENT_TYPE, kind);
+        if p.gzip {
+            req = req.header(hyper::header::CONTENT_ENCODING, "gzip");
+        }
     }
     let req = req
-        .body(Full::new(Bytes::from(body.unwrap_or_default())))
+        .body(Full::new(body.map(|p| p.bytes).unwrap_or_default()))
         .map_err(RequestError::Build)?;
     let response = sender.send_request(req).await?;
     let status = response.status().as_u16();
     let bytes = response.into_body().collect().await?.to_bytes();
     Ok((status, bytes))
+}
+
+/// A pool of NDJSON bodies of `batch` events each (random devices), gzipped if asked.
+fn body_pool(rng: &mut Rng, plan: &Plan) -> Vec<Payload> {
+    (0..BODY_POOL)
+        .map(|_| {
+            let mut text = String::with_capacity(plan.batch * 64);
+            for _ in 0..plan.batch {
+                let device = rng.below(plan.devices);
+                let (rps, cpu) = Baseline::of_device(device).reading(rng, plan.spike_share);
+                text.push_str(&event_body(device, rps, cpu));
+                text.push('\n');
+            }
+            let bytes = if plan.gzip {
+                let mut encoder = GzEncoder::new(Vec::new(), Compression::default());
+                // Writing into a Vec cannot fail.
+                let _ = encoder.write_all(text.as_bytes());
+                Bytes::from(encoder.finish().unwrap_or_default())
+            } else {
+                Bytes::from(text)
+            };
+            Payload {
+                bytes,
+                ndjson: true,
+                gzip: plan.gzip,
+            }
+        })
+        .collect()
 }
 
 struct Plan {
@@ -192,6 +262,9 @@ struct Plan {
     devices: u64,
     sequential: bool,
     spike_share: f64,
+    /// Events per request.
+    batch: usize,
+    gzip: bool,
     stop: AtomicBool,
 }
 
@@ -208,6 +281,11 @@ async fn run_connection(
         failures: Failures::default(),
     };
     let mut rng = Rng::new(0x5EED ^ (id as u64 + 1).wrapping_mul(0x9E37_79B9));
+    let pool = if plan.batch > 1 || plan.gzip {
+        body_pool(&mut rng, &plan)
+    } else {
+        Vec::new()
+    };
     let mut sender = None;
     // Stagger connections across one interval so a fixed rate is smooth.
     let mut intended = plan.start
@@ -237,13 +315,17 @@ async fn run_connection(
             intended = Instant::now();
             measured_from = intended;
         }
-        let device = if plan.sequential {
-            n % plan.devices
+        let body = if pool.is_empty() {
+            let device = if plan.sequential {
+                n % plan.devices
+            } else {
+                rng.below(plan.devices)
+            };
+            let (rps, cpu) = Baseline::of_device(device).reading(&mut rng, plan.spike_share);
+            Payload::json(event_body(device, rps, cpu))
         } else {
-            rng.below(plan.devices)
+            pool[n as usize % pool.len()].clone()
         };
-        let (rps, cpu) = Baseline::of_device(device).reading(&mut rng, plan.spike_share);
-        let body = event_body(device, rps, cpu);
         counters.sent.fetch_add(1, Ordering::Relaxed);
         let exchange = async {
             let s = match sender.as_mut() {
@@ -312,14 +394,17 @@ async fn probe_visibility(
             post_target,
             Method::POST,
             &post_target.path,
-            Some(body),
+            Some(Payload::json(body)),
         )
         .await?;
         if status != 200 {
             continue;
         }
         let accepted = Instant::now();
-        let analyze_base = read_target.path.trim_end_matches("/metric");
+        let analyze_base = read_target
+            .path
+            .trim_end_matches("/batch")
+            .trim_end_matches("/metric");
         let path = format!("{analyze_base}/analyze?device_id={device}");
         loop {
             let (status, bytes) =
@@ -372,7 +457,11 @@ fn main() -> anyhow::Result<()> {
 async fn run(args: Args) -> anyhow::Result<()> {
     let mut targets = Vec::new();
     for url in split_urls(&args.url).map_err(anyhow::Error::msg)? {
-        targets.push(Arc::new(resolve(url).await?));
+        let mut target = resolve(url).await?;
+        if args.batch > 1 && target.path.ends_with("/metric") {
+            target.path.push_str("/batch");
+        }
+        targets.push(Arc::new(target));
     }
     let start = Instant::now();
     let plan = Arc::new(Plan {
@@ -388,6 +477,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         devices: args.devices,
         sequential: args.sequential,
         spike_share: args.spike_share,
+        batch: args.batch,
+        gzip: args.gzip,
         stop: AtomicBool::new(false),
     });
     let counters = Arc::new(Counters::default());
@@ -464,6 +555,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         failed,
         success_rate: report::success_rate(ok, total),
         requests_per_sec: ok as f64 / elapsed,
+        batch: args.batch,
+        gzip: args.gzip,
+        events_per_sec: (ok * args.batch as u64) as f64 / elapsed,
         latency_ms: Latency::of(&hist),
         failures: FailureBreakdown::from(&failures),
         visibility_ms: visibility,

@@ -80,6 +80,18 @@ if ($LASTEXITCODE -ne 0) {
     Write-Host "secret cluster-token exists; keeping its token"
 }
 
+# One client token to start with, shown once; the Secret holds only its sha256 digest.
+kubectl -n $Namespace get secret client-tokens *> $null
+if ($LASTEXITCODE -ne 0) {
+    $clientToken = "iot_" + (New-RandomHex)
+    $sha = [System.Security.Cryptography.SHA256]::Create()
+    $digest = -join ($sha.ComputeHash([System.Text.Encoding]::UTF8.GetBytes($clientToken)) | ForEach-Object { $_.ToString("x2") })
+    Invoke-Checked { kubectl -n $Namespace create secret generic client-tokens "--from-literal=tokens=default $digest * rw" }
+    Write-Host "client token (shown once; send it as 'Authorization: Bearer <token>'): $clientToken"
+} else {
+    Write-Host "secret client-tokens exists; keeping its tokens"
+}
+
 Step "applying manifests"
 Invoke-Checked { kubectl apply -k . }
 Invoke-Checked { kubectl -n $Namespace set image deployment/iot-processor iot-processor=$Image }

@@ -45,7 +45,7 @@ helm upgrade --install kube-prometheus-stack prometheus-community/kube-prometheu
   --set grafana.sidecar.dashboards.enabled=true \
   --set grafana.sidecar.dashboards.searchNamespace=ALL
 
-step "namespace, Redis password and cluster token"
+step "namespace, Redis password, cluster token and client tokens"
 kubectl apply -f namespace.yaml
 if ! kubectl -n "$NS" get secret redis-auth >/dev/null 2>&1; then
   need openssl "to generate the Redis password"
@@ -62,6 +62,18 @@ else
   echo "secret cluster-token exists; keeping its token"
 fi
 
+# One client token to start with, shown once; the Secret holds only its sha256 digest.
+if ! kubectl -n "$NS" get secret client-tokens >/dev/null 2>&1; then
+  need openssl "to generate the first client token"
+  CLIENT_TOKEN="iot_$(openssl rand -hex 32)"
+  DIGEST=$(printf '%s' "$CLIENT_TOKEN" | openssl dgst -sha256 -r | cut -d' ' -f1)
+  kubectl -n "$NS" create secret generic client-tokens \
+    --from-literal=tokens="default $DIGEST * rw"
+  echo "client token (shown once; send it as 'Authorization: Bearer <token>'): $CLIENT_TOKEN"
+else
+  echo "secret client-tokens exists; keeping its tokens"
+fi
+
 step "applying manifests"
 kubectl apply -k .
 kubectl -n "$NS" set image deployment/iot-processor iot-processor="$IMAGE" >/dev/null
@@ -76,6 +88,7 @@ cat <<TXT
 Deployed. Try it:
   kubectl -n $NS port-forward svc/iot-processor-service 8080:80 &
   curl -s -X POST localhost:8080/metric -H 'Content-Type: application/json' \\
+    -H "Authorization: Bearer <the client token printed above>" \\
     -d '{"device_id":"sensor-1","cpu":0.5,"rps":120}'
 Grafana: kubectl -n $MON_NS port-forward svc/kube-prometheus-stack-grafana 3000:80
   (dashboard "IoT Stream Processor")

@@ -98,6 +98,11 @@ pub struct Config {
     #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "25s", value_parser = parse_positive_duration)]
     pub shutdown_timeout: Duration,
 
+    /// Client tokens: one line per client, `<name> <sha256 hex> <prefix or *> <rw|w|r>`
+    /// (`iot-processor token add` prints one). Unset: the API is open.
+    #[arg(long, env = "AUTH_TOKENS_FILE")]
+    pub auth_tokens_file: Option<std::path::PathBuf>,
+
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

@@ -3,6 +3,7 @@
 //! exports Prometheus metrics.
 //!
 //! # Layout
+//! - `auth`: client tokens (AUTH_TOKENS_FILE) and `iot-processor token add`.
 //! - `cluster`: the internal listener and the client of scale-out (forwarding, handoff).
 //! - `config`: every setting, its flag, environment variable and default.
 //! - `http`: the router, one file per endpoint, errors, and the server.
@@ -13,6 +14,7 @@
 //! drain in order (HTTP, device actors, store writer).
 #![forbid(unsafe_code)]
 
+mod auth;
 mod cluster;
 mod config;
 mod http;
@@ -31,13 +33,52 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 
+/// How often AUTH_TOKENS_FILE is checked for changes (SIGHUP reloads at once).
+const TOKENS_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// glibc malloc showed up in profiles as lock contention between worker threads (and
 /// musl's allocator, used by the container build, is slower still).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// `iot-processor token add NAME PREFIX MODE`: prints a new token and its line for
+/// AUTH_TOKENS_FILE, then exits; `None` when the arguments are not that command.
+fn token_command() -> Option<i32> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) != Some("token") {
+        return None;
+    }
+    let usage = "usage: iot-processor token add NAME PREFIX MODE   (PREFIX: device-id prefix or '*'; MODE: rw, w or r)";
+    let [_, add, name, prefix, mode] = &args[..] else {
+        eprintln!("{usage}");
+        return Some(2);
+    };
+    if add != "add" {
+        eprintln!("{usage}");
+        return Some(2);
+    }
+    match auth::new_token_line(name, prefix, mode) {
+        Ok((token, line)) => {
+            println!(
+                "token (shown once; give it to the client as 'Authorization: Bearer <token>'):"
+            );
+            println!("{token}");
+            println!("line for AUTH_TOKENS_FILE:");
+            println!("{line}");
+            Some(0)
+        }
+        Err(e) => {
+            eprintln!("error: {e}\n{usage}");
+            Some(2)
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    if let Some(code) = token_command() {
+        std::process::exit(code);
+    }
     let (config, settings) = Config::load();
     if let Err(e) = logging::init(config.log_format) {
         // Like clap's own errors for every other setting: a message naming it, exit 2.
@@ -52,6 +93,28 @@ async fn main() -> anyhow::Result<()> {
             eprintln!("error: {e}");
             std::process::exit(2);
         }
+    };
+
+    let auth = match &config.auth_tokens_file {
+        None => {
+            tracing::info!("AUTH_TOKENS_FILE is unset: the API is open to every client");
+            None
+        }
+        Some(path) => match auth::Auth::load(path) {
+            Ok(auth) => {
+                tracing::info!(path = %path.display(), clients = auth.tokens().len(), "client tokens loaded: /metric, /metric/batch and /analyze require a bearer token");
+                if auth.tokens().is_empty() {
+                    tracing::warn!(path = %path.display(), "AUTH_TOKENS_FILE lists no client: every request to /metric, /metric/batch and /analyze is refused until it does");
+                }
+                let auth = Arc::new(auth);
+                auth.clone().watch(TOKENS_CHECK_EVERY);
+                Some(auth)
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                std::process::exit(2);
+            }
+        },
     };
 
     let store = match &config.redis_url {
@@ -129,6 +192,7 @@ async fn main() -> anyhow::Result<()> {
     let state = http::AppState::new(
         system.clone(),
         cluster.clone(),
+        auth,
         http_metrics,
         http::BodyLimits {
             max_body_bytes: config.max_body_bytes as usize,

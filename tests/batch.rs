@@ -4,7 +4,7 @@
 mod common;
 
 use common::cluster::{matches, reference, WINDOW};
-use common::{eventually, get, post, raw, Redis, Reply, Service};
+use common::{eventually, get, post, request_with, Redis, Reply, Service};
 use flate2::write::GzEncoder;
 use flate2::Compression;
 use serde_json::{json, Value};
@@ -26,18 +26,7 @@ fn gzip(data: &[u8]) -> Vec<u8> {
 
 /// POSTs `body` to `path` with extra header lines.
 async fn post_with(addr: SocketAddr, path: &str, headers: &[&str], body: &[u8]) -> Reply {
-    let mut req = format!(
-        "POST {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    )
-    .into_bytes();
-    for h in headers {
-        req.extend_from_slice(h.as_bytes());
-        req.extend_from_slice(b"\r\n");
-    }
-    req.extend_from_slice(b"\r\n");
-    req.extend_from_slice(body);
-    raw(addr, &req).await
+    request_with(addr, "POST", path, headers, body).await
 }
 
 fn ndjson(events: &[Value]) -> String {

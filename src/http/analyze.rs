@@ -2,21 +2,24 @@
 
 use super::errors::{json_bytes, ApiError, Body};
 use super::{validate, AppState};
+use crate::auth::Mode;
 use actors::store::analysis_key;
-use hyper::{Response, StatusCode, Uri};
+use hyper::{Request, Response, StatusCode};
 
 /// Handles `GET /analyze`.
-pub async fn get(state: &AppState, uri: &Uri) -> Response<Body> {
-    match analyze(state, uri).await {
+pub async fn get<B>(state: &AppState, req: &Request<B>) -> Response<Body> {
+    match analyze(state, req).await {
         Ok(response) => response,
         Err(error) => error.into_response(),
     }
 }
 
-async fn analyze(state: &AppState, uri: &Uri) -> Result<Response<Body>, ApiError> {
-    let id = super::query_param(uri, "device_id")
+async fn analyze<B>(state: &AppState, req: &Request<B>) -> Result<Response<Body>, ApiError> {
+    let client = state.authorize(req, Mode::Read)?;
+    let id = super::query_param(req.uri(), "device_id")
         .ok_or_else(|| ApiError::invalid("device_id", "query parameter device_id is required"))?;
     validate::device_id(&id)?;
+    state.authorize_device(client.as_ref(), &id, Mode::Read)?;
     match state.system().store().get(&analysis_key(&id)).await {
         Ok(Some(body)) => Ok(json_bytes(StatusCode::OK, body)),
         Ok(None) => Err(ApiError {

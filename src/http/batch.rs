@@ -7,6 +7,7 @@ use super::ingest::{count_rejected, shutting_down};
 use super::request_log::Failure;
 use super::validate::{self, BatchError};
 use super::{body, AppState};
+use crate::auth::Mode;
 use actors::device::SubmitError;
 use actors::metrics::{ReasonLabel, RejectReason};
 use chrono::Utc;
@@ -22,8 +23,8 @@ pub const MAX_LISTED_ERRORS: usize = 100;
 #[derive(Serialize)]
 struct ItemError {
     index: usize,
-    /// The status the event would have got on its own (400, or 503 when its owner in
-    /// a cluster was overloaded).
+    /// The status the event would have got on its own (400; 403 for a device outside
+    /// the token's prefix; 503 when its owner in a cluster was overloaded).
     status: u16,
     error: String,
     field: Option<&'static str>,
@@ -53,6 +54,10 @@ pub async fn post(state: &AppState, req: Request<Incoming>) -> Response<Body> {
             shutting_down().into_response(),
         );
     }
+    let client = match state.authorize(&req, Mode::Write) {
+        Ok(client) => client,
+        Err(e) => return count_rejected(state, RejectReason::Unauthorized, e.into_response()),
+    };
     let received = Utc::now();
     let inner = &state.inner;
     let body = match body::read(state, req, inner.max_batch_bytes, "MAX_BATCH_BYTES").await {
@@ -84,7 +89,14 @@ pub async fn post(state: &AppState, req: Request<Incoming>) -> Response<Body> {
     let mut errors = Vec::new();
     let mut positions = Vec::with_capacity(items.len());
     let mut events = Vec::with_capacity(items.len());
+    let mut forbidden = 0;
     for (index, item) in items {
+        let item = item.and_then(|(device, event)| {
+            state
+                .authorize_device(client.as_ref(), &device, Mode::Write)
+                .inspect_err(|_| forbidden += 1)
+                .map(|()| (device, event))
+        });
         match item {
             Ok(event) => {
                 positions.push(index);
@@ -105,16 +117,20 @@ pub async fn post(state: &AppState, req: Request<Incoming>) -> Response<Body> {
             .get_or_create(&ReasonLabel { reason })
             .inc_by(n as u64);
     };
-    count(RejectReason::Invalid, errors.len());
+    count(RejectReason::Invalid, errors.len() - forbidden);
+    count(RejectReason::Unauthorized, forbidden);
     let valid = events.len();
     if valid == 0 {
         let rejected = errors.len();
-        return refused(
-            StatusCode::BAD_REQUEST,
-            "no event in the batch is valid",
-            errors,
-            rejected,
-        );
+        let (status, message) = if forbidden == rejected {
+            (
+                StatusCode::FORBIDDEN,
+                "the token may not write any device of the batch",
+            )
+        } else {
+            (StatusCode::BAD_REQUEST, "no event in the batch is valid")
+        };
+        return refused(status, message, errors, rejected);
     }
     match state.submit_batch(events).await {
         Ok(refused_positions) => {

@@ -4,7 +4,7 @@
 use super::request_log::Failure;
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::header::{HeaderValue, CONNECTION, CONTENT_TYPE, RETRY_AFTER};
+use hyper::header::{HeaderValue, CONNECTION, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use hyper::{Response, StatusCode};
 use serde::Serialize;
 
@@ -60,7 +60,8 @@ impl ApiError {
         }
     }
 
-    /// The response; 503s carry `Retry-After: 1`. The reason rides along for the log.
+    /// The response; 503s carry `Retry-After: 1`, 401s the `WWW-Authenticate` challenge.
+    /// The reason rides along for the log.
     pub fn into_response(self) -> Response<Body> {
         let mut response = json(
             self.status,
@@ -77,6 +78,12 @@ impl ApiError {
             response
                 .headers_mut()
                 .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                WWW_AUTHENTICATE,
+                HeaderValue::from_static(r#"Bearer realm="iot-processor""#),
+            );
         }
         if self.close {
             response

@@ -4,6 +4,7 @@
 use super::errors::{json, ApiError, Body};
 use super::request_log::DeviceNote;
 use super::{body, validate, AppState};
+use crate::auth::Mode;
 use actors::device::SubmitError;
 use actors::metrics::{ReasonLabel, RejectReason};
 use chrono::Utc;
@@ -47,10 +48,16 @@ async fn accept(
     if state.is_shutting_down() {
         return Err((RejectReason::ShuttingDown, shutting_down()));
     }
+    let client = state
+        .authorize(&req, Mode::Write)
+        .map_err(|e| (RejectReason::Unauthorized, e))?;
     let received = Utc::now();
     let body = body::read(state, req, state.inner.max_body_bytes, "MAX_BODY_BYTES").await?;
     let (device_id, event) =
         validate::event(&body, received).map_err(|e| (RejectReason::Invalid, e))?;
+    state
+        .authorize_device(client.as_ref(), &device_id, Mode::Write)
+        .map_err(|e| (RejectReason::Unauthorized, e))?;
     let metrics = state.system().metrics();
     let refused = |reason, error: ApiError| {
         let mut response = error.into_response();

@@ -27,7 +27,7 @@ const REQUEST_BUCKETS: [f64; 14] = [
 const BATCH_BUCKETS: [f64; 8] = [1.0, 10.0, 50.0, 100.0, 500.0, 1000.0, 5000.0, 10000.0];
 
 /// Statuses whose series are cached; any other status goes through the family.
-const CACHED_STATUSES: [u16; 9] = [200, 400, 404, 405, 413, 415, 500, 503, 408];
+const CACHED_STATUSES: [u16; 11] = [200, 400, 401, 403, 404, 405, 413, 415, 500, 503, 408];
 
 /// HTTP method label; anything unusual counts as `OTHER`.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
@@ -115,6 +115,13 @@ pub struct CloseLabel {
     pub reason: CloseReason,
 }
 
+/// Labels of `auth_failures_total`: one of [`crate::auth::Denied::REASONS`].
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthLabel {
+    /// Why.
+    pub reason: &'static str,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 /// The front end's metric handles; one per process, shared by every connection.
@@ -130,6 +137,8 @@ pub struct HttpMetrics {
     pub http_connections_closed: Family<CloseLabel, Counter>,
     /// Events per POST /metric/batch request.
     batch_size_events: Histogram,
+    /// Requests refused by AUTH_TOKENS_FILE, by reason.
+    auth_failures: Family<AuthLabel, Counter>,
     request_handles: Box<[OnceLock<Counter>]>,
     duration_handles: Box<[OnceLock<Histogram>]>,
 }
@@ -176,6 +185,12 @@ impl HttpMetrics {
                 "Events per POST /metric/batch request (valid or not)",
                 Histogram::new(BATCH_BUCKETS),
             ),
+            auth_failures: register(
+                r,
+                "auth_failures",
+                "Requests refused for their token: missing, unknown, mode (may not read or write), device (outside its prefix)",
+                Family::default(),
+            ),
             request_handles: (0..routes * CACHED_STATUSES.len())
                 .map(|_| OnceLock::new())
                 .collect(),
@@ -185,6 +200,11 @@ impl HttpMetrics {
         for reason in CloseReason::ALL {
             m.http_connections_closed
                 .get_or_create(&CloseLabel { reason })
+                .inc_by(0);
+        }
+        for reason in crate::auth::Denied::REASONS {
+            m.auth_failures
+                .get_or_create(&AuthLabel { reason })
                 .inc_by(0);
         }
         m
@@ -215,6 +235,13 @@ impl HttpMetrics {
     /// Records the size of one batch.
     pub fn batch_size(&self, events: usize) {
         self.batch_size_events.observe(events as f64);
+    }
+
+    /// Counts a request refused for its token.
+    pub fn auth_failure(&self, reason: &'static str) {
+        self.auth_failures
+            .get_or_create(&AuthLabel { reason })
+            .inc();
     }
 
     /// Counts a connection closed by the server.

@@ -21,10 +21,12 @@ pub use connection::Timeouts;
 pub use metrics::HttpMetrics;
 pub use server::{serve, Limits};
 
+use crate::auth::{Auth, Client, Denied, Mode};
 use actors::cluster::Cluster;
 use actors::device::SubmitError;
 use actors::event::Event;
 use actors::System;
+use errors::ApiError;
 use request_log::RequestLog;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -60,6 +62,7 @@ pub struct AppState {
 struct Inner {
     system: Arc<System>,
     cluster: Option<Arc<Cluster>>,
+    auth: Option<Arc<Auth>>,
     http_metrics: Arc<HttpMetrics>,
     request_log: Arc<RequestLog>,
     max_body_bytes: usize,
@@ -74,6 +77,7 @@ impl AppState {
     pub fn new(
         system: Arc<System>,
         cluster: Option<Arc<Cluster>>,
+        auth: Option<Arc<Auth>>,
         http_metrics: Arc<HttpMetrics>,
         limits: BodyLimits,
     ) -> Self {
@@ -81,6 +85,7 @@ impl AppState {
             inner: Arc::new(Inner {
                 system,
                 cluster,
+                auth,
                 http_metrics,
                 request_log: Arc::new(RequestLog::new(
                     std::time::SystemTime::now()
@@ -110,6 +115,55 @@ impl AppState {
 
     fn cluster(&self) -> Option<&Cluster> {
         self.inner.cluster.as_deref()
+    }
+
+    /// The client behind the request's token, when AUTH_TOKENS_FILE is set (`None`:
+    /// open). Refusals are counted and answered 401 or 403.
+    fn authorize<B>(
+        &self,
+        req: &hyper::Request<B>,
+        need: Mode,
+    ) -> Result<Option<Arc<Client>>, ApiError> {
+        let Some(auth) = &self.inner.auth else {
+            return Ok(None);
+        };
+        let header = req
+            .headers()
+            .get(hyper::header::AUTHORIZATION)
+            .map(|v| v.as_bytes());
+        auth.check(header, need)
+            .map(Some)
+            .map_err(|denied| self.denied(&denied, None))
+    }
+
+    /// Whether `client` (from [`AppState::authorize`]) may touch `device`.
+    fn authorize_device(
+        &self,
+        client: Option<&Arc<Client>>,
+        device: &str,
+        need: Mode,
+    ) -> Result<(), ApiError> {
+        match client {
+            Some(c) if !c.covers(device) => {
+                Err(self.denied(&Denied::Device(c.clone(), need), Some(device)))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Counts a refusal and makes its error.
+    fn denied(&self, denied: &Denied, device: Option<&str>) -> ApiError {
+        self.http_metrics().auth_failure(denied.reason());
+        let status = if denied.is_unauthenticated() {
+            hyper::StatusCode::UNAUTHORIZED
+        } else {
+            hyper::StatusCode::FORBIDDEN
+        };
+        let mut error = ApiError::status(status, denied.message(device));
+        if matches!(denied, Denied::Device(..)) {
+            error.field = Some("device_id");
+        }
+        error
     }
 
     /// Accepts an event: on a single node into the directory; in a cluster routed to the

@@ -84,6 +84,28 @@ pub async fn request(addr: SocketAddr, method: &str, path: &str, body: Option<&s
     raw(addr, req.as_bytes()).await
 }
 
+/// A request with extra header lines (`Name: value`) and a raw body.
+pub async fn request_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[&str],
+    body: &[u8],
+) -> Reply {
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    )
+    .into_bytes();
+    for h in headers {
+        req.extend_from_slice(h.as_bytes());
+        req.extend_from_slice(b"\r\n");
+    }
+    req.extend_from_slice(b"\r\n");
+    req.extend_from_slice(body);
+    raw(addr, &req).await
+}
+
 pub async fn get(addr: SocketAddr, path: &str) -> Reply {
     request(addr, "GET", path, None).await
 }

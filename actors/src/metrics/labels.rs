@@ -22,15 +22,18 @@ pub enum RejectReason {
     Overloaded,
     /// Shutdown has begun (503).
     ShuttingDown,
+    /// No valid token, or one that may not write this device (401, 403).
+    Unauthorized,
 }
 
 impl RejectReason {
     /// Every reason, for pre-creating the series.
-    pub const ALL: [RejectReason; 4] = [
+    pub const ALL: [RejectReason; 5] = [
         RejectReason::Invalid,
         RejectReason::TooLarge,
         RejectReason::Overloaded,
         RejectReason::ShuttingDown,
+        RejectReason::Unauthorized,
     ];
 }
 
@@ -41,6 +44,7 @@ impl EncodeLabelValue for RejectReason {
             RejectReason::TooLarge => "too_large",
             RejectReason::Overloaded => "overloaded",
             RejectReason::ShuttingDown => "shutting_down",
+            RejectReason::Unauthorized => "unauthorized",
         })
     }
 }

@@ -17,6 +17,10 @@ run-redis:
 test:
     scripts/test.sh
 
+# The API contract: schemathesis against the live binary (installs it in a venv once).
+contract examples="100":
+    scripts/contract.sh {{examples}}
+
 # What CI runs: install redis-server if missing, fmt, clippy, tests.
 ci:
     bash .ci/run

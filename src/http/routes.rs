@@ -2,10 +2,11 @@
 //! the `endpoint` label its requests are counted under. The router, the `Allow` header
 //! and the request metrics all derive from [`ROUTES`], so adding an endpoint is one entry.
 
-use super::errors::Body;
+use super::errors::{json_bytes, Body};
 use super::{analyze, batch, ingest, probes, scrape, AppState};
+use bytes::Bytes;
 use hyper::body::Incoming;
-use hyper::{Method, Request, Response};
+use hyper::{Method, Request, Response, StatusCode};
 use prometheus_client::encoding::{EncodeLabelValue, LabelValueEncoder};
 use std::fmt::Write;
 use std::future::Future;
@@ -25,7 +26,7 @@ pub struct Route {
 }
 
 /// Every route of the public listener.
-pub static ROUTES: [Route; 6] = [
+pub static ROUTES: [Route; 7] = [
     Route {
         path: "/metric",
         method: Method::POST,
@@ -39,7 +40,7 @@ pub static ROUTES: [Route; 6] = [
     Route {
         path: "/analyze",
         method: Method::GET,
-        handler: |state, req| Box::pin(async move { analyze::get(&state, req.uri()).await }),
+        handler: |state, req| Box::pin(async move { analyze::get(&state, &req).await }),
     },
     Route {
         path: "/health",
@@ -56,7 +57,17 @@ pub static ROUTES: [Route; 6] = [
         method: Method::GET,
         handler: |state, _| Box::pin(async move { scrape::get(&state).await }),
     },
+    Route {
+        path: "/openapi.json",
+        method: Method::GET,
+        handler: |_, _| {
+            Box::pin(async { json_bytes(StatusCode::OK, Bytes::from_static(OPENAPI.as_bytes())) })
+        },
+    },
 ];
+
+/// The OpenAPI 3.1 document of this API (`openapi.json` at the repository's root).
+pub const OPENAPI: &str = include_str!("../../openapi.json");
 
 /// The `endpoint` label: a route of [`ROUTES`], or `unmatched` for any other path (so
 /// random paths cannot create series).
@@ -122,6 +133,26 @@ mod tests {
         }
         assert_eq!(Endpoint::UNMATCHED.as_str(), "unmatched");
         assert_eq!(Endpoint::UNMATCHED.index(), Endpoint::COUNT - 1);
+    }
+
+    #[test]
+    fn the_openapi_document_describes_exactly_these_routes() {
+        let doc: serde_json::Value = serde_json::from_str(OPENAPI).expect("valid JSON");
+        assert_eq!(doc["openapi"], "3.1.0");
+        let paths = doc["paths"].as_object().expect("paths");
+        assert_eq!(paths.len(), ROUTES.len(), "one entry per route");
+        for route in &ROUTES {
+            let ops = paths[route.path]
+                .as_object()
+                .unwrap_or_else(|| panic!("{} missing", route.path));
+            let method = route.method.as_str().to_ascii_lowercase();
+            assert_eq!(
+                ops.keys().collect::<Vec<_>>(),
+                vec![&method],
+                "{}",
+                route.path
+            );
+        }
     }
 
     #[test]

@@ -5,7 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# The integration tests start a real redis-server (and use redis-cli) on free ports; the
+# The integration tests start a real redis-server (and use redis-cli) on free ports, also
+# with TLS (tests/redis_tls.rs: Debian's redis-server and redis-cli are built with it); the
 # multi-host tier (tests/multihost.rs, root only, skipped otherwise) also needs ip and
 # dnsmasq. Each entry: the command the tests run, then the package that provides it.
 NEEDED=(redis-server:redis-server)

@@ -3,8 +3,10 @@
 //! Parsed once at start-up; invalid values stop start-up with clap's message, which
 //! names the flag and the variable. Library code never reads the environment.
 
+use actors::store::{ClientIdentity, RedisTls, TlsError};
 use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Log output format.
@@ -24,9 +26,25 @@ pub struct Config {
     #[arg(long, env = "LISTEN_ADDR", default_value = "0.0.0.0:8080")]
     pub listen_addr: SocketAddr,
 
-    /// Redis URL (redis://[:password@]host:port/db). Unset: the embedded in-process store.
+    /// Redis URL (redis://[:password@]host:port/db, or rediss:// for TLS). Unset: the
+    /// embedded in-process store.
     #[arg(long, env = "REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
+
+    /// PEM file of the CA(s) that signed the Redis server's certificate (rediss:// only);
+    /// replaces the built-in public roots. Read at start-up.
+    #[arg(long, env = "REDIS_CA_FILE")]
+    pub redis_ca_file: Option<PathBuf>,
+
+    /// PEM file of the client certificate (chain) for mutual TLS (rediss:// only; with
+    /// REDIS_CLIENT_KEY_FILE). Read at start-up.
+    #[arg(long, env = "REDIS_CLIENT_CERT_FILE")]
+    pub redis_client_cert_file: Option<PathBuf>,
+
+    /// PEM file of the client certificate's private key (with REDIS_CLIENT_CERT_FILE).
+    /// Read at start-up.
+    #[arg(long, env = "REDIS_CLIENT_KEY_FILE")]
+    pub redis_client_key_file: Option<PathBuf>,
 
     /// Pooled Redis connections (each is multiplexed).
     #[arg(long, env = "REDIS_POOL_SIZE", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
@@ -142,9 +160,35 @@ pub enum ConfigError {
     /// Not a Redis URL this build can use (checked here rather than by clap, whose
     /// message would echo the value and with it the password).
     #[error(
-        "invalid value for '--redis-url' (REDIS_URL): expected redis://[:password@]host:port/db{0}"
+        "invalid value for '--redis-url' (REDIS_URL): expected redis://[:password@]host:port/db or rediss://…{0}"
     )]
     RedisUrl(&'static str),
+    /// TLS files without TLS.
+    #[error("{0} is set but REDIS_URL is not a rediss:// URL: the TLS files apply only to TLS connections to Redis; use rediss://… or unset {0}")]
+    TlsWithoutRediss(&'static str),
+    /// Mutual TLS needs both halves.
+    #[error("{0} is set but {1} is not: mutual TLS to Redis needs both REDIS_CLIENT_CERT_FILE and REDIS_CLIENT_KEY_FILE")]
+    HalfClientIdentity(&'static str, &'static str),
+    /// A TLS file that cannot be read.
+    #[error("{setting}: cannot read {}: {source}", path.display())]
+    TlsFileUnreadable {
+        /// The setting's environment variable.
+        setting: &'static str,
+        /// The path it gives.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A TLS file that does not hold what it should.
+    #[error("{setting} ({}): {problem}", path.display())]
+    TlsFileInvalid {
+        /// The setting at fault.
+        setting: &'static str,
+        /// The path of the file at fault.
+        path: PathBuf,
+        /// What is wrong (never the file's content).
+        problem: TlsError,
+    },
     /// Clustering needs a shared store.
     #[error("CLUSTER_PEERS is set but REDIS_URL is not: a cluster needs Redis, because any replica must be able to answer /analyze and a device's window must survive the crash of the node that owns it; set REDIS_URL or unset CLUSTER_PEERS")]
     ClusterWithoutRedis,
@@ -178,18 +222,44 @@ impl Config {
     pub fn check(&self) -> Result<Option<actors::cluster::ClusterConfig>, ConfigError> {
         if let Some(url) = &self.redis_url {
             match url.split_once("://").map(|(scheme, _)| scheme) {
-                Some("redis" | "redis+unix" | "unix") => {}
-                Some("rediss") => {
-                    return Err(ConfigError::RedisUrl(
-                        " (rediss://, TLS, is not supported by this build)",
-                    ))
-                }
+                Some("redis" | "rediss" | "redis+unix" | "unix") => {}
                 _ => return Err(ConfigError::RedisUrl("")),
             }
         }
         let interval = self.window_checkpoint_interval;
         if interval >= self.result_ttl || interval >= self.device_idle_timeout {
             return Err(ConfigError::CheckpointInterval { interval });
+        }
+        let tls = self
+            .redis_url
+            .as_deref()
+            .is_some_and(|u| u.starts_with("rediss://"));
+        for (set, setting) in [
+            (self.redis_ca_file.is_some(), REDIS_CA_FILE),
+            (
+                self.redis_client_cert_file.is_some(),
+                REDIS_CLIENT_CERT_FILE,
+            ),
+            (self.redis_client_key_file.is_some(), REDIS_CLIENT_KEY_FILE),
+        ] {
+            if set && !tls {
+                return Err(ConfigError::TlsWithoutRediss(setting));
+            }
+        }
+        match (&self.redis_client_cert_file, &self.redis_client_key_file) {
+            (Some(_), None) => {
+                return Err(ConfigError::HalfClientIdentity(
+                    REDIS_CLIENT_CERT_FILE,
+                    REDIS_CLIENT_KEY_FILE,
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::HalfClientIdentity(
+                    REDIS_CLIENT_KEY_FILE,
+                    REDIS_CLIENT_CERT_FILE,
+                ))
+            }
+            _ => {}
         }
         if self.cluster_peers.iter().all(|p| p.trim().is_empty()) {
             return Ok(None);
@@ -216,6 +286,54 @@ impl Config {
             fence_ttl: self.result_ttl,
         }))
     }
+
+    /// Reads and checks the TLS files of a `rediss://` connection (after [`Config::check`]);
+    /// an error names the setting and the path, never the content.
+    pub fn redis_tls(&self) -> Result<RedisTls, ConfigError> {
+        let ca = read_tls_file(REDIS_CA_FILE, self.redis_ca_file.as_deref())?;
+        let cert = read_tls_file(
+            REDIS_CLIENT_CERT_FILE,
+            self.redis_client_cert_file.as_deref(),
+        )?;
+        let key = read_tls_file(REDIS_CLIENT_KEY_FILE, self.redis_client_key_file.as_deref())?;
+        let client = cert
+            .zip(key)
+            .map(|(cert_pem, key_pem)| ClientIdentity { cert_pem, key_pem });
+        RedisTls::new(ca, client).map_err(|problem| {
+            let (setting, path) = match problem {
+                TlsError::Ca(_) => (REDIS_CA_FILE, &self.redis_ca_file),
+                TlsError::ClientCert(_) => (REDIS_CLIENT_CERT_FILE, &self.redis_client_cert_file),
+                TlsError::ClientKey(_) | TlsError::ClientPair(_) => {
+                    (REDIS_CLIENT_KEY_FILE, &self.redis_client_key_file)
+                }
+            };
+            ConfigError::TlsFileInvalid {
+                setting,
+                path: path.clone().unwrap_or_default(),
+                problem,
+            }
+        })
+    }
+}
+
+// The TLS settings as their messages name them (the `env` of their fields above).
+const REDIS_CA_FILE: &str = "REDIS_CA_FILE";
+const REDIS_CLIENT_CERT_FILE: &str = "REDIS_CLIENT_CERT_FILE";
+const REDIS_CLIENT_KEY_FILE: &str = "REDIS_CLIENT_KEY_FILE";
+
+/// A TLS file's content, when its setting is given.
+fn read_tls_file(
+    setting: &'static str,
+    path: Option<&Path>,
+) -> Result<Option<Vec<u8>>, ConfigError> {
+    path.map(|path| {
+        std::fs::read(path).map_err(|source| ConfigError::TlsFileUnreadable {
+            setting,
+            path: path.to_path_buf(),
+            source,
+        })
+    })
+    .transpose()
 }
 
 impl From<&Config> for actors::SystemConfig {
@@ -371,6 +489,10 @@ mod tests {
                 "redis://:hunter2@redis:6379/0",
                 "--cluster-token",
                 "tok3n",
+                "--redis-ca-file",
+                "/etc/redis-tls/ca.crt",
+                "--redis-client-key-file",
+                "/etc/redis-tls/tls.key",
             ])
             .expect("parses");
         let line = effective(&command, &matches);
@@ -379,6 +501,9 @@ mod tests {
             "WINDOW_SIZE=50",
             "REDIS_URL=redis://***@redis:6379/0",
             "CLUSTER_TOKEN=<set>",
+            // Paths, not contents: where the TLS files are is what an operator checks.
+            "REDIS_CA_FILE=/etc/redis-tls/ca.crt",
+            "REDIS_CLIENT_KEY_FILE=/etc/redis-tls/tls.key",
         ] {
             assert!(line.contains(shown), "{shown} missing from {line}");
         }
@@ -435,10 +560,14 @@ mod tests {
                     "README gives another default for {env} than {default}: {row}"
                 );
             }
+            // Set in the ConfigMap or the Deployment, or, for an optional setting that only
+            // some deployments use (the Redis TLS files: they need a mounted Secret), a
+            // commented entry in the ConfigMap that shows how.
             assert!(
                 configmap.contains(&format!("\n  {env}: "))
+                    || configmap.contains(&format!("\n  # {env}: "))
                     || deployment.contains(&format!("- name: {env}\n")),
-                "{env} is neither in manifests/configmap.yaml nor set in manifests/app.yaml"
+                "{env} is neither in manifests/configmap.yaml (set or commented) nor set in manifests/app.yaml"
             );
         }
     }
@@ -474,11 +603,7 @@ mod tests {
             let err = parse(args).expect_err("must be rejected").to_string();
             assert!(err.contains(name), "{err}");
         }
-        for url in [
-            "http://user:secret@host/",
-            "secret@host:6379",
-            "rediss://:secret@h/",
-        ] {
+        for url in ["http://user:secret@host/", "secret@host:6379"] {
             let err = parse(&["--redis-url", url])
                 .expect("clap takes any string")
                 .check()
@@ -493,7 +618,99 @@ mod tests {
                 "a password in REDIS_URL is never echoed: {err}"
             );
         }
-        let ok = parse(&["--redis-url", "redis://:secret@host:6379/0"]).expect("parses");
-        assert!(ok.check().expect("valid").is_none());
+        for url in [
+            "redis://:secret@host:6379/0",
+            "rediss://:secret@host:6380/0",
+        ] {
+            let ok = parse(&["--redis-url", url]).expect("parses");
+            assert!(ok.check().expect("valid").is_none());
+        }
+    }
+
+    #[test]
+    fn tls_files_need_rediss_and_a_client_identity_needs_both_halves() {
+        let err = |args: &[&str]| {
+            parse(args)
+                .expect("parses")
+                .check()
+                .expect_err("refused")
+                .to_string()
+        };
+        let ca = ["--redis-ca-file", "/ca.pem"];
+        for url in [None, Some("redis://r:6379/")] {
+            let mut args = ca.to_vec();
+            args.extend(url.iter().flat_map(|u| ["--redis-url", u]));
+            let e = err(&args);
+            assert!(
+                e.contains("REDIS_CA_FILE") && e.contains("rediss://"),
+                "{e}"
+            );
+        }
+        let e = err(&[
+            "--redis-url",
+            "rediss://r/",
+            "--redis-client-cert-file",
+            "/c.pem",
+        ]);
+        assert!(
+            e.contains("REDIS_CLIENT_CERT_FILE is set but REDIS_CLIENT_KEY_FILE is not"),
+            "{e}"
+        );
+        let e = err(&[
+            "--redis-url",
+            "rediss://r/",
+            "--redis-client-key-file",
+            "/k.pem",
+        ]);
+        assert!(
+            e.contains("REDIS_CLIENT_KEY_FILE is set but REDIS_CLIENT_CERT_FILE is not"),
+            "{e}"
+        );
+        let ok = parse(&[
+            "--redis-url",
+            "rediss://r/",
+            "--redis-client-cert-file",
+            "/c.pem",
+            "--redis-client-key-file",
+            "/k.pem",
+        ])
+        .expect("parses");
+        assert!(ok.check().is_ok());
+    }
+
+    #[test]
+    fn an_unreadable_or_wrong_tls_file_names_the_setting_and_the_path() {
+        let missing = parse(&[
+            "--redis-url",
+            "rediss://r/",
+            "--redis-ca-file",
+            "/nonexistent/ca.pem",
+        ])
+        .expect("parses")
+        .redis_tls()
+        .expect_err("refused")
+        .to_string();
+        assert!(
+            missing.starts_with("REDIS_CA_FILE: cannot read /nonexistent/ca.pem"),
+            "{missing}"
+        );
+        // A key where the CA belongs: named, and the key is not echoed.
+        let key = std::env::temp_dir().join(format!("iot-config-test-{}.pem", std::process::id()));
+        let secret = "-----BEGIN PRIVATE KEY-----\nc2VjcmV0\n-----END PRIVATE KEY-----\n";
+        std::fs::write(&key, secret).expect("write");
+        let path = key.to_str().expect("utf-8 path");
+        let wrong = parse(&["--redis-url", "rediss://r/", "--redis-ca-file", path])
+            .expect("parses")
+            .redis_tls()
+            .expect_err("refused")
+            .to_string();
+        let _ = std::fs::remove_file(&key);
+        assert!(
+            wrong.contains(&format!(
+                "REDIS_CA_FILE ({path}): CA certificate: no PEM CERTIFICATE"
+            )),
+            "{wrong}"
+        );
+        assert!(!wrong.contains("c2VjcmV0"), "{wrong}");
     }
 }

@@ -86,14 +86,15 @@ async fn main() -> anyhow::Result<()> {
         std::process::exit(2);
     }
     tracing::info!(version = env!("CARGO_PKG_VERSION"), %settings, "starting");
-    let cluster_config = match config.check() {
-        Ok(c) => c,
-        Err(e) => {
-            // Exit 2, as clap does for every other invalid setting.
-            eprintln!("error: {e}");
-            std::process::exit(2);
-        }
-    };
+    // Exit 2, as clap does for every other invalid setting.
+    let (cluster_config, redis_tls) =
+        match config.check().and_then(|c| Ok((c, config.redis_tls()?))) {
+            Ok(checked) => checked,
+            Err(e) => {
+                eprintln!("error: {e}");
+                std::process::exit(2);
+            }
+        };
 
     let auth = match &config.auth_tokens_file {
         None => {
@@ -123,11 +124,12 @@ async fn main() -> anyhow::Result<()> {
             Store::Embedded(Arc::new(EmbeddedStore::new()))
         }
         Some(url) => {
-            // Log where, never the password.
+            // Log where, never the password (the TLS files are in the starting line).
             let host = url.rsplit('@').next().unwrap_or(url);
-            tracing::info!(redis = %host, pool_size = config.redis_pool_size, "using Redis");
-            let store = RedisStore::new(url, config.redis_pool_size, STORE_OP_TIMEOUT)
-                .context("REDIS_URL")?;
+            tracing::info!(redis = %host, pool_size = config.redis_pool_size, tls = url.starts_with("rediss://"), "using Redis");
+            let store =
+                RedisStore::with_tls(url, &redis_tls, config.redis_pool_size, STORE_OP_TIMEOUT)
+                    .context("REDIS_URL")?;
             // In a cluster, a node cut off with an older window must never overwrite the
             // newer one of the device's owner.
             Store::Redis(if cluster_config.is_some() {

@@ -7,8 +7,8 @@
 //! - [`event`]: a validated event and the analysis that results from it.
 //! - [`device`]: the device directory the front end submits to, the per-device queue
 //!   (slot), the device actor and its supervisor.
-//! - [`store`]: the store seam (embedded or Redis) and the writer actor that coalesces
-//!   results and flushes them pipelined.
+//! - [`store`]: the store seam (embedded or Redis, plain or TLS) and the writer actor that
+//!   coalesces results and flushes them pipelined.
 //! - [`metrics`]: the typed Prometheus families and the actor that owns the registry.
 //! - [`system`]: starts the actor tree, and drains it on shutdown.
 //! - [`tuning`]: the fixed deadlines and periods (those that are not settings).

@@ -5,6 +5,9 @@
 //! clone. Both have the same semantics: `SET key value` with an expiry on every write,
 //! `GET key`. The writer actor ([`WriterActor`]) is the only writer; the HTTP front end only reads.
 //!
+//! Redis is [`RedisStore`]: plain `redis://`, or `rediss://` with the TLS material of
+//! [`RedisTls`].
+//!
 //! Keys (the same as the original service's for analyses):
 //! - `analysis:{device_id}`: the `/analyze` JSON.
 //! - `window:{device_id}`: the device's rolling window (see [`snapshot`] for the
@@ -15,12 +18,14 @@ mod embedded;
 mod inbox;
 mod redis;
 mod snapshot;
+mod tls;
 mod writer;
 
 pub use embedded::EmbeddedStore;
 pub use inbox::{Batch, Inbox, Record};
 pub use redis::RedisStore;
 pub use snapshot::{SnapshotError, Version, WindowSnapshot};
+pub use tls::{ClientIdentity, PemError, RedisTls, TlsError};
 pub use writer::{StoreHealth, WriterActor, WriterArgs, WriterMsg};
 
 use bytes::Bytes;
@@ -61,6 +66,13 @@ pub enum StoreError {
     /// Redis answered with an error or the connection failed.
     #[error("redis: {0}")]
     Redis(#[from] bb8_redis::redis::RedisError),
+    /// No pooled connection within the deadline, because dialling failed (refused, TLS
+    /// handshake, authentication).
+    #[error("cannot connect to redis: {0}")]
+    Connect(#[source] bb8_redis::redis::RedisError),
+    /// TLS settings were given for a URL that is not `rediss://`.
+    #[error("TLS settings need a rediss:// URL")]
+    TlsWithoutRediss,
     /// A task running a store operation panicked or was cancelled.
     #[error("store task failed: {0}")]
     TaskFailed(#[from] tokio::task::JoinError),

@@ -8,18 +8,24 @@
 //! - bb8 would PING on every checkout by default; instead, a command that fails marks its
 //!   connection broken (a shared flag), and the checkout test is a look at that flag, so
 //!   bb8 drops the connection and dials a new one. bb8-redis's own manager always reports
-//!   connections as healthy, so [`Manager`] wraps it to carry that mark.
+//!   connections as healthy, so [`Manager`] is our own, to carry that mark.
 //! - Every operation runs under a deadline: a Redis that stops answering (paused, network
 //!   partition) must turn into an error the writer can retry, not a hung flush.
+//! - bb8 retries a failed connect until the checkout deadline and then reports only that
+//!   it timed out; [`Manager`] keeps the last connect error, so an operator reads why (a
+//!   refused connection, or "invalid peer certificate: UnknownIssuer") rather than a
+//!   bare timeout.
+//!
+//! `rediss://` connects over rustls (see [`super::tls`]).
 
+use super::tls::{self, RedisTls};
 use super::{DeviceWrite, StoreError};
 use bb8_redis::bb8::{self, ManageConnection, Pool, PooledConnection};
-use bb8_redis::redis::{self, aio::MultiplexedConnection};
-use bb8_redis::RedisConnectionManager;
+use bb8_redis::redis::{self, aio::MultiplexedConnection, ConnectionAddr, IntoConnectionInfo};
 use bytes::Bytes;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::task::JoinSet;
 
@@ -32,18 +38,40 @@ pub struct TrackedConnection {
     broken: Arc<AtomicBool>,
 }
 
-/// bb8-redis's manager, plus broken-connection tracking.
+/// The last failed connect of a pool; cleared when a connect succeeds. Shared by the
+/// manager, which dials, and the store, which reports.
+#[derive(Debug, Clone, Default)]
+struct LastConnectError(Arc<Mutex<Option<redis::RedisError>>>);
+
+impl LastConnectError {
+    // A std mutex: held only to swap a value, never across an `.await`; a poisoned one
+    // still holds a usable value.
+    fn get(&self) -> Option<redis::RedisError> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set(&self, error: Option<&redis::RedisError>) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = error.cloned();
+    }
+}
+
+/// Dials multiplexed connections (what bb8-redis's manager does), and tracks broken
+/// connections and the last failed connect.
 #[derive(Debug, Clone)]
-pub struct Manager(RedisConnectionManager);
+pub struct Manager {
+    client: redis::Client,
+    last_connect_error: LastConnectError,
+}
 
 impl ManageConnection for Manager {
     type Connection = TrackedConnection;
     type Error = redis::RedisError;
 
     async fn connect(&self) -> Result<Self::Connection, Self::Error> {
-        let inner = self.0.connect().await?;
+        let connected = self.client.get_multiplexed_async_connection().await;
+        self.last_connect_error.set(connected.as_ref().err());
         Ok(TrackedConnection {
-            inner,
+            inner: connected?,
             broken: Arc::new(AtomicBool::new(false)),
         })
     }
@@ -93,6 +121,7 @@ return 1
 #[derive(Clone)]
 pub struct RedisStore {
     pool: Pool<Manager>,
+    last_connect_error: LastConnectError,
     timeout: Duration,
     /// In a cluster: writes are conditional on the stored window's sequence number.
     guarded: bool,
@@ -110,10 +139,34 @@ impl std::fmt::Debug for RedisStore {
 }
 
 impl RedisStore {
-    /// A pool for `url`. Connects lazily: an unreachable Redis at start-up is not an
-    /// error here, it shows as failed operations (and so as not ready).
+    /// A pool for `url` (a `rediss://` URL trusts the built-in public roots). Connects
+    /// lazily: an unreachable Redis at start-up is not an error here, it shows as failed
+    /// operations (and so as not ready).
     pub fn new(url: &str, pool_size: u32, timeout: Duration) -> Result<Self, StoreError> {
-        let manager = Manager(RedisConnectionManager::new(url)?);
+        Self::with_tls(url, &RedisTls::default(), pool_size, timeout)
+    }
+
+    /// A pool for `url` with TLS settings, which need a `rediss://` URL.
+    pub fn with_tls(
+        url: &str,
+        tls: &RedisTls,
+        pool_size: u32,
+        timeout: Duration,
+    ) -> Result<Self, StoreError> {
+        let info = url.into_connection_info()?;
+        let client = if matches!(info.addr(), ConnectionAddr::TcpTls { .. }) {
+            tls::install_provider();
+            redis::Client::build_with_tls(info, tls.certificates())?
+        } else if tls.is_configured() {
+            return Err(StoreError::TlsWithoutRediss);
+        } else {
+            redis::Client::open(info)?
+        };
+        let last_connect_error = LastConnectError::default();
+        let manager = Manager {
+            client,
+            last_connect_error: last_connect_error.clone(),
+        };
         let pool = bb8::Pool::builder()
             .max_size(pool_size.max(1))
             .test_on_check_out(true)
@@ -121,6 +174,7 @@ impl RedisStore {
             .build_unchecked(manager);
         Ok(Self {
             pool,
+            last_connect_error,
             timeout,
             guarded: false,
             script_sha: Arc::from(redis::Script::new(GUARDED_SET).get_hash()),
@@ -150,7 +204,11 @@ impl RedisStore {
             let conn: PooledConnection<'_, Manager> =
                 self.pool.get().await.map_err(|e| match e {
                     bb8::RunError::User(e) => StoreError::Redis(e),
-                    bb8::RunError::TimedOut => StoreError::Timeout(self.timeout),
+                    // No connection within the deadline: say why when dialling failed.
+                    bb8::RunError::TimedOut => match self.last_connect_error.get() {
+                        Some(cause) => StoreError::Connect(cause),
+                        None => StoreError::Timeout(self.timeout),
+                    },
                 })?;
             (conn.inner.clone(), conn.broken.clone())
         };

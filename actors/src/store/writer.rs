@@ -114,28 +114,29 @@ impl WriterState {
             .set((self.inbox.len() + inflight) as i64);
     }
 
-    fn set_up(&mut self, up: bool) {
+    /// Records whether the store answered; logs the first contact and every change,
+    /// with the error that made it unreachable (an operator must see why: refused,
+    /// timed out, or a TLS certificate problem).
+    fn set_up(&mut self, result: Result<(), &StoreError>) {
+        let up = result.is_ok();
         let was = self.health.up.swap(up, Ordering::Relaxed);
         self.metrics.store_up.set(i64::from(up));
         let first = !std::mem::replace(&mut self.contacted, true);
-        if first {
-            if up {
-                tracing::info!(store = self.store.kind(), "store reachable");
-            } else {
-                tracing::warn!(
-                    store = self.store.kind(),
-                    "store unreachable at start-up; events are accepted, results are kept and retried, /ready answers 503 until it answers"
-                );
-            }
-        } else if was != up {
-            if up {
-                tracing::info!(store = self.store.kind(), "store reachable again");
-            } else {
-                tracing::warn!(
-                    store = self.store.kind(),
-                    "store unreachable; results are kept and retried"
-                );
-            }
+        let store = self.store.kind();
+        match (result, first) {
+            (Ok(()), true) => tracing::info!(store, "store reachable"),
+            (Ok(()), false) if !was => tracing::info!(store, "store reachable again"),
+            (Err(error), true) => tracing::warn!(
+                store,
+                %error,
+                "store unreachable at start-up; events are accepted, results are kept and retried, /ready answers 503 until it answers"
+            ),
+            (Err(error), false) if was => tracing::warn!(
+                store,
+                %error,
+                "store unreachable; results are kept and retried"
+            ),
+            _ => {}
         }
     }
 
@@ -325,7 +326,7 @@ impl Actor for WriterActor {
                         state.metrics.store_keys_written.inc_by(keys as u64);
                         state.backoff = STORE_MIN_BACKOFF;
                         state.retry_at = None;
-                        state.set_up(true);
+                        state.set_up(Ok(()));
                     }
                     Err(e) => {
                         state.metrics.store_write_errors.inc();
@@ -337,7 +338,7 @@ impl Actor for WriterActor {
                         }
                         state.retry_at = Some(now + state.backoff);
                         state.backoff = (state.backoff * 2).min(STORE_MAX_BACKOFF);
-                        state.set_up(false);
+                        state.set_up(Err(&e));
                     }
                 }
                 if !state.drain_waiters.is_empty() {
@@ -354,11 +355,11 @@ impl Actor for WriterActor {
                         // Redis is back: retry at once rather than after the backoff.
                         state.retry_at = None;
                         state.backoff = STORE_MIN_BACKOFF;
-                        state.set_up(true);
+                        state.set_up(Ok(()));
                     }
                     Err(e) => {
                         tracing::debug!(error = %e, "store probe failed");
-                        state.set_up(false);
+                        state.set_up(Err(&e));
                     }
                 }
             }

@@ -62,8 +62,11 @@ run() {
   local what=$1
   shift
   echo "== contract: $what" >&2
+  # The SSE stream never ends by itself, which schemathesis cannot check; tests/stream.rs
+  # covers it over real sockets.
   "$VENV/bin/schemathesis" run openapi.json --url "$URL" --checks "$CHECKS" \
-    --max-examples "$EXAMPLES" --seed "$SEED" --no-color "$@"
+    --max-examples "$EXAMPLES" --seed "$SEED" --no-color \
+    --exclude-path /anomalies/stream "$@"
 }
 
 start open

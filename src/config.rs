@@ -91,6 +91,25 @@ pub struct Config {
     #[arg(long, env = "WINDOW_CHECKPOINT_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     pub window_checkpoint_interval: Duration,
 
+    /// Signals whose anomalies are counted in anomalies_detected_total and appended to
+    /// the anomalies stream: rps, cpu, or both (comma-separated). /analyze reports both.
+    #[arg(long, env = "ANOMALY_SIGNALS", default_value = "rps", value_delimiter = ',', value_parser = parse_signal)]
+    pub anomaly_signals: Vec<actors::analytics::Signal>,
+
+    /// Approximate length of the anomalies stream (XADD MAXLEN ~), and the bound on
+    /// anomalies waiting for it during a store outage; 0 turns the stream off.
+    #[arg(long, env = "ANOMALY_STREAM_MAXLEN", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(0..=100_000_000))]
+    pub anomaly_stream_maxlen: u64,
+
+    /// Open GET /anomalies/stream connections at most; beyond it 503.
+    #[arg(long, env = "MAX_STREAM_CLIENTS", default_value_t = 100, value_parser = clap::value_parser!(u32).range(0..=100_000))]
+    pub max_stream_clients: u32,
+
+    /// How often an idle GET /anomalies/stream connection gets a comment line (keeps
+    /// proxies from closing it).
+    #[arg(long, env = "STREAM_HEARTBEAT_INTERVAL", default_value = "15s", value_parser = parse_positive_duration)]
+    pub stream_heartbeat_interval: Duration,
+
     /// Distinct device_id label values of anomalies_detected_total; more count as __other__.
     #[arg(long, env = "MAX_DEVICE_LABELS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     pub max_device_labels: u64,
@@ -347,6 +366,12 @@ impl From<&Config> for actors::SystemConfig {
             max_pending_events: c.max_pending_events as usize,
             max_device_labels: c.max_device_labels as usize,
             window_checkpoint_interval: c.window_checkpoint_interval,
+            // In a fixed order, each once, however the setting listed them.
+            anomaly_signals: actors::analytics::Signal::ALL
+                .into_iter()
+                .filter(|s| c.anomaly_signals.contains(s))
+                .collect(),
+            anomaly_stream_maxlen: c.anomaly_stream_maxlen as usize,
         }
     }
 }
@@ -395,6 +420,11 @@ fn parse_ttl(s: &str) -> Result<Duration, String> {
         return Err("must be at least 1s".into());
     }
     Ok(d)
+}
+
+fn parse_signal(s: &str) -> Result<actors::analytics::Signal, String> {
+    actors::analytics::Signal::parse(s.trim())
+        .ok_or_else(|| format!("unknown signal '{s}' (expected rps, cpu or rps,cpu)"))
 }
 
 fn parse_threshold(s: &str) -> Result<f64, String> {

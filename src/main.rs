@@ -191,10 +191,22 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("LISTEN_ADDR: cannot listen on {}", config.listen_addr))?;
     tracing::info!(addr = %listener.local_addr()?, "listening");
 
+    // The anomalies stream as SSE, read from the store (so every replica serves what any
+    // replica detected).
+    let (stop_feed, feed_stopped) = tokio::sync::watch::channel(false);
+    let feed = (config.anomaly_stream_maxlen > 0).then(|| {
+        http::AnomalyFeed::start(
+            system.store().clone(),
+            config.max_stream_clients as usize,
+            config.stream_heartbeat_interval,
+            feed_stopped,
+        )
+    });
     let state = http::AppState::new(
         system.clone(),
         cluster.clone(),
         auth,
+        feed,
         http_metrics,
         http::BodyLimits {
             max_body_bytes: config.max_body_bytes as usize,
@@ -238,6 +250,7 @@ async fn main() -> anyhow::Result<()> {
         let _ = stop_internal.send(true);
         cluster.stop();
     }
+    let _ = stop_feed.send(true);
     let report = system.shutdown(deadline).await;
     if report.unprocessed == 0 && report.store_flushed {
         tracing::info!("shutdown complete: every accepted event is processed and stored");

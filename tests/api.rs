@@ -61,6 +61,9 @@ async fn posted_events_are_analysed_and_readable() {
         "stddev_rps",
         "rolling_average_cpu",
         "event_timestamp",
+        "stddev_cpu",
+        "cpu_z_score",
+        "is_cpu_anomaly",
     ];
     let positions: Vec<usize> = order
         .iter()
@@ -90,7 +93,7 @@ async fn a_spike_is_an_anomaly_and_is_counted_per_device() {
     assert_eq!(a["is_anomaly"], true);
     assert!(a["z_score"].as_f64().expect("z") > 2.0);
     let count = eventually(SOON, "anomaly counter", || async {
-        svc.metric(r#"anomalies_detected_total{device_id="pump-7"}"#)
+        svc.metric(r#"anomalies_detected_total{device_id="pump-7",signal="rps"}"#)
             .await
     })
     .await;
@@ -224,7 +227,7 @@ async fn metrics_expose_the_spec_families_with_their_labels() {
         assert_eq!(post_event(svc.addr, "m-2", 0.5, rps).await.status, 200);
     }
     eventually(Duration::from_secs(5), "the anomaly counted", || async {
-        svc.metric(r#"anomalies_detected_total{device_id="m-2"}"#)
+        svc.metric(r#"anomalies_detected_total{device_id="m-2",signal="rps"}"#)
             .await
             .filter(|n| *n == 1.0)
     })
@@ -303,19 +306,19 @@ async fn device_labels_are_capped() {
         }
     }
     let other = eventually(SOON, "__other__ anomalies", || async {
-        svc.metric(r#"anomalies_detected_total{device_id="__other__"}"#)
+        svc.metric(r#"anomalies_detected_total{device_id="__other__",signal="rps"}"#)
             .await
             .filter(|v| *v == 2.0)
     })
     .await;
     assert_eq!(other, 2.0);
     assert_eq!(
-        svc.metric(r#"anomalies_detected_total{device_id="cap-a"}"#)
+        svc.metric(r#"anomalies_detected_total{device_id="cap-a",signal="rps"}"#)
             .await,
         Some(1.0)
     );
     assert_eq!(
-        svc.metric(r#"anomalies_detected_total{device_id="cap-b"}"#)
+        svc.metric(r#"anomalies_detected_total{device_id="cap-b",signal="rps"}"#)
             .await,
         None
     );

@@ -43,6 +43,12 @@ pub struct Analysis {
     /// The event's own timestamp, in UTC.
     #[serde(serialize_with = "rfc3339_auto")]
     pub event_timestamp: DateTime<Utc>,
+    /// Population standard deviation of cpu over the window.
+    pub stddev_cpu: f64,
+    /// |x − mean| / stddev of the newest cpu.
+    pub cpu_z_score: f64,
+    /// Whether the newest cpu is anomalous (`is_anomaly` stays about rps).
+    pub is_cpu_anomaly: bool,
 }
 
 impl Analysis {
@@ -65,6 +71,9 @@ impl Analysis {
             stddev_rps: evaluation.stddev_rps,
             rolling_average_cpu: evaluation.rolling_average_cpu,
             event_timestamp: event.timestamp,
+            stddev_cpu: evaluation.stddev_cpu,
+            cpu_z_score: evaluation.cpu_z_score,
+            is_cpu_anomaly: evaluation.is_cpu_anomaly,
         }
     }
 }

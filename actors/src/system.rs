@@ -5,7 +5,7 @@
 //! runs the other way: wait for device actors to process every accepted event, have the
 //! writer flush everything, then stop the actors.
 
-use crate::analytics::AnomalyRule;
+use crate::analytics::{AnomalyRule, Signal};
 use crate::device::SlotMap;
 use crate::device::{
     Admission, DeviceContext, DeviceSupervisor, Directory, Predecessor, SupervisorArgs,
@@ -40,6 +40,10 @@ pub struct SystemConfig {
     pub max_device_labels: usize,
     /// WINDOW_CHECKPOINT_INTERVAL.
     pub window_checkpoint_interval: Duration,
+    /// ANOMALY_SIGNALS: the signals whose anomalies are counted and streamed.
+    pub anomaly_signals: Vec<Signal>,
+    /// ANOMALY_STREAM_MAXLEN (0: no stream).
+    pub anomaly_stream_maxlen: usize,
 }
 
 impl Default for SystemConfig {
@@ -54,6 +58,8 @@ impl Default for SystemConfig {
             max_pending_events: 100_000,
             max_device_labels: 10_000,
             window_checkpoint_interval: Duration::from_secs(1),
+            anomaly_signals: vec![Signal::Rps],
+            anomaly_stream_maxlen: 100_000,
         }
     }
 }
@@ -128,7 +134,10 @@ impl System {
         )
         .await?;
         let health = StoreHealth::new(false);
-        let inbox = Arc::new(Inbox::default());
+        let inbox = Arc::new(Inbox::with_stream(
+            config.anomaly_stream_maxlen,
+            metrics.anomaly_stream_dropped.clone(),
+        ));
         let (writer, _) = Actor::spawn(
             None,
             WriterActor,
@@ -139,6 +148,7 @@ impl System {
                 metrics: metrics.clone(),
                 health: health.clone(),
                 inbox: inbox.clone(),
+                stream_maxlen: config.anomaly_stream_maxlen,
             },
         )
         .await?;
@@ -156,6 +166,7 @@ impl System {
             admission: admission.clone(),
             restore_timeout: WINDOW_RESTORE_TIMEOUT,
             checkpoint_interval: config.window_checkpoint_interval,
+            signals: config.anomaly_signals.clone(),
             predecessor: OnceLock::new(),
             slots: slots.clone(),
         });

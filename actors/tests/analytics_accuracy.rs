@@ -71,49 +71,75 @@ fn series(max_len: usize) -> impl Strategy<Value = Vec<f64>> {
     prop_oneof![around_base, uniform, runs]
 }
 
-fn check(window_size: usize, values: &[f64]) -> Result<(), TestCaseError> {
-    let mut window = Window::new(window_size);
-    for &x in values {
-        window.push(x, 0.5);
-    }
-    let x = *values.last().expect("non-empty");
-    let got = AnomalyRule { threshold: 2.0 }.evaluate(&window, x);
-    let kept = &values[values.len().saturating_sub(window_size)..];
-    let exact = exact_stats(kept);
+/// The statistics of one signal as the rule computed them.
+struct Got {
+    mean: f64,
+    stddev: f64,
+    z: f64,
+    anomaly: bool,
+}
 
+fn check(window_size: usize, values: &[f64]) -> Result<(), TestCaseError> {
+    // rps carries the series; cpu the same series mapped into 0..1 and reversed, so the
+    // two signals differ and each is checked against its own exact reference.
+    let cpus: Vec<f64> = values.iter().rev().map(|x| x / 1e9).collect();
+    let mut window = Window::new(window_size);
+    for (&x, &c) in values.iter().zip(&cpus) {
+        window.push(x, c);
+    }
+    let got = AnomalyRule { threshold: 2.0 }.evaluate(&window);
+    let kept = &values[values.len().saturating_sub(window_size)..];
     prop_assert_eq!(got.samples, kept.len());
+    let kept_cpu = &cpus[cpus.len().saturating_sub(window_size)..];
+    check_signal(
+        kept,
+        &Got {
+            mean: got.rolling_average_rps,
+            stddev: got.stddev_rps,
+            z: got.z_score,
+            anomaly: got.is_anomaly,
+        },
+    )?;
+    check_signal(
+        kept_cpu,
+        &Got {
+            mean: got.rolling_average_cpu,
+            stddev: got.stddev_cpu,
+            z: got.cpu_z_score,
+            anomaly: got.is_cpu_anomaly,
+        },
+    )
+}
+
+fn check_signal(kept: &[f64], got: &Got) -> Result<(), TestCaseError> {
+    let exact = exact_stats(kept);
     prop_assert!(close(
-        got.rolling_average_rps,
+        got.mean,
         exact.mean,
         exact.mean.max(f64::MIN_POSITIVE)
     ));
     if kept.len() < 2 || exact.all_equal {
-        prop_assert_eq!(got.stddev_rps, 0.0);
-        prop_assert_eq!(got.z_score, 0.0);
-        prop_assert!(!got.is_anomaly);
+        prop_assert_eq!(got.stddev, 0.0);
+        prop_assert_eq!(got.z, 0.0);
+        prop_assert!(!got.anomaly);
         return Ok(());
     }
     if exact.stddev < 1e-5 * exact.mean {
         // Outside SPEC's accuracy promise; the results must still be sane.
-        prop_assert!(got.stddev_rps.is_finite() && got.z_score.is_finite());
+        prop_assert!(got.stddev.is_finite() && got.z.is_finite());
         return Ok(());
     }
     prop_assert!(
-        close(got.stddev_rps, exact.stddev, exact.stddev),
+        close(got.stddev, exact.stddev, exact.stddev),
         "stddev {} vs exact {}",
-        got.stddev_rps,
+        got.stddev,
         exact.stddev
     );
     let z = exact.deviation / exact.stddev;
     // z's natural scale is the threshold: a z near 0 is compared absolutely.
-    prop_assert!(
-        close(got.z_score, z, z.max(1.0)),
-        "z {} vs exact {}",
-        got.z_score,
-        z
-    );
+    prop_assert!(close(got.z, z, z.max(1.0)), "z {} vs exact {}", got.z, z);
     if (z - 2.0).abs() > 1e-9 {
-        prop_assert_eq!(got.is_anomaly, z > 2.0);
+        prop_assert_eq!(got.anomaly, z > 2.0);
     }
     Ok(())
 }

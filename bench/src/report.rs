@@ -89,6 +89,9 @@ pub struct Report {
     pub failures: FailureBreakdown,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub visibility_ms: Option<Latency>,
+    /// Anomaly to SSE frame (`--sse-probes`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sse_ms: Option<Latency>,
 }
 
 /// Percent of `total` that is `ok`; 0 when `total` is 0.
@@ -190,12 +193,17 @@ impl Report {
             )?,
             None => writeln!(out, "Latency (ms):    none (no answer received)")?,
         }
-        if let Some(v) = &self.visibility_ms {
-            writeln!(
-                out,
-                "Event→visible (ms): min {:.3}  p50 {:.3}  p95 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}",
-                v.min, v.p50, v.p95, v.p99, v.p99_9, v.max
-            )?;
+        for (what, latency) in [
+            ("Event→visible", &self.visibility_ms),
+            ("Anomaly→SSE", &self.sse_ms),
+        ] {
+            if let Some(v) = latency {
+                writeln!(
+                    out,
+                    "{what} (ms): min {:.3}  p50 {:.3}  p95 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}",
+                    v.min, v.p50, v.p95, v.p99, v.p99_9, v.max
+                )?;
+            }
         }
         Ok(())
     }
@@ -227,6 +235,7 @@ mod tests {
             latency_ms: Latency::of(hist),
             failures: failures.into(),
             visibility_ms: None,
+            sse_ms: None,
         }
     }
 

@@ -3,13 +3,14 @@
 
 use super::request_log::Failure;
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{Either, Full};
 use hyper::header::{HeaderValue, CONNECTION, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use hyper::{Response, StatusCode};
 use serde::Serialize;
 
-/// The response body type of every endpoint.
-pub type Body = Full<Bytes>;
+/// The response body type of every endpoint: whole, or (`/anomalies/stream`) fed frame by
+/// frame.
+pub type Body = Either<Full<Bytes>, super::stream::EventStream>;
 
 const JSON: HeaderValue = HeaderValue::from_static("application/json");
 
@@ -103,7 +104,7 @@ pub fn json<T: Serialize>(status: StatusCode, body: &T) -> Response<Body> {
 
 /// A response whose body is already JSON.
 pub fn json_bytes(status: StatusCode, body: Bytes) -> Response<Body> {
-    let mut response = Response::new(Full::new(body));
+    let mut response = Response::new(Either::Left(Full::new(body)));
     *response.status_mut() = status;
     response.headers_mut().insert(CONTENT_TYPE, JSON);
     response

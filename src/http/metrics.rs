@@ -139,6 +139,10 @@ pub struct HttpMetrics {
     batch_size_events: Histogram,
     /// Requests refused by AUTH_TOKENS_FILE, by reason.
     auth_failures: Family<AuthLabel, Counter>,
+    /// Open GET /anomalies/stream connections.
+    pub stream_clients: Gauge,
+    /// Stream clients disconnected because they did not keep up.
+    pub stream_clients_dropped: Counter,
     request_handles: Box<[OnceLock<Counter>]>,
     duration_handles: Box<[OnceLock<Histogram>]>,
 }
@@ -190,6 +194,18 @@ impl HttpMetrics {
                 "auth_failures",
                 "Requests refused for their token: missing, unknown, mode (may not read or write), device (outside its prefix)",
                 Family::default(),
+            ),
+            stream_clients: register(
+                r,
+                "stream_clients",
+                "Open GET /anomalies/stream connections",
+                Gauge::default(),
+            ),
+            stream_clients_dropped: register(
+                r,
+                "stream_clients_dropped",
+                "Stream clients disconnected because they did not read fast enough",
+                Counter::default(),
             ),
             request_handles: (0..routes * CACHED_STATUSES.len())
                 .map(|_| OnceLock::new())

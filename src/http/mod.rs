@@ -15,11 +15,13 @@ mod router;
 mod routes;
 mod scrape;
 mod server;
+mod stream;
 mod validate;
 
 pub use connection::Timeouts;
 pub use metrics::HttpMetrics;
 pub use server::{serve, Limits};
+pub use stream::AnomalyFeed;
 
 use crate::auth::{Auth, Client, Denied, Mode};
 use actors::cluster::Cluster;
@@ -63,6 +65,7 @@ struct Inner {
     system: Arc<System>,
     cluster: Option<Arc<Cluster>>,
     auth: Option<Arc<Auth>>,
+    feed: Option<Arc<AnomalyFeed>>,
     http_metrics: Arc<HttpMetrics>,
     request_log: Arc<RequestLog>,
     max_body_bytes: usize,
@@ -70,6 +73,8 @@ struct Inner {
     max_batch_events: usize,
     body_read_timeout: Duration,
     shutdown_began: OnceLock<Instant>,
+    /// Turns true when shutdown begins (long-lived responses end on it).
+    shutdown: tokio::sync::watch::Sender<bool>,
 }
 
 impl AppState {
@@ -78,6 +83,7 @@ impl AppState {
         system: Arc<System>,
         cluster: Option<Arc<Cluster>>,
         auth: Option<Arc<Auth>>,
+        feed: Option<Arc<AnomalyFeed>>,
         http_metrics: Arc<HttpMetrics>,
         limits: BodyLimits,
     ) -> Self {
@@ -86,6 +92,7 @@ impl AppState {
                 system,
                 cluster,
                 auth,
+                feed,
                 http_metrics,
                 request_log: Arc::new(RequestLog::new(
                     std::time::SystemTime::now()
@@ -97,6 +104,7 @@ impl AppState {
                 max_batch_events: limits.max_batch_events,
                 body_read_timeout: limits.body_read_timeout,
                 shutdown_began: OnceLock::new(),
+                shutdown: tokio::sync::watch::channel(false).0,
             }),
         }
     }
@@ -149,6 +157,11 @@ impl AppState {
             }
             _ => Ok(()),
         }
+    }
+
+    /// 403 for reading devices (`what`: an id or a prefix) outside the client's prefix.
+    fn denied_device(&self, client: &Arc<Client>, what: &str) -> ApiError {
+        self.denied(&Denied::Device(client.clone(), Mode::Read), Some(what))
     }
 
     /// Counts a refusal and makes its error.
@@ -205,10 +218,16 @@ impl AppState {
     /// leaves the ring.
     pub fn begin_shutdown(&self) {
         let _ = self.inner.shutdown_began.set(Instant::now());
+        self.inner.shutdown.send_replace(true);
         // Peers stop routing here at their next probe; handoffs are still answered.
         if let Some(cluster) = self.cluster() {
             cluster.leave();
         }
+    }
+
+    /// Changes when shutdown begins.
+    fn shutdown_watch(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.inner.shutdown.subscribe()
     }
 
     /// When shutdown began, if it has.

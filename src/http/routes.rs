@@ -3,7 +3,7 @@
 //! and the request metrics all derive from [`ROUTES`], so adding an endpoint is one entry.
 
 use super::errors::{json_bytes, Body};
-use super::{analyze, batch, ingest, probes, scrape, AppState};
+use super::{analyze, batch, ingest, probes, scrape, stream, AppState};
 use bytes::Bytes;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
@@ -26,7 +26,7 @@ pub struct Route {
 }
 
 /// Every route of the public listener.
-pub static ROUTES: [Route; 7] = [
+pub static ROUTES: [Route; 8] = [
     Route {
         path: "/metric",
         method: Method::POST,
@@ -41,6 +41,11 @@ pub static ROUTES: [Route; 7] = [
         path: "/analyze",
         method: Method::GET,
         handler: |state, req| Box::pin(async move { analyze::get(&state, &req).await }),
+    },
+    Route {
+        path: "/anomalies/stream",
+        method: Method::GET,
+        handler: |state, req| Box::pin(async move { stream::get(&state, req).await }),
     },
     Route {
         path: "/health",

@@ -1,7 +1,7 @@
 //! The z-score rule: how far the newest value lies from the window's mean, in standard
-//! deviations, and whether that is an anomaly.
+//! deviations, and whether that is an anomaly — for rps (the original signal) and cpu.
 
-use super::Window;
+use super::{Stats, Window};
 
 /// The result of analysing a window after its newest reading was pushed.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -18,6 +18,58 @@ pub struct Evaluation {
     pub z_score: f64,
     /// z_score strictly above the threshold.
     pub is_anomaly: bool,
+    /// Population standard deviation of cpu over the window.
+    pub stddev_cpu: f64,
+    /// The z-score of the newest cpu value.
+    pub cpu_z_score: f64,
+    /// cpu_z_score strictly above the threshold.
+    pub is_cpu_anomaly: bool,
+}
+
+impl Evaluation {
+    /// Whether `signal` is anomalous.
+    pub fn is_anomalous(&self, signal: Signal) -> bool {
+        match signal {
+            Signal::Rps => self.is_anomaly,
+            Signal::Cpu => self.is_cpu_anomaly,
+        }
+    }
+}
+
+/// A measured value the z-score rule watches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Signal {
+    /// Requests per second (the original service's only signal).
+    Rps,
+    /// CPU load.
+    Cpu,
+}
+
+impl Signal {
+    /// Both signals.
+    pub const ALL: [Signal; 2] = [Signal::Rps, Signal::Cpu];
+
+    /// The name in settings, labels and stream entries.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Signal::Rps => "rps",
+            Signal::Cpu => "cpu",
+        }
+    }
+
+    /// From its name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|x| x.as_str() == s)
+    }
+}
+
+/// z = |x − mean| / stddev, or 0 when the window has < 2 values or no spread.
+fn z(stats: &Stats, x: f64) -> f64 {
+    if stats.samples < 2 || stats.stddev == 0.0 {
+        0.0
+    } else {
+        (x - stats.mean).abs() / stats.stddev
+    }
 }
 
 /// The anomaly threshold in standard deviations (strictly greater is anomalous).
@@ -28,21 +80,24 @@ pub struct AnomalyRule {
 }
 
 impl AnomalyRule {
-    /// Analyses `window` whose newest rps reading is `x`.
-    pub fn evaluate(&self, window: &Window, x: f64) -> Evaluation {
-        let stats = window.rps_stats();
-        let z_score = if stats.samples < 2 || stats.stddev == 0.0 {
-            0.0
-        } else {
-            (x - stats.mean).abs() / stats.stddev
-        };
+    /// Analyses `window` after its newest reading was pushed (an empty window gives
+    /// zeros).
+    pub fn evaluate(&self, window: &Window) -> Evaluation {
+        let (rps, cpu) = window.newest().unwrap_or((0.0, 0.0));
+        let rps_stats = window.rps_stats();
+        let cpu_stats = window.cpu_stats();
+        let z_score = z(&rps_stats, rps);
+        let cpu_z_score = z(&cpu_stats, cpu);
         Evaluation {
-            samples: stats.samples,
-            rolling_average_rps: stats.mean,
-            stddev_rps: stats.stddev,
-            rolling_average_cpu: window.cpu_mean(),
+            samples: rps_stats.samples,
+            rolling_average_rps: rps_stats.mean,
+            stddev_rps: rps_stats.stddev,
+            rolling_average_cpu: cpu_stats.mean,
             z_score,
             is_anomaly: z_score > self.threshold,
+            stddev_cpu: cpu_stats.stddev,
+            cpu_z_score,
+            is_cpu_anomaly: cpu_z_score > self.threshold,
         }
     }
 }
@@ -56,7 +111,23 @@ mod tests {
         for &x in values {
             w.push(x, 0.5);
         }
-        AnomalyRule { threshold }.evaluate(&w, *values.last().expect("non-empty"))
+        AnomalyRule { threshold }.evaluate(&w)
+    }
+
+    #[test]
+    fn cpu_has_the_same_rule_and_its_own_statistics() {
+        let mut w = Window::new(50);
+        for i in 0..20 {
+            w.push(100.0, 0.20 + f64::from(i % 3) * 0.01);
+        }
+        w.push(100.0, 0.95);
+        let e = AnomalyRule { threshold: 2.0 }.evaluate(&w);
+        assert!(e.is_cpu_anomaly && !e.is_anomaly, "{e:?}");
+        assert!(e.cpu_z_score > 3.0 && e.stddev_cpu > 0.0);
+        assert_eq!((e.z_score, e.stddev_rps), (0.0, 0.0));
+        assert!(e.is_anomalous(Signal::Cpu) && !e.is_anomalous(Signal::Rps));
+        assert_eq!(Signal::parse("cpu"), Some(Signal::Cpu));
+        assert_eq!(Signal::parse("mem"), None);
     }
 
     #[test]

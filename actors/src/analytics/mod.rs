@@ -6,5 +6,5 @@
 mod anomaly;
 mod window;
 
-pub use anomaly::{AnomalyRule, Evaluation};
+pub use anomaly::{AnomalyRule, Evaluation, Signal};
 pub use window::{Stats, Window};

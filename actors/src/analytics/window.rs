@@ -76,6 +76,16 @@ impl Window {
         stats(self.rps_values())
     }
 
+    /// Statistics of the cpu values.
+    pub fn cpu_stats(&self) -> Stats {
+        stats(self.cpu_values())
+    }
+
+    /// The newest (rps, cpu) reading.
+    pub fn newest(&self) -> Option<(f64, f64)> {
+        self.readings.back().copied()
+    }
+
     /// Mean of the cpu values (0 for an empty window).
     pub fn cpu_mean(&self) -> f64 {
         if self.readings.is_empty() {

@@ -7,12 +7,13 @@
 
 use super::directory::SlotMap;
 use super::{Admission, Slot};
-use crate::analytics::{AnomalyRule, Window};
+use crate::analytics::{AnomalyRule, Signal, Window};
 use crate::event::{Analysis, Event};
 use crate::metrics::{Metrics, MetricsMsg};
 use crate::store::{Inbox, Record, WriterMsg};
 use crate::store::{Version, WindowSnapshot};
 use crate::tuning::{EVENTS_PER_TURN, RESTORE_ATTEMPTS, RESTORE_RETRY_DELAY};
+use bytes::Bytes;
 use chrono::Utc;
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
@@ -64,6 +65,8 @@ pub struct DeviceContext {
     pub predecessor: OnceLock<Arc<dyn Predecessor>>,
     /// The live slots, and the actors of evicted ones still stopping.
     pub(crate) slots: SlotMap,
+    /// ANOMALY_SIGNALS.
+    pub signals: Vec<Signal>,
 }
 
 /// The device actor (configuration only).
@@ -134,13 +137,23 @@ impl DeviceState {
         self.version += 1;
         let device_id = self.slot.device_id();
         Arc::make_mut(&mut self.window).push(event.rps, event.cpu);
-        let evaluation = ctx.rule.evaluate(&self.window, event.rps);
-        if evaluation.is_anomaly {
-            let _ = ctx
-                .metrics_actor
-                .cast(MetricsMsg::Anomaly(device_id.clone()));
-        }
+        let evaluation = ctx.rule.evaluate(&self.window);
         let analysis = Analysis::new(device_id.clone(), &event, evaluation, Utc::now());
+        let mut json = None;
+        for &signal in &ctx.signals {
+            if evaluation.is_anomalous(signal) {
+                let _ = ctx
+                    .metrics_actor
+                    .cast(MetricsMsg::Anomaly(device_id.clone(), signal));
+                // Serialising our own plain struct cannot fail.
+                let analysis = json
+                    .get_or_insert_with(|| {
+                        Bytes::from(serde_json::to_vec(&analysis).unwrap_or_default())
+                    })
+                    .clone();
+                ctx.inbox.put_anomaly(device_id.clone(), signal, analysis);
+            }
+        }
         let now = Instant::now();
         let checkpoint = self
             .checkpointed_at

@@ -6,6 +6,7 @@
 //! counters never come through here (see [`super::Metrics`]).
 
 use super::{DeviceLabel, Metrics};
+use crate::analytics::Signal;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::registry::Registry;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
@@ -44,8 +45,8 @@ pub struct MetricsState {
 
 /// Messages of the metrics actor.
 pub enum MetricsMsg {
-    /// One anomalous event of this device.
-    Anomaly(Arc<str>),
+    /// One anomalous event of this device, on this signal.
+    Anomaly(Arc<str>, Signal),
     /// Encode the registry in the exposition format.
     Scrape(RpcReplyPort<Result<String, ScrapeError>>),
 }
@@ -75,7 +76,7 @@ impl Actor for MetricsActor {
         state: &mut MetricsState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            MetricsMsg::Anomaly(device) => {
+            MetricsMsg::Anomaly(device, signal) => {
                 let label = if state.labelled.contains(&device) {
                     device.to_string()
                 } else if state.labelled.len() < state.max_device_labels {
@@ -87,7 +88,10 @@ impl Actor for MetricsActor {
                 state
                     .metrics
                     .anomalies_detected
-                    .get_or_create(&DeviceLabel { device_id: label })
+                    .get_or_create(&DeviceLabel {
+                        device_id: label,
+                        signal: signal.as_str(),
+                    })
                     .inc();
             }
             MetricsMsg::Scrape(reply) => {

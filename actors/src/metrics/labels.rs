@@ -9,6 +9,8 @@ use std::fmt::Write;
 pub struct DeviceLabel {
     /// The device id, or `__other__` past MAX_DEVICE_LABELS.
     pub device_id: String,
+    /// `rps` or `cpu`.
+    pub signal: &'static str,
 }
 
 /// Why an event was refused.

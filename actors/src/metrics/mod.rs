@@ -100,6 +100,11 @@ pub struct Metrics {
     /// Forwarded batches that arrived after their sender had given up on them (late
     /// retransmissions after a partition): refused, their events were re-routed.
     pub forwarded_batches_expired: Counter,
+    /// Entries appended to the `anomalies` stream.
+    pub anomaly_stream_entries: Counter,
+    /// Anomalies dropped before reaching the stream (the oldest, when the queue during
+    /// an outage passed ANOMALY_STREAM_MAXLEN).
+    pub anomaly_stream_dropped: Counter,
     /// `process_*`, refreshed at each scrape.
     pub process: ProcessMetrics,
 }
@@ -109,7 +114,7 @@ impl Metrics {
     pub fn register(registry: &mut Registry) -> Self {
         let r = registry;
         let m = Self {
-            anomalies_detected: register(r, "anomalies_detected", "Anomalous events by device (capped by MAX_DEVICE_LABELS, overflow under __other__)", Family::default()),
+            anomalies_detected: register(r, "anomalies_detected", "Anomalous events by device and signal (devices capped by MAX_DEVICE_LABELS, overflow under __other__)", Family::default()),
             events_accepted: register(r, "events_accepted", "Events accepted for processing", Counter::default()),
             events_rejected: register(r, "events_rejected", "Events refused, by reason", Family::default()),
             events_processed: register(r, "events_processed", "Events processed by device actors", Counter::default()),
@@ -134,6 +139,8 @@ impl Metrics {
             device_handoffs: register(r, "device_handoffs", "Device windows moved between nodes, by direction", Family::default()),
             cluster_unauthorized: register(r, "cluster_unauthorized", "Internal requests with a missing or wrong CLUSTER_TOKEN", Counter::default()),
             forwarded_batches_expired: register(r, "forwarded_batches_expired", "Forwarded batches that arrived after their sender had given up on them (refused; re-routed)", Counter::default()),
+            anomaly_stream_entries: register(r, "anomaly_stream_entries", "Entries appended to the anomalies stream", Counter::default()),
+            anomaly_stream_dropped: register(r, "anomaly_stream_dropped", "Anomalies dropped before reaching the stream (oldest first, past ANOMALY_STREAM_MAXLEN during an outage)", Counter::default()),
             process: ProcessMetrics::register(r),
         };
         m.cluster_members.set(1);

@@ -4,15 +4,26 @@
 //! A `DashMap` rather than a `Mutex<HashMap>`: `/analyze` readers on many connections and
 //! the writer's flushes touch different shards, and nothing is held across `.await`.
 
+use super::{StreamEntry, StreamId, StreamRecord};
 use bytes::Bytes;
 use dashmap::DashMap;
-use std::time::Duration;
+use std::collections::VecDeque;
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::time::Instant;
 
-/// In-process key-value store with TTL.
+/// In-process key-value store with TTL, and the anomaly stream.
 #[derive(Debug, Default)]
 pub struct EmbeddedStore {
     entries: DashMap<String, (Bytes, Instant)>,
+    stream: Mutex<Stream>,
+}
+
+/// The in-memory `anomalies` stream: ids as Redis makes them, trimmed to the bound.
+#[derive(Debug, Default)]
+struct Stream {
+    entries: VecDeque<StreamRecord>,
+    last: StreamId,
 }
 
 impl EmbeddedStore {
@@ -41,6 +52,47 @@ impl EmbeddedStore {
     pub fn purge_expired(&self) {
         let now = Instant::now();
         self.entries.retain(|_, (_, expires)| *expires > now);
+    }
+
+    /// Appends to the stream (ids `<ms>-<seq>`, never going back), keeping the newest
+    /// `maxlen`.
+    pub fn append_anomalies(&self, entries: &[StreamEntry], maxlen: usize) {
+        let mut stream = self.stream.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        for entry in entries {
+            let id = if now > stream.last.0 {
+                StreamId(now, 0)
+            } else {
+                StreamId(stream.last.0, stream.last.1 + 1)
+            };
+            stream.last = id;
+            stream.entries.push_back(StreamRecord {
+                id,
+                device_id: entry.device_id.to_string(),
+                signal: entry.signal.as_str().to_string(),
+                analysis: entry.analysis.clone(),
+            });
+        }
+        while stream.entries.len() > maxlen {
+            stream.entries.pop_front();
+        }
+    }
+
+    /// Up to `count` stream entries after `after`.
+    pub fn read_anomalies(&self, after: StreamId, count: usize) -> Vec<StreamRecord> {
+        let stream = self.stream.lock().unwrap_or_else(PoisonError::into_inner);
+        let start = stream.entries.partition_point(|e| e.id <= after);
+        stream.entries.range(start..).take(count).cloned().collect()
+    }
+
+    /// The newest stream id (`0-0` when nothing was appended).
+    pub fn last_anomaly_id(&self) -> StreamId {
+        self.stream
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .last
     }
 
     /// Number of entries, expired ones not yet purged included.

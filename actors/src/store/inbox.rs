@@ -11,11 +11,13 @@
 //! `.await`.
 
 use super::WindowSnapshot;
-use crate::analytics::Window;
+use crate::analytics::{Signal, Window};
 use crate::event::Analysis;
 use crate::tuning::FLUSH_EARLY_AT;
+use bytes::Bytes;
+use prometheus_client::metrics::counter::Counter;
 use std::collections::hash_map::Entry;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 /// What a device actor hands the writer after each event.
@@ -43,13 +45,112 @@ impl Record {
 /// Results per device, newest only.
 pub type Batch = HashMap<Arc<str>, Record>;
 
-/// The newest unflushed result of each device.
+/// One anomalous result for the `anomalies` stream. Never coalesced: every anomalous
+/// event gets its entry, even when its analysis key is overwritten before the flush.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StreamEntry {
+    /// The device.
+    pub device_id: Arc<str>,
+    /// Which signal was anomalous.
+    pub signal: Signal,
+    /// The analysis of the anomalous event, as `/analyze` JSON.
+    pub analysis: Bytes,
+    /// Unique per entry (process and counter): a retried append that had reached Redis
+    /// after all (a timed-out flush) is recognised and not appended twice.
+    pub uid: String,
+}
+
+/// Anomalies waiting for the stream, oldest first, at most `max` (the oldest are dropped
+/// beyond it, and counted).
+#[derive(Debug, Default)]
+struct AnomalyQueue {
+    entries: VecDeque<StreamEntry>,
+    max: usize,
+    dropped: Counter,
+    /// This process's part of entry uids, and the counter.
+    uid_base: u64,
+    next_uid: u64,
+}
+
+impl AnomalyQueue {
+    fn trim(&mut self) {
+        while self.entries.len() > self.max {
+            self.entries.pop_front();
+            self.dropped.inc();
+        }
+    }
+}
+
+/// The newest unflushed result of each device, and the anomalies not yet appended.
 #[derive(Debug, Default)]
 pub struct Inbox {
     results: Mutex<Batch>,
+    anomalies: Mutex<AnomalyQueue>,
 }
 
 impl Inbox {
+    /// An inbox whose anomaly queue holds at most `max` entries (ANOMALY_STREAM_MAXLEN;
+    /// 0: no stream), counting those dropped beyond it in `dropped`.
+    pub fn with_stream(max: usize, dropped: Counter) -> Self {
+        Self {
+            results: Mutex::default(),
+            anomalies: Mutex::new(AnomalyQueue {
+                entries: VecDeque::new(),
+                max,
+                dropped,
+                // Distinct across processes and restarts (time and pid), for as long as a
+                // retry can come (minutes).
+                uid_base: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos() as u64)
+                    ^ (u64::from(std::process::id()) << 48),
+                next_uid: 0,
+            }),
+        }
+    }
+
+    fn queue(&self) -> MutexGuard<'_, AnomalyQueue> {
+        self.anomalies
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues an anomaly for the stream (dropping the oldest past the bound), giving it
+    /// its uid.
+    pub fn put_anomaly(&self, device_id: Arc<str>, signal: Signal, analysis: Bytes) {
+        let mut queue = self.queue();
+        if queue.max > 0 {
+            queue.next_uid += 1;
+            let uid = format!("{:016x}-{}", queue.uid_base, queue.next_uid);
+            queue.entries.push_back(StreamEntry {
+                device_id,
+                signal,
+                analysis,
+                uid,
+            });
+            queue.trim();
+        }
+    }
+
+    /// Takes every queued anomaly, oldest first.
+    pub fn take_anomalies(&self) -> Vec<StreamEntry> {
+        self.queue().entries.drain(..).collect()
+    }
+
+    /// Puts back anomalies whose append failed, before any queued since (they are older).
+    pub fn restore_anomalies(&self, failed: Vec<StreamEntry>) {
+        let mut queue = self.queue();
+        for entry in failed.into_iter().rev() {
+            queue.entries.push_front(entry);
+        }
+        queue.trim();
+    }
+
+    /// Anomalies waiting.
+    pub fn anomalies(&self) -> usize {
+        self.queue().entries.len()
+    }
+
     fn lock(&self) -> MutexGuard<'_, Batch> {
         // No code panics while holding the lock; a poisoned map is still consistent.
         self.results.lock().unwrap_or_else(PoisonError::into_inner)
@@ -102,8 +203,8 @@ impl Inbox {
         self.lock().len()
     }
 
-    /// True when nothing waits.
+    /// True when nothing waits, neither results nor anomalies.
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.len() == 0 && self.anomalies() == 0
     }
 }

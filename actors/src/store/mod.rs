@@ -22,7 +22,7 @@ mod tls;
 mod writer;
 
 pub use embedded::EmbeddedStore;
-pub use inbox::{Batch, Inbox, Record};
+pub use inbox::{Batch, Inbox, Record, StreamEntry};
 pub use redis::RedisStore;
 pub use snapshot::{SnapshotError, Version, WindowSnapshot};
 pub use tls::{ClientIdentity, PemError, RedisTls, TlsError};
@@ -40,6 +40,40 @@ pub fn analysis_key(device_id: &str) -> String {
 /// Key of a device's persisted window.
 pub fn window_key(device_id: &str) -> String {
     format!("window:{device_id}")
+}
+
+/// The Redis stream of anomalous results (`XADD anomalies MAXLEN ~ …`).
+pub const ANOMALY_STREAM: &str = "anomalies";
+
+/// A stream entry id, `<milliseconds>-<sequence>`, ordered as Redis orders them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct StreamId(pub u64, pub u64);
+
+impl StreamId {
+    /// Parses `ms-seq` (or a bare `ms`, meaning `ms-0`).
+    pub fn parse(s: &str) -> Option<Self> {
+        let (ms, seq) = s.split_once('-').unwrap_or((s, "0"));
+        Some(Self(ms.parse().ok()?, seq.parse().ok()?))
+    }
+}
+
+impl std::fmt::Display for StreamId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.0, self.1)
+    }
+}
+
+/// An entry read back from the stream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StreamRecord {
+    /// Its id.
+    pub id: StreamId,
+    /// The device.
+    pub device_id: String,
+    /// `rps` or `cpu`.
+    pub signal: String,
+    /// The analysis JSON.
+    pub analysis: Bytes,
 }
 
 /// One device's keys, written together.
@@ -129,6 +163,41 @@ impl Store {
                 Ok(())
             }
             Store::Redis(s) => s.write(writes, ttl).await,
+        }
+    }
+
+    /// Appends anomalies to the stream, oldest first, trimming it to about `maxlen`.
+    pub async fn append_anomalies(
+        &self,
+        entries: &[StreamEntry],
+        maxlen: usize,
+    ) -> Result<(), StoreError> {
+        match self {
+            Store::Embedded(s) => {
+                s.append_anomalies(entries, maxlen);
+                Ok(())
+            }
+            Store::Redis(s) => s.append_anomalies(entries, maxlen).await,
+        }
+    }
+
+    /// Up to `count` stream entries after `after`, oldest first.
+    pub async fn read_anomalies(
+        &self,
+        after: StreamId,
+        count: usize,
+    ) -> Result<Vec<StreamRecord>, StoreError> {
+        match self {
+            Store::Embedded(s) => Ok(s.read_anomalies(after, count)),
+            Store::Redis(s) => s.read_anomalies(after, count).await,
+        }
+    }
+
+    /// The id of the newest stream entry (`0-0` when the stream is empty).
+    pub async fn last_anomaly_id(&self) -> Result<StreamId, StoreError> {
+        match self {
+            Store::Embedded(s) => Ok(s.last_anomaly_id()),
+            Store::Redis(s) => s.last_anomaly_id().await,
         }
     }
 

@@ -19,7 +19,7 @@
 //! `rediss://` connects over rustls (see [`super::tls`]).
 
 use super::tls::{self, RedisTls};
-use super::{DeviceWrite, StoreError};
+use super::{DeviceWrite, StoreError, StreamEntry, StreamId, StreamRecord, ANOMALY_STREAM};
 use bb8_redis::bb8::{self, ManageConnection, Pool, PooledConnection};
 use bb8_redis::redis::{self, aio::MultiplexedConnection, ConnectionAddr, IntoConnectionInfo};
 use bytes::Bytes;
@@ -117,6 +117,21 @@ end
 return 1
 "#;
 
+/// Appends a stream entry unless an append of the same uid ran already (a flush that
+/// timed out on the client may still reach Redis and run: its retry must not append
+/// twice). KEYS: the stream, the uid's marker; ARGV: maxlen, device, signal, analysis,
+/// the marker's expiry in ms.
+const APPEND_ONCE: &str = r#"
+if redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[5]) then
+  return redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*',
+    'device_id', ARGV[2], 'signal', ARGV[3], 'analysis', ARGV[4])
+end
+return false
+"#;
+
+/// How long an appended entry's uid is remembered: far longer than any retry takes.
+const APPENDED_UID_TTL_MS: u64 = 600_000;
+
 /// Redis store handle; cheap to clone.
 #[derive(Clone)]
 pub struct RedisStore {
@@ -126,6 +141,7 @@ pub struct RedisStore {
     /// In a cluster: writes are conditional on the stored window's sequence number.
     guarded: bool,
     script_sha: Arc<str>,
+    append_sha: Arc<str>,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -178,6 +194,7 @@ impl RedisStore {
             timeout,
             guarded: false,
             script_sha: Arc::from(redis::Script::new(GUARDED_SET).get_hash()),
+            append_sha: Arc::from(redis::Script::new(APPEND_ONCE).get_hash()),
         })
     }
 
@@ -294,6 +311,78 @@ impl RedisStore {
         first_error.map_or(Ok(()), Err)
     }
 
+    /// `XADD anomalies MAXLEN ~ maxlen * …` per entry, once per uid (see [`APPEND_ONCE`]),
+    /// in one pipeline (so entries keep their order).
+    pub async fn append_anomalies(
+        &self,
+        entries: &[StreamEntry],
+        maxlen: usize,
+    ) -> Result<(), StoreError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        // Idempotent and cheap next to the entries: EVALSHA below never misses.
+        pipe.cmd("SCRIPT").arg("LOAD").arg(APPEND_ONCE).ignore();
+        for e in entries {
+            pipe.cmd("EVALSHA")
+                .arg(&*self.append_sha)
+                .arg(2)
+                .arg(ANOMALY_STREAM)
+                .arg(format!("{ANOMALY_STREAM}:appended:{}", e.uid))
+                .arg(maxlen)
+                .arg(&*e.device_id)
+                .arg(e.signal.as_str())
+                .arg(&e.analysis[..])
+                .arg(APPENDED_UID_TTL_MS)
+                .ignore();
+        }
+        self.with_conn(|mut conn| async move { pipe.query_async::<()>(&mut conn).await })
+            .await
+    }
+
+    /// `XRANGE anomalies (after + COUNT count`.
+    pub async fn read_anomalies(
+        &self,
+        after: StreamId,
+        count: usize,
+    ) -> Result<Vec<StreamRecord>, StoreError> {
+        let start = format!("({after}");
+        let raw: Vec<(String, Vec<Vec<u8>>)> = self
+            .with_conn(|mut conn| async move {
+                redis::cmd("XRANGE")
+                    .arg(ANOMALY_STREAM)
+                    .arg(start)
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(count)
+                    .query_async(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok(raw.into_iter().filter_map(stream_record).collect())
+    }
+
+    /// The newest entry's id (`XREVRANGE anomalies + - COUNT 1`), `0-0` when empty.
+    pub async fn last_anomaly_id(&self) -> Result<StreamId, StoreError> {
+        let raw: Vec<(String, Vec<Vec<u8>>)> = self
+            .with_conn(|mut conn| async move {
+                redis::cmd("XREVRANGE")
+                    .arg(ANOMALY_STREAM)
+                    .arg("+")
+                    .arg("-")
+                    .arg("COUNT")
+                    .arg(1)
+                    .query_async(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok(raw
+            .first()
+            .and_then(|(id, _)| StreamId::parse(id))
+            .unwrap_or_default())
+    }
+
     /// `GET key`.
     pub async fn get(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
         let value: Option<Vec<u8>> = self
@@ -311,4 +400,26 @@ impl RedisStore {
         )
         .await
     }
+}
+
+/// A raw `XRANGE` entry as a record; entries written by something else are skipped.
+fn stream_record((id, fields): (String, Vec<Vec<u8>>)) -> Option<StreamRecord> {
+    let id = StreamId::parse(&id)?;
+    let mut device_id = None;
+    let mut signal = None;
+    let mut analysis = None;
+    for pair in fields.chunks_exact(2) {
+        match &pair[0][..] {
+            b"device_id" => device_id = String::from_utf8(pair[1].clone()).ok(),
+            b"signal" => signal = String::from_utf8(pair[1].clone()).ok(),
+            b"analysis" => analysis = Some(Bytes::from(pair[1].clone())),
+            _ => {}
+        }
+    }
+    Some(StreamRecord {
+        id,
+        device_id: device_id?,
+        signal: signal?,
+        analysis: analysis?,
+    })
 }

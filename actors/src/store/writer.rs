@@ -14,7 +14,9 @@
 //! was never flushed.
 
 use super::inbox::{Batch, Inbox};
-use super::{analysis_key, window_key, DeviceWrite, Record, Store, StoreError, WindowSnapshot};
+use super::{
+    analysis_key, window_key, DeviceWrite, Record, Store, StoreError, StreamEntry, WindowSnapshot,
+};
 use crate::metrics::Metrics;
 use crate::tuning::{
     EMBEDDED_PURGE_EVERY, STORE_MAX_BACKOFF, STORE_MIN_BACKOFF, STORE_PROBE_EVERY,
@@ -64,6 +66,8 @@ pub struct WriterArgs {
     pub health: StoreHealth,
     /// Where device actors deposit results.
     pub inbox: Arc<Inbox>,
+    /// ANOMALY_STREAM_MAXLEN: the stream's approximate length.
+    pub stream_maxlen: usize,
 }
 
 /// The writer's state.
@@ -73,7 +77,10 @@ pub struct WriterState {
     metrics: Metrics,
     health: StoreHealth,
     inbox: Arc<Inbox>,
+    stream_maxlen: usize,
     inflight: Option<Arc<Batch>>,
+    /// Anomalies of the flush in flight.
+    inflight_anomalies: usize,
     backoff: Duration,
     retry_at: Option<Instant>,
     probing: bool,
@@ -90,8 +97,9 @@ pub enum WriterMsg {
     Flush,
     /// Timer: flush if due, probe if idle, purge expired keys.
     Tick,
-    /// A flush task finished, after `elapsed`, having written this many keys, or not.
-    Flushed(Result<usize, StoreError>, Duration),
+    /// A flush task finished, after `elapsed`: the keys written (or why not), and the
+    /// anomalies that could not be appended (to be put back).
+    Flushed(Result<usize, StoreError>, Duration, Vec<StreamEntry>),
     /// A probe task finished.
     Probed(Result<(), StoreError>),
     /// A device actor is starting: its window, as the store will hold it.
@@ -148,22 +156,29 @@ impl WriterState {
             return;
         }
         let batch = Arc::new(self.inbox.take());
+        let anomalies = self.inbox.take_anomalies();
         self.inflight = Some(batch.clone());
+        self.inflight_anomalies = anomalies.len();
         let (store, ttl, myself) = (self.store.clone(), self.ttl, myself.clone());
+        let maxlen = self.stream_maxlen;
         tokio::spawn(async move {
             let started = Instant::now();
-            let result = match encode(&batch) {
-                Ok(writes) => {
-                    let keys = writes.iter().map(DeviceWrite::keys).sum();
-                    store.write(writes, ttl).await.map(|()| keys)
-                }
-                Err(e) => Err(StoreError::Encode(e)),
+            let keys = async {
+                let writes = encode(&batch).map_err(StoreError::Encode)?;
+                let keys = writes.iter().map(DeviceWrite::keys).sum();
+                store.write(writes, ttl).await.map(|()| keys)
+            };
+            let (result, appended) = tokio::join!(keys, store.append_anomalies(&anomalies, maxlen));
+            let (result, unappended) = match appended {
+                Ok(()) => (result, Vec::new()),
+                // The stream's failure counts as the flush's when the keys went through.
+                Err(e) => (result.and(Err(e)), anomalies),
             };
             // Let go of the batch before reporting, so that after a failure the writer
             // can take it back without copying it.
             drop(batch);
             // The writer may be gone at the end of shutdown; nothing to tell then.
-            let _ = myself.cast(WriterMsg::Flushed(result, started.elapsed()));
+            let _ = myself.cast(WriterMsg::Flushed(result, started.elapsed(), unappended));
         });
     }
 
@@ -283,7 +298,9 @@ impl Actor for WriterActor {
             metrics: args.metrics,
             health: args.health,
             inbox: args.inbox,
+            stream_maxlen: args.stream_maxlen,
             inflight: None,
+            inflight_anomalies: 0,
             backoff: STORE_MIN_BACKOFF,
             retry_at: None,
             probing: false,
@@ -312,10 +329,16 @@ impl Actor for WriterActor {
                 state.maybe_probe(&myself, now);
                 state.pending_gauge();
             }
-            WriterMsg::Flushed(result, elapsed) => {
+            WriterMsg::Flushed(result, elapsed, unappended) => {
                 let now = Instant::now();
                 state.last_contact = now;
                 let batch = state.inflight.take();
+                let appended = state.inflight_anomalies - unappended.len();
+                state.inflight_anomalies = 0;
+                state.metrics.anomaly_stream_entries.inc_by(appended as u64);
+                if !unappended.is_empty() {
+                    state.inbox.restore_anomalies(unappended);
+                }
                 state
                     .metrics
                     .store_write_duration_seconds

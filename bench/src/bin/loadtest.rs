@@ -68,6 +68,11 @@ struct Args {
     /// poll /analyze until it shows.
     #[arg(long, default_value_t = 0)]
     visibility_probes: u64,
+    /// Also measure anomaly-to-SSE latency with this many probes: a listener on
+    /// /anomalies/stream of the last target, a spike posted to the first, timed from its
+    /// 200 until the listener sees it.
+    #[arg(long, default_value_t = 0)]
+    sse_probes: u64,
     /// Exit 1 when the share of 2xx answers (percent) is below this; 0 accepts any.
     #[arg(long, default_value_t = DEFAULT_MIN_SUCCESS_PERCENT, value_parser = percent)]
     min_success: f64,
@@ -426,6 +431,74 @@ async fn probe_visibility(
     Ok(hist)
 }
 
+/// Anomaly-to-SSE latency: from the 200 of a spike (after steady readings of its own
+/// probe device) until the frame with that device arrives on `/anomalies/stream`.
+async fn probe_sse(
+    targets: Vec<Arc<Target>>,
+    probes: u64,
+    plan: Arc<Plan>,
+) -> anyhow::Result<Histogram<u64>> {
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let (post_target, read_target) = (&*targets[0], &*targets[targets.len() - 1]);
+    let base = read_target
+        .path
+        .trim_end_matches("/batch")
+        .trim_end_matches("/metric");
+    let mut listener = connect(read_target).await?;
+    listener.ready().await?;
+    let req = Request::builder()
+        .uri(format!("{base}/anomalies/stream"))
+        .header(hyper::header::HOST, &read_target.host)
+        .body(Full::new(Bytes::new()))?;
+    let response = listener.send_request(req).await?;
+    if response.status() != 200 {
+        bail!("/anomalies/stream answered {}", response.status());
+    }
+    let mut body = response.into_body();
+    let mut poster = connect(post_target).await?;
+    let post_path = post_target.path.trim_end_matches("/batch").to_string();
+    let gap = plan.deadline.saturating_duration_since(Instant::now()) / (probes as u32 + 1);
+    let mut seen = String::new();
+    for k in 0..probes {
+        if plan.stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let device = format!("sse-probe-{k}");
+        for rps in [100.0, 101.0, 99.0, 100.0, 102.0, 98.0, 100.0, 101.0, 99.0, 100.0, 5000.0] {
+            let body = format!(r#"{{"device_id":"{device}","cpu":0.5,"rps":{rps}}}"#);
+            let (status, _) = send(
+                &mut poster,
+                post_target,
+                Method::POST,
+                &post_path,
+                Some(Payload::json(body)),
+            )
+            .await?;
+            if status != 200 {
+                bail!("probe event answered {status}");
+            }
+        }
+        let accepted = Instant::now();
+        let marker = format!(r#""device_id":"{device}""#);
+        loop {
+            if let Some(at) = seen.find(&marker) {
+                seen.drain(..at + marker.len());
+                break;
+            }
+            let frame = tokio::time::timeout(Duration::from_secs(10), body.frame())
+                .await
+                .context("no anomaly on the stream within 10s")?
+                .context("the stream ended")??;
+            if let Ok(data) = frame.into_data() {
+                seen.push_str(&String::from_utf8_lossy(&data));
+            }
+        }
+        let _ = hist.record(accepted.elapsed().as_micros().max(1) as u64);
+        tokio::time::sleep(gap.min(Duration::from_millis(50))).await;
+    }
+    Ok(hist)
+}
+
 async fn resolve(url: &str) -> anyhow::Result<Target> {
     let uri: Uri = url.parse().with_context(|| format!("bad URL {url}"))?;
     let authority = uri.authority().context("URL needs host:port")?.clone();
@@ -492,6 +565,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             ))
         })
         .collect();
+    let sse = (args.sse_probes > 0).then(|| {
+        tokio::spawn(probe_sse(targets.clone(), args.sse_probes, plan.clone()))
+    });
     let visibility = (args.visibility_probes > 0).then(|| {
         tokio::spawn(probe_visibility(
             targets.clone(),
@@ -539,6 +615,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Some(handle) => Latency::of(&handle.await??),
         None => None,
     };
+    let sse = match sse {
+        Some(handle) => Latency::of(&handle.await??),
+        None => None,
+    };
     progress.abort();
 
     let failed = failures.total();
@@ -561,6 +641,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         latency_ms: Latency::of(&hist),
         failures: FailureBreakdown::from(&failures),
         visibility_ms: visibility,
+        sse_ms: sse,
     };
     if args.json {
         println!("{}", serde_json::to_string(&report)?);

@@ -1,0 +1,329 @@
+//! `GET /anomalies/stream`: the `anomalies` stream as Server-Sent Events.
+//!
+//! One poller per process reads new stream entries from the store (Redis, so entries
+//! appended by any replica appear on every replica; or the embedded store) while clients
+//! are connected, and fans them out over a broadcast channel. Each client has its own
+//! task and a small bounded buffer in front of its connection: a client that stops
+//! reading fills it and is disconnected (and counted) rather than buffered without
+//! bound; one that falls behind the broadcast is disconnected the same way. With
+//! `Last-Event-ID` a client first replays the stream after that id from the store, then
+//! continues live, skipping what it has already had: no gap, no duplicate.
+
+use super::errors::{ApiError, Body};
+use super::AppState;
+use crate::auth::{Client, Mode};
+use actors::store::{Store, StreamId, StreamRecord};
+use bytes::Bytes;
+use http_body_util::Either;
+use hyper::body::{Frame, Incoming};
+use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
+use hyper::{Request, Response, StatusCode};
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::sync::{broadcast, mpsc, watch};
+
+/// How often the poller reads the store while clients are connected: well inside the
+/// FLUSH_INTERVAL + 10 ms that an anomaly may take to reach a client.
+const POLL_EVERY: Duration = Duration::from_millis(2);
+/// Entries read per store call.
+const READ_BATCH: usize = 512;
+/// Entries the broadcast holds for the slowest client before it counts as lagging.
+const FEED_CAPACITY: usize = 4096;
+/// Frames waiting in front of one client's connection before it counts as not reading.
+const CLIENT_BUFFER: usize = 256;
+
+/// A response body fed frame by frame from a channel.
+#[derive(Debug)]
+pub struct EventStream {
+    rx: mpsc::Receiver<Bytes>,
+}
+
+impl hyper::body::Body for EventStream {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.rx.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+/// The live feed of stream entries, shared by every client.
+pub struct AnomalyFeed {
+    tx: broadcast::Sender<Arc<StreamRecord>>,
+    clients: AtomicUsize,
+    max_clients: usize,
+    heartbeat: Duration,
+}
+
+impl AnomalyFeed {
+    /// Starts the poller over `store`; it reads only while clients are connected.
+    pub fn start(
+        store: Store,
+        max_clients: usize,
+        heartbeat: Duration,
+        stopped: watch::Receiver<bool>,
+    ) -> Arc<Self> {
+        let (tx, _) = broadcast::channel(FEED_CAPACITY);
+        let feed = Arc::new(Self {
+            tx,
+            clients: AtomicUsize::new(0),
+            max_clients,
+            heartbeat,
+        });
+        tokio::spawn(feed.clone().poll(store, stopped));
+        feed
+    }
+
+    async fn poll(self: Arc<Self>, store: Store, mut stopped: watch::Receiver<bool>) {
+        // Where the feed stands; `None` while nobody listens (a new listener starts live).
+        let mut last: Option<StreamId> = None;
+        let mut tick = tokio::time::interval(POLL_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stopped.changed() => return,
+            }
+            if self.tx.receiver_count() == 0 {
+                last = None;
+                continue;
+            }
+            let after = match last {
+                Some(id) => id,
+                None => match store.last_anomaly_id().await {
+                    Ok(id) => {
+                        last = Some(id);
+                        continue;
+                    }
+                    Err(_) => continue,
+                },
+            };
+            match store.read_anomalies(after, READ_BATCH).await {
+                Ok(records) => {
+                    for record in records {
+                        last = Some(record.id);
+                        let _ = self.tx.send(Arc::new(record));
+                    }
+                }
+                // An outage: the entries are read once the store answers again.
+                Err(e) => tracing::debug!(error = %e, "anomaly feed: store read failed"),
+            }
+        }
+    }
+}
+
+/// Which entries a client gets.
+struct Filter {
+    device_id: Option<String>,
+    prefix: Option<String>,
+    client: Option<Arc<Client>>,
+}
+
+impl Filter {
+    fn admits(&self, record: &StreamRecord) -> bool {
+        self.device_id
+            .as_ref()
+            .is_none_or(|d| *d == record.device_id)
+            && self
+                .prefix
+                .as_ref()
+                .is_none_or(|p| record.device_id.starts_with(p.as_str()))
+            && self
+                .client
+                .as_ref()
+                .is_none_or(|c| c.covers(&record.device_id))
+    }
+}
+
+/// One SSE frame.
+fn frame(record: &StreamRecord) -> Bytes {
+    let device = serde_json::to_string(&record.device_id).unwrap_or_default();
+    let analysis = std::str::from_utf8(&record.analysis).unwrap_or("null");
+    Bytes::from(format!(
+        "id: {id}\nevent: anomaly\ndata: {{\"id\":\"{id}\",\"device_id\":{device},\"signal\":\"{signal}\",\"analysis\":{analysis}}}\n\n",
+        id = record.id,
+        signal = record.signal,
+    ))
+}
+
+/// Handles `GET /anomalies/stream`.
+pub async fn get(state: &AppState, req: Request<Incoming>) -> Response<Body> {
+    match open(state, &req) {
+        Ok(response) => response,
+        Err(e) => e.into_response(),
+    }
+}
+
+fn open(state: &AppState, req: &Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let client = state.authorize(req, Mode::Read)?;
+    let Some(feed) = state.inner.feed.clone() else {
+        return Err(ApiError::status(
+            StatusCode::NOT_FOUND,
+            "the anomalies stream is off (ANOMALY_STREAM_MAXLEN=0)",
+        ));
+    };
+    if state.is_shutting_down() {
+        return Err(ApiError::status(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the service is shutting down",
+        ));
+    }
+    let device_id = super::query_param(req.uri(), "device_id");
+    let prefix = super::query_param(req.uri(), "prefix");
+    if let Some(d) = &device_id {
+        super::validate::device_id(d)?;
+        state.authorize_device(client.as_ref(), d, Mode::Read)?;
+    }
+    if let (Some(p), Some(c)) = (&prefix, &client) {
+        // A prefix inside the token's: the token's must be a prefix of it.
+        if !c.covers(p) {
+            return Err(state.denied_device(c, p));
+        }
+    }
+    let resume = req
+        .headers()
+        .get("last-event-id")
+        .map(|v| v.to_str().unwrap_or_default().to_string())
+        .or_else(|| super::query_param(req.uri(), "last_event_id"))
+        .map(|id| {
+            StreamId::parse(id.trim()).ok_or_else(|| {
+                ApiError::bad_body("Last-Event-ID must be a stream id such as 1700000000000-0")
+            })
+        })
+        .transpose()?;
+    if feed.clients.fetch_add(1, Ordering::AcqRel) >= feed.max_clients {
+        feed.clients.fetch_sub(1, Ordering::AcqRel);
+        return Err(ApiError::status(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "MAX_STREAM_CLIENTS ({}) stream clients are connected; retry shortly",
+                feed.max_clients
+            ),
+        ));
+    }
+    state.http_metrics().stream_clients.inc();
+    let (tx, rx) = mpsc::channel(CLIENT_BUFFER);
+    let filter = Filter {
+        device_id,
+        prefix,
+        client,
+    };
+    tokio::spawn(serve_client(state.clone(), feed, filter, resume, tx));
+    let mut response = Response::new(Either::Right(EventStream { rx }));
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    // Reverse proxies (nginx) would otherwise buffer the stream.
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    Ok(response)
+}
+
+/// Why a client's stream ended.
+enum End {
+    /// The client hung up, or shutdown began.
+    Closed,
+    /// The client did not keep up.
+    TooSlow,
+}
+
+async fn serve_client(
+    state: AppState,
+    feed: Arc<AnomalyFeed>,
+    filter: Filter,
+    resume: Option<StreamId>,
+    tx: mpsc::Sender<Bytes>,
+) {
+    let mut live = feed.tx.subscribe();
+    let end = stream_to(&state, &feed, &filter, resume, &tx, &mut live).await;
+    if matches!(end, End::TooSlow) {
+        state.http_metrics().stream_clients_dropped.inc();
+        tracing::info!("anomaly stream client dropped: it did not keep up");
+    }
+    feed.clients.fetch_sub(1, Ordering::AcqRel);
+    state.http_metrics().stream_clients.dec();
+}
+
+async fn stream_to(
+    state: &AppState,
+    feed: &AnomalyFeed,
+    filter: &Filter,
+    resume: Option<StreamId>,
+    tx: &mpsc::Sender<Bytes>,
+    live: &mut broadcast::Receiver<Arc<StreamRecord>>,
+) -> End {
+    let send = |bytes: Bytes| match tx.try_send(bytes) {
+        Ok(()) => Ok(()),
+        Err(mpsc::error::TrySendError::Full(_)) => Err(End::TooSlow),
+        Err(mpsc::error::TrySendError::Closed(_)) => Err(End::Closed),
+    };
+    // A comment first, so that the client sees the stream open at once.
+    if let Err(end) = send(Bytes::from_static(b": connected\n\n")) {
+        return end;
+    }
+    let mut sent = resume;
+    if let Some(mut after) = resume {
+        // Replay from the store; the live feed (subscribed before) fills in after it.
+        loop {
+            let records = match state
+                .system()
+                .store()
+                .read_anomalies(after, READ_BATCH)
+                .await
+            {
+                Ok(r) => r,
+                Err(_) => {
+                    tokio::time::sleep(POLL_EVERY * 50).await;
+                    continue;
+                }
+            };
+            let full = records.len() == READ_BATCH;
+            for record in &records {
+                after = record.id;
+                if filter.admits(record) {
+                    // Replay waits for a slow reader instead of dropping it: it is bounded.
+                    if tx.send(frame(record)).await.is_err() {
+                        return End::Closed;
+                    }
+                }
+            }
+            sent = Some(after);
+            if !full {
+                break;
+            }
+        }
+    }
+    let mut shutdown = state.shutdown_watch();
+    let mut heartbeat = tokio::time::interval(feed.heartbeat);
+    heartbeat.tick().await;
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return End::Closed,
+            _ = tx.closed() => return End::Closed,
+            _ = heartbeat.tick() => {
+                if let Err(end) = send(Bytes::from_static(b": heartbeat\n\n")) {
+                    return end;
+                }
+            }
+            received = live.recv() => match received {
+                Ok(record) => {
+                    if sent.is_some_and(|s| record.id <= s) || !filter.admits(&record) {
+                        continue;
+                    }
+                    sent = Some(record.id);
+                    if let Err(end) = send(frame(&record)) {
+                        return end;
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => return End::TooSlow,
+                Err(broadcast::error::RecvError::Closed) => return End::Closed,
+            },
+        }
+    }
+}

@@ -1,0 +1,422 @@
+//! The `anomalies` stream and `GET /anomalies/stream` over real sockets: entries in a real
+//! redis-server, the SSE feed across replicas, filters, resume, heartbeat, the client
+//! cap, a client that stops reading, an outage, and cpu as a second signal.
+
+mod common;
+
+use actors::analytics::{AnomalyRule, Window};
+use common::{eventually, get, post, request_with, Redis, Service};
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const SOON: Duration = Duration::from_secs(10);
+
+/// An SSE client reading frames as they come.
+struct Sse {
+    stream: TcpStream,
+    buffer: String,
+}
+
+/// One frame: its id and data (events), or a comment.
+#[derive(Debug, Clone)]
+enum Frame {
+    Event { id: String, data: Value },
+    Comment(String),
+}
+
+impl Sse {
+    async fn open(addr: SocketAddr, query: &str, headers: &[&str]) -> Self {
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        let mut req = format!("GET /anomalies/stream{query} HTTP/1.1\r\nHost: t\r\n");
+        for h in headers {
+            req.push_str(h);
+            req.push_str("\r\n");
+        }
+        req.push_str("\r\n");
+        stream.write_all(req.as_bytes()).await.expect("write");
+        let mut sse = Self {
+            stream,
+            buffer: String::new(),
+        };
+        let head = sse.until("\r\n\r\n").await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("content-type: text/event-stream"),
+            "{head}"
+        );
+        sse
+    }
+
+    /// Reads until `marker`, returning the text before it (and dropping the marker).
+    async fn until(&mut self, marker: &str) -> String {
+        loop {
+            if let Some(at) = self.buffer.find(marker) {
+                let out = self.buffer[..at].to_string();
+                self.buffer.drain(..at + marker.len());
+                return out;
+            }
+            let mut chunk = [0u8; 8192];
+            let n = tokio::time::timeout(SOON, self.stream.read(&mut chunk))
+                .await
+                .expect("a frame within 10s")
+                .expect("read");
+            assert!(n > 0, "the stream ended; buffered: {:?}", self.buffer);
+            self.buffer.push_str(&String::from_utf8_lossy(&chunk[..n]));
+        }
+    }
+
+    /// The next frame (chunked transfer framing lines are skipped).
+    async fn next(&mut self) -> Frame {
+        loop {
+            let block = self.until("\n\n").await;
+            let mut id = None;
+            let mut data = None;
+            let mut comment = None;
+            for line in block.lines() {
+                if let Some(v) = line.strip_prefix("id: ") {
+                    id = Some(v.to_string());
+                } else if let Some(v) = line.strip_prefix("data: ") {
+                    data = Some(serde_json::from_str(v).expect("data is JSON"));
+                } else if let Some(v) = line.strip_prefix(": ") {
+                    comment = Some(v.to_string());
+                }
+            }
+            match (id, data, comment) {
+                (Some(id), Some(data), _) => return Frame::Event { id, data },
+                (_, _, Some(c)) => return Frame::Comment(c),
+                _ => continue,
+            }
+        }
+    }
+
+    /// The next event frame, skipping comments.
+    async fn event(&mut self) -> (String, Value) {
+        loop {
+            if let Frame::Event { id, data } = self.next().await {
+                return (id, data);
+            }
+        }
+    }
+}
+
+fn event(device: &str, cpu: f64, rps: f64) -> String {
+    json!({"device_id": device, "cpu": cpu, "rps": rps}).to_string()
+}
+
+/// Ten steady readings, then one rps spike: exactly one rps anomaly (the tenth value is
+/// never anomalous: with a constant window z is 0).
+async fn spike(addr: SocketAddr, device: &str) {
+    let mut body = String::new();
+    for _ in 0..10 {
+        body.push_str(&event(device, 0.2, 100.0));
+        body.push('\n');
+    }
+    body.push_str(&event(device, 0.2, 1000.0));
+    let r = post(addr, "/metric/batch", &body).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
+fn xrange(redis: &Redis) -> Vec<Vec<String>> {
+    let out = redis
+        .cli(&["--no-raw", "XRANGE", "anomalies", "-", "+"])
+        .unwrap_or_default();
+    // redis-cli prints nested arrays; collect each entry's quoted strings.
+    let mut entries: Vec<Vec<String>> = Vec::new();
+    for line in out.lines() {
+        let trimmed = line.trim_start();
+        let starts_entry = trimmed.contains(") 1) \"") && !line.starts_with("   ");
+        let Some(start) = line.find('"') else {
+            continue;
+        };
+        let value = line[start + 1..line.len() - 1].replace("\\\"", "\"");
+        if starts_entry || entries.is_empty() {
+            entries.push(vec![value]);
+        } else if let Some(last) = entries.last_mut() {
+            last.push(value);
+        }
+    }
+    entries
+}
+
+fn xlen(redis: &Redis) -> u64 {
+    redis
+        .cli(&["XLEN", "anomalies"])
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_spike_is_one_stream_entry_and_reaches_another_replicas_feed() {
+    let redis = Redis::start();
+    let a = Service::start(&[("REDIS_URL", &redis.url())]);
+    let b = Service::start(&[("REDIS_URL", &redis.url())]);
+    let mut feed = Sse::open(b.addr, "", &[]).await;
+    spike(a.addr, "pump-1").await;
+    let (id, data) = feed.event().await;
+    assert_eq!(data["id"], id.as_str());
+    assert_eq!(data["device_id"], "pump-1");
+    assert_eq!(data["signal"], "rps");
+    assert_eq!(data["analysis"]["is_anomaly"], true);
+    assert_eq!(data["analysis"]["last_rps"], 1000.0);
+    assert_eq!(data["analysis"]["samples"], 11);
+    // Exactly one entry, with the fields consumers read.
+    let entries = xrange(&redis);
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    let fields = &entries[0];
+    assert_eq!(fields[0], id);
+    assert_eq!(&fields[1..5], ["device_id", "pump-1", "signal", "rps"]);
+    assert_eq!(fields[5], "analysis");
+    let analysis: Value = serde_json::from_str(&fields[6]).expect("analysis JSON");
+    assert_eq!(analysis, data["analysis"]);
+    assert_eq!(a.metric("anomaly_stream_entries_total").await, Some(1.0));
+    assert_eq!(
+        a.metric(r#"anomalies_detected_total{device_id="pump-1",signal="rps"}"#)
+            .await,
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
+async fn every_anomalous_event_gets_its_entry_even_within_one_flush() {
+    let redis = Redis::start();
+    // A long flush interval: each device's results coalesce into one key write, yet every
+    // anomaly must be appended.
+    let svc = Service::start(&[
+        ("REDIS_URL", &redis.url()),
+        ("FLUSH_INTERVAL", "2s"),
+        ("ANOMALY_THRESHOLD", "1.0"),
+    ]);
+    let mut expected = 0;
+    let mut body = String::new();
+    for d in 0..100u32 {
+        let mut window = Window::new(50);
+        for i in 0..30u32 {
+            let rps = 100.0 + f64::from((d * 31 + i * 17) % 23);
+            window.push(rps, 0.5);
+            if (AnomalyRule { threshold: 1.0 })
+                .evaluate(&window)
+                .is_anomaly
+            {
+                expected += 1;
+            }
+            body.push_str(&event(&format!("d-{d}"), 0.5, rps));
+            body.push('\n');
+        }
+    }
+    assert!(
+        expected >= 1000,
+        "the load must make many anomalies: {expected}"
+    );
+    let r = post(svc.addr, "/metric/batch", &body).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    eventually(SOON, "every anomaly in the stream", || async {
+        (xlen(&redis) == expected).then_some(())
+    })
+    .await;
+    assert_eq!(
+        svc.metric("anomaly_stream_entries_total").await,
+        Some(expected as f64)
+    );
+    assert!(
+        svc.metric("store_keys_written_total").await.unwrap_or(0.0) < 1000.0,
+        "the analysis keys did coalesce"
+    );
+}
+
+#[tokio::test]
+async fn filters_resume_and_heartbeat() {
+    let svc = Service::start(&[("STREAM_HEARTBEAT_INTERVAL", "200ms")]);
+    let mut by_prefix = Sse::open(svc.addr, "?prefix=site-a/", &[]).await;
+    let mut by_device = Sse::open(svc.addr, "?device_id=site-b/2", &[]).await;
+    let mut all = Sse::open(svc.addr, "", &[]).await;
+    for device in ["site-b/1", "site-a/1", "site-b/2", "site-a/2"] {
+        spike(svc.addr, device).await;
+        // One at a time: the order across devices is then known.
+        let (_, data) = all.event().await;
+        assert_eq!(data["device_id"], device);
+    }
+    let (_, first) = by_prefix.event().await;
+    let (_, second) = by_prefix.event().await;
+    assert_eq!(
+        (first["device_id"].clone(), second["device_id"].clone()),
+        (json!("site-a/1"), json!("site-a/2"))
+    );
+    let (b2_id, b2) = by_device.event().await;
+    assert_eq!(b2["device_id"], "site-b/2");
+    // Idle now: a heartbeat comment comes within the interval.
+    loop {
+        match by_device.next().await {
+            Frame::Comment(c) if c == "heartbeat" => break,
+            Frame::Comment(_) => continue,
+            Frame::Event { data, .. } => panic!("unexpected event {data}"),
+        }
+    }
+    // Resume after site-b/2's entry: exactly site-a/2 follows, then the live feed.
+    let mut resumed = Sse::open(svc.addr, "", &[&format!("Last-Event-ID: {b2_id}")]).await;
+    let (_, replayed) = resumed.event().await;
+    assert_eq!(replayed["device_id"], "site-a/2");
+    spike(svc.addr, "site-c/1").await;
+    let (_, live) = resumed.event().await;
+    assert_eq!(live["device_id"], "site-c/1", "no duplicate, no gap");
+    // Bad ids and devices are refused like everywhere else.
+    let r = get(svc.addr, "/anomalies/stream?last_event_id=yesterday").await;
+    assert_eq!(r.status, 400);
+    let r = get(svc.addr, "/anomalies/stream?device_id=").await;
+    assert_eq!(
+        (r.status, r.json()["field"].clone()),
+        (400, json!("device_id"))
+    );
+}
+
+#[tokio::test]
+async fn the_client_cap_and_a_client_that_stops_reading() {
+    let svc = Service::start(&[("MAX_STREAM_CLIENTS", "2"), ("ANOMALY_THRESHOLD", "0")]);
+    let _one = Sse::open(svc.addr, "", &[]).await;
+    // A client with a tiny receive buffer that never reads.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("rcvbuf");
+    let mut stalled = socket.connect(svc.addr).await.expect("connect");
+    stalled
+        .write_all(b"GET /anomalies/stream HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .expect("write");
+    eventually(SOON, "two clients", || async {
+        (svc.metric("stream_clients").await == Some(2.0)).then_some(())
+    })
+    .await;
+    let r = get(svc.addr, "/anomalies/stream").await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert!(r.json()["error"]
+        .as_str()
+        .is_some_and(|m| m.contains("MAX_STREAM_CLIENTS")));
+    // Threshold 0: nearly every event is an anomaly; thousands of frames for a client
+    // that reads none.
+    for round in 0..4 {
+        let body: String = (0..10_000)
+            .map(|i| {
+                event(
+                    &format!("flood-{}", i % 500),
+                    0.5,
+                    f64::from(i * (round + 1) % 977),
+                ) + "\n"
+            })
+            .collect();
+        let r = post(svc.addr, "/metric/batch", &body).await;
+        assert_eq!(r.status, 200);
+    }
+    // Neither client reads (the first one is never read from either): both are dropped,
+    // and their slots freed.
+    eventually(SOON, "both stalled clients dropped", || async {
+        (svc.metric("stream_clients_dropped_total").await == Some(2.0)).then_some(())
+    })
+    .await;
+    eventually(SOON, "their slots freed", || async {
+        (svc.metric("stream_clients").await == Some(0.0)).then_some(())
+    })
+    .await;
+    // The slot is usable again.
+    let _two = Sse::open(svc.addr, "", &[]).await;
+    drop(stalled);
+}
+
+#[tokio::test]
+async fn anomalies_during_an_outage_are_appended_when_redis_returns() {
+    let redis = Redis::start();
+    let svc = Service::start(&[("REDIS_URL", &redis.url())]);
+    eventually(SOON, "ready", || async {
+        (get(svc.addr, "/ready").await.status == 200).then_some(())
+    })
+    .await;
+    redis.signal("-STOP");
+    for d in 0..3 {
+        spike(svc.addr, &format!("out-{d}")).await;
+    }
+    eventually(SOON, "the outage noticed", || async {
+        (get(svc.addr, "/ready").await.status == 503).then_some(())
+    })
+    .await;
+    assert_eq!(svc.metric("anomaly_stream_entries_total").await, Some(0.0));
+    redis.signal("-CONT");
+    eventually(Duration::from_secs(20), "the entries appended", || async {
+        (xlen(&redis) == 3).then_some(())
+    })
+    .await;
+    // A flush that timed out may still have reached the frozen Redis and run when it
+    // thawed; its retry must not append the same entries again.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut devices: Vec<String> = xrange(&redis).iter().map(|e| e[2].clone()).collect();
+    devices.sort();
+    assert_eq!(devices, ["out-0", "out-1", "out-2"], "none lost or doubled");
+    assert_eq!(svc.metric("anomaly_stream_dropped_total").await, Some(0.0));
+}
+
+#[tokio::test]
+async fn cpu_is_a_second_signal() {
+    let steady_then_cpu_spike = |device: &str| {
+        let mut body = String::new();
+        for i in 0..10 {
+            body.push_str(&event(device, 0.20 + f64::from(i % 2) * 0.01, 100.0));
+            body.push('\n');
+        }
+        body.push_str(&event(device, 0.99, 100.0));
+        body
+    };
+    // Default signals (rps): the cpu anomaly shows in /analyze, but is not streamed.
+    let rps_only = Service::start(&[]);
+    let r = post(
+        rps_only.addr,
+        "/metric/batch",
+        &steady_then_cpu_spike("c-1"),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let a = eventually(SOON, "analysis", || async {
+        let r = get(rps_only.addr, "/analyze?device_id=c-1").await;
+        (r.status == 200 && r.json()["samples"] == 11).then(|| r.json())
+    })
+    .await;
+    assert_eq!(
+        (a["is_anomaly"].clone(), a["is_cpu_anomaly"].clone()),
+        (json!(false), json!(true))
+    );
+    let mut window = Window::new(50);
+    for i in 0..10 {
+        window.push(100.0, 0.20 + f64::from(i % 2) * 0.01);
+    }
+    window.push(100.0, 0.99);
+    let e = AnomalyRule { threshold: 2.0 }.evaluate(&window);
+    assert_eq!(a["cpu_z_score"], e.cpu_z_score);
+    assert_eq!(a["stddev_cpu"], e.stddev_cpu);
+    assert_eq!(
+        rps_only.metric("anomaly_stream_entries_total").await,
+        Some(0.0)
+    );
+
+    // ANOMALY_SIGNALS=rps,cpu: streamed and counted with its signal.
+    let both = Service::start(&[("ANOMALY_SIGNALS", "rps,cpu")]);
+    let mut feed = Sse::open(both.addr, "", &[]).await;
+    let r = request_with(
+        both.addr,
+        "POST",
+        "/metric/batch",
+        &[],
+        steady_then_cpu_spike("c-2").as_bytes(),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let (_, data) = feed.event().await;
+    assert_eq!(
+        (data["device_id"].clone(), data["signal"].clone()),
+        (json!("c-2"), json!("cpu"))
+    );
+    assert_eq!(
+        both.metric(r#"anomalies_detected_total{device_id="c-2",signal="cpu"}"#)
+            .await,
+        Some(1.0)
+    );
+}

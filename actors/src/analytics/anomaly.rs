@@ -84,8 +84,7 @@ impl AnomalyRule {
     /// zeros).
     pub fn evaluate(&self, window: &Window) -> Evaluation {
         let (rps, cpu) = window.newest().unwrap_or((0.0, 0.0));
-        let rps_stats = window.rps_stats();
-        let cpu_stats = window.cpu_stats();
+        let (rps_stats, cpu_stats) = window.stats();
         let z_score = z(&rps_stats, rps);
         let cpu_z_score = z(&cpu_stats, cpu);
         Evaluation {

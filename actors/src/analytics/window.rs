@@ -73,12 +73,23 @@ impl Window {
 
     /// Statistics of the rps values.
     pub fn rps_stats(&self) -> Stats {
-        stats(self.rps_values())
+        let [rps] = stats(self.readings.len(), self.rps_values().map(|x| [x]));
+        rps
     }
 
     /// Statistics of the cpu values.
     pub fn cpu_stats(&self) -> Stats {
-        stats(self.cpu_values())
+        let [cpu] = stats(self.readings.len(), self.cpu_values().map(|x| [x]));
+        cpu
+    }
+
+    /// Statistics of rps and cpu, in one pair of passes.
+    pub fn stats(&self) -> (Stats, Stats) {
+        let [rps, cpu] = stats(
+            self.readings.len(),
+            self.readings.iter().map(|&(r, c)| [r, c]),
+        );
+        (rps, cpu)
     }
 
     /// The newest (rps, cpu) reading.
@@ -126,7 +137,9 @@ fn compensated_sum(values: impl Iterator<Item = f64>) -> f64 {
     sum + compensation
 }
 
-/// Two-pass statistics of finite values.
+/// Two-pass statistics of finite values, of `L` series at once (rps and cpu share the
+/// passes over the window: the two dependency chains then overlap in the CPU, which
+/// nearly halves their cost next to one pass each).
 ///
 /// Pass one: min, max and a compensated sum (the mean must be accurate to about an ulp:
 /// z divides the newest value's distance from it by a deviation that may be 1e-5 of it).
@@ -136,59 +149,65 @@ fn compensated_sum(values: impl Iterator<Item = f64>) -> f64 {
 /// all-equal case is detected explicitly: the computed mean of n equal values need not
 /// be bit-identical to them (n·v/n rounds), and a tiny non-zero deviation would turn into
 /// an arbitrary z-score.
-fn stats(values: impl ExactSizeIterator<Item = f64> + Clone) -> Stats {
-    let n = values.len();
+fn stats<const L: usize>(n: usize, values: impl Iterator<Item = [f64; L]> + Clone) -> [Stats; L] {
     if n == 0 {
-        return Stats {
+        return [Stats {
             samples: 0,
             mean: 0.0,
             stddev: 0.0,
-        };
+        }; L];
     }
-    let (mut min, mut max) = (f64::INFINITY, f64::NEG_INFINITY);
-    let (mut sum, mut compensation) = (0.0_f64, 0.0_f64);
-    for x in values.clone() {
-        min = min.min(x);
-        max = max.max(x);
-        let t = sum + x;
-        compensation += if sum.abs() >= x.abs() {
-            (sum - t) + x
-        } else {
-            (x - t) + sum
-        };
-        sum = t;
-    }
-    if min == max {
-        return Stats {
-            samples: n,
-            mean: min,
-            stddev: 0.0,
-        };
+    let (mut min, mut max) = ([f64::INFINITY; L], [f64::NEG_INFINITY; L]);
+    let (mut sum, mut compensation) = ([0.0_f64; L], [0.0_f64; L]);
+    for xs in values.clone() {
+        for l in 0..L {
+            let x = xs[l];
+            min[l] = min[l].min(x);
+            max[l] = max[l].max(x);
+            let t = sum[l] + x;
+            compensation[l] += if sum[l].abs() >= x.abs() {
+                (sum[l] - t) + x
+            } else {
+                (x - t) + sum[l]
+            };
+            sum[l] = t;
+        }
     }
     let nf = n as f64;
-    let sum = sum + compensation;
-    let mean = if sum.is_finite() {
-        sum / nf
-    } else {
-        // Only reachable near f64::MAX: divide first so the sum cannot overflow.
-        compensated_sum(values.clone().map(|x| x / nf))
+    let (mut mean, mut inv_range) = ([0.0_f64; L], [0.0_f64; L]);
+    for l in 0..L {
+        if min[l] == max[l] {
+            // All equal: exactly that value, and no deviation (inv_range 0 below).
+            mean[l] = min[l];
+            continue;
+        }
+        let total = sum[l] + compensation[l];
+        mean[l] = if total.is_finite() {
+            total / nf
+        } else {
+            // Only reachable near f64::MAX: divide first so the sum cannot overflow.
+            compensated_sum(values.clone().map(|xs| xs[l] / nf))
+        }
+        .clamp(min[l], max[l]);
+        inv_range[l] = 1.0 / (max[l] - min[l]);
     }
-    .clamp(min, max);
-    let range = max - min;
-    let inv_range = 1.0 / range;
-    let (mut sum_sq, mut sum_d) = (0.0_f64, 0.0_f64);
-    for x in values {
-        let d = (x - mean) * inv_range;
-        sum_sq += d * d;
-        sum_d += d;
+    let (mut sum_sq, mut sum_d) = ([0.0_f64; L], [0.0_f64; L]);
+    for xs in values {
+        for l in 0..L {
+            let d = (xs[l] - mean[l]) * inv_range[l];
+            sum_sq[l] += d * d;
+            sum_d[l] += d;
+        }
     }
-    // The second term corrects for the rounding of `mean` (the "corrected two-pass").
-    let variance = ((sum_sq - sum_d * sum_d / nf) / nf).max(0.0);
-    Stats {
-        samples: n,
-        mean,
-        stddev: range * variance.sqrt(),
-    }
+    std::array::from_fn(|l| {
+        // The second term corrects for the rounding of `mean` (the "corrected two-pass").
+        let variance = ((sum_sq[l] - sum_d[l] * sum_d[l] / nf) / nf).max(0.0);
+        Stats {
+            samples: n,
+            mean: mean[l],
+            stddev: (max[l] - min[l]) * variance.sqrt(),
+        }
+    })
 }
 
 #[cfg(test)]

@@ -464,7 +464,9 @@ async fn probe_sse(
             break;
         }
         let device = format!("sse-probe-{k}");
-        for rps in [100.0, 101.0, 99.0, 100.0, 102.0, 98.0, 100.0, 101.0, 99.0, 100.0, 5000.0] {
+        for rps in [
+            100.0, 101.0, 99.0, 100.0, 102.0, 98.0, 100.0, 101.0, 99.0, 100.0, 5000.0,
+        ] {
             let body = format!(r#"{{"device_id":"{device}","cpu":0.5,"rps":{rps}}}"#);
             let (status, _) = send(
                 &mut poster,
@@ -565,9 +567,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
             ))
         })
         .collect();
-    let sse = (args.sse_probes > 0).then(|| {
-        tokio::spawn(probe_sse(targets.clone(), args.sse_probes, plan.clone()))
-    });
+    let sse = (args.sse_probes > 0)
+        .then(|| tokio::spawn(probe_sse(targets.clone(), args.sse_probes, plan.clone())));
     let visibility = (args.visibility_probes > 0).then(|| {
         tokio::spawn(probe_visibility(
             targets.clone(),

@@ -225,6 +225,48 @@ fn open(state: &AppState, req: &Request<Incoming>) -> Result<Response<Body>, Api
     Ok(response)
 }
 
+/// Sends the stream's entries after `after` (and before `until`, when given) from the
+/// store; answers the id of the last one read. Replay waits for a slow reader instead of
+/// dropping it: it is bounded by the stream's length.
+async fn replay(
+    state: &AppState,
+    filter: &Filter,
+    mut after: StreamId,
+    until: Option<StreamId>,
+    tx: &mpsc::Sender<Bytes>,
+) -> Result<StreamId, End> {
+    loop {
+        let records = match state
+            .system()
+            .store()
+            .read_anomalies(after, READ_BATCH)
+            .await
+        {
+            Ok(r) => r,
+            Err(_) => {
+                if tx.is_closed() {
+                    return Err(End::Closed);
+                }
+                tokio::time::sleep(POLL_EVERY * 50).await;
+                continue;
+            }
+        };
+        let full = records.len() == READ_BATCH;
+        for record in &records {
+            if until.is_some_and(|u| record.id >= u) {
+                return Ok(after);
+            }
+            after = record.id;
+            if filter.admits(record) && tx.send(frame(record)).await.is_err() {
+                return Err(End::Closed);
+            }
+        }
+        if !full {
+            return Ok(after);
+        }
+    }
+}
+
 /// Why a client's stream ended.
 enum End {
     /// The client hung up, or shutdown began.
@@ -267,39 +309,23 @@ async fn stream_to(
     if let Err(end) = send(Bytes::from_static(b": connected\n\n")) {
         return end;
     }
-    let mut sent = resume;
-    if let Some(mut after) = resume {
-        // Replay from the store; the live feed (subscribed before) fills in after it.
-        loop {
-            let records = match state
-                .system()
-                .store()
-                .read_anomalies(after, READ_BATCH)
-                .await
-            {
-                Ok(r) => r,
-                Err(_) => {
-                    tokio::time::sleep(POLL_EVERY * 50).await;
-                    continue;
-                }
-            };
-            let full = records.len() == READ_BATCH;
-            for record in &records {
-                after = record.id;
-                if filter.admits(record) {
-                    // Replay waits for a slow reader instead of dropping it: it is bounded.
-                    if tx.send(frame(record)).await.is_err() {
-                        return End::Closed;
-                    }
-                }
-            }
-            sent = Some(after);
-            if !full {
-                break;
-            }
-        }
-    }
     let mut shutdown = state.shutdown_watch();
+    // Shutdown may have begun between the request's check and this subscription.
+    if *shutdown.borrow_and_update() {
+        return End::Closed;
+    }
+    let mut sent = resume;
+    // After a replay, the first live entry may not follow the replay's last one (the
+    // poller may have started reading after the replay ended): the gap is read from the
+    // store first.
+    let mut fill_gap = false;
+    if let Some(after) = resume {
+        match replay(state, filter, after, None, tx).await {
+            Ok(last) => sent = Some(last),
+            Err(end) => return end,
+        }
+        fill_gap = true;
+    }
     let mut heartbeat = tokio::time::interval(feed.heartbeat);
     heartbeat.tick().await;
     loop {
@@ -313,7 +339,17 @@ async fn stream_to(
             }
             received = live.recv() => match received {
                 Ok(record) => {
-                    if sent.is_some_and(|s| record.id <= s) || !filter.admits(&record) {
+                    if sent.is_some_and(|s| record.id <= s) {
+                        continue;
+                    }
+                    if std::mem::take(&mut fill_gap) {
+                        if let Some(after) = sent {
+                            if let Err(end) = replay(state, filter, after, Some(record.id), tx).await {
+                                return end;
+                            }
+                        }
+                    }
+                    if !filter.admits(&record) {
                         continue;
                     }
                     sent = Some(record.id);

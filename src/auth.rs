@@ -181,8 +181,10 @@ impl Tokens {
             let digest = parse_digest(digest).ok_or_else(|| {
                 line_error("the second field must be a sha256 digest: 64 hex digits".into())
             })?;
+            // The value is not echoed: a token pasted into the wrong column must not
+            // reach the log.
             let mode = Mode::parse(mode)
-                .ok_or_else(|| line_error(format!("mode must be rw, w or r, found '{mode}'")))?;
+                .ok_or_else(|| line_error("the fourth field (mode) must be rw, w or r".into()))?;
             if !names.insert(name.to_string()) {
                 return Err(line_error(format!("client '{name}' appears twice")));
             }
@@ -201,6 +203,11 @@ impl Tokens {
     /// The client a presented token belongs to.
     pub fn find(&self, token: &str) -> Option<Arc<Client>> {
         self.by_digest.get(&digest(token)).cloned()
+    }
+
+    /// Whether `client` is still in the file, unchanged (a long-lived stream checks it).
+    pub fn still_has(&self, client: &Client) -> bool {
+        self.by_digest.values().any(|c| **c == *client)
     }
 
     /// Number of clients.
@@ -416,7 +423,14 @@ mod tests {
                 "b secret-token-pasted-here\n".to_string(),
                 "expected 4 fields",
             ),
-            (format!("b {} * rwx\n", hash("y")), "mode must be"),
+            (
+                format!("b {} * rwx\n", hash("y")),
+                "(mode) must be rw, w or r",
+            ),
+            (
+                format!("b {} * secret-token-in-the-mode-column\n", hash("y")),
+                "(mode) must be rw, w or r",
+            ),
             ("b 1234 * r\n".to_string(), "sha256"),
             (format!("a {} * r\n", hash("y")), "appears twice"),
             (format!("b {} * r\n", hash("x")), "digest appears twice"),

@@ -86,6 +86,9 @@ async fn main() -> anyhow::Result<()> {
         std::process::exit(2);
     }
     tracing::info!(version = env!("CARGO_PKG_VERSION"), %settings, "starting");
+    // From here on SIGTERM means a graceful shutdown (not the default action), even before
+    // the server first looks at it.
+    let terminated = shutdown::signal();
     // Exit 2, as clap does for every other invalid setting.
     let (cluster_config, redis_tls) =
         match config.check().and_then(|c| Ok((c, config.redis_tls()?))) {
@@ -211,7 +214,8 @@ async fn main() -> anyhow::Result<()> {
         http::BodyLimits {
             max_body_bytes: config.max_body_bytes as usize,
             max_batch_bytes: config.max_batch_bytes as usize,
-            max_batch_events: config.max_batch_events as usize,
+            // A batch is admitted whole: one larger than the pending bound never would be.
+            max_batch_events: config.max_batch_events.min(config.max_pending_events) as usize,
             body_read_timeout: config.body_read_timeout,
         },
     );
@@ -225,7 +229,7 @@ async fn main() -> anyhow::Result<()> {
     let signalled = {
         let state = state.clone();
         async move {
-            shutdown::signal().await;
+            terminated.await;
             state.begin_shutdown();
         }
     };

@@ -1,25 +1,38 @@
 //! Waiting for the signal that starts a graceful shutdown.
 
-/// Resolves on SIGTERM (what Kubernetes sends when it stops a pod) or SIGINT (Ctrl-C).
-pub async fn signal() {
+use std::future::Future;
+
+/// Listens for SIGTERM (what Kubernetes sends when it stops a pod) and SIGINT (Ctrl-C)
+/// from now on, and resolves on the first. The handlers are installed here, at once, not
+/// when the future is first polled: a SIGTERM that arrives between start-up and the
+/// server's first look at the future must start a graceful shutdown, not kill the process
+/// with the default action.
+pub fn signal() -> impl Future<Output = ()> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => tracing::info!("SIGTERM received"),
-                    _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+        let term = signal(SignalKind::terminate());
+        let int = signal(SignalKind::interrupt());
+        async move {
+            match (term, int) {
+                (Ok(mut term), Ok(mut int)) => {
+                    tokio::select! {
+                        _ = term.recv() => tracing::info!("SIGTERM received"),
+                        _ = int.recv() => tracing::info!("SIGINT received"),
+                    }
                 }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGTERM; only SIGINT stops the service");
-                let _ = tokio::signal::ctrl_c().await;
+                (term, int) => {
+                    let error = term.err().or(int.err()).map(|e| e.to_string());
+                    tracing::warn!(error = ?error, "cannot listen for SIGTERM/SIGINT; falling back to Ctrl-C only");
+                    let _ = tokio::signal::ctrl_c().await;
+                }
             }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }

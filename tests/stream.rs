@@ -273,6 +273,26 @@ async fn filters_resume_and_heartbeat() {
 }
 
 #[tokio::test]
+async fn a_stream_outlives_the_keep_alive_timeout() {
+    // The client sends nothing after its request: the connection must not count as idle
+    // while its response streams.
+    let svc = Service::start(&[
+        ("KEEP_ALIVE_TIMEOUT", "1s"),
+        ("STREAM_HEARTBEAT_INTERVAL", "300ms"),
+    ]);
+    let mut feed = Sse::open(svc.addr, "", &[]).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    spike(svc.addr, "late-1").await;
+    let (_, data) = feed.event().await;
+    assert_eq!(data["device_id"], "late-1");
+    assert_eq!(
+        svc.metric(r#"http_connections_closed_total{reason="idle_timeout"}"#)
+            .await,
+        Some(0.0)
+    );
+}
+
+#[tokio::test]
 async fn the_client_cap_and_a_client_that_stops_reading() {
     let svc = Service::start(&[("MAX_STREAM_CLIENTS", "2"), ("ANOMALY_THRESHOLD", "0")]);
     let _one = Sse::open(svc.addr, "", &[]).await;

@@ -139,7 +139,7 @@ pub async fn post(state: &AppState, req: Request<Incoming>) -> Response<Body> {
                 errors.push(ItemError {
                     index: positions[*p],
                     status: 503,
-                    error: "the owner of this device is overloaded (MAX_PENDING_EVENTS); retry this event".into(),
+                    error: "not queued: the node owning this device is overloaded (MAX_PENDING_EVENTS) or unreachable; retry this event".into(),
                     field: None,
                 });
             }

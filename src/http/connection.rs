@@ -14,6 +14,7 @@
 use super::metrics::CloseReason;
 use super::router;
 use super::AppState;
+use http_body_util::Either;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -208,7 +209,15 @@ pub async fn serve(
             let guard = InFlight(activity.clone());
             let state = state.clone();
             async move {
-                let response = router::handle(state, req).await;
+                let mut response = router::handle(state, req).await;
+                // A streamed body (SSE) is still being answered after the handler
+                // returns: the connection counts as busy, not idle, until it ends.
+                if let Ok(r) = &mut response {
+                    if let Either::Right(stream) = r.body_mut() {
+                        stream.hold(Box::new(guard));
+                        return response;
+                    }
+                }
                 drop(guard);
                 response
             }

@@ -164,6 +164,15 @@ impl AppState {
         self.denied(&Denied::Device(client.clone(), Mode::Read), Some(what))
     }
 
+    /// Whether the client a long-lived response was opened for may still read (its token
+    /// may have been removed or narrowed since).
+    fn still_authorized(&self, client: Option<&Arc<Client>>) -> bool {
+        match (&self.inner.auth, client) {
+            (Some(auth), Some(client)) => auth.tokens().still_has(client),
+            _ => true,
+        }
+    }
+
     /// Counts a refusal and makes its error.
     fn denied(&self, denied: &Denied, device: Option<&str>) -> ApiError {
         self.http_metrics().auth_failure(denied.reason());

@@ -37,9 +37,17 @@ const FEED_CAPACITY: usize = 4096;
 const CLIENT_BUFFER: usize = 256;
 
 /// A response body fed frame by frame from a channel.
-#[derive(Debug)]
 pub struct EventStream {
     rx: mpsc::Receiver<Bytes>,
+    /// Kept for as long as the body lives (the connection's in-flight mark).
+    held: Option<Box<dyn std::any::Any + Send + Sync>>,
+}
+
+impl EventStream {
+    /// Keeps `value` alive until the body is dropped.
+    pub fn hold(&mut self, value: Box<dyn std::any::Any + Send + Sync>) {
+        self.held = Some(value);
+    }
 }
 
 impl hyper::body::Body for EventStream {
@@ -216,7 +224,7 @@ fn open(state: &AppState, req: &Request<Incoming>) -> Result<Response<Body>, Api
         client,
     };
     tokio::spawn(serve_client(state.clone(), feed, filter, resume, tx));
-    let mut response = Response::new(Either::Right(EventStream { rx }));
+    let mut response = Response::new(Either::Right(EventStream { rx, held: None }));
     let headers = response.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
@@ -227,29 +235,29 @@ fn open(state: &AppState, req: &Request<Incoming>) -> Result<Response<Body>, Api
 
 /// Sends the stream's entries after `after` (and before `until`, when given) from the
 /// store; answers the id of the last one read. Replay waits for a slow reader instead of
-/// dropping it: it is bounded by the stream's length.
+/// dropping it (it is bounded by the stream's length), but never past shutdown.
 async fn replay(
     state: &AppState,
     filter: &Filter,
     mut after: StreamId,
     until: Option<StreamId>,
     tx: &mpsc::Sender<Bytes>,
+    shutdown: &mut watch::Receiver<bool>,
 ) -> Result<StreamId, End> {
     loop {
-        let records = match state
-            .system()
-            .store()
-            .read_anomalies(after, READ_BATCH)
-            .await
-        {
-            Ok(r) => r,
-            Err(_) => {
-                if tx.is_closed() {
-                    return Err(End::Closed);
-                }
-                tokio::time::sleep(POLL_EVERY * 50).await;
-                continue;
+        let read = state.system().store().read_anomalies(after, READ_BATCH);
+        let records = tokio::select! {
+            r = read => r,
+            _ = shutdown.changed() => return Err(End::Closed),
+        };
+        let Ok(records) = records else {
+            // The store is down: try again shortly, unless the client left meanwhile.
+            tokio::select! {
+                _ = tokio::time::sleep(POLL_EVERY * 50) => {}
+                _ = shutdown.changed() => return Err(End::Closed),
+                _ = tx.closed() => return Err(End::Closed),
             }
+            continue;
         };
         let full = records.len() == READ_BATCH;
         for record in &records {
@@ -257,8 +265,11 @@ async fn replay(
                 return Ok(after);
             }
             after = record.id;
-            if filter.admits(record) && tx.send(frame(record)).await.is_err() {
-                return Err(End::Closed);
+            if filter.admits(record) {
+                tokio::select! {
+                    sent = tx.send(frame(record)) => if sent.is_err() { return Err(End::Closed) },
+                    _ = shutdown.changed() => return Err(End::Closed),
+                }
             }
         }
         if !full {
@@ -320,7 +331,7 @@ async fn stream_to(
     // store first.
     let mut fill_gap = false;
     if let Some(after) = resume {
-        match replay(state, filter, after, None, tx).await {
+        match replay(state, filter, after, None, tx, &mut shutdown).await {
             Ok(last) => sent = Some(last),
             Err(end) => return end,
         }
@@ -333,6 +344,10 @@ async fn stream_to(
             _ = shutdown.changed() => return End::Closed,
             _ = tx.closed() => return End::Closed,
             _ = heartbeat.tick() => {
+                // A token removed or narrowed in AUTH_TOKENS_FILE ends its open streams.
+                if !state.still_authorized(filter.client.as_ref()) {
+                    return End::Closed;
+                }
                 if let Err(end) = send(Bytes::from_static(b": heartbeat\n\n")) {
                     return end;
                 }
@@ -344,7 +359,9 @@ async fn stream_to(
                     }
                     if std::mem::take(&mut fill_gap) {
                         if let Some(after) = sent {
-                            if let Err(end) = replay(state, filter, after, Some(record.id), tx).await {
+                            if let Err(end) =
+                                replay(state, filter, after, Some(record.id), tx, &mut shutdown).await
+                            {
                                 return end;
                             }
                         }

@@ -132,6 +132,15 @@ pub struct ClusterConfig {
 /// Events with their devices, as forwarded.
 type Events = Vec<(Arc<str>, Event)>;
 
+/// A device id with the position of its event in a batch.
+struct Positioned(usize, Arc<str>);
+
+impl AsRef<str> for Positioned {
+    fn as_ref(&self) -> &str {
+        &self.1
+    }
+}
+
 /// Where an event goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Route {
@@ -368,26 +377,29 @@ impl Cluster {
     }
 
     /// Accepts a batch: split by owner, this node's part queued here and each peer's
-    /// part forwarded in one message, in the batch's order per device. Each part is all
-    /// or nothing at its owner's MAX_PENDING_EVENTS: the answer lists the positions of
-    /// the events whose owner was overloaded (every other event is accepted), and is
-    /// `Err(Overloaded)` only when nothing was accepted, so that a 503 never hides an
-    /// accepted event. A part whose owner failed otherwise goes through [`Cluster::submit`]
-    /// event by event (re-routed, never dropped).
+    /// part forwarded in one message, in the batch's order per device (one route per
+    /// device for the whole batch, so a view change midway cannot split a device's
+    /// events). Each part is all or nothing at its owner's MAX_PENDING_EVENTS: the answer
+    /// lists the positions of the events that were not accepted (every other event is),
+    /// and is `Err(Overloaded)` only when nothing was accepted, so that a 503 never hides
+    /// an accepted event. A part whose owner failed otherwise goes through
+    /// [`Cluster::submit`] event by event (re-routed); once one event of a device is
+    /// refused there, its later events are refused too, so a client that retries the
+    /// refused ones keeps the device's order.
     pub async fn submit_batch(
         &self,
         events: Vec<(Arc<str>, Event)>,
     ) -> Result<Vec<usize>, SubmitError> {
+        let mut routes: HashMap<Arc<str>, Route> = HashMap::new();
         let mut local = Vec::new();
-        let mut local_positions = Vec::new();
         // Per peer: the events' positions in the batch, and the events.
         let mut remote: HashMap<SocketAddr, (Vec<usize>, Events)> = HashMap::new();
         for (i, (device, event)) in events.into_iter().enumerate() {
-            match self.route(&device) {
-                Route::Local => {
-                    local_positions.push(i);
-                    local.push((device, event));
-                }
+            let route = *routes
+                .entry(device.clone())
+                .or_insert_with(|| self.route(&device));
+            match route {
+                Route::Local => local.push((Positioned(i, device), event)),
                 Route::Remote(peer) => {
                     let part = remote.entry(peer).or_default();
                     part.0.push(i);
@@ -395,15 +407,16 @@ impl Cluster {
                 }
             }
         }
-        let mut accepted_any = !local.is_empty();
+        let mut accepted_any = false;
         let mut again = Vec::new();
         if !local.is_empty() {
+            let queued = local.len();
             // Refused here: nothing is sent anywhere, the whole batch is refused.
-            for (device, event) in self.directory.submit_many(local.into_iter())? {
-                // Handed off meanwhile: through the single-event path, which follows
-                // the fence.
-                again.push((usize::MAX, device, event));
-            }
+            let moved = self.directory.submit_many(local.into_iter())?;
+            accepted_any = moved.len() < queued;
+            // Handed off meanwhile (not queued here): through the single-event path,
+            // which follows the fence.
+            again.extend(moved.into_iter().map(|(p, event)| (p.0, p.1, event)));
         }
         let sent = futures_util::future::join_all(remote.into_iter().map(
             |(peer, (positions, part))| async move {
@@ -435,13 +448,10 @@ impl Cluster {
                 let mut refused = Vec::new();
                 let mut accepted = false;
                 for (i, event) in events {
-                    match self.submit(&device, event).await {
-                        Ok(()) => accepted = true,
-                        Err(_) if i != usize::MAX => refused.push(i),
-                        // A local event, admitted already: it is taken regardless.
-                        Err(_) => {
-                            accepted |= self.directory.submit_regardless(&device, event).is_ok()
-                        }
+                    if !refused.is_empty() || self.submit(&device, event).await.is_err() {
+                        refused.push(i);
+                    } else {
+                        accepted = true;
                     }
                 }
                 (accepted, refused)

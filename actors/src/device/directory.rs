@@ -91,8 +91,10 @@ impl SlotMap {
     /// it deposited its window), a new actor of the device waits for it: see
     /// [`SlotMap::stopping`].
     pub(crate) fn retire(&self, slot: &Arc<Slot>, actor: ActorCell, reason: &str) {
-        self.unlist(slot);
+        // Recorded before the slot goes: a new slot (and actor) of the device can appear
+        // the moment it is unlisted, and must find this one.
         self.1.insert(slot.device_id().clone(), actor.clone());
+        self.unlist(slot);
         actor.stop(Some(reason.into()));
     }
 

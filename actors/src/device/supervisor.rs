@@ -139,6 +139,7 @@ impl Actor for DeviceSupervisor {
                 let Some(slot) = state.children.remove(&cell.get_id()) else {
                     return Ok(());
                 };
+                state.slots.stopped(slot.device_id(), cell.get_id());
                 state.ctx.metrics.actor_restarts.inc();
                 if slot.take_in_process() {
                     // The event being processed caused the failure: it is dropped (and

@@ -162,6 +162,9 @@ impl Inbox {
     pub fn put(&self, mut record: Record) -> bool {
         let mut results = self.lock();
         match results.entry(record.analysis.device_id.clone()) {
+            // A late deposit of an older incarnation (an actor that finished stopping
+            // after its successor started) never replaces a newer result.
+            Entry::Occupied(older) if older.get().version > record.version => {}
             Entry::Occupied(mut older) => {
                 record.checkpoint |= older.get().checkpoint;
                 older.insert(record);

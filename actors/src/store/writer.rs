@@ -169,10 +169,14 @@ impl WriterState {
                 store.write(writes, ttl).await.map(|()| keys)
             };
             let (result, appended) = tokio::join!(keys, store.append_anomalies(&anomalies, maxlen));
-            let (result, unappended) = match appended {
-                Ok(()) => (result, Vec::new()),
-                // The stream's failure counts as the flush's when the keys went through.
-                Err(e) => (result.and(Err(e)), anomalies),
+            // The stream is retried on its own: a stream-only failure (say, a key of the
+            // wrong type) must neither rewrite the results nor make the store not ready.
+            let unappended = match appended {
+                Ok(()) => Vec::new(),
+                Err(e) => {
+                    tracing::debug!(error = %e, entries = anomalies.len(), "appending anomalies failed; kept for the next flush");
+                    anomalies
+                }
             };
             // Let go of the batch before reporting, so that after a failure the writer
             // can take it back without copying it.

@@ -289,3 +289,32 @@ async fn a_bad_tokens_file_stops_start_up() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("MODE must be rw, w or r"));
 }
+
+#[tokio::test]
+async fn a_tokens_file_without_clients_is_warned_about_and_refuses_every_request() {
+    let no_client = |v: &Value| {
+        v["level"] == "WARN"
+            && v["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("lists no client"))
+    };
+    let empty = TokenFile::new(&[]);
+    let mut svc = start(&empty.path());
+    svc.wait_log(SOON, no_client)
+        .expect("a warning that no client is listed");
+    assert_eq!(post_metric(svc.addr, Some("anything"), "d-1").await.status, 401);
+
+    let (token, line) = token_add("gw", "*", "rw");
+    let listed = TokenFile::new(&[&line]);
+    let svc = start(&listed.path());
+    assert_eq!(post_metric(svc.addr, Some(&token), "d-1").await.status, 200);
+    let (code, logs) = svc.terminate();
+    assert_eq!(code, 0);
+    assert!(
+        !logs
+            .iter()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .any(|v| no_client(&v)),
+        "a file with a client is not warned about"
+    );
+}

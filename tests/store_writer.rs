@@ -54,7 +54,10 @@ async fn the_store_metrics_count_keys_written_and_results_waiting_while_redis_ha
     let deadline = Instant::now() + SOON;
     let mut seen = Vec::new();
     while seen.iter().filter(|&&v| v == 3.0).count() < 20 {
-        assert!(Instant::now() < deadline, "never 3 results waiting: {seen:?}");
+        assert!(
+            Instant::now() < deadline,
+            "never 3 results waiting: {seen:?}"
+        );
         if let Some(v) = svc.metric("store_pending_results").await {
             seen.push(v);
         }

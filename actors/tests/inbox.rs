@@ -74,7 +74,10 @@ fn a_failed_flush_is_put_back_under_newer_results_keeping_its_checkpoints() {
     let a = &batch["a"];
     assert_eq!(a.version, 2, "the newer result wins over the one put back");
     assert!(a.checkpoint, "the failed checkpoint must still be written");
-    assert_eq!(batch["b"].version, 1, "a result with nothing newer is put back");
+    assert_eq!(
+        batch["b"].version, 1,
+        "a result with nothing newer is put back"
+    );
     assert!(batch["b"].checkpoint);
 }
 

@@ -285,8 +285,16 @@ mod tests {
     fn values_whose_sum_overflows_have_a_finite_mean_and_deviation() {
         let w = Window::restore(2, [(f64::MAX, 0.0), (f64::MAX / 2.0, 0.0)]);
         let s = w.rps_stats();
-        assert!((s.mean / (0.75 * f64::MAX) - 1.0).abs() < 1e-12, "{}", s.mean);
-        assert!((s.stddev / (0.25 * f64::MAX) - 1.0).abs() < 1e-12, "{}", s.stddev);
+        assert!(
+            (s.mean / (0.75 * f64::MAX) - 1.0).abs() < 1e-12,
+            "{}",
+            s.mean
+        );
+        assert!(
+            (s.stddev / (0.25 * f64::MAX) - 1.0).abs() < 1e-12,
+            "{}",
+            s.stddev
+        );
     }
 
     #[test]

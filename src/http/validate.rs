@@ -296,6 +296,37 @@ mod tests {
     }
 
     #[test]
+    fn negative_zero_is_stored_as_zero() {
+        let (_, e) = event(br#"{"device_id":"a","cpu":-0.0,"rps":-0}"#, now()).expect("valid");
+        assert!(
+            e.cpu.is_sign_positive() && e.rps.is_sign_positive(),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn number_messages_say_what_is_wrong() {
+        let message = |body: &str| event(body.as_bytes(), now()).expect_err(body).message;
+        assert_eq!(
+            message(r#"{"device_id":"a","cpu":"0.5","rps":1}"#),
+            "cpu must be a number"
+        );
+        assert_eq!(
+            message(r#"{"device_id":"a","cpu":0.5,"rps":-1}"#),
+            "rps must be at least 0, got -1"
+        );
+        // Beyond f64: infinite once parsed, never accepted.
+        assert_eq!(
+            message(r#"{"device_id":"a","cpu":0.5,"rps":1e400}"#),
+            "rps must be a finite number"
+        );
+        assert_eq!(
+            message(r#"{"device_id":"a","cpu":-1e400,"rps":1}"#),
+            "cpu must be a finite number"
+        );
+    }
+
+    #[test]
     fn exactly_128_bytes_is_allowed() {
         assert!(device_id(&"é".repeat(64)).is_ok());
         assert!(device_id(&"é".repeat(65)).is_err());

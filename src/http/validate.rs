@@ -327,6 +327,19 @@ mod tests {
     }
 
     #[test]
+    fn events_of_a_batch_without_a_timestamp_follow_the_receive_time_in_order() {
+        let line = "{\"device_id\":\"a\",\"cpu\":0.5,\"rps\":1}\n";
+        let body = line.repeat(3);
+        let stamps: Vec<_> = batch(body.as_bytes(), now(), 10)
+            .expect("a batch")
+            .into_iter()
+            .map(|(_, item)| item.expect("valid").1.timestamp)
+            .collect();
+        let ns = chrono::Duration::nanoseconds;
+        assert_eq!(stamps, [now(), now() + ns(1), now() + ns(2)]);
+    }
+
+    #[test]
     fn exactly_128_bytes_is_allowed() {
         assert!(device_id(&"é".repeat(64)).is_ok());
         assert!(device_id(&"é".repeat(65)).is_err());

@@ -340,6 +340,19 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_may_hold_exactly_max_events_in_either_form() {
+        let event = r#"{"device_id":"a","cpu":0.5,"rps":1}"#;
+        let array = |n: usize| format!("[{}]", vec![event; n].join(","));
+        let lines = |n: usize| format!("{event}\n").repeat(n);
+        for body in [array(3), lines(3)] {
+            assert_eq!(batch(body.as_bytes(), now(), 3).expect("fits").len(), 3);
+        }
+        for body in [array(4), lines(4)] {
+            assert_eq!(batch(body.as_bytes(), now(), 3), Err(BatchError::TooMany));
+        }
+    }
+
+    #[test]
     fn exactly_128_bytes_is_allowed() {
         assert!(device_id(&"é".repeat(64)).is_ok());
         assert!(device_id(&"é".repeat(65)).is_err());

@@ -41,8 +41,8 @@ case "${MUTANTS_TESTS:-default}" in
     ;;
 esac
 # The same targets for the build and the test of a mutant (-C applies to both), so that
-# nothing else is built; the load generator (bench/) is not production code.
-cargo_args=(--cargo-arg=--exclude=bench)
+# nothing else is built (bench's binaries depend on no production crate: built once).
+cargo_args=()
 for t in "${tests[@]}"; do
   cargo_args+=("--cargo-arg=$t")
 done
@@ -61,12 +61,28 @@ if [ -n "${MUTANTS_BUDGET:-}" ]; then
   budget=(timeout --signal=INT --kill-after=60 "$MUTANTS_BUDGET")
 fi
 
+# cargo-mutants' own baseline builds only the mutated packages, where these targets do
+# not all exist (the root package has no library, actors no HTTP tests); so the same
+# tests run here on the unmutated tree first, and cargo-mutants skips its baseline.
+baseline=1
+for arg in "$@"; do
+  case "$arg" in
+    --list | --list-files | --baseline=skip | --help | -h | --version | -V) baseline=0 ;;
+  esac
+done
+skip=()
+if [ "$baseline" = 1 ]; then
+  echo "--- baseline: the tests pass on the unmutated tree"
+  cargo test --workspace "${tests[@]}"
+  skip=(--baseline=skip)
+fi
+
 started=$(mktemp)
 trap 'rm -f "$started"' EXIT
 status=0
 "${budget[@]}" cargo mutants --workspace --test-workspace=true --jobs "$jobs" \
   --timeout "${MUTANTS_TIMEOUT:-180}" --build-timeout 900 --output target \
-  "${cargo_args[@]}" "$@" || status=$?
+  "${skip[@]}" "${cargo_args[@]}" "$@" || status=$?
 
 # --list and friends write no outcomes (an older run's may be there).
 [ "$out/caught.txt" -nt "$started" ] || exit "$status"

@@ -17,6 +17,11 @@ run-redis:
 test:
     scripts/test.sh
 
+# Mutation testing of src/ and actors/src (cargo-mutants; installs it if missing). Arguments
+# are passed on: just mutants -f src/auth.rs
+mutants *args:
+    scripts/mutants.sh {{args}}
+
 # The API contract: schemathesis against the live binary (installs it in a venv once).
 contract examples="100":
     scripts/contract.sh {{examples}}

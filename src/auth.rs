@@ -498,7 +498,15 @@ mod tests {
         assert!(!line.contains(&token), "the line holds only the digest");
         let (other, _) = new_token_line("gw-9", "*", "rw").expect("line");
         assert_ne!(token, other);
-        for (n, p, m) in [("a b", "*", "r"), ("a", "", "r"), ("a", "*", "x")] {
+        for (n, p, m) in [
+            ("a b", "*", "r"),
+            ("a#b", "*", "r"),
+            ("", "*", "r"),
+            ("a", "", "r"),
+            ("a", "site a/", "r"),
+            ("a", "site#a/", "r"),
+            ("a", "*", "x"),
+        ] {
             assert!(new_token_line(n, p, m).is_err(), "{n:?} {p:?} {m:?}");
         }
     }

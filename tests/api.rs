@@ -473,3 +473,34 @@ async fn failed_requests_are_logged_with_their_request_id() {
         .expect("a line for the 404");
     assert_eq!(line["device_id"], "nobody");
 }
+
+#[tokio::test]
+async fn the_body_limit_is_exact_and_a_declared_excess_is_refused_before_the_body() {
+    let svc = Service::start(&[("MAX_BODY_BYTES", "1024")]);
+    // Exactly the limit is accepted.
+    let head = r#"{"device_id":"exact","cpu":0.5,"rps":1,"pad":""#;
+    let exact = format!("{head}{}\"}}", "x".repeat(1024 - head.len() - 2));
+    assert_eq!(exact.len(), 1024);
+    assert_eq!(post(svc.addr, "/metric", &exact).await.status, 200);
+    // A Content-Length over the limit is refused at once: the body is never sent.
+    let r = raw(
+        svc.addr,
+        b"POST /metric HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: 1025\r\n\r\n",
+    )
+    .await;
+    assert_eq!(r.status, 413, "{}", r.body);
+    // A body that breaks off in bad chunking is a 400 saying so, not a 413.
+    let r = raw(
+        svc.addr,
+        b"POST /metric HTTP/1.1\r\nHost: t\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{\"a\":\r\nzz\r\n",
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(
+        r.json()["error"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("could not read the request body")),
+        "{}",
+        r.body
+    );
+}

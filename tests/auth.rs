@@ -218,6 +218,37 @@ async fn a_batch_accepts_the_devices_the_token_covers_and_lists_the_others() {
     // And no token at all: 401 before the body is read.
     let r = request_with(svc.addr, "POST", "/metric/batch", &[], body.as_bytes()).await;
     assert_eq!(r.status, 401);
+
+    // A batch with an allowed, a forbidden and an invalid event: each refused event is
+    // counted once, under its own reason.
+    let rejected = |reason: &'static str| {
+        let svc = &svc;
+        async move {
+            svc.metric(&format!("events_rejected_total{{reason=\"{reason}\"}}"))
+                .await
+                .unwrap_or(0.0)
+        }
+    };
+    let (invalid, unauthorized) = (rejected("invalid").await, rejected("unauthorized").await);
+    let mixed: String = [("site-a/3", 0.5), ("site-b/3", 0.5), ("site-a/4", 2.0)]
+        .iter()
+        .map(|(d, cpu)| format!("{}\n", json!({"device_id": d, "cpu": cpu, "rps": 1})))
+        .collect();
+    let r = request_with(
+        svc.addr,
+        "POST",
+        "/metric/batch",
+        &[&auth],
+        mixed.as_bytes(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        (r.json()["accepted"].clone(), r.json()["rejected"].clone()),
+        (json!(1), json!(2))
+    );
+    assert_eq!(rejected("invalid").await, invalid + 1.0);
+    assert_eq!(rejected("unauthorized").await, unauthorized + 1.0);
 }
 
 #[tokio::test]
@@ -288,4 +319,36 @@ async fn a_bad_tokens_file_stops_start_up() {
         .expect("run");
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("MODE must be rw, w or r"));
+}
+
+#[tokio::test]
+async fn a_tokens_file_without_clients_is_warned_about_and_refuses_every_request() {
+    let no_client = |v: &Value| {
+        v["level"] == "WARN"
+            && v["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("lists no client"))
+    };
+    let empty = TokenFile::new(&[]);
+    let mut svc = start(&empty.path());
+    svc.wait_log(SOON, no_client)
+        .expect("a warning that no client is listed");
+    assert_eq!(
+        post_metric(svc.addr, Some("anything"), "d-1").await.status,
+        401
+    );
+
+    let (token, line) = token_add("gw", "*", "rw");
+    let listed = TokenFile::new(&[&line]);
+    let svc = start(&listed.path());
+    assert_eq!(post_metric(svc.addr, Some(&token), "d-1").await.status, 200);
+    let (code, logs) = svc.terminate();
+    assert_eq!(code, 0);
+    assert!(
+        !logs
+            .iter()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .any(|v| no_client(&v)),
+        "a file with a client is not warned about"
+    );
 }

@@ -260,6 +260,18 @@ async fn bodies_that_are_not_batches_get_400() {
     assert_eq!(a["errors"][0]["field"], "cpu");
     assert_eq!(a["errors"][1]["index"], 1, "blank lines are not events");
     assert_eq!(a["errors"][1]["error"], "event must be a JSON object");
+    // A single invalid event: the answer names its field, as POST /metric does.
+    let r = post(
+        svc.addr,
+        "/metric/batch",
+        "{\"device_id\":\"x\",\"cpu\":2,\"rps\":1}\n",
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(
+        (r.json()["field"].clone(), r.json()["rejected"].clone()),
+        (json!("cpu"), json!(1))
+    );
     for (body, error) in [
         ("", "the batch holds no events"),
         ("\n \n", "the batch holds no events"),
@@ -401,15 +413,24 @@ async fn a_batch_that_does_not_fit_under_the_pending_bound_is_refused_whole() {
     };
     let r = post(svc.addr, "/metric/batch", &batch(0)).await;
     assert_eq!(r.status, 200, "{}", r.body);
-    // 3 pending + 3 > 5: none of the three is taken.
-    let r = post(svc.addr, "/metric/batch", &batch(3)).await;
+    // 3 pending + 3 > 5: none of the three is taken. The batch's invalid event is
+    // refused too, and listed.
+    let with_invalid = format!("{}{}", batch(3), ndjson(&[event("held-x", 2.0, 1.0)]));
+    let r = post(svc.addr, "/metric/batch", &with_invalid).await;
     assert_eq!(r.status, 503, "{}", r.body);
     assert_eq!(r.header("retry-after"), Some("1"));
     let a = r.json();
     assert_eq!(a["status"], "rejected");
     assert_eq!(
         (a["accepted"].clone(), a["rejected"].clone()),
-        (json!(0), json!(3))
+        (json!(0), json!(4))
+    );
+    assert_eq!(
+        (
+            a["errors"][0]["index"].clone(),
+            a["errors"][0]["field"].clone()
+        ),
+        (json!(3), json!("cpu"))
     );
     assert!(a["error"]
         .as_str()

@@ -296,6 +296,63 @@ mod tests {
     }
 
     #[test]
+    fn negative_zero_is_stored_as_zero() {
+        let (_, e) = event(br#"{"device_id":"a","cpu":-0.0,"rps":-0}"#, now()).expect("valid");
+        assert!(
+            e.cpu.is_sign_positive() && e.rps.is_sign_positive(),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn number_messages_say_what_is_wrong() {
+        let message = |body: &str| event(body.as_bytes(), now()).expect_err(body).message;
+        assert_eq!(
+            message(r#"{"device_id":"a","cpu":"0.5","rps":1}"#),
+            "cpu must be a number"
+        );
+        assert_eq!(
+            message(r#"{"device_id":"a","cpu":0.5,"rps":-1}"#),
+            "rps must be at least 0, got -1"
+        );
+        // Beyond f64: infinite once parsed, never accepted.
+        assert_eq!(
+            message(r#"{"device_id":"a","cpu":0.5,"rps":1e400}"#),
+            "rps must be a finite number"
+        );
+        assert_eq!(
+            message(r#"{"device_id":"a","cpu":-1e400,"rps":1}"#),
+            "cpu must be a finite number"
+        );
+    }
+
+    #[test]
+    fn events_of_a_batch_without_a_timestamp_follow_the_receive_time_in_order() {
+        let line = "{\"device_id\":\"a\",\"cpu\":0.5,\"rps\":1}\n";
+        let body = line.repeat(3);
+        let stamps: Vec<_> = batch(body.as_bytes(), now(), 10)
+            .expect("a batch")
+            .into_iter()
+            .map(|(_, item)| item.expect("valid").1.timestamp)
+            .collect();
+        let ns = chrono::Duration::nanoseconds;
+        assert_eq!(stamps, [now(), now() + ns(1), now() + ns(2)]);
+    }
+
+    #[test]
+    fn a_batch_may_hold_exactly_max_events_in_either_form() {
+        let event = r#"{"device_id":"a","cpu":0.5,"rps":1}"#;
+        let array = |n: usize| format!("[{}]", vec![event; n].join(","));
+        let lines = |n: usize| format!("{event}\n").repeat(n);
+        for body in [array(3), lines(3)] {
+            assert_eq!(batch(body.as_bytes(), now(), 3).expect("fits").len(), 3);
+        }
+        for body in [array(4), lines(4)] {
+            assert_eq!(batch(body.as_bytes(), now(), 3), Err(BatchError::TooMany));
+        }
+    }
+
+    #[test]
     fn exactly_128_bytes_is_allowed() {
         assert!(device_id(&"é".repeat(64)).is_ok());
         assert!(device_id(&"é".repeat(65)).is_err());

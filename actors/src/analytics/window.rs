@@ -270,6 +270,63 @@ mod tests {
     }
 
     #[test]
+    fn cpu_mean_is_exact_where_a_plain_sum_is_not() {
+        let mut w = Window::new(10);
+        assert!(w.is_empty());
+        assert_eq!(w.cpu_mean(), 0.0);
+        for _ in 0..10 {
+            w.push(1.0, 0.1);
+        }
+        assert!(!w.is_empty());
+        // A plain left-to-right sum of ten 0.1 is 0.9999999999999999.
+        assert_eq!(w.cpu_mean(), 0.1);
+        w.push(1.0, 0.6);
+        assert_eq!(w.cpu_mean(), 0.15);
+    }
+
+    #[test]
+    fn compensated_sum_keeps_small_terms_beside_huge_ones() {
+        // Neumaier's example: Kahan's sum and a plain sum both give 0.
+        assert_eq!(compensated_sum([1.0, 1e100, 1.0, -1e100].into_iter()), 2.0);
+        assert_eq!(compensated_sum([1e100, 1.0, -1e100, 1.0].into_iter()), 2.0);
+        assert_eq!(compensated_sum(std::iter::empty()), 0.0);
+    }
+
+    #[test]
+    fn the_mean_is_exact_where_a_plain_sum_is_not() {
+        // 1e16 + 1 rounds back to 1e16 (the spacing there is 2): a plain sum gives
+        // 1e16, whose third is 3333333333333333.5; the exact mean is 3333333333333334.
+        let w = Window::restore(3, [(1e16, 0.0), (1.0, 0.0), (1.0, 0.0)]);
+        assert_eq!(w.rps_stats().mean, 3_333_333_333_333_334.0);
+    }
+
+    #[test]
+    fn a_rounded_mean_does_not_inflate_the_deviation() {
+        // The mean 1e15 + 1/3 is not representable (spacing 0.125): the deviations
+        // from the rounded mean need the corrected two-pass formula.
+        let w = Window::restore(3, [(1e15, 0.0), (1e15, 0.0), (1e15 + 1.0, 0.0)]);
+        let s = w.rps_stats();
+        let exact = 2f64.sqrt() / 3.0;
+        assert!((s.stddev / exact - 1.0).abs() < 1e-12, "{}", s.stddev);
+    }
+
+    #[test]
+    fn values_whose_sum_overflows_have_a_finite_mean_and_deviation() {
+        let w = Window::restore(2, [(f64::MAX, 0.0), (f64::MAX / 2.0, 0.0)]);
+        let s = w.rps_stats();
+        assert!(
+            (s.mean / (0.75 * f64::MAX) - 1.0).abs() < 1e-12,
+            "{}",
+            s.mean
+        );
+        assert!(
+            (s.stddev / (0.25 * f64::MAX) - 1.0).abs() < 1e-12,
+            "{}",
+            s.stddev
+        );
+    }
+
+    #[test]
     fn restore_keeps_newest_when_capacity_shrank() {
         let w = Window::restore(2, [(1.0, 0.1), (2.0, 0.2), (3.0, 0.3)]);
         assert_eq!(w.rps_values().collect::<Vec<_>>(), vec![2.0, 3.0]);

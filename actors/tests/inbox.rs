@@ -1,0 +1,100 @@
+//! The writer's inbox as device actors and the writer use it: newest result per device,
+//! checkpoints never lost to coalescing, failed flushes put back without undoing newer
+//! results, and the early-flush signal at FLUSH_EARLY_AT devices.
+
+use actors::analytics::{AnomalyRule, Window};
+use actors::event::{Analysis, Event};
+use actors::store::{Inbox, Record};
+use actors::tuning::FLUSH_EARLY_AT;
+use chrono::{TimeZone, Utc};
+use std::sync::Arc;
+
+/// The result of `device`'s window after readings `rps` (one per value), at version
+/// `version`.
+fn record(device: &str, rps: &[f64], version: u64, checkpoint: bool) -> Record {
+    let mut window = Window::new(50);
+    for &x in rps {
+        window.push(x, 0.5);
+    }
+    let last = *rps.last().expect("a reading");
+    let event = Event {
+        rps: last,
+        cpu: 0.5,
+        timestamp: Utc
+            .timestamp_opt(1_700_000_000 + i64::try_from(version).expect("small"), 0)
+            .single()
+            .expect("valid"),
+    };
+    let evaluation = AnomalyRule { threshold: 3.0 }.evaluate(&window, last);
+    Record {
+        analysis: Analysis::new(Arc::from(device), &event, evaluation, event.timestamp),
+        window: Arc::new(window),
+        version,
+        checkpoint,
+    }
+}
+
+#[test]
+fn the_newest_result_per_device_waits_and_a_take_empties_the_inbox() {
+    let inbox = Inbox::default();
+    assert!(inbox.is_empty());
+    assert!(inbox.window("a").is_none());
+    assert!(!inbox.put(record("a", &[1.0], 1, true)));
+    assert!(!inbox.put(record("a", &[1.0, 2.0], 2, false)));
+    assert!(!inbox.put(record("b", &[7.0], 1, false)));
+    assert_eq!(inbox.len(), 2);
+    assert!(!inbox.is_empty());
+
+    let waiting = inbox.window("a").expect("a waits");
+    assert_eq!(waiting.version(), 2);
+    assert_eq!(waiting.readings(), &[(1.0, 0.5), (2.0, 0.5)]);
+
+    let batch = inbox.take();
+    assert!(inbox.is_empty() && inbox.window("a").is_none());
+    assert_eq!(batch.len(), 2);
+    let a = &batch["a"];
+    assert_eq!((a.version, a.analysis.samples), (2, 2));
+    // The first result was a checkpoint: the one that replaced it carries its window.
+    assert!(a.checkpoint, "coalescing dropped a checkpoint");
+    assert!(!batch["b"].checkpoint);
+}
+
+#[test]
+fn a_failed_flush_is_put_back_under_newer_results_keeping_its_checkpoints() {
+    let inbox = Inbox::default();
+    let _ = inbox.put(record("a", &[1.0], 1, true));
+    let _ = inbox.put(record("b", &[5.0], 1, true));
+    let failed = inbox.take();
+    // Meanwhile device a reported again (not a checkpoint); b did not.
+    let _ = inbox.put(record("a", &[1.0, 3.0], 2, false));
+    inbox.restore(failed);
+
+    assert_eq!(inbox.len(), 2);
+    let batch = inbox.take();
+    let a = &batch["a"];
+    assert_eq!(a.version, 2, "the newer result wins over the one put back");
+    assert!(a.checkpoint, "the failed checkpoint must still be written");
+    assert_eq!(
+        batch["b"].version, 1,
+        "a result with nothing newer is put back"
+    );
+    assert!(batch["b"].checkpoint);
+}
+
+#[test]
+fn the_writer_is_asked_to_flush_early_once_flush_early_at_devices_wait() {
+    let inbox = Inbox::default();
+    for i in 0..FLUSH_EARLY_AT - 1 {
+        assert!(
+            !inbox.put(record(&format!("d{i}"), &[1.0], 1, false)),
+            "early flush asked at {} devices",
+            i + 1
+        );
+    }
+    // Another result of a waiting device adds no device.
+    assert!(!inbox.put(record("d0", &[1.0, 2.0], 2, false)));
+    assert!(inbox.put(record("last", &[1.0], 1, false)));
+    assert_eq!(inbox.len(), FLUSH_EARLY_AT);
+    let _ = inbox.take();
+    assert!(!inbox.put(record("again", &[1.0], 1, false)));
+}

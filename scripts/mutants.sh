@@ -31,7 +31,7 @@ fi
 
 # Every test target but the cluster tiers; a new test file must be listed here too.
 tests=(--lib --bins --test=analytics_accuracy --test=inbox --test=api --test=auth --test=batch
-  --test=hardening --test=redis_store --test=store_writer)
+  --test=hardening --test=redis_store --test=redis_tls --test=store_writer --test=stream)
 case "${MUTANTS_TESTS:-default}" in
   default) ;;
   cluster) tests+=(--test=cluster) ;;

@@ -481,12 +481,11 @@ async fn a_batch_in_flight_at_sigterm_is_stored_whole_or_refused_whole() {
         .status()
         .expect("kill");
     tokio::time::sleep(Duration::from_millis(200)).await;
-    stream
-        .write_all(&body.as_bytes()[100..])
-        .await
-        .expect("rest of the body");
+    // The server may have answered (503, shutdown) without waiting for the rest of the
+    // body, and closed: then this write fails, and the answer is already there.
+    let _ = stream.write_all(&body.as_bytes()[100..]).await;
     let mut answer = Vec::new();
-    stream.read_to_end(&mut answer).await.expect("answer");
+    let _ = stream.read_to_end(&mut answer).await;
     let answer = String::from_utf8_lossy(&answer);
     let (code, _) = svc.terminate();
     assert_eq!(code, 0);

@@ -428,12 +428,11 @@ async fn a_request_in_flight_at_sigterm_gets_an_honest_answer() {
     })
     .await;
     // ...while the request in flight is finished and answered.
-    stream
-        .write_all(&body.as_bytes()[10..])
-        .await
-        .expect("rest of the body");
+    // The server may have answered (503, shutdown) without waiting for the rest of the
+    // body, and closed: then this write fails, and the answer is already there.
+    let _ = stream.write_all(&body.as_bytes()[10..]).await;
     let mut answer = Vec::new();
-    stream.read_to_end(&mut answer).await.expect("answer");
+    let _ = stream.read_to_end(&mut answer).await;
     let answer = String::from_utf8_lossy(&answer);
     let (code, _) = svc.terminate();
     assert_eq!(code, 0);

@@ -25,7 +25,7 @@ fn record(device: &str, rps: &[f64], version: u64, checkpoint: bool) -> Record {
             .single()
             .expect("valid"),
     };
-    let evaluation = AnomalyRule { threshold: 3.0 }.evaluate(&window, last);
+    let evaluation = AnomalyRule { threshold: 3.0 }.evaluate(&window);
     Record {
         analysis: Analysis::new(Arc::from(device), &event, evaluation, event.timestamp),
         window: Arc::new(window),

@@ -454,7 +454,6 @@ async fn a_batch_that_does_not_fit_under_the_pending_bound_is_refused_whole() {
 
 #[tokio::test]
 async fn a_batch_in_flight_at_sigterm_is_stored_whole_or_refused_whole() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let redis = Redis::start();
     // A long flush interval: only the shutdown flush can write the results.
     let svc = Service::start(&[("REDIS_URL", &redis.url()), ("FLUSH_INTERVAL", "1h")]);
@@ -463,30 +462,7 @@ async fn a_batch_in_flight_at_sigterm_is_stored_whole_or_refused_whole() {
             .map(|i| event(&format!("late-{}", i % 5), 0.5, i as f64))
             .collect::<Vec<_>>(),
     );
-    let mut stream = tokio::net::TcpStream::connect(svc.addr)
-        .await
-        .expect("connect");
-    let head = format!(
-        "POST /metric/batch HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await.expect("head");
-    stream
-        .write_all(&body.as_bytes()[..100])
-        .await
-        .expect("part of the body");
-    assert_eq!(get(svc.addr, "/health").await.status, 200);
-    std::process::Command::new("kill")
-        .args(["-TERM", &svc.pid().to_string()])
-        .status()
-        .expect("kill");
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    // The server may have answered (503, shutdown) without waiting for the rest of the
-    // body, and closed: then this write fails, and the answer is already there.
-    let _ = stream.write_all(&body.as_bytes()[100..]).await;
-    let mut answer = Vec::new();
-    let _ = stream.read_to_end(&mut answer).await;
-    let answer = String::from_utf8_lossy(&answer);
+    let answer = common::post_across_sigterm(&svc, "/metric/batch", &body, 100).await;
     let (code, _) = svc.terminate();
     assert_eq!(code, 0);
     let stored: Vec<Option<u64>> = (0..5)

@@ -384,56 +384,11 @@ async fn sigterm_with_redis_down_says_how_many_results_were_not_stored() {
 
 #[tokio::test]
 async fn a_request_in_flight_at_sigterm_gets_an_honest_answer() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let redis = Redis::start();
     // A long flush interval: only the shutdown flush can write the result.
     let svc = Service::start(&[("REDIS_URL", &redis.url()), ("FLUSH_INTERVAL", "1h")]);
     let body = r#"{"device_id":"late-1","cpu":0.5,"rps":42}"#;
-    let mut stream = tokio::net::TcpStream::connect(svc.addr)
-        .await
-        .expect("connect");
-    let head = format!(
-        "POST /metric HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await.expect("head");
-    stream
-        .write_all(&body.as_bytes()[..10])
-        .await
-        .expect("part of the body");
-    // A round trip to the server, which has most likely read those headers by then; then
-    // SIGTERM arrives mid-body. Either way the answer must be honest (checked below).
-    assert_eq!(get(svc.addr, "/health").await.status, 200);
-    std::process::Command::new("kill")
-        .args(["-TERM", &svc.pid().to_string()])
-        .status()
-        .expect("kill");
-    // Shutdown has begun: /ready answers 503, or new connections are no longer taken...
-    eventually(SOON, "shutdown to be visible", || async {
-        let probe = async {
-            let mut s = tokio::net::TcpStream::connect(svc.addr).await.ok()?;
-            s.write_all(b"GET /ready HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-                .await
-                .ok()?;
-            let mut out = Vec::new();
-            s.read_to_end(&mut out).await.ok()?;
-            Some(out)
-        };
-        match tokio::time::timeout(Duration::from_secs(2), probe).await {
-            Ok(Some(out)) if out.starts_with(b"HTTP/1.1 503") => Some(()),
-            Ok(Some(out)) if out.is_empty() => Some(()),
-            Ok(None) => Some(()),
-            _ => None,
-        }
-    })
-    .await;
-    // ...while the request in flight is finished and answered.
-    // The server may have answered (503, shutdown) without waiting for the rest of the
-    // body, and closed: then this write fails, and the answer is already there.
-    let _ = stream.write_all(&body.as_bytes()[10..]).await;
-    let mut answer = Vec::new();
-    let _ = stream.read_to_end(&mut answer).await;
-    let answer = String::from_utf8_lossy(&answer);
+    let answer = common::post_across_sigterm(&svc, "/metric", body, 10).await;
     let (code, _) = svc.terminate();
     assert_eq!(code, 0);
     let stored = redis_json(&redis, "analysis:late-1");

@@ -3,7 +3,7 @@
 //! them or, at MAX_PENDING_EVENTS, none), the invalid ones are listed by position.
 
 use super::errors::{json, ApiError, Body};
-use super::ingest::{count_rejected, shutting_down};
+use super::ingest::{count_rejected, shutting_down, SHUTTING_DOWN};
 use super::request_log::Failure;
 use super::validate::{self, BatchError};
 use super::{body, AppState};
@@ -167,7 +167,7 @@ pub async fn post(state: &AppState, req: Request<Incoming>) -> Response<Body> {
                     "too many events pending (MAX_PENDING_EVENTS); nothing in this batch was accepted; retry shortly",
                 ),
                 SubmitError::Unavailable | SubmitError::HandedOff => {
-                    (RejectReason::ShuttingDown, "the service is shutting down")
+                    (RejectReason::ShuttingDown, SHUTTING_DOWN)
                 }
             };
             count(reason, valid);

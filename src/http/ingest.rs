@@ -90,9 +90,9 @@ async fn accept(
     }
 }
 
+/// The message of every refusal during shutdown.
+pub(super) const SHUTTING_DOWN: &str = "the service is shutting down";
+
 pub(super) fn shutting_down() -> ApiError {
-    ApiError::status(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "the service is shutting down",
-    )
+    ApiError::status(StatusCode::SERVICE_UNAVAILABLE, SHUTTING_DOWN)
 }

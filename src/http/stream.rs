@@ -65,6 +65,8 @@ impl hyper::body::Body for EventStream {
 /// The live feed of stream entries, shared by every client.
 pub struct AnomalyFeed {
     tx: broadcast::Sender<Arc<StreamRecord>>,
+    /// Wakes the poller when a client subscribes (it sleeps while nobody listens).
+    subscribed: tokio::sync::Notify,
     clients: AtomicUsize,
     max_clients: usize,
     heartbeat: Duration,
@@ -81,6 +83,7 @@ impl AnomalyFeed {
         let (tx, _) = broadcast::channel(FEED_CAPACITY);
         let feed = Arc::new(Self {
             tx,
+            subscribed: tokio::sync::Notify::new(),
             clients: AtomicUsize::new(0),
             max_clients,
             heartbeat,
@@ -101,6 +104,11 @@ impl AnomalyFeed {
             }
             if self.tx.receiver_count() == 0 {
                 last = None;
+                // No timer work while nobody listens: sleep until a client subscribes.
+                tokio::select! {
+                    _ = self.subscribed.notified() => {}
+                    _ = stopped.changed() => return,
+                }
                 continue;
             }
             let after = match last {
@@ -178,10 +186,7 @@ fn open(state: &AppState, req: &Request<Incoming>) -> Result<Response<Body>, Api
         ));
     };
     if state.is_shutting_down() {
-        return Err(ApiError::status(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the service is shutting down",
-        ));
+        return Err(super::ingest::shutting_down());
     }
     let device_id = super::query_param(req.uri(), "device_id");
     let prefix = super::query_param(req.uri(), "prefix");
@@ -294,6 +299,7 @@ async fn serve_client(
     tx: mpsc::Sender<Bytes>,
 ) {
     let mut live = feed.tx.subscribe();
+    feed.subscribed.notify_one();
     let end = stream_to(&state, &feed, &filter, resume, &tx, &mut live).await;
     if matches!(end, End::TooSlow) {
         state.http_metrics().stream_clients_dropped.inc();

@@ -120,6 +120,56 @@ pub async fn post_event(addr: SocketAddr, device: &str, cpu: f64, rps: f64) -> R
     post(addr, "/metric", &body).await
 }
 
+/// POSTs `body` to `path` of `svc` across a SIGTERM: the head and the first `split` bytes
+/// of the body, a round trip (the server has most likely read the head by then), SIGTERM,
+/// a wait until shutdown is visible (`/ready` 503 or no new connections), then the rest.
+/// Answers the response as text: 200 if the request was taken before shutdown, else 503
+/// (the server may answer that without waiting for the rest of the body, and close: then
+/// the last write fails and the answer is already there).
+pub async fn post_across_sigterm(svc: &Service, path: &str, body: &str, split: usize) -> String {
+    let mut stream = TcpStream::connect(svc.addr).await.expect("connect");
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.expect("head");
+    stream
+        .write_all(&body.as_bytes()[..split])
+        .await
+        .expect("part of the body");
+    assert_eq!(get(svc.addr, "/health").await.status, 200);
+    Command::new("kill")
+        .args(["-TERM", &svc.pid().to_string()])
+        .status()
+        .expect("kill");
+    eventually(
+        Duration::from_secs(10),
+        "shutdown to be visible",
+        || async {
+            let probe = async {
+                let mut s = TcpStream::connect(svc.addr).await.ok()?;
+                s.write_all(b"GET /ready HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+                    .await
+                    .ok()?;
+                let mut out = Vec::new();
+                s.read_to_end(&mut out).await.ok()?;
+                Some(out)
+            };
+            match tokio::time::timeout(Duration::from_secs(2), probe).await {
+                Ok(Some(out)) if out.starts_with(b"HTTP/1.1 503") => Some(()),
+                Ok(Some(out)) if out.is_empty() => Some(()),
+                Ok(None) => Some(()),
+                _ => None,
+            }
+        },
+    )
+    .await;
+    let _ = stream.write_all(&body.as_bytes()[split..]).await;
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer).await;
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
 /// Polls `probe` until it returns `Some`, or panics after `within`.
 pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut probe: F) -> T
 where

@@ -1,15 +1,16 @@
-//! The HTTP API of the real binary over real sockets, on the embedded store.
+//! The HTTP API over real sockets, on the embedded store: in-process (`InProcess`) where
+//! a test needs no signal, exit code or log line, else the real binary (`Service`).
 
 mod common;
 
-use common::{eventually, get, post, post_event, raw, request, Service};
+use common::{eventually, get, post, post_event, raw, request, InProcess, Service};
 use serde_json::Value;
 use std::net::TcpListener;
 use std::time::Duration;
 
 const SOON: Duration = Duration::from_secs(5);
 
-async fn analysis_with(svc: &Service, device: &str, samples: u64) -> (Value, String) {
+async fn analysis_with(svc: &InProcess, device: &str, samples: u64) -> (Value, String) {
     eventually(SOON, "analysis", || async {
         let r = get(svc.addr, &format!("/analyze?device_id={device}")).await;
         (r.status == 200 && r.json()["samples"] == samples).then(|| (r.json(), r.body))
@@ -17,9 +18,9 @@ async fn analysis_with(svc: &Service, device: &str, samples: u64) -> (Value, Str
     .await
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn posted_events_are_analysed_and_readable() {
-    let svc = Service::start(&[]);
+    let svc = InProcess::start(&[]).await;
     let bodies = [
         r#"{"timestamp":"2024-01-15T10:30:00Z","device_id":"sensor-1","cpu":0.5,"rps":100}"#,
         r#"{"timestamp":"2024-01-15T12:30:01.5+02:00","device_id":"sensor-1","cpu":0.7,"rps":200}"#,
@@ -77,9 +78,9 @@ async fn posted_events_are_analysed_and_readable() {
     assert_eq!(a.as_object().expect("object").len(), order.len());
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spike_is_an_anomaly_and_is_counted_per_device() {
-    let svc = Service::start(&[]);
+    let svc = InProcess::start(&[]).await;
     for rps in [
         100.0, 102.0, 98.0, 101.0, 99.0, 100.0, 103.0, 97.0, 100.0, 100.0,
     ] {
@@ -100,9 +101,9 @@ async fn a_spike_is_an_anomaly_and_is_counted_per_device() {
     assert_eq!(count, 1.0);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_validation_rule_answers_400_naming_the_field() {
-    let svc = Service::start(&[]);
+    let svc = InProcess::start(&[]).await;
     // The same table the decoder's unit test reads.
     let table: Vec<Value> =
         serde_json::from_str(include_str!("fixtures/invalid_events.json")).expect("table");
@@ -129,9 +130,9 @@ async fn every_validation_rule_answers_400_naming_the_field() {
     assert_eq!(rejected, Some(cases.len() as f64));
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_over_the_limit_get_413() {
-    let svc = Service::start(&[("MAX_BODY_BYTES", "1024")]);
+    let svc = InProcess::start(&[("MAX_BODY_BYTES", "1024")]).await;
     let big = format!(
         r#"{{"device_id":"a","cpu":0.5,"rps":1,"pad":"{}"}}"#,
         "x".repeat(2000)
@@ -151,9 +152,9 @@ async fn bodies_over_the_limit_get_413() {
     assert_eq!(post(svc.addr, "/metric", &ok).await.status, 200);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_paths_404_and_wrong_methods_405_with_allow() {
-    let svc = Service::start(&[]);
+    let svc = InProcess::start(&[]).await;
     let r = get(svc.addr, "/nope/42").await;
     assert_eq!(r.status, 404);
     assert_eq!(r.json()["field"], Value::Null);
@@ -173,9 +174,9 @@ async fn unknown_paths_404_and_wrong_methods_405_with_allow() {
     assert_eq!(unmatched, Some(1.0));
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn analyze_errors() {
-    let svc = Service::start(&[]);
+    let svc = InProcess::start(&[]).await;
     let r = get(svc.addr, "/analyze").await;
     assert_eq!(
         (r.status, r.json()["field"].clone()),
@@ -203,9 +204,9 @@ async fn analyze_errors() {
     .await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_and_ready() {
-    let svc = Service::start(&[]);
+    let svc = InProcess::start(&[]).await;
     let h = get(svc.addr, "/health").await;
     assert_eq!(h.status, 200);
     assert_eq!(h.json()["status"], "healthy");
@@ -218,9 +219,9 @@ async fn health_and_ready() {
     assert_eq!(r.json()["checks"]["store"], "ok");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_expose_the_spec_families_with_their_labels() {
-    let svc = Service::start(&[]);
+    let svc = InProcess::start(&[]).await;
     assert_eq!(post_event(svc.addr, "m-1", 0.5, 10.0).await.status, 200);
     // A spike, so that anomalies_detected_total has a series too.
     for rps in [10.0, 11.0, 10.0, 9.0, 10.0, 11.0, 10.0, 9.0, 10.0, 500.0] {
@@ -295,9 +296,9 @@ async fn metrics_expose_the_spec_families_with_their_labels() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn device_labels_are_capped() {
-    let svc = Service::start(&[("MAX_DEVICE_LABELS", "1")]);
+    let svc = InProcess::start(&[("MAX_DEVICE_LABELS", "1")]).await;
     for device in ["cap-a", "cap-b", "cap-c"] {
         for rps in [
             10.0, 10.0, 10.0, 10.0, 10.0, 10.0, 10.0, 10.0, 10.0, 10.0, 500.0,
@@ -324,13 +325,13 @@ async fn device_labels_are_capped() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_the_pending_bound_ingest_answers_503_with_retry_after() {
     // A "Redis" that accepts connections and never answers keeps the first device actor
     // busy restoring its window for the store deadline, so events queue up behind it.
     let blackhole = TcpListener::bind("127.0.0.1:0").expect("bind");
     let url = format!("redis://{}/", blackhole.local_addr().expect("addr"));
-    let svc = Service::start(&[("REDIS_URL", &url), ("MAX_PENDING_EVENTS", "3")]);
+    let svc = InProcess::start(&[("REDIS_URL", &url), ("MAX_PENDING_EVENTS", "3")]).await;
     for _ in 0..3 {
         assert_eq!(post_event(svc.addr, "busy", 0.5, 1.0).await.status, 200);
     }
@@ -474,9 +475,9 @@ async fn failed_requests_are_logged_with_their_request_id() {
     assert_eq!(line["device_id"], "nobody");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_body_limit_is_exact_and_a_declared_excess_is_refused_before_the_body() {
-    let svc = Service::start(&[("MAX_BODY_BYTES", "1024")]);
+    let svc = InProcess::start(&[("MAX_BODY_BYTES", "1024")]).await;
     // Exactly the limit is accepted.
     let head = r#"{"device_id":"exact","cpu":0.5,"rps":1,"pad":""#;
     let exact = format!("{head}{}\"}}", "x".repeat(1024 - head.len() - 2));

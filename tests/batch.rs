@@ -4,7 +4,7 @@
 mod common;
 
 use common::cluster::{matches, reference, WINDOW};
-use common::{eventually, get, post, request_with, Redis, Reply, Service};
+use common::{eventually, get, post, request_with, InProcess, Redis, Reply, Service};
 use flate2::write::GzEncoder;
 use flate2::Compression;
 use serde_json::{json, Value};
@@ -58,10 +58,10 @@ async fn samples(addr: SocketAddr, device: &str) -> Option<u64> {
     (r.status == 200).then(|| r.json()["samples"].as_u64().unwrap_or(0))
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_gives_every_device_the_same_analysis_as_single_events() {
     let (k, v) = window_env();
-    let svc = Service::start(&[(k, &v)]);
+    let svc = InProcess::start(&[(k, &v)]).await;
     // Random interleavings of random devices' events; the batch and the one-by-one
     // copy go to different device ids of the same service.
     for case in 0..4u64 {
@@ -135,10 +135,10 @@ async fn a_batch_gives_every_device_the_same_analysis_as_single_events() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixty_events_of_one_device_in_one_batch_are_processed_in_batch_order() {
     let (k, v) = window_env();
-    let svc = Service::start(&[(k, &v)]);
+    let svc = InProcess::start(&[(k, &v)]).await;
     let events: Vec<(f64, f64)> = (0..60)
         .map(|i| ((i * i % 97) as f64, (i % 10) as f64 / 10.0))
         .chain([(1000.0, 0.9)])
@@ -174,9 +174,9 @@ async fn sixty_events_of_one_device_in_one_batch_are_processed_in_batch_order() 
     assert_eq!(svc.metric("batch_size_events_sum").await, Some(61.0));
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_events_are_listed_by_position_and_the_others_accepted() {
-    let svc = Service::start(&[]);
+    let svc = InProcess::start(&[]).await;
     let body = r#"[
         {"device_id":"mix-a","cpu":0.5,"rps":10},
         {"device_id":"mix-a","cpu":1.5,"rps":10},
@@ -238,9 +238,9 @@ async fn invalid_events_are_listed_by_position_and_the_others_accepted() {
     assert_eq!(svc.metric("events_accepted_total").await, Some(2.0));
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_that_are_not_batches_get_400() {
-    let svc = Service::start(&[]);
+    let svc = InProcess::start(&[]).await;
     // Nothing valid at all: 400 with every event's error, exactly as in a partial answer.
     let r = post(
         svc.addr,
@@ -297,9 +297,9 @@ async fn bodies_that_are_not_batches_get_400() {
     assert_eq!(r.header("allow"), Some("POST"));
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gzip_bodies_are_accepted_on_both_endpoints_and_other_encodings_get_415() {
-    let svc = Service::start(&[]);
+    let svc = InProcess::start(&[]).await;
     let lines: Vec<Value> = (0..40).map(|i| event("gz", 0.5, i as f64)).collect();
     let r = post_with(
         svc.addr,
@@ -346,13 +346,14 @@ async fn gzip_bodies_are_accepted_on_both_endpoints_and_other_encodings_get_415(
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_limits_answer_413_by_count_by_bytes_and_by_decompressed_bytes() {
-    let svc = Service::start(&[
+    let svc = InProcess::start(&[
         ("MAX_BATCH_EVENTS", "5"),
         ("MAX_BATCH_BYTES", "4096"),
         ("MAX_BODY_BYTES", "1024"),
-    ]);
+    ])
+    .await;
     let six: Vec<Value> = (0..6).map(|i| event("lim", 0.5, i as f64)).collect();
     for body in [ndjson(&six), Value::Array(six.clone()).to_string()] {
         let r = post(svc.addr, "/metric/batch", &body).await;
@@ -397,13 +398,13 @@ async fn the_limits_answer_413_by_count_by_bytes_and_by_decompressed_bytes() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_that_does_not_fit_under_the_pending_bound_is_refused_whole() {
     // A "Redis" that accepts connections and never answers keeps the device actors busy
     // restoring their windows, so accepted events stay pending.
     let blackhole = TcpListener::bind("127.0.0.1:0").expect("bind");
     let url = format!("redis://{}/", blackhole.local_addr().expect("addr"));
-    let svc = Service::start(&[("REDIS_URL", &url), ("MAX_PENDING_EVENTS", "5")]);
+    let svc = InProcess::start(&[("REDIS_URL", &url), ("MAX_PENDING_EVENTS", "5")]).await;
     let batch = |from: usize| {
         ndjson(
             &(from..from + 3)

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{eventually, get, post_event, Redis, Service};
+use common::{eventually, get, post_event, InProcess, Redis, Service};
 use serde_json::Value;
 use std::time::{Duration, Instant};
 
@@ -21,10 +21,10 @@ async fn stored_samples(redis: &Redis, device: &str, samples: u64) -> Value {
     .await
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn results_are_stored_under_the_original_keys_with_ttl() {
     let redis = Redis::start();
-    let svc = Service::start(&[("REDIS_URL", &redis.url()), ("RESULT_TTL", "90s")]);
+    let svc = InProcess::start(&[("REDIS_URL", &redis.url()), ("RESULT_TTL", "90s")]).await;
     for rps in [10.0, 20.0] {
         assert_eq!(post_event(svc.addr, "r-1", 0.25, rps).await.status, 200);
     }
@@ -50,10 +50,10 @@ async fn results_are_stored_under_the_original_keys_with_ttl() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_events_of_one_device_within_a_flush_coalesce_into_few_writes() {
     let redis = Redis::start();
-    let svc = Service::start(&[("REDIS_URL", &redis.url()), ("FLUSH_INTERVAL", "250ms")]);
+    let svc = InProcess::start(&[("REDIS_URL", &redis.url()), ("FLUSH_INTERVAL", "250ms")]).await;
     let events = 200u64;
     let started = Instant::now();
     for i in 0..events {
@@ -79,11 +79,11 @@ async fn many_events_of_one_device_within_a_flush_coalesce_into_few_writes() {
     assert!(sets < events / 4, "{sets} SETs for {events} events");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outage_degrades_and_recovers_without_losing_the_newest_results() {
     let mut redis = Redis::start();
     let port = redis.port;
-    let svc = Service::start(&[("REDIS_URL", &redis.url())]);
+    let svc = InProcess::start(&[("REDIS_URL", &redis.url())]).await;
     assert_eq!(post_event(svc.addr, "o-1", 0.5, 1.0).await.status, 200);
     stored_samples(&redis, "o-1", 1).await;
     assert_eq!(get(svc.addr, "/ready").await.status, 200);
@@ -191,10 +191,10 @@ async fn a_window_survives_a_service_restart() {
     assert!((sd - (80.0f64).sqrt()).abs() < 1e-9, "{sd}");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_redis_at_start_up_is_not_fatal() {
     let port = common::free_port();
-    let svc = Service::start(&[("REDIS_URL", &format!("redis://127.0.0.1:{port}/"))]);
+    let svc = InProcess::start(&[("REDIS_URL", &format!("redis://127.0.0.1:{port}/"))]).await;
     assert_eq!(get(svc.addr, "/health").await.status, 200);
     let r = get(svc.addr, "/ready").await;
     assert_eq!(r.status, 503);
@@ -217,10 +217,10 @@ async fn an_unreachable_redis_at_start_up_is_not_fatal() {
     stored_samples(&redis, "early", 1).await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hanging_redis_is_detected_by_deadlines_and_recovered_from() {
     let redis = Redis::start();
-    let svc = Service::start(&[("REDIS_URL", &redis.url())]);
+    let svc = InProcess::start(&[("REDIS_URL", &redis.url())]).await;
     assert_eq!(post_event(svc.addr, "h-1", 0.5, 1.0).await.status, 200);
     stored_samples(&redis, "h-1", 1).await;
 

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{eventually, post_event, Redis, Service};
+use common::{eventually, post_event, InProcess, Redis, Service};
 use serde_json::Value;
 use std::time::{Duration, Instant};
 
@@ -19,10 +19,10 @@ async fn stored_samples(redis: &Redis, device: &str, samples: u64) {
     .await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_store_metrics_count_keys_written_and_results_waiting_while_redis_hangs() {
     let redis = Redis::start();
-    let svc = Service::start(&[("REDIS_URL", &redis.url())]);
+    let svc = InProcess::start(&[("REDIS_URL", &redis.url())]).await;
     for device in ["m-1", "m-2"] {
         assert_eq!(post_event(svc.addr, device, 0.5, 1.0).await.status, 200);
     }

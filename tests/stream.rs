@@ -5,7 +5,7 @@
 mod common;
 
 use actors::analytics::{AnomalyRule, Window};
-use common::{eventually, get, post, request_with, Redis, Service};
+use common::{eventually, get, post, request_with, InProcess, Redis};
 use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -149,11 +149,11 @@ fn xlen(redis: &Redis) -> u64 {
         .unwrap_or(0)
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spike_is_one_stream_entry_and_reaches_another_replicas_feed() {
     let redis = Redis::start();
-    let a = Service::start(&[("REDIS_URL", &redis.url())]);
-    let b = Service::start(&[("REDIS_URL", &redis.url())]);
+    let a = InProcess::start(&[("REDIS_URL", &redis.url())]).await;
+    let b = InProcess::start(&[("REDIS_URL", &redis.url())]).await;
     let mut feed = Sse::open(b.addr, "", &[]).await;
     spike(a.addr, "pump-1").await;
     let (id, data) = feed.event().await;
@@ -180,16 +180,17 @@ async fn a_spike_is_one_stream_entry_and_reaches_another_replicas_feed() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_anomalous_event_gets_its_entry_even_within_one_flush() {
     let redis = Redis::start();
     // A long flush interval: each device's results coalesce into one key write, yet every
     // anomaly must be appended.
-    let svc = Service::start(&[
+    let svc = InProcess::start(&[
         ("REDIS_URL", &redis.url()),
         ("FLUSH_INTERVAL", "2s"),
         ("ANOMALY_THRESHOLD", "1.0"),
-    ]);
+    ])
+    .await;
     let mut expected = 0;
     let mut body = String::new();
     for d in 0..100u32 {
@@ -227,9 +228,9 @@ async fn every_anomalous_event_gets_its_entry_even_within_one_flush() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn filters_resume_and_heartbeat() {
-    let svc = Service::start(&[("STREAM_HEARTBEAT_INTERVAL", "200ms")]);
+    let svc = InProcess::start(&[("STREAM_HEARTBEAT_INTERVAL", "200ms")]).await;
     let mut by_prefix = Sse::open(svc.addr, "?prefix=site-a/", &[]).await;
     let mut by_device = Sse::open(svc.addr, "?device_id=site-b/2", &[]).await;
     let mut all = Sse::open(svc.addr, "", &[]).await;
@@ -272,14 +273,15 @@ async fn filters_resume_and_heartbeat() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_outlives_the_keep_alive_timeout() {
     // The client sends nothing after its request: the connection must not count as idle
     // while its response streams.
-    let svc = Service::start(&[
+    let svc = InProcess::start(&[
         ("KEEP_ALIVE_TIMEOUT", "1s"),
         ("STREAM_HEARTBEAT_INTERVAL", "300ms"),
-    ]);
+    ])
+    .await;
     let mut feed = Sse::open(svc.addr, "", &[]).await;
     tokio::time::sleep(Duration::from_millis(2500)).await;
     spike(svc.addr, "late-1").await;
@@ -292,9 +294,9 @@ async fn a_stream_outlives_the_keep_alive_timeout() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_client_cap_and_a_client_that_stops_reading() {
-    let svc = Service::start(&[("MAX_STREAM_CLIENTS", "2"), ("ANOMALY_THRESHOLD", "0")]);
+    let svc = InProcess::start(&[("MAX_STREAM_CLIENTS", "2"), ("ANOMALY_THRESHOLD", "0")]).await;
     let _one = Sse::open(svc.addr, "", &[]).await;
     // A client with a tiny receive buffer that never reads.
     let socket = tokio::net::TcpSocket::new_v4().expect("socket");
@@ -344,10 +346,10 @@ async fn the_client_cap_and_a_client_that_stops_reading() {
     drop(stalled);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn anomalies_during_an_outage_are_appended_when_redis_returns() {
     let redis = Redis::start();
-    let svc = Service::start(&[("REDIS_URL", &redis.url())]);
+    let svc = InProcess::start(&[("REDIS_URL", &redis.url())]).await;
     eventually(SOON, "ready", || async {
         (get(svc.addr, "/ready").await.status == 200).then_some(())
     })
@@ -375,7 +377,7 @@ async fn anomalies_during_an_outage_are_appended_when_redis_returns() {
     assert_eq!(svc.metric("anomaly_stream_dropped_total").await, Some(0.0));
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cpu_is_a_second_signal() {
     let steady_then_cpu_spike = |device: &str| {
         let mut body = String::new();
@@ -387,7 +389,7 @@ async fn cpu_is_a_second_signal() {
         body
     };
     // Default signals (rps): the cpu anomaly shows in /analyze, but is not streamed.
-    let rps_only = Service::start(&[]);
+    let rps_only = InProcess::start(&[]).await;
     let r = post(
         rps_only.addr,
         "/metric/batch",
@@ -418,7 +420,7 @@ async fn cpu_is_a_second_signal() {
     );
 
     // ANOMALY_SIGNALS=rps,cpu: streamed and counted with its signal.
-    let both = Service::start(&[("ANOMALY_SIGNALS", "rps,cpu")]);
+    let both = InProcess::start(&[("ANOMALY_SIGNALS", "rps,cpu")]).await;
     let mut feed = Sse::open(both.addr, "", &[]).await;
     let r = request_with(
         both.addr,

@@ -3,7 +3,12 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod inprocess;
 pub mod tls;
+
+// Not every test binary starts an in-process instance.
+#[allow(unused_imports)]
+pub use inprocess::InProcess;
 
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
@@ -186,6 +191,18 @@ where
     }
 }
 
+/// A metric's value in the exposition of the service at `addr`, by exact series text
+/// (name{labels}).
+pub async fn metric(addr: SocketAddr, series: &str) -> Option<f64> {
+    let text = get(addr, "/metrics").await.body;
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
+        .and_then(|v| v.trim().parse().ok())
+}
+
 /// A free loopback port (bound, then released).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -314,13 +331,7 @@ impl Service {
 
     /// A metric's value in the exposition, by exact series text (name{labels}).
     pub async fn metric(&self, series: &str) -> Option<f64> {
-        let text = get(self.addr, "/metrics").await.body;
-        text.lines()
-            .find_map(|l| {
-                l.strip_prefix(series)
-                    .and_then(|rest| rest.strip_prefix(' '))
-            })
-            .and_then(|v| v.trim().parse().ok())
+        metric(self.addr, series).await
     }
 }
 

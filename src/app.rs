@@ -1,0 +1,270 @@
+//! The wiring of one service instance: config → auth → store → actor system → cluster →
+//! listeners; then, once asked to stop, the drain in order (HTTP, the cluster's leave
+//! grace, device actors, store writer). Owns no behaviour of its own.
+
+use crate::auth::Auth;
+use crate::cluster::client::HttpTransport;
+use crate::config::Config;
+use crate::http;
+use actors::cluster::Cluster;
+use actors::store::{EmbeddedStore, RedisStore, Store};
+use actors::tuning::STORE_OP_TIMEOUT;
+use actors::{ShutdownReport, System};
+use anyhow::Context;
+use prometheus_client::registry::Registry;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+/// How often AUTH_TOKENS_FILE is checked for changes (SIGHUP reloads at once).
+const TOKENS_CHECK_EVERY: Duration = Duration::from_secs(2);
+
+/// Why an instance did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A setting is invalid or names an unusable file: the process exits 2, as clap does
+    /// for every other invalid setting.
+    #[error("{0}")]
+    Setting(String),
+    /// Something the settings point at failed (a listener address in use, …).
+    #[error(transparent)]
+    Failed(#[from] anyhow::Error),
+}
+
+/// A started instance: both listeners bound, the actor system running, requests served
+/// from the moment [`App::start`] returns.
+pub struct App {
+    config: Config,
+    addr: SocketAddr,
+    cluster_addr: Option<SocketAddr>,
+    system: Arc<System>,
+    cluster: Option<Arc<Cluster>>,
+    state: http::AppState,
+    listener: TcpListener,
+    stop_internal: watch::Sender<bool>,
+    stop_feed: watch::Sender<bool>,
+}
+
+impl App {
+    /// Starts an instance with `config`: logs what it uses (never a secret), binds
+    /// LISTEN_ADDR (and CLUSTER_LISTEN_ADDR in a cluster) and starts the actors. Requests
+    /// are answered once [`App::run`] is awaited.
+    pub async fn start(config: Config) -> Result<Self, StartError> {
+        let setting = |e: &dyn std::fmt::Display| StartError::Setting(e.to_string());
+        let cluster_config = config.check().map_err(|e| setting(&e))?;
+        let redis_tls = config.redis_tls().map_err(|e| setting(&e))?;
+        let auth = match &config.auth_tokens_file {
+            None => {
+                tracing::info!("AUTH_TOKENS_FILE is unset: the API is open to every client");
+                None
+            }
+            Some(path) => {
+                let auth = Auth::load(path).map_err(|e| setting(&e))?;
+                tracing::info!(path = %path.display(), clients = auth.tokens().len(), "client tokens loaded: /metric, /metric/batch and /analyze require a bearer token");
+                if auth.tokens().is_empty() {
+                    tracing::warn!(path = %path.display(), "AUTH_TOKENS_FILE lists no client: every request to /metric, /metric/batch and /analyze is refused until it does");
+                }
+                let auth = Arc::new(auth);
+                auth.clone().watch(TOKENS_CHECK_EVERY);
+                Some(auth)
+            }
+        };
+
+        let store = match &config.redis_url {
+            None => {
+                tracing::info!("REDIS_URL is unset: using the embedded in-process store (results are not shared between replicas and do not survive a restart)");
+                Store::Embedded(Arc::new(EmbeddedStore::new()))
+            }
+            Some(url) => {
+                // Log where, never the password (the TLS files are in the starting line).
+                let host = url.rsplit('@').next().unwrap_or(url);
+                tracing::info!(redis = %host, pool_size = config.redis_pool_size, tls = url.starts_with("rediss://"), "using Redis");
+                let store =
+                    RedisStore::with_tls(url, &redis_tls, config.redis_pool_size, STORE_OP_TIMEOUT)
+                        .context("REDIS_URL")?;
+                // In a cluster, a node cut off with an older window must never overwrite
+                // the newer one of the device's owner.
+                Store::Redis(if cluster_config.is_some() {
+                    store.guarded()
+                } else {
+                    store
+                })
+            }
+        };
+        let mut registry = Registry::default();
+        let http_metrics = Arc::new(http::HttpMetrics::register(&mut registry));
+        let system = Arc::new(
+            System::start((&config).into(), store, registry)
+                .await
+                .context("starting the actor system")?,
+        );
+
+        // In a cluster: the internal listener first, so peers can probe this node while
+        // its first discovery round runs.
+        let (stop_internal, internal_stopped) = watch::channel(false);
+        let (cluster, cluster_addr) = match cluster_config {
+            None => (None, None),
+            Some(cluster_config) => {
+                let token = config.cluster_token.clone().unwrap_or_default();
+                let transport = HttpTransport::new(
+                    cluster_config.advertise,
+                    &token,
+                    cluster_config.forward_timeout,
+                )
+                .context("CLUSTER_TOKEN")?;
+                let internal = TcpListener::bind(config.cluster_listen_addr)
+                    .await
+                    .with_context(|| {
+                        format!(
+                            "CLUSTER_LISTEN_ADDR: cannot listen on {}",
+                            config.cluster_listen_addr
+                        )
+                    })?;
+                let internal_addr = internal.local_addr().context("CLUSTER_LISTEN_ADDR")?;
+                tracing::info!(
+                    addr = %internal_addr,
+                    advertise = %cluster_config.advertise,
+                    peers = ?cluster_config.peers,
+                    "cluster listener"
+                );
+                let cluster = Cluster::start(cluster_config, Arc::new(transport), &system);
+                tokio::spawn({
+                    let (cluster, metrics) = (cluster.clone(), system.metrics().clone());
+                    async move {
+                        crate::cluster::server::serve(
+                            internal,
+                            cluster,
+                            metrics,
+                            &token,
+                            internal_stopped,
+                        )
+                        .await;
+                    }
+                });
+                (Some(cluster), Some(internal_addr))
+            }
+        };
+
+        let listener = TcpListener::bind(config.listen_addr)
+            .await
+            .with_context(|| format!("LISTEN_ADDR: cannot listen on {}", config.listen_addr))?;
+        let addr = listener.local_addr().context("LISTEN_ADDR")?;
+        tracing::info!(%addr, "listening");
+
+        // The anomalies stream as SSE, read from the store (so every replica serves what
+        // any replica detected).
+        let (stop_feed, feed_stopped) = watch::channel(false);
+        let feed = (config.anomaly_stream_maxlen > 0).then(|| {
+            http::AnomalyFeed::start(
+                system.store().clone(),
+                config.max_stream_clients as usize,
+                config.stream_heartbeat_interval,
+                feed_stopped,
+            )
+        });
+        let state = http::AppState::new(
+            system.clone(),
+            cluster.clone(),
+            auth,
+            feed,
+            http_metrics,
+            http::BodyLimits {
+                max_body_bytes: config.max_body_bytes as usize,
+                max_batch_bytes: config.max_batch_bytes as usize,
+                // A batch is admitted whole: one larger than the pending bound never
+                // would be.
+                max_batch_events: config.max_batch_events.min(config.max_pending_events) as usize,
+                body_read_timeout: config.body_read_timeout,
+            },
+        );
+        Ok(Self {
+            config,
+            addr,
+            cluster_addr,
+            system,
+            cluster,
+            state,
+            listener,
+            stop_internal,
+            stop_feed,
+        })
+    }
+
+    /// The address the API listens on (LISTEN_ADDR with its port resolved).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The address of the internal cluster listener, in a cluster.
+    pub fn cluster_addr(&self) -> Option<SocketAddr> {
+        self.cluster_addr
+    }
+
+    /// Serves until `stop` resolves, then shuts down gracefully within SHUTDOWN_TIMEOUT of
+    /// that moment and reports what could not be processed or stored (also logged).
+    pub async fn run(self, stop: impl Future<Output = ()>) -> ShutdownReport {
+        let Self {
+            config,
+            system,
+            cluster,
+            state,
+            listener,
+            stop_internal,
+            stop_feed,
+            ..
+        } = self;
+        let limits = http::Limits {
+            max_connections: config.max_connections,
+            timeouts: http::Timeouts {
+                header: config.header_read_timeout,
+                keep_alive: config.keep_alive_timeout,
+            },
+        };
+        let signalled = {
+            let state = state.clone();
+            async move {
+                stop.await;
+                state.begin_shutdown();
+            }
+        };
+        let http_drained = http::serve(
+            listener,
+            state.clone(),
+            limits,
+            signalled,
+            config.shutdown_timeout,
+        )
+        .await;
+        // SHUTDOWN_TIMEOUT counts from the signal: the actors get what the HTTP drain left.
+        let began = state.shutdown_began().unwrap_or_else(Instant::now);
+        let deadline = began + config.shutdown_timeout;
+        if !http_drained {
+            tracing::warn!("some connections were still open at the shutdown deadline");
+        }
+        if let Some(cluster) = &cluster {
+            // Keep answering forwarded events and handoffs until every peer has seen this
+            // node leave; then nothing more arrives and the drain below is final.
+            tokio::time::sleep_until((began + cluster.leave_grace()).min(deadline)).await;
+            let _ = stop_internal.send(true);
+            cluster.stop();
+        }
+        let _ = stop_feed.send(true);
+        let report = system.shutdown(deadline).await;
+        if report.unprocessed == 0 && report.store_flushed {
+            tracing::info!("shutdown complete: every accepted event is processed and stored");
+        } else {
+            tracing::error!(
+                unprocessed = report.unprocessed,
+                unstored_results = report.unstored,
+                "shutdown deadline reached: {} accepted events were not processed and the newest results of {} devices could not be stored",
+                report.unprocessed,
+                report.unstored
+            );
+        }
+        report
+    }
+}

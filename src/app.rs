@@ -40,7 +40,6 @@ pub enum StartError {
 pub struct App {
     config: Config,
     addr: SocketAddr,
-    cluster_addr: Option<SocketAddr>,
     system: Arc<System>,
     cluster: Option<Arc<Cluster>>,
     state: http::AppState,
@@ -106,8 +105,8 @@ impl App {
         // In a cluster: the internal listener first, so peers can probe this node while
         // its first discovery round runs.
         let (stop_internal, internal_stopped) = watch::channel(false);
-        let (cluster, cluster_addr) = match cluster_config {
-            None => (None, None),
+        let cluster = match cluster_config {
+            None => None,
             Some(cluster_config) => {
                 let token = config.cluster_token.clone().unwrap_or_default();
                 let transport = HttpTransport::new(
@@ -124,9 +123,8 @@ impl App {
                             config.cluster_listen_addr
                         )
                     })?;
-                let internal_addr = internal.local_addr().context("CLUSTER_LISTEN_ADDR")?;
                 tracing::info!(
-                    addr = %internal_addr,
+                    addr = %internal.local_addr().context("CLUSTER_LISTEN_ADDR")?,
                     advertise = %cluster_config.advertise,
                     peers = ?cluster_config.peers,
                     "cluster listener"
@@ -145,7 +143,7 @@ impl App {
                         .await;
                     }
                 });
-                (Some(cluster), Some(internal_addr))
+                Some(cluster)
             }
         };
 
@@ -184,7 +182,6 @@ impl App {
         Ok(Self {
             config,
             addr,
-            cluster_addr,
             system,
             cluster,
             state,
@@ -197,11 +194,6 @@ impl App {
     /// The address the API listens on (LISTEN_ADDR with its port resolved).
     pub fn addr(&self) -> SocketAddr {
         self.addr
-    }
-
-    /// The address of the internal cluster listener, in a cluster.
-    pub fn cluster_addr(&self) -> Option<SocketAddr> {
-        self.cluster_addr
     }
 
     /// Serves until `stop` resolves, then shuts down gracefully within SHUTDOWN_TIMEOUT of

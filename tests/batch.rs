@@ -7,9 +7,12 @@ use common::cluster::{matches, reference, WINDOW};
 use common::{eventually, get, post, request_with, InProcess, Redis, Reply, Service};
 use flate2::write::GzEncoder;
 use flate2::Compression;
+use proptest::prelude::*;
+use proptest::test_runner::{TestCaseError, TestRunner};
 use serde_json::{json, Value};
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 const SOON: Duration = Duration::from_secs(10);
@@ -37,101 +40,123 @@ fn event(device: &str, cpu: f64, rps: f64) -> Value {
     json!({"device_id": device, "cpu": cpu, "rps": rps})
 }
 
-/// A small deterministic generator (xorshift64*), so that failures reproduce.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 async fn samples(addr: SocketAddr, device: &str) -> Option<u64> {
     let r = get(addr, &format!("/analyze?device_id={device}")).await;
     (r.status == 200).then(|| r.json()["samples"].as_u64().unwrap_or(0))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_batch_gives_every_device_the_same_analysis_as_single_events() {
-    let (k, v) = window_env();
-    let svc = InProcess::start(&[(k, &v)]).await;
-    // Random interleavings of random devices' events; the batch and the one-by-one
-    // copy go to different device ids of the same service.
-    for case in 0..4u64 {
-        let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (case + 1));
-        let devices = 1 + rng.below(12) as usize;
-        let mut per_device: Vec<Vec<(f64, f64)>> = vec![Vec::new(); devices];
-        let mut order = Vec::new();
-        for _ in 0..(20 + rng.below(200)) {
-            let d = rng.below(devices as u64) as usize;
-            let rps = if rng.below(20) == 0 {
-                (500 + rng.below(5000)) as f64
-            } else {
-                (rng.below(100_000) as f64) / 100.0
-            };
-            let cpu = rng.below(1001) as f64 / 1000.0;
-            per_device[d].push((rps, cpu));
-            order.push((d, rps, cpu));
+/// One case of the property below: events of up to 12 devices interleaved at random, as
+/// (device, rps, cpu); rps mostly ordinary with about one spike in twenty.
+fn interleavings() -> impl Strategy<Value = (Vec<(usize, f64, f64)>, bool)> {
+    let rps = prop_oneof![
+        19 => (0u64..100_000).prop_map(|v| v as f64 / 100.0),
+        1 => (500u64..5_500).prop_map(|v| v as f64),
+    ];
+    let cpu = (0u64..=1000).prop_map(|v| v as f64 / 1000.0);
+    (
+        prop::collection::vec((0usize..12, rps, cpu), 1..220),
+        any::<bool>(),
+    )
+}
+
+/// The batch and the one-by-one copy of `order` go to different device ids (`case` keeps
+/// every case's ids apart) of the same service; every device's analysis must equal the
+/// reference and be the same both ways.
+async fn batch_equals_singles(
+    svc: &InProcess,
+    case: u64,
+    order: &[(usize, f64, f64)],
+    as_ndjson: bool,
+) -> Result<(), String> {
+    let name = |kind: &str, d: usize| format!("{kind}-{case}-{d}");
+    let lines: Vec<Value> = order
+        .iter()
+        .map(|&(d, rps, cpu)| event(&name("batch", d), cpu, rps))
+        .collect();
+    let body = if as_ndjson {
+        ndjson(&lines)
+    } else {
+        Value::Array(lines).to_string()
+    };
+    let r = post(svc.addr, "/metric/batch", &body).await;
+    if r.status != 200
+        || r.json() != json!({"status": "accepted", "accepted": order.len(), "rejected": 0})
+    {
+        return Err(format!("batch answered {}: {}", r.status, r.body));
+    }
+    for &(d, rps, cpu) in order {
+        let r = post(
+            svc.addr,
+            "/metric",
+            &event(&name("single", d), cpu, rps).to_string(),
+        )
+        .await;
+        if r.status != 200 {
+            return Err(format!("single event answered {}: {}", r.status, r.body));
         }
-        let name = |kind: &str, d: usize| format!("{kind}-{case}-{d}");
-        let lines: Vec<Value> = order
+    }
+    for d in 0..12 {
+        let events: Vec<(f64, f64)> = order
             .iter()
-            .map(|&(d, rps, cpu)| event(&name("batch", d), cpu, rps))
+            .filter(|e| e.0 == d)
+            .map(|&(_, rps, cpu)| (rps, cpu))
             .collect();
-        let body = if case % 2 == 0 {
-            ndjson(&lines)
-        } else {
-            Value::Array(lines).to_string()
-        };
-        let r = post(svc.addr, "/metric/batch", &body).await;
-        assert_eq!(r.status, 200, "{}", r.body);
-        assert_eq!(
-            r.json(),
-            json!({"status": "accepted", "accepted": order.len(), "rejected": 0})
-        );
-        for &(d, rps, cpu) in &order {
-            let r = post(
-                svc.addr,
-                "/metric",
-                &event(&name("single", d), cpu, rps).to_string(),
-            )
+        if events.is_empty() {
+            continue;
+        }
+        let expected = reference(&events).0 as u64;
+        let mut analyses = Vec::new();
+        for kind in ["batch", "single"] {
+            let device = name(kind, d);
+            eventually(SOON, "every event processed", || async {
+                (samples(svc.addr, &device).await == Some(expected)).then_some(())
+            })
             .await;
-            assert_eq!(r.status, 200, "{}", r.body);
+            matches(svc.addr, &device, &events).await?;
+            let mut a = get(svc.addr, &format!("/analyze?device_id={device}"))
+                .await
+                .json();
+            let obj = a.as_object_mut().expect("object");
+            obj.remove("device_id");
+            obj.remove("processed_at");
+            obj.remove("event_timestamp");
+            analyses.push(a);
         }
-        for (d, events) in per_device.iter().enumerate() {
-            if events.is_empty() {
-                continue;
-            }
-            let expected = reference(events).0 as u64;
-            for kind in ["batch", "single"] {
-                let device = name(kind, d);
-                eventually(SOON, "every event processed", || async {
-                    (samples(svc.addr, &device).await == Some(expected)).then_some(())
-                })
-                .await;
-                matches(svc.addr, &device, events)
-                    .await
-                    .unwrap_or_else(|e| panic!("case {case}: {e}"));
-            }
-            let field = |kind: &'static str| async move {
-                let mut a = get(svc.addr, &format!("/analyze?device_id={}", name(kind, d)))
-                    .await
-                    .json();
-                let obj = a.as_object_mut().expect("object");
-                obj.remove("device_id");
-                obj.remove("processed_at");
-                obj.remove("event_timestamp");
-                a
-            };
-            assert_eq!(field("batch").await, field("single").await, "case {case}");
+        if analyses[0] != analyses[1] {
+            return Err(format!(
+                "device {d}: batch {} ≠ single {}",
+                analyses[0], analyses[1]
+            ));
         }
+    }
+    Ok(())
+}
+
+/// Property: for any interleaving of devices' events, in either body format, a batch
+/// gives every device the analysis the same events give sent one by one (and the
+/// reference's). proptest shrinks a failure to a smallest interleaving.
+#[test]
+fn a_batch_gives_every_device_the_same_analysis_as_single_events() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (k, v) = window_env();
+    let svc = rt.block_on(InProcess::start(&[(k, &v)]));
+    let case = AtomicU64::new(0);
+    let mut runner = TestRunner::new(ProptestConfig {
+        cases: 24,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    });
+    let result = runner.run(&interleavings(), |(order, as_ndjson)| {
+        let case = case.fetch_add(1, Ordering::Relaxed);
+        rt.block_on(batch_equals_singles(&svc, case, &order, as_ndjson))
+            .map_err(TestCaseError::fail)
+    });
+    if let Err(e) = result {
+        panic!("{e}");
     }
 }
 

@@ -5,7 +5,7 @@
 mod common;
 
 use actors::analytics::{AnomalyRule, Window};
-use common::{eventually, get, post, request_with, InProcess, Redis};
+use common::{eventually, get, post, request_with, rss_kb, InProcess, Redis, Service};
 use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -343,6 +343,82 @@ async fn the_client_cap_and_a_client_that_stops_reading() {
     .await;
     // The slot is usable again.
     let _two = Sse::open(svc.addr, "", &[]).await;
+    drop(stalled);
+}
+
+/// A client that stops reading costs a bounded buffer and is then dropped: the service's
+/// memory does not grow with the anomalies it was not sent (the real binary, for its RSS).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_slow_client_leaves_memory_flat() {
+    // Threshold 0: nearly every event is an anomaly; the stream itself is capped small, so
+    // only a client's backlog could grow.
+    let svc = Service::start(&[
+        ("ANOMALY_THRESHOLD", "0"),
+        ("ANOMALY_STREAM_MAXLEN", "1000"),
+    ]);
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("rcvbuf");
+    let mut stalled = socket.connect(svc.addr).await.expect("connect");
+    stalled
+        .write_all(b"GET /anomalies/stream HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .expect("write");
+    eventually(SOON, "the client subscribed", || async {
+        (svc.metric("stream_clients").await == Some(1.0)).then_some(())
+    })
+    .await;
+    let flood = |round: u32| async move {
+        let body: String = (0..10_000u32)
+            .map(|i| {
+                event(
+                    &format!("flood-{}", i % 500),
+                    0.5,
+                    f64::from(i * round % 977),
+                ) + "\n"
+            })
+            .collect();
+        let r = post(svc.addr, "/metric/batch", &body).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    };
+    let anomalies = || async {
+        let text = get(svc.addr, "/metrics").await.body;
+        text.lines()
+            .filter(|l| l.starts_with("anomalies_detected_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    // Warm up: 500 device actors, the capped stream full, the client dropped.
+    for round in 1..=3 {
+        flood(round).await;
+    }
+    eventually(SOON, "the stalled client dropped", || async {
+        (svc.metric("stream_clients_dropped_total").await == Some(1.0)).then_some(())
+    })
+    .await;
+    eventually(SOON, "the warm-up processed", || async {
+        (svc.metric("pending_events").await == Some(0.0)).then_some(())
+    })
+    .await;
+    let (rss_warm, seen_warm) = (rss_kb(svc.pid()), anomalies().await);
+    for round in 4..=9 {
+        flood(round).await;
+    }
+    eventually(SOON, "the flood processed", || async {
+        (svc.metric("pending_events").await == Some(0.0)).then_some(())
+    })
+    .await;
+    let (rss_after, seen_after) = (rss_kb(svc.pid()), anomalies().await);
+    let frames = seen_after - seen_warm;
+    eprintln!("RSS {rss_warm} KiB → {rss_after} KiB over {frames} anomalies");
+    // Each frame is a few hundred bytes of JSON: tens of MB had they been kept.
+    assert!(
+        frames > 50_000.0,
+        "only {frames} anomalies: the flood did not flood"
+    );
+    assert!(
+        rss_after < rss_warm + 8 * 1024,
+        "RSS grew from {rss_warm} KiB to {rss_after} KiB over {frames} anomalies"
+    );
     drop(stalled);
 }
 

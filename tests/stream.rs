@@ -218,10 +218,11 @@ async fn every_anomalous_event_gets_its_entry_even_within_one_flush() {
         (xlen(&redis) == expected).then_some(())
     })
     .await;
-    assert_eq!(
-        svc.metric("anomaly_stream_entries_total").await,
-        Some(expected as f64)
-    );
+    // Counted once the flush's answer is back, a moment after Redis applied it.
+    eventually(SOON, "every entry counted", || async {
+        (svc.metric("anomaly_stream_entries_total").await == Some(expected as f64)).then_some(())
+    })
+    .await;
     assert!(
         svc.metric("store_keys_written_total").await.unwrap_or(0.0) < 1000.0,
         "the analysis keys did coalesce"
@@ -367,8 +368,10 @@ async fn a_dropped_slow_client_leaves_memory_flat() {
         (svc.metric("stream_clients").await == Some(1.0)).then_some(())
     })
     .await;
+    // Batches of 1 000 events: each request's own buffers stay small beside what a
+    // backlog would be.
     let flood = |round: u32| async move {
-        let body: String = (0..10_000u32)
+        let body: String = (0..1_000u32)
             .map(|i| {
                 event(
                     &format!("flood-{}", i % 500),
@@ -388,7 +391,7 @@ async fn a_dropped_slow_client_leaves_memory_flat() {
             .sum::<f64>()
     };
     // Warm up: 500 device actors, the capped stream full, the client dropped.
-    for round in 1..=3 {
+    for round in 1..=30 {
         flood(round).await;
     }
     eventually(SOON, "the stalled client dropped", || async {
@@ -400,7 +403,7 @@ async fn a_dropped_slow_client_leaves_memory_flat() {
     })
     .await;
     let (rss_warm, seen_warm) = (rss_kb(svc.pid()), anomalies().await);
-    for round in 4..=9 {
+    for round in 31..=90 {
         flood(round).await;
     }
     eventually(SOON, "the flood processed", || async {
@@ -410,13 +413,14 @@ async fn a_dropped_slow_client_leaves_memory_flat() {
     let (rss_after, seen_after) = (rss_kb(svc.pid()), anomalies().await);
     let frames = seen_after - seen_warm;
     eprintln!("RSS {rss_warm} KiB → {rss_after} KiB over {frames} anomalies");
-    // Each frame is a few hundred bytes of JSON: tens of MB had they been kept.
+    // Each frame is about 400 bytes: some 24 MB had they been kept; the allocator's own
+    // swings stay within a few MB.
     assert!(
         frames > 50_000.0,
         "only {frames} anomalies: the flood did not flood"
     );
     assert!(
-        rss_after < rss_warm + 8 * 1024,
+        rss_after < rss_warm + 12 * 1024,
         "RSS grew from {rss_warm} KiB to {rss_after} KiB over {frames} anomalies"
     );
     drop(stalled);

@@ -67,12 +67,34 @@ pub struct AnomalyFeed {
     tx: broadcast::Sender<Arc<StreamRecord>>,
     /// Wakes the poller when a client subscribes (it sleeps while nobody listens).
     subscribed: tokio::sync::Notify,
+    /// Where the stream stood when the earliest client not yet seen by the poller
+    /// subscribed: the poller reads on from there (or from where it was, if earlier), so
+    /// an entry appended after a client subscribed is never skipped, even when the poller
+    /// wakes from idle and first reads the stream's end later than the client did.
+    start_hint: std::sync::Mutex<Option<StreamId>>,
     clients: AtomicUsize,
     max_clients: usize,
     heartbeat: Duration,
 }
 
 impl AnomalyFeed {
+    /// A client subscribed when the stream's last entry was `at`: the poller, if idle,
+    /// starts no later than there.
+    fn subscribed_at(&self, at: StreamId) {
+        let mut hint = self
+            .start_hint
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *hint = Some(hint.map_or(at, |h| h.min(at)));
+    }
+
+    fn take_start_hint(&self) -> Option<StreamId> {
+        self.start_hint
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+    }
+
     /// Starts the poller over `store`; it reads only while clients are connected.
     pub fn start(
         store: Store,
@@ -84,6 +106,7 @@ impl AnomalyFeed {
         let feed = Arc::new(Self {
             tx,
             subscribed: tokio::sync::Notify::new(),
+            start_hint: std::sync::Mutex::new(None),
             clients: AtomicUsize::new(0),
             max_clients,
             heartbeat,
@@ -102,6 +125,7 @@ impl AnomalyFeed {
                 _ = tick.tick() => {}
                 _ = stopped.changed() => return,
             }
+            let hint = self.take_start_hint();
             if self.tx.receiver_count() == 0 {
                 last = None;
                 // No timer work while nobody listens: sleep until a client subscribes.
@@ -111,7 +135,10 @@ impl AnomalyFeed {
                 }
                 continue;
             }
-            let after = match last {
+            // A client that subscribed before the poller's own first read, but read the
+            // stream's end earlier, moves the feed back: entries in between were never sent
+            // (clients skip what they already have).
+            let after = match last.into_iter().chain(hint).min() {
                 Some(id) => id,
                 None => match store.last_anomaly_id().await {
                     Ok(id) => {
@@ -127,6 +154,7 @@ impl AnomalyFeed {
                         last = Some(record.id);
                         let _ = self.tx.send(Arc::new(record));
                     }
+                    last.get_or_insert(after);
                 }
                 // An outage: the entries are read once the store answers again.
                 Err(e) => tracing::debug!(error = %e, "anomaly feed: store read failed"),
@@ -299,6 +327,12 @@ async fn serve_client(
     tx: mpsc::Sender<Bytes>,
 ) {
     let mut live = feed.tx.subscribe();
+    // Where the stream stands now that this client receives what the poller sends: every
+    // later entry must reach it, so the poller reads on from no later than here. Unknown
+    // while the store is down: then the poller starts where it first reads the stream.
+    if let Ok(now) = state.system().store().last_anomaly_id().await {
+        feed.subscribed_at(now);
+    }
     feed.subscribed.notify_one();
     let end = stream_to(&state, &feed, &filter, resume, &tx, &mut live).await;
     if matches!(end, End::TooSlow) {
@@ -384,5 +418,50 @@ async fn stream_to(
                 Err(broadcast::error::RecvError::Closed) => return End::Closed,
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use actors::analytics::Signal;
+    use actors::store::{EmbeddedStore, StreamEntry};
+
+    fn append(store: &EmbeddedStore, device: &str) {
+        let entry = StreamEntry {
+            device_id: device.into(),
+            signal: Signal::Rps,
+            analysis: Bytes::from_static(b"{}"),
+            uid: device.to_string(),
+        };
+        store.append_anomalies(&[entry], 100);
+    }
+
+    /// A client subscribes while the poller sleeps (nobody listened), and an anomaly is
+    /// appended before the poller wakes and first reads the stream: the client must still
+    /// get it. (On this single-threaded runtime the poller runs only where the test awaits.)
+    #[tokio::test]
+    async fn an_entry_appended_before_an_idle_poller_wakes_reaches_the_new_client() {
+        let store = Arc::new(EmbeddedStore::new());
+        append(&store, "before");
+        let (_stop, stopped) = watch::channel(false);
+        let feed = AnomalyFeed::start(
+            Store::Embedded(store.clone()),
+            10,
+            Duration::from_secs(60),
+            stopped,
+        );
+        // The poller's first round: nobody listens, so it goes to sleep.
+        tokio::time::sleep(POLL_EVERY * 5).await;
+        // What serve_client does for a new client, with the append in the middle.
+        let mut live = feed.tx.subscribe();
+        feed.subscribed_at(store.last_anomaly_id());
+        append(&store, "after");
+        feed.subscribed.notify_one();
+        let record = tokio::time::timeout(Duration::from_secs(5), live.recv())
+            .await
+            .expect("an entry within 5 s")
+            .expect("the feed is open");
+        assert_eq!(record.device_id, "after");
     }
 }

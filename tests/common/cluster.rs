@@ -58,7 +58,11 @@ pub async fn matches(addr: SocketAddr, device: &str, events: &[(f64, f64)]) -> R
     if reply.status != 200 {
         return Err(format!("{device}: /analyze {}", reply.status));
     }
-    let v: Value = reply.json();
+    agrees(&reply.json(), device, events)
+}
+
+/// Whether `v`, one device's `/analyze` answer, is the reference of `events`.
+pub fn agrees(v: &Value, device: &str, events: &[(f64, f64)]) -> Result<(), String> {
     let (samples, mean, sd, z, cpu, anomaly) = reference(events);
     let ok = v["samples"] == samples as u64
         && close(v["rolling_average_rps"].as_f64().unwrap_or(f64::NAN), mean)
@@ -153,20 +157,67 @@ pub async fn load(devices: usize, per_device: usize, targets: Targets, pause: Du
 
 /// Every device, read from every node, equals the reference (within the flush lag).
 pub async fn all_match(nodes: &[SocketAddr], devices: usize, per_device: usize) {
+    all_match_but_one_lost(nodes, devices, per_device, |_| false).await;
+}
+
+/// [`all_match`], except that a device `may_lose` names may lack one of its events (any
+/// one, the same on every node): what a node cut off right after acknowledging an event,
+/// before its next flush, loses (README "Scaling out"). Answers how many devices did.
+pub async fn all_match_but_one_lost(
+    nodes: &[SocketAddr],
+    devices: usize,
+    per_device: usize,
+    may_lose: impl Fn(usize) -> bool,
+) -> usize {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    // A device one event short is taken as having lost it only after this: before, the
+    // event may still be on its way (a flush, a re-routed forward).
+    let settled = std::time::Instant::now() + Duration::from_secs(2);
+    let mut lost = 0;
     for d in 0..devices {
         let events = events_of(d, per_device);
         let device = format!("dev-{d}");
+        let mut lacks = None;
         for &addr in nodes {
             loop {
-                match matches(addr, &device, &events).await {
+                let reply = get(addr, &format!("/analyze?device_id={device}")).await;
+                let verdict = if reply.status != 200 {
+                    Err(format!("{device}: /analyze {}", reply.status))
+                } else {
+                    let v = reply.json();
+                    agrees(&v, &device, &events).or_else(|e| {
+                        // Which single event is missing, if one is; every node must agree.
+                        let missing = (0..events.len()).find(|&i| {
+                            let mut fewer = events.clone();
+                            fewer.remove(i);
+                            agrees(&v, &device, &fewer).is_ok()
+                        });
+                        match missing {
+                            Some(i)
+                                if may_lose(d)
+                                    && std::time::Instant::now() > settled
+                                    && lacks.is_none_or(|l| l == i) =>
+                            {
+                                lacks = Some(i);
+                                Ok(())
+                            }
+                            _ => Err(e),
+                        }
+                    })
+                };
+                match verdict {
                     Ok(()) => break,
                     Err(e) if std::time::Instant::now() > deadline => panic!("{addr}: {e}"),
                     Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
                 }
             }
         }
+        if let Some(i) = lacks {
+            eprintln!("{device} lacks its event {i} of {per_device}");
+            lost += 1;
+        }
     }
+    lost
 }
 
 /// Watches `devices` on `addr` while load runs: a device's `samples` never goes back.

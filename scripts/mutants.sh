@@ -62,7 +62,7 @@ if [ -n "${MUTANTS_BUDGET:-}" ]; then
 fi
 
 # cargo-mutants' own baseline builds only the mutated packages, where these targets do
-# not all exist (the root package has no library, actors no HTTP tests); so the same
+# not all exist (actors has no HTTP tests, bench none of these); so the same
 # tests run here on the unmutated tree first, and cargo-mutants skips its baseline.
 baseline=1
 for arg in "$@"; do

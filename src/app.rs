@@ -35,8 +35,8 @@ pub enum StartError {
     Failed(#[from] anyhow::Error),
 }
 
-/// A started instance: both listeners bound, the actor system running, requests served
-/// from the moment [`App::start`] returns.
+/// A started instance: both listeners bound and the actor system running; requests are
+/// answered once [`App::run`] is awaited (until then connections wait in the backlog).
 pub struct App {
     config: Config,
     addr: SocketAddr,

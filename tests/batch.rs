@@ -148,6 +148,9 @@ fn a_batch_gives_every_device_the_same_analysis_as_single_events() {
     let mut runner = TestRunner::new(ProptestConfig {
         cases: 24,
         failure_persistence: None,
+        // A failing case can take seconds (waits for events that never come): shrink for
+        // at most a minute, then report the smallest case found by then.
+        max_shrink_time: 60_000,
         ..ProptestConfig::default()
     });
     let result = runner.run(&interleavings(), |(order, as_ndjson)| {

@@ -148,13 +148,14 @@ impl AnomalyFeed {
                     Err(_) => continue,
                 },
             };
+            // Kept even if this read fails: the next round must not start from the end.
+            last = Some(after);
             match store.read_anomalies(after, READ_BATCH).await {
                 Ok(records) => {
                     for record in records {
                         last = Some(record.id);
                         let _ = self.tx.send(Arc::new(record));
                     }
-                    last.get_or_insert(after);
                 }
                 // An outage: the entries are read once the store answers again.
                 Err(e) => tracing::debug!(error = %e, "anomaly feed: store read failed"),
@@ -199,13 +200,13 @@ fn frame(record: &StreamRecord) -> Bytes {
 
 /// Handles `GET /anomalies/stream`.
 pub async fn get(state: &AppState, req: Request<Incoming>) -> Response<Body> {
-    match open(state, &req) {
+    match open(state, &req).await {
         Ok(response) => response,
         Err(e) => e.into_response(),
     }
 }
 
-fn open(state: &AppState, req: &Request<Incoming>) -> Result<Response<Body>, ApiError> {
+async fn open(state: &AppState, req: &Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let client = state.authorize(req, Mode::Read)?;
     let Some(feed) = state.inner.feed.clone() else {
         return Err(ApiError::status(
@@ -239,6 +240,15 @@ fn open(state: &AppState, req: &Request<Incoming>) -> Result<Response<Body>, Api
             })
         })
         .transpose()?;
+    // Subscribed before the response goes out, and the stream's end read after that: every
+    // entry appended once the client has its response reaches it (the poller reads on from
+    // no later than here). Unknown while the store is down: then the poller starts where it
+    // first reads the stream. Nothing here needs undoing if the client leaves meanwhile.
+    let live = feed.tx.subscribe();
+    if let Ok(now) = state.system().store().last_anomaly_id().await {
+        feed.subscribed_at(now);
+    }
+    feed.subscribed.notify_one();
     if feed.clients.fetch_add(1, Ordering::AcqRel) >= feed.max_clients {
         feed.clients.fetch_sub(1, Ordering::AcqRel);
         return Err(ApiError::status(
@@ -256,7 +266,7 @@ fn open(state: &AppState, req: &Request<Incoming>) -> Result<Response<Body>, Api
         prefix,
         client,
     };
-    tokio::spawn(serve_client(state.clone(), feed, filter, resume, tx));
+    tokio::spawn(serve_client(state.clone(), feed, filter, resume, tx, live));
     let mut response = Response::new(Either::Right(EventStream { rx, held: None }));
     let headers = response.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
@@ -325,15 +335,8 @@ async fn serve_client(
     filter: Filter,
     resume: Option<StreamId>,
     tx: mpsc::Sender<Bytes>,
+    mut live: broadcast::Receiver<Arc<StreamRecord>>,
 ) {
-    let mut live = feed.tx.subscribe();
-    // Where the stream stands now that this client receives what the poller sends: every
-    // later entry must reach it, so the poller reads on from no later than here. Unknown
-    // while the store is down: then the poller starts where it first reads the stream.
-    if let Ok(now) = state.system().store().last_anomaly_id().await {
-        feed.subscribed_at(now);
-    }
-    feed.subscribed.notify_one();
     let end = stream_to(&state, &feed, &filter, resume, &tx, &mut live).await;
     if matches!(end, End::TooSlow) {
         state.http_metrics().stream_clients_dropped.inc();
@@ -453,7 +456,7 @@ mod tests {
         );
         // The poller's first round: nobody listens, so it goes to sleep.
         tokio::time::sleep(POLL_EVERY * 5).await;
-        // What serve_client does for a new client, with the append in the middle.
+        // What `open` does for a new client, with the append in the middle.
         let mut live = feed.tx.subscribe();
         feed.subscribed_at(store.last_anomaly_id());
         append(&store, "after");

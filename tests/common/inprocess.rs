@@ -1,16 +1,18 @@
 //! The service inside the test's own process: [`iot_stream_processor::App`] on
 //! `127.0.0.1:0`, configured like the binary (the same flags, named here by their
-//! environment variables). For every API test that needs no signal, exit code, log line
-//! or process of its own: no binary to start, and a panic in the service fails the test.
+//! environment variables; the test process's own environment is not read). For every
+//! API test that needs no signal, exit code, log line or process of its own: no binary
+//! to start. Dropping it begins a graceful shutdown, which the test's runtime cuts short
+//! when the test ends; [`InProcess::shutdown`] waits for it instead.
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use iot_stream_processor::config::Config;
 use iot_stream_processor::App;
 use std::net::SocketAddr;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-/// A running in-process instance; stopped (gracefully, in the background) when dropped.
+/// A running in-process instance; asked to stop when dropped.
 pub struct InProcess {
     pub addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
@@ -19,20 +21,25 @@ pub struct InProcess {
 
 impl InProcess {
     /// Starts an instance with `settings` as `(ENV_NAME, value)` pairs, over the same
-    /// defaults as `Service::start`. Needs a multi-threaded runtime (the test's).
+    /// defaults as `Service::start` (which they may override). Needs a multi-threaded
+    /// runtime (the test's).
     pub async fn start(settings: &[(&str, &str)]) -> Self {
-        let mut args = vec![
-            "iot-processor".to_string(),
-            "--listen-addr=127.0.0.1:0".to_string(),
-            "--shutdown-timeout=10s".to_string(),
-        ];
-        args.extend(
-            settings.iter().map(|(name, value)| {
-                format!("--{}={value}", name.to_lowercase().replace('_', "-"))
-            }),
-        );
-        let config =
-            Config::try_parse_from(&args).unwrap_or_else(|e| panic!("settings {settings:?}: {e}"));
+        let defaults = [("LISTEN_ADDR", "127.0.0.1:0"), ("SHUTDOWN_TIMEOUT", "10s")];
+        let flags = defaults
+            .iter()
+            .filter(|(name, _)| !settings.iter().any(|(n, _)| n == name))
+            .chain(settings)
+            .map(|(name, value)| format!("--{}={value}", name.to_lowercase().replace('_', "-")));
+        let args: Vec<String> = std::iter::once("iot-processor".to_string())
+            .chain(flags)
+            .collect();
+        // Flags only: a REDIS_URL or AUTH_TOKENS_FILE exported in the shell running the
+        // tests must not change what they test.
+        let config = Config::command()
+            .mut_args(|arg| arg.env(None::<&str>))
+            .try_get_matches_from(&args)
+            .and_then(|matches| Config::from_arg_matches(&matches))
+            .unwrap_or_else(|e| panic!("settings {settings:?}: {e}"));
         let app = App::start(config)
             .await
             .unwrap_or_else(|e| panic!("start with {settings:?}: {e}"));

@@ -4,7 +4,10 @@
 //!
 //! The front end is this library so that it can run inside another process: `main` reads
 //! the settings, sets up logging and the signals and calls [`App`]; the API tests start an
-//! [`App`] on `127.0.0.1:0` in their own process (tests/common/inprocess.rs).
+//! [`App`] on `127.0.0.1:0` in their own process (tests/common/inprocess.rs). Several
+//! instances can share a process, but some parts live as long as the process, not the
+//! instance: the AUTH_TOKENS_FILE watcher (and its SIGHUP handler), and what a failed
+//! [`App::start`] had started before it failed.
 //!
 //! # Layout
 //! - `app`: the wiring — config → store → actors → listeners → drain in order.

@@ -154,8 +154,11 @@ impl Transport for HttpTransport {
             let path = format!("{}?{query}", paths::RELEASE);
             match this
                 .call_within(
-                    // The holder lets the device's queue drain for up to one timeout.
-                    this.timeout * 2,
+                    // The holder may take up to three timeouts (the queue's drain, the
+                    // actor's stop, the writer's answer), and it takes the window out of
+                    // its writer at the end: giving up before it answers would drop that
+                    // window (seen under CPU starvation: one event lost at a scale-in).
+                    this.timeout * 4,
                     Method::POST,
                     peer,
                     &path,

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{eventually, get, post_event, InProcess, Redis, Service};
+use common::{eventually, get, post_event, request_with, InProcess, Redis, Service};
 use serde_json::Value;
 use std::time::{Duration, Instant};
 
@@ -404,4 +404,50 @@ async fn a_request_in_flight_at_sigterm_gets_an_honest_answer() {
         assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
         assert!(stored.is_none());
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leaving_cluster_node_answers_peers_through_its_leave_grace() {
+    let redis = Redis::start();
+    let me = format!("127.0.0.1:{}", common::free_port());
+    // A one-node cluster whose leave grace (2 × discovery interval + forward timeout,
+    // here 61 s) and SHUTDOWN_TIMEOUT outlast the test by far.
+    let svc = InProcess::start(&[
+        ("REDIS_URL", &redis.url()),
+        ("CLUSTER_PEERS", &me),
+        ("CLUSTER_ADVERTISE_ADDR", &me),
+        ("CLUSTER_LISTEN_ADDR", &me),
+        ("CLUSTER_TOKEN", "secret-1"),
+        ("CLUSTER_DISCOVERY_INTERVAL", "30s"),
+        ("SHUTDOWN_TIMEOUT", "120s"),
+    ])
+    .await;
+    let internal = svc
+        .cluster_addr
+        .expect("a cluster node has an internal listener");
+    assert_eq!(internal.to_string(), me);
+    let ping = || {
+        request_with(
+            internal,
+            "GET",
+            "/cluster/ping",
+            &["Authorization: Bearer secret-1"],
+            b"",
+        )
+    };
+    assert_eq!(ping().await.status, 200);
+    let api = svc.addr;
+    let stopped = tokio::spawn(svc.shutdown());
+    // The API listener closes at once; the internal one keeps answering (forwarded
+    // events, handoffs) until every peer has seen this node leave.
+    eventually(SOON, "the API listener to close", || async {
+        tokio::net::TcpStream::connect(api)
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await;
+    let r = ping().await;
+    assert_eq!((r.status, r.body.as_str()), (200, "leaving"));
+    assert!(!stopped.is_finished());
 }

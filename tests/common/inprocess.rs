@@ -13,21 +13,24 @@ use tokio::task::JoinHandle;
 /// A running in-process instance; stopped (gracefully, in the background) when dropped.
 pub struct InProcess {
     pub addr: SocketAddr,
+    /// The internal listener's address, in a cluster.
+    pub cluster_addr: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     done: Option<JoinHandle<actors::ShutdownReport>>,
 }
 
 impl InProcess {
     /// Starts an instance with `settings` as `(ENV_NAME, value)` pairs, over the same
-    /// defaults as `Service::start`. Needs a multi-threaded runtime (the test's).
+    /// defaults as `Service::start` (which `settings` may override). Needs a
+    /// multi-threaded runtime (the test's).
     pub async fn start(settings: &[(&str, &str)]) -> Self {
-        let mut args = vec![
-            "iot-processor".to_string(),
-            "--listen-addr=127.0.0.1:0".to_string(),
-            "--shutdown-timeout=10s".to_string(),
-        ];
+        let defaults = [("LISTEN_ADDR", "127.0.0.1:0"), ("SHUTDOWN_TIMEOUT", "10s")];
+        let unset = defaults
+            .iter()
+            .filter(|(name, _)| settings.iter().all(|(n, _)| n != name));
+        let mut args = vec!["iot-processor".to_string()];
         args.extend(
-            settings.iter().map(|(name, value)| {
+            unset.chain(settings).map(|(name, value)| {
                 format!("--{}={value}", name.to_lowercase().replace('_', "-"))
             }),
         );
@@ -37,12 +40,14 @@ impl InProcess {
             .await
             .unwrap_or_else(|e| panic!("start with {settings:?}: {e}"));
         let addr = app.addr();
+        let cluster_addr = app.cluster_addr();
         let (stop, stopped) = oneshot::channel::<()>();
         let done = tokio::spawn(app.run(async {
             let _ = stopped.await;
         }));
         Self {
             addr,
+            cluster_addr,
             stop: Some(stop),
             done: Some(done),
         }

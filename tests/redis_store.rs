@@ -200,6 +200,13 @@ async fn an_unreachable_redis_at_start_up_is_not_fatal() {
     assert_eq!(r.status, 503);
     assert_eq!(r.json()["checks"]["store"], "unreachable");
     assert_eq!(post_event(svc.addr, "early", 0.5, 1.0).await.status, 200);
+    // The device actor cannot read the device's window: after its last attempt it counts
+    // one failure and processes the event on an empty window.
+    eventually(SOON, "the event processed without a window", || async {
+        (svc.metric("events_processed_total").await == Some(1.0)).then_some(())
+    })
+    .await;
+    assert_eq!(svc.metric("window_restore_failures_total").await, Some(1.0));
     // The client is told the store is down, not the pool's internals.
     let analyze = get(svc.addr, "/analyze?device_id=early").await;
     assert_eq!(analyze.status, 503);

@@ -390,6 +390,33 @@ async fn sigterm_with_redis_down_says_how_many_results_were_not_stored() {
 }
 
 #[tokio::test]
+async fn sigterm_while_redis_hangs_says_how_many_events_were_not_processed() {
+    let redis = Redis::start();
+    let svc = Service::start(&[("REDIS_URL", &redis.url()), ("SHUTDOWN_TIMEOUT", "100ms")]);
+    // A hanging Redis: the new device's actor waits for its window (up to three attempts
+    // of WINDOW_RESTORE_TIMEOUT) far past the shutdown deadline, its events still queued.
+    redis.signal("-STOP");
+    for rps in [1.0, 2.0, 3.0] {
+        assert_eq!(post_event(svc.addr, "stuck-1", 0.5, rps).await.status, 200);
+    }
+    let (code, logs) = svc.terminate();
+    redis.signal("-CONT");
+    assert_eq!(code, 0);
+    let line = logs
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["level"] == "ERROR" && v["unprocessed"].is_number())
+        .unwrap_or_else(|| panic!("no shutdown report in {logs:#?}"));
+    assert_eq!(line["unprocessed"], 3, "{line}");
+    assert!(
+        line["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("3 accepted events were not processed")),
+        "{line}"
+    );
+}
+
+#[tokio::test]
 async fn a_request_in_flight_at_sigterm_gets_an_honest_answer() {
     let redis = Redis::start();
     // A long flush interval: only the shutdown flush can write the result.

@@ -127,6 +127,7 @@ async fn idle_device_actors_are_evicted_and_restored_on_the_next_event() {
     dir.submit("sleepy", event(3.0)).expect("accepted");
     wait_samples(&store, "sleepy", 2).await;
     assert_eq!(system.device_actors().await.expect("count"), 1);
+    assert_eq!(dir.devices(), 1);
 
     tokio::time::sleep(idle / 2).await;
     assert_eq!(

@@ -7,6 +7,8 @@ use common::{eventually, get, post, post_event, raw, request, InProcess, Service
 use serde_json::Value;
 use std::net::TcpListener;
 use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 const SOON: Duration = Duration::from_secs(5);
 
@@ -369,6 +371,45 @@ async fn sigterm_exits_zero_after_a_clean_drain() {
             .any(|l| l.contains("every accepted event is processed and stored")),
         "{logs:#?}"
     );
+    assert!(
+        !logs
+            .iter()
+            .any(|l| l.contains("connections were still open")),
+        "{logs:#?}"
+    );
+}
+
+#[tokio::test]
+async fn sigterm_with_a_request_still_open_at_the_deadline_says_so() {
+    // SHUTDOWN_TIMEOUT 1 s; the body of a request in flight would be waited for 60 s.
+    let svc = Service::start(&[("SHUTDOWN_TIMEOUT", "1s"), ("BODY_READ_TIMEOUT", "60s")]);
+    let mut stream = TcpStream::connect(svc.addr).await.expect("connect");
+    // `Expect: 100-continue`: the server says `100 Continue` once the handler reads the
+    // body, so the request is known to be in flight (past the shutdown check) before
+    // SIGTERM; the body then never comes.
+    stream
+        .write_all(
+            b"POST /metric HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n\
+              Content-Length: 100\r\nExpect: 100-continue\r\n\r\n",
+        )
+        .await
+        .expect("head");
+    let mut interim = [0u8; 25];
+    stream.read_exact(&mut interim).await.expect("100 Continue");
+    assert!(
+        interim.starts_with(b"HTTP/1.1 100 Continue\r\n"),
+        "{:?}",
+        String::from_utf8_lossy(&interim)
+    );
+    let (code, logs) = svc.terminate();
+    assert_eq!(code, 0);
+    let warned = logs
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["message"] == "some connections were still open at the shutdown deadline")
+        .unwrap_or_else(|| panic!("no warning about the open connection in {logs:#?}"));
+    assert_eq!(warned["level"], "WARN");
+    drop(stream);
 }
 
 #[tokio::test]

@@ -70,11 +70,13 @@ async fn slow_header_clients_neither_starve_others_nor_outstay_the_timeout() {
     // Every slow connection is closed by the server within the timeout (plus the
     // watchdog's quarter-timeout granularity), even though it kept sending bytes.
     for s in slow.iter_mut() {
-        let (_, closed) = until_closed(s, Duration::from_secs(5)).await;
+        let (_, closed) = until_closed(s, Duration::from_secs(10)).await;
         let closed = closed.expect("server closed the slow connection");
-        // Timeout + watchdog granularity + slack for a loaded test machine.
+        // Timeout + watchdog granularity + slack for a loaded test machine (seen: 5.07 s
+        // with the suite and a mutation run on 2 cores); without the timeout the server
+        // would wait for the rest of their heads for ever.
         assert!(
-            closed - started < Duration::from_millis(2_000 + 500 + 2_500),
+            closed - started < Duration::from_millis(2_000 + 500 + 6_500),
             "closed after {:?}",
             closed - started
         );

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{eventually, get, post_event, InProcess, Redis, Service};
+use common::{eventually, get, post_event, request_with, InProcess, Redis, Service};
 use serde_json::Value;
 use std::time::{Duration, Instant};
 
@@ -205,6 +205,13 @@ async fn an_unreachable_redis_at_start_up_is_not_fatal() {
     assert_eq!(r.status, 503);
     assert_eq!(r.json()["checks"]["store"], "unreachable");
     assert_eq!(post_event(svc.addr, "early", 0.5, 1.0).await.status, 200);
+    // The device actor cannot read the device's window: after its last attempt it counts
+    // one failure and processes the event on an empty window.
+    eventually(SOON, "the event processed without a window", || async {
+        (svc.metric("events_processed_total").await == Some(1.0)).then_some(())
+    })
+    .await;
+    assert_eq!(svc.metric("window_restore_failures_total").await, Some(1.0));
     // The client is told the store is down, not the pool's internals.
     let analyze = get(svc.addr, "/analyze?device_id=early").await;
     assert_eq!(analyze.status, 503);
@@ -388,6 +395,33 @@ async fn sigterm_with_redis_down_says_how_many_results_were_not_stored() {
 }
 
 #[tokio::test]
+async fn sigterm_while_redis_hangs_says_how_many_events_were_not_processed() {
+    let redis = Redis::start();
+    let svc = Service::start(&[("REDIS_URL", &redis.url()), ("SHUTDOWN_TIMEOUT", "100ms")]);
+    // A hanging Redis: the new device's actor waits for its window (up to three attempts
+    // of WINDOW_RESTORE_TIMEOUT) far past the shutdown deadline, its events still queued.
+    redis.signal("-STOP");
+    for rps in [1.0, 2.0, 3.0] {
+        assert_eq!(post_event(svc.addr, "stuck-1", 0.5, rps).await.status, 200);
+    }
+    let (code, logs) = svc.terminate();
+    redis.signal("-CONT");
+    assert_eq!(code, 0);
+    let line = logs
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["level"] == "ERROR" && v["unprocessed"].is_number())
+        .unwrap_or_else(|| panic!("no shutdown report in {logs:#?}"));
+    assert_eq!(line["unprocessed"], 3, "{line}");
+    assert!(
+        line["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("3 accepted events were not processed")),
+        "{line}"
+    );
+}
+
+#[tokio::test]
 async fn a_request_in_flight_at_sigterm_gets_an_honest_answer() {
     let redis = Redis::start();
     // A long flush interval: only the shutdown flush can write the result.
@@ -409,4 +443,47 @@ async fn a_request_in_flight_at_sigterm_gets_an_honest_answer() {
         assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
         assert!(stored.is_none());
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leaving_cluster_node_answers_peers_through_its_leave_grace() {
+    let redis = Redis::start();
+    let me = format!("127.0.0.1:{}", common::free_port());
+    // A one-node cluster whose leave grace (2 × discovery interval + forward timeout,
+    // here 61 s) and SHUTDOWN_TIMEOUT outlast the test by far.
+    let svc = InProcess::start(&[
+        ("REDIS_URL", &redis.url()),
+        ("CLUSTER_PEERS", &me),
+        ("CLUSTER_ADVERTISE_ADDR", &me),
+        ("CLUSTER_LISTEN_ADDR", &me),
+        ("CLUSTER_TOKEN", "secret-1"),
+        ("CLUSTER_DISCOVERY_INTERVAL", "30s"),
+        ("SHUTDOWN_TIMEOUT", "120s"),
+    ])
+    .await;
+    let internal: std::net::SocketAddr = me.parse().expect("address");
+    let ping = || {
+        request_with(
+            internal,
+            "GET",
+            "/cluster/ping",
+            &["Authorization: Bearer secret-1"],
+            b"",
+        )
+    };
+    assert_eq!(ping().await.status, 200);
+    let api = svc.addr;
+    let stopped = tokio::spawn(svc.shutdown());
+    // The API listener closes at once; the internal one keeps answering (forwarded
+    // events, handoffs) until every peer has seen this node leave.
+    eventually(SOON, "the API listener to close", || async {
+        tokio::net::TcpStream::connect(api)
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await;
+    let r = ping().await;
+    assert_eq!((r.status, r.body.as_str()), (200, "leaving"));
+    assert!(!stopped.is_finished());
 }

@@ -523,3 +523,14 @@ async fn cpu_is_a_second_signal() {
         Some(1.0)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_maxlen_of_zero_there_is_no_stream() {
+    let svc = InProcess::start(&[("ANOMALY_STREAM_MAXLEN", "0")]).await;
+    let r = get(svc.addr, "/anomalies/stream").await;
+    assert_eq!(r.status, 404);
+    assert_eq!(
+        r.json()["error"],
+        "the anomalies stream is off (ANOMALY_STREAM_MAXLEN=0)"
+    );
+}

@@ -127,6 +127,7 @@ async fn idle_device_actors_are_evicted_and_restored_on_the_next_event() {
     dir.submit("sleepy", event(3.0)).expect("accepted");
     wait_samples(&store, "sleepy", 2).await;
     assert_eq!(system.device_actors().await.expect("count"), 1);
+    assert_eq!(dir.devices(), 1);
 
     tokio::time::sleep(idle / 2).await;
     assert_eq!(
@@ -268,4 +269,44 @@ async fn a_quiet_devices_window_is_checkpointed_within_the_interval() {
     }
     assert_eq!(stored_window(&store, "quiet").await, 3);
     assert_eq!(system.metrics().events_processed.get(), 3);
+}
+
+/// (incarnation, events) of the device's stored window's version.
+async fn stored_version(store: &Store, device: &str) -> (u64, u64) {
+    let window = store
+        .load_window(device)
+        .await
+        .expect("readable")
+        .expect("a stored window");
+    crate::store::Version::parts(window.version())
+}
+
+#[tokio::test]
+async fn each_event_makes_the_window_newer_and_a_restarted_actor_a_new_incarnation() {
+    // The version is what a cluster's guarded writes compare: it must grow with every
+    // event, and a restarted actor must outrank every window of the one before it.
+    let store = Store::Embedded(Arc::new(EmbeddedStore::new()));
+    let cfg = SystemConfig {
+        window_checkpoint_interval: Duration::ZERO,
+        ..config(Duration::from_secs(600))
+    };
+    let system = start(cfg, &store).await;
+    let dir = system.directory();
+    for (i, x) in [10.0, 20.0, 30.0].into_iter().enumerate() {
+        dir.submit("v", event(x)).expect("accepted");
+        wait_samples(&store, "v", i as u64 + 1).await;
+        assert_eq!(stored_version(&store, "v").await, (1, i as u64 + 1));
+    }
+    let first = dir.slot("v").and_then(|s| s.attached()).expect("actor");
+    first.cast(DeviceMsg::Panic).expect("cast");
+    for _ in 0..500 {
+        if system.metrics().actor_restarts.get() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(system.metrics().actor_restarts.get(), 1);
+    dir.submit("v", event(40.0)).expect("accepted");
+    wait_samples(&store, "v", 4).await;
+    assert_eq!(stored_version(&store, "v").await, (2, 1));
 }

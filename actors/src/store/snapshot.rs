@@ -191,6 +191,9 @@ mod tests {
             assert_eq!(&bytes[3..11], &(u64::MAX - 7).to_be_bytes());
             assert_eq!(WindowSnapshot::decode(&bytes), Ok(s));
         }
+        // The shortest window: the header alone.
+        let empty = WindowSnapshot::new(Vec::new(), None, 7);
+        assert_eq!(WindowSnapshot::decode(&empty.to_bytes()), Ok(empty));
         let s = WindowSnapshot::new(vec![(5.0, 0.5)], t, 1);
         let last = s.last_event().expect("last event");
         assert_eq!((last.rps, last.cpu, Some(last.timestamp)), (5.0, 0.5, t));

@@ -142,6 +142,18 @@ fn xrange(redis: &Redis) -> Vec<Vec<String>> {
     entries
 }
 
+/// A stream client with a tiny receive buffer that never reads.
+async fn stalled_client(addr: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("rcvbuf");
+    let mut stalled = socket.connect(addr).await.expect("connect");
+    stalled
+        .write_all(b"GET /anomalies/stream HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .expect("write");
+    stalled
+}
+
 fn xlen(redis: &Redis) -> u64 {
     redis
         .cli(&["XLEN", "anomalies"])
@@ -299,14 +311,7 @@ async fn a_stream_outlives_the_keep_alive_timeout() {
 async fn the_client_cap_and_a_client_that_stops_reading() {
     let svc = InProcess::start(&[("MAX_STREAM_CLIENTS", "2"), ("ANOMALY_THRESHOLD", "0")]).await;
     let _one = Sse::open(svc.addr, "", &[]).await;
-    // A client with a tiny receive buffer that never reads.
-    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
-    socket.set_recv_buffer_size(4096).expect("rcvbuf");
-    let mut stalled = socket.connect(svc.addr).await.expect("connect");
-    stalled
-        .write_all(b"GET /anomalies/stream HTTP/1.1\r\nHost: t\r\n\r\n")
-        .await
-        .expect("write");
+    let stalled = stalled_client(svc.addr).await;
     eventually(SOON, "two clients", || async {
         (svc.metric("stream_clients").await == Some(2.0)).then_some(())
     })
@@ -391,14 +396,8 @@ async fn a_dropped_slow_client_leaves_memory_flat() {
     }
     processed().await;
     let (rss_before, seen_before) = (rss_kb(svc.pid()), anomalies().await);
-    // A client with a tiny receive buffer that never reads, through the whole flood.
-    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
-    socket.set_recv_buffer_size(4096).expect("rcvbuf");
-    let mut stalled = socket.connect(svc.addr).await.expect("connect");
-    stalled
-        .write_all(b"GET /anomalies/stream HTTP/1.1\r\nHost: t\r\n\r\n")
-        .await
-        .expect("write");
+    // Through the whole flood.
+    let stalled = stalled_client(svc.addr).await;
     eventually(SOON, "the client subscribed", || async {
         (svc.metric("stream_clients").await == Some(1.0)).then_some(())
     })

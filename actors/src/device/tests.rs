@@ -38,6 +38,25 @@ async fn stored(store: &Store, device: &str) -> Option<serde_json::Value> {
 }
 
 /// Waits (in this runtime's time) until the device's stored analysis has `samples`.
+/// Makes `device`'s actor panic and waits for the supervisor's first restart; answers the
+/// actor that crashed.
+async fn crash_and_wait_for_restart(system: &System, device: &str) -> ractor::ActorRef<DeviceMsg> {
+    let first = system
+        .directory()
+        .slot(device)
+        .and_then(|s| s.attached())
+        .expect("actor");
+    first.cast(DeviceMsg::Panic).expect("cast");
+    for _ in 0..500 {
+        if system.metrics().actor_restarts.get() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(system.metrics().actor_restarts.get(), 1);
+    first
+}
+
 async fn wait_samples(store: &Store, device: &str, samples: u64) -> serde_json::Value {
     for _ in 0..2000 {
         if let Some(v) = stored(store, device).await {
@@ -63,15 +82,7 @@ async fn supervisor_restarts_a_failed_device_actor_and_the_window_continues() {
     }
     wait_samples(&store, "d1", 3).await;
 
-    let first = dir.slot("d1").and_then(|s| s.attached()).expect("actor");
-    first.cast(DeviceMsg::Panic).expect("cast");
-    for _ in 0..500 {
-        if system.metrics().actor_restarts.get() == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    assert_eq!(system.metrics().actor_restarts.get(), 1);
+    let first = crash_and_wait_for_restart(&system, "d1").await;
     let second = dir
         .slot("d1")
         .and_then(|s| s.attached())
@@ -297,15 +308,7 @@ async fn each_event_makes_the_window_newer_and_a_restarted_actor_a_new_incarnati
         wait_samples(&store, "v", i as u64 + 1).await;
         assert_eq!(stored_version(&store, "v").await, (1, i as u64 + 1));
     }
-    let first = dir.slot("v").and_then(|s| s.attached()).expect("actor");
-    first.cast(DeviceMsg::Panic).expect("cast");
-    for _ in 0..500 {
-        if system.metrics().actor_restarts.get() == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    assert_eq!(system.metrics().actor_restarts.get(), 1);
+    crash_and_wait_for_restart(&system, "v").await;
     dir.submit("v", event(40.0)).expect("accepted");
     wait_samples(&store, "v", 4).await;
     assert_eq!(stored_version(&store, "v").await, (2, 1));

@@ -11,13 +11,18 @@
 //! on a connection that has not sent a first request). Closing drops the connection
 //! future, which closes the socket; nothing is in flight at that point by construction.
 
-use super::metrics::CloseReason;
+use super::errors::Body;
+use super::metrics::{CloseReason, HttpMetrics};
 use super::router;
 use super::AppState;
 use http_body_util::Either;
+use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
+use hyper::{Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use std::convert::Infallible;
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -190,26 +195,42 @@ pub async fn serve(
     stream: TcpStream,
     state: AppState,
     timeouts: Timeouts,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
     _permit: OwnedSemaphorePermit,
 ) {
+    let metrics = state.http_metrics().clone();
+    let handler = move |req| router::handle(state.clone(), req);
+    drive(stream, handler, &metrics, timeouts, stop).await;
+}
+
+/// The connection loop of [`serve`], over any request handler.
+async fn drive<H, F>(
+    stream: TcpStream,
+    handler: H,
+    metrics: &HttpMetrics,
+    timeouts: Timeouts,
+    mut stop: watch::Receiver<bool>,
+) where
+    H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
+    F: Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
+{
     // Small request/response pairs: send without waiting for Nagle.
     let _ = stream.set_nodelay(true);
-    let metrics = state.http_metrics().clone();
     metrics.http_connections.inc();
     let activity = Arc::new(Activity::new());
     let io = TokioIo::new(TrackedStream {
         inner: stream,
         activity: activity.clone(),
     });
+    let handler = Arc::new(handler);
     let service = {
         let activity = activity.clone();
         service_fn(move |req| {
             activity.request_started();
             let guard = InFlight(activity.clone());
-            let state = state.clone();
+            let answer = handler(req);
             async move {
-                let mut response = router::handle(state, req).await;
+                let mut response = answer.await;
                 // A streamed body (SSE) is still being answered after the handler
                 // returns: the connection counts as busy, not idle, until it ends.
                 if let Ok(r) = &mut response {
@@ -232,22 +253,23 @@ pub async fn serve(
     tokio::pin!(conn);
     let mut watchdog = tokio::time::interval(timeouts.tick());
     watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut stopping = *stop.borrow();
-    if stopping {
-        conn.as_mut().graceful_shutdown();
-    }
+    let mut stopping = false;
     loop {
+        // `biased`, the connection first: hyper's graceful shutdown closes a connection
+        // it has read nothing from, so it must have read what the client already sent
+        // (a request written before the stop, on a connection accepted just before it)
+        // before it is told; that request is then answered (503 while shutting down).
         tokio::select! {
+            biased;
             result = conn.as_mut() => {
                 if let Err(e) = result {
                     tracing::debug!(error = %e, "connection ended with an error");
                 }
                 break;
             }
-            changed = stop.changed(), if !stopping => {
-                // Shutdown (or the server gone): finish the request in flight, then close.
+            // Shutdown, or the server gone: finish the request in flight, then close.
+            _ = stop.wait_for(|stopped| *stopped), if !stopping => {
                 stopping = true;
-                let _ = changed;
                 conn.as_mut().graceful_shutdown();
             }
             _ = watchdog.tick() => {
@@ -308,5 +330,61 @@ mod tests {
         assert_eq!(a.overdue(&T), None);
         tokio::time::advance(Duration::from_millis(1)).await;
         assert_eq!(a.overdue(&T), Some(CloseReason::IdleTimeout));
+    }
+
+    /// Serves one connection with `drive`, the stop already given once the client's
+    /// `request` (if any) has reached the server, and returns what the client read.
+    async fn answer_after_stop(request: &[u8]) -> Vec<u8> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let mut client = TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        client.write_all(request).await.expect("request");
+        let (server, _) = listener.accept().await.expect("accept");
+        let mut probe = [0u8; 1];
+        if !request.is_empty() {
+            server.peek(&mut probe).await.expect("the request arrived");
+        }
+        let (_tx, stop) = watch::channel(true);
+        let metrics = HttpMetrics::register(&mut prometheus_client::registry::Registry::default());
+        let handler = |_req| async {
+            let mut r = Response::new(Either::Left(http_body_util::Full::new(
+                hyper::body::Bytes::from_static(b"shutting down"),
+            )));
+            *r.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
+            Ok(r)
+        };
+        // Timeouts far beyond the client's patience: only the stop may close it.
+        let long = Timeouts {
+            header: Duration::from_secs(3600),
+            keep_alive: Duration::from_secs(3600),
+        };
+        let served =
+            tokio::spawn(async move { drive(server, handler, &metrics, long, stop).await });
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut out))
+            .await
+            .expect("the server closes the connection, without waiting for a timeout")
+            .expect("read");
+        served.await.expect("connection task");
+        out
+    }
+
+    #[tokio::test]
+    async fn a_request_that_arrived_before_the_stop_is_answered_not_dropped() {
+        let out =
+            answer_after_stop(b"POST /metric HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\n{}")
+                .await;
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.starts_with("HTTP/1.1 503"), "{text:?}");
+        assert!(text.ends_with("shutting down"), "{text:?}");
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_sent_nothing_is_closed_at_once_on_stop() {
+        assert_eq!(answer_after_stop(b"").await, b"");
     }
 }

@@ -209,3 +209,6 @@ impl Predecessor for PredecessorLink {
         Box::pin(async move { handoff.window_from_predecessor(device).await })
     }
 }
+
+#[cfg(test)]
+mod tests;

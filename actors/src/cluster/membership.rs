@@ -79,6 +79,12 @@ impl Membership {
             .clone()
     }
 
+    /// Test only: a view as if discovery had produced it.
+    #[cfg(test)]
+    pub(crate) fn set_view(&self, view: View) {
+        self.update(|_| Some(view));
+    }
+
     fn update(&self, change: impl FnOnce(&View) -> Option<View>) -> Option<Arc<View>> {
         let mut view = self.view.write().unwrap_or_else(PoisonError::into_inner);
         let next = Arc::new(change(&view)?);

@@ -18,5 +18,7 @@ mod tests;
 pub use actor::{BoxFuture, DeviceActor, DeviceArgs, DeviceContext, DeviceMsg, Predecessor};
 pub(crate) use directory::SlotMap;
 pub use directory::{Admission, Directory, SubmitError};
+#[cfg(test)]
+pub(crate) use slot::Closed;
 pub use slot::Slot;
 pub use supervisor::{DeviceSupervisor, SupervisorArgs, SupervisorMsg};

@@ -216,6 +216,30 @@ async fn submissions_beyond_the_pending_bound_are_refused() {
         Err(super::SubmitError::Overloaded)
     );
     assert_eq!(system.metrics().pending_events.get(), 2);
+    // The rest of a batch already partly queued (and events forwarded by a peer) are
+    // taken past the bound, and processed in order.
+    assert_eq!(dir.submit_regardless("a", event(3.0)), Ok(()));
+    assert_eq!(system.metrics().pending_events.get(), 3);
+    let v = wait_samples(&store, "a", 3).await;
+    assert_eq!(v["rolling_average_rps"], 2.0);
+    assert_eq!(system.metrics().pending_events.get(), 0);
+}
+
+#[tokio::test]
+async fn a_change_of_the_cluster_view_stops_drained_actors_and_their_windows_continue() {
+    let store = Store::Embedded(Arc::new(EmbeddedStore::new()));
+    let system = start(config(Duration::from_secs(600)), &store).await;
+    let dir = system.directory();
+    for device in ["e1", "e2"] {
+        dir.submit(device, event(10.0)).expect("accepted");
+        wait_samples(&store, device, 1).await;
+    }
+    assert_eq!(dir.evict_drained(), 2, "both were drained");
+    assert_eq!(dir.devices(), 0, "their slots are gone");
+    dir.submit("e1", event(30.0)).expect("accepted");
+    let v = wait_samples(&store, "e1", 2).await;
+    assert_eq!(v["rolling_average_rps"], 20.0, "the new actor restored 10");
+    assert_eq!(dir.devices(), 1);
 }
 
 /// Readings in the device's stored window.

@@ -1,0 +1,377 @@
+//! The holder's side of a handoff on a real actor system with the embedded store: the
+//! queue drains into the final window, later events are refused, and a release that
+//! cannot drain leaves the device where it was.
+
+use super::*;
+use crate::cluster::ForwardError;
+use crate::device::Closed;
+use crate::event::Event;
+use crate::store::{EmbeddedStore, Store, Version};
+use crate::{System, SystemConfig};
+use bytes::Bytes;
+use chrono::Utc;
+use prometheus_client::registry::Registry;
+
+/// Nodes in this process, by address.
+type Nodes = Arc<DashMap<SocketAddr, Arc<Handoff>>>;
+
+/// Node `me`'s way to the others in this process, called directly instead of over HTTP.
+/// A release goes to the peer's [`Handoff::release`]; a peer not registered never
+/// answers (the real transport would time out much later). Events and probes are not
+/// needed here: unreachable.
+struct Peers {
+    me: SocketAddr,
+    nodes: Nodes,
+}
+
+impl Transport for Peers {
+    fn send_events(&self, _: SocketAddr, _: Bytes) -> BoxFuture<Result<(), ForwardError>> {
+        Box::pin(async { Err(ForwardError::Unreachable("test peer".into())) })
+    }
+
+    fn ping(
+        &self,
+        _: SocketAddr,
+        _: bool,
+    ) -> BoxFuture<Result<super::super::PeerState, ForwardError>> {
+        Box::pin(async { Err(ForwardError::Unreachable("test peer".into())) })
+    }
+
+    fn release(
+        &self,
+        peer: SocketAddr,
+        device: Arc<str>,
+    ) -> BoxFuture<Result<Option<WindowSnapshot>, ForwardError>> {
+        let Some(holder) = self.nodes.get(&peer).map(|h| h.value().clone()) else {
+            return Box::pin(std::future::pending());
+        };
+        let to = self.me;
+        Box::pin(async move {
+            holder
+                .release(device, to)
+                .await
+                .map_err(|e| ForwardError::Unreachable(e.to_string()))
+        })
+    }
+}
+
+const ME: &str = "10.0.0.1:8081";
+const NEW_OWNER: &str = "10.0.0.2:8081";
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().expect("address")
+}
+
+fn event(rps: f64) -> Event {
+    Event {
+        rps,
+        cpu: 0.5,
+        timestamp: Utc::now(),
+    }
+}
+
+fn own_store() -> Store {
+    Store::Embedded(Arc::new(EmbeddedStore::new()))
+}
+
+/// A one-node system and its handoff, whose releases wait `drain_timeout` for a queue;
+/// no peer answers it.
+async fn node(drain_timeout: Duration) -> (System, Arc<Handoff>) {
+    node_among(addr(ME), drain_timeout, &Nodes::default(), own_store()).await
+}
+
+/// A node at `me` on `store`, registered among `nodes` and reaching them. Its writer
+/// flushes only when a test asks.
+async fn node_among(
+    me: SocketAddr,
+    drain_timeout: Duration,
+    nodes: &Nodes,
+    store: Store,
+) -> (System, Arc<Handoff>) {
+    let config = SystemConfig {
+        window_size: 10_000,
+        flush_interval: Duration::from_secs(3600),
+        ..SystemConfig::default()
+    };
+    let system = System::start(config, store, Registry::default())
+        .await
+        .expect("start");
+    let handoff = Arc::new(Handoff {
+        membership: Arc::new(Membership::new(me)),
+        transport: Arc::new(Peers {
+            me,
+            nodes: nodes.clone(),
+        }),
+        directory: system.directory().clone(),
+        writer: system.writer().clone(),
+        fences: Arc::new(Fences::default()),
+        metrics: system.metrics().clone(),
+        drain_timeout,
+    });
+    system.link_predecessor(Arc::new(PredecessorLink(handoff.clone())));
+    nodes.insert(me, handoff.clone());
+    (system, handoff)
+}
+
+fn handoffs(system: &System, direction: Direction) -> u64 {
+    system
+        .metrics()
+        .device_handoffs
+        .get_or_create(&DirectionLabel { direction })
+        .get()
+}
+
+#[tokio::test]
+async fn a_release_answers_every_queued_event_in_the_window_and_refuses_later_ones() {
+    let (system, handoff) = node(Duration::from_secs(30)).await;
+    let dir = system.directory();
+    dir.submit("d", event(0.0)).expect("accepted");
+    while system.metrics().events_processed.get() < 1 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    // This test's runtime has one thread: the 999 are all still queued when the release
+    // starts, as its first wait is the first chance the device's actor gets to run.
+    for i in 1..1000 {
+        dir.submit("d", event(f64::from(i))).expect("accepted");
+    }
+    let slot = dir.slot("d").expect("the device's slot");
+    let answered = handoff
+        .release(Arc::from("d"), addr(NEW_OWNER))
+        .await
+        .expect("released");
+    // The new owner's window: the one the release answers (the writer's unflushed one),
+    // else the one already flushed to the store, which the new owner reads itself.
+    let window = match answered {
+        Some(window) => window,
+        None => system
+            .store()
+            .load_window("d")
+            .await
+            .expect("store")
+            .expect("a stored window"),
+    };
+    assert_eq!(
+        window.readings().len(),
+        1000,
+        "every event queued before the release is in the final window"
+    );
+    assert_eq!(system.metrics().events_processed.get(), 1000);
+    assert!(
+        matches!(slot.push(event(1.0)), Err((_, Closed::HandedOff))),
+        "the released slot takes no more events"
+    );
+    assert!(dir.slot("d").is_none(), "the slot is unlisted");
+    assert_eq!(handoff.fences.holder("d"), Some(addr(NEW_OWNER)));
+    assert_eq!(handoffs(&system, Direction::Out), 1);
+    // The device's next local event (once this node owns it again) starts a new actor.
+    dir.submit("d", event(2.0)).expect("a new slot");
+    assert!(dir.slot("d").is_some_and(|s| !Arc::ptr_eq(&s, &slot)));
+}
+
+#[tokio::test]
+async fn a_release_of_a_device_never_held_here_answers_nothing_and_fences_it() {
+    let (system, handoff) = node(Duration::from_secs(30)).await;
+    let window = handoff
+        .release(Arc::from("elsewhere"), addr(NEW_OWNER))
+        .await
+        .expect("answered");
+    assert!(window.is_none());
+    assert_eq!(
+        handoffs(&system, Direction::Out),
+        0,
+        "nothing was handed off"
+    );
+    assert_eq!(handoff.fences.holder("elsewhere"), Some(addr(NEW_OWNER)));
+}
+
+#[tokio::test]
+async fn a_release_whose_queue_does_not_drain_gives_up_and_the_device_stays() {
+    let drain = Duration::from_millis(200);
+    let (system, handoff) = node(drain).await;
+    // The device was handed to a peer earlier, so its new actor here first asks that
+    // peer for the window, and the peer never answers: its queue cannot drain.
+    handoff.fences.insert(Arc::from("stuck"), addr(NEW_OWNER));
+    let dir = system.directory();
+    dir.submit("stuck", event(1.0)).expect("accepted");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let slot = dir.slot("stuck").expect("slot");
+    let refused = handoff
+        .release(Arc::from("stuck"), addr(NEW_OWNER))
+        .await
+        .expect_err("the queue never drained");
+    assert!(
+        matches!(refused, ReleaseError::Busy(d) if d == drain),
+        "{refused}"
+    );
+    dir.submit("stuck", event(2.0))
+        .expect("the slot takes events again");
+    assert!(Arc::ptr_eq(&dir.slot("stuck").expect("listed"), &slot));
+    assert_eq!(handoff.fences.holder("stuck"), None, "no fence is left");
+    assert_eq!(handoffs(&system, Direction::Out), 0);
+    assert_eq!(system.metrics().events_processed.get(), 0);
+    assert_eq!(dir.pending(), 2, "both events wait for the window");
+}
+
+/// A holds device `d` with 499 events queued; B starts an actor for `d` after `route`
+/// has told B where to find it. Checks that B continues A's window.
+async fn the_new_owner_continues_the_released_window(route: impl FnOnce(&Handoff)) {
+    let nodes = Nodes::default();
+    let wait = Duration::from_secs(30);
+    let (a, a_handoff) = node_among(addr(ME), wait, &nodes, own_store()).await;
+    let (b, b_handoff) = node_among(addr(NEW_OWNER), wait, &nodes, own_store()).await;
+    a.directory().submit("d", event(0.0)).expect("accepted");
+    while a.metrics().events_processed.get() < 1 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    for i in 1..500 {
+        a.directory()
+            .submit("d", event(f64::from(i)))
+            .expect("accepted");
+    }
+    route(&b_handoff);
+    b.directory().submit("d", event(500.0)).expect("accepted");
+    while b.metrics().events_processed.get() < 1 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert_eq!(
+        a.metrics().events_processed.get(),
+        500,
+        "A drained its queue first"
+    );
+    assert_eq!(handoffs(&a, Direction::Out), 1);
+    assert_eq!(handoffs(&b, Direction::In), 1);
+    assert_eq!(a_handoff.fences.holder("d"), Some(addr(NEW_OWNER)));
+    assert_eq!(b_handoff.fences.holder("d"), None, "B has no fence left");
+    b.writer()
+        .cast(crate::store::WriterMsg::Flush)
+        .expect("flush");
+    let window = loop {
+        match b.store().load_window("d").await.expect("store") {
+            Some(w) if w.readings().len() == 501 => break w,
+            _ => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+    };
+    let rps: Vec<f64> = window.readings().iter().map(|r| r.0).collect();
+    let expected: Vec<f64> = (0..=500).map(f64::from).collect();
+    assert_eq!(rps, expected, "A's 500 readings, then B's, in order");
+}
+
+#[tokio::test]
+async fn a_node_asks_the_node_it_handed_the_device_to_before() {
+    // Each node has its own store here, so the window can only come from A.
+    the_new_owner_continues_the_released_window(|b| {
+        b.fences.insert(Arc::from("d"), addr(ME));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_node_that_just_joined_asks_the_owner_it_would_have_without_itself() {
+    the_new_owner_continues_the_released_window(|b| {
+        // B is not in its own ring yet: A owns every device in the view.
+        b.membership.set_view(crate::cluster::View {
+            ring: Ring::new([addr(ME)]),
+            ..Default::default()
+        });
+    })
+    .await;
+}
+
+/// Submits `n` events of device `d` to `node` and waits until they are processed.
+async fn process(node: &System, n: u32) {
+    let before = node.metrics().events_processed.get();
+    for i in 0..n {
+        node.directory()
+            .submit("d", event(f64::from(i)))
+            .expect("accepted");
+    }
+    while node.metrics().events_processed.get() < before + u64::from(n) {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// The readings of device `d`'s window once `node` has flushed one of that many.
+async fn flushed_window(node: &System, readings: usize) -> WindowSnapshot {
+    node.writer()
+        .cast(crate::store::WriterMsg::Flush)
+        .expect("flush");
+    loop {
+        match node.store().load_window("d").await.expect("store") {
+            Some(w) if w.readings().len() == readings => return w,
+            _ => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+    }
+}
+
+/// Nodes A and C share one store (as replicas share Redis). A holds device `d` with
+/// `held` events it never flushed (cut off, say); C processed `stored` events of it and
+/// flushed them. B, asked to take `d` over, gets A's window released and finds C's in
+/// the store: answers how many readings B's window has after B's own event.
+async fn adopted(held: u32, stored: u32) -> usize {
+    let nodes = Nodes::default();
+    let shared = own_store();
+    let wait = Duration::from_secs(30);
+    let (a, _) = node_among(addr(ME), wait, &nodes, shared.clone()).await;
+    let (c, _) = node_among(addr("10.0.0.3:8081"), wait, &nodes, shared.clone()).await;
+    let (b, b_handoff) = node_among(addr(NEW_OWNER), wait, &nodes, shared).await;
+    process(&a, held).await;
+    process(&c, stored).await;
+    flushed_window(&c, stored as usize).await;
+    b_handoff.fences.insert(Arc::from("d"), addr(ME));
+    process(&b, 1).await;
+    assert_eq!(
+        handoffs(&b, Direction::In),
+        1,
+        "A's window was released to B"
+    );
+    b.writer()
+        .cast(crate::store::WriterMsg::Flush)
+        .expect("flush");
+    // B's incarnation is the second: it restored a first incarnation's window.
+    loop {
+        match b.store().load_window("d").await.expect("store") {
+            Some(w) if Version::parts(w.version()).0 == 2 => return w.readings().len(),
+            _ => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_new_owner_adopts_the_newer_of_the_released_and_the_stored_window() {
+    // Same incarnation (each started from nothing): the one with more events is newer.
+    assert_eq!(
+        adopted(5, 3).await,
+        6,
+        "A's released window (5 events) is newer"
+    );
+    assert_eq!(
+        adopted(3, 5).await,
+        6,
+        "the stored window (5 events) is newer"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn fences_expire_by_age() {
+    let fences = Fences::default();
+    fences.insert(Arc::from("a"), addr(NEW_OWNER));
+    tokio::time::advance(Duration::from_secs(5)).await;
+    fences.insert(Arc::from("b"), addr(ME));
+    fences.expire(Duration::from_secs(5));
+    assert_eq!(fences.holder("a"), None, "5 s old: expired");
+    assert_eq!(fences.holder("b"), Some(addr(ME)), "new: kept");
+    assert_eq!(fences.take("b"), Some(addr(ME)));
+    assert_eq!(fences.holder("b"), None);
+    fences.insert(Arc::from("c"), addr(ME));
+    assert_eq!(
+        fences.holder("c"),
+        Some(addr(ME)),
+        "counted again after emptying"
+    );
+    fences.expire(Duration::from_secs(60));
+    assert_eq!(
+        fences.holder("c"),
+        Some(addr(ME)),
+        "a fence that is kept stays counted"
+    );
+}

@@ -24,6 +24,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
+use std::os::fd::AsFd;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -37,6 +38,10 @@ use tokio::time::Instant;
 /// Largest request head (request line and headers); beyond it hyper answers 431 and
 /// closes. Device requests carry a few hundred bytes of headers.
 const MAX_HEAD_BYTES: usize = 16 * 1024;
+
+/// How often a connection whose next request is on its way in at shutdown looks again
+/// whether that request has started.
+const SHUTDOWN_RECHECK: Duration = Duration::from_millis(5);
 
 /// The connection timeouts.
 #[derive(Debug, Clone, Copy)]
@@ -108,6 +113,12 @@ impl Activity {
         self.last_read.store(self.now_ms(), Ordering::Relaxed);
     }
 
+    /// Bytes of a request head have been read and its request has not started: hyper
+    /// would take the connection for idle and close it at a graceful shutdown.
+    fn head_in_progress(&self) -> bool {
+        self.head_started.load(Ordering::Relaxed) != 0
+    }
+
     /// Whether the connection has outstayed a timeout.
     fn overdue(&self, t: &Timeouts) -> Option<CloseReason> {
         if self.in_flight.load(Ordering::Relaxed) > 0 {
@@ -126,6 +137,31 @@ impl Activity {
         };
         let since = self.last_read.load(Ordering::Relaxed).max(1);
         (now - since >= ms(idle_limit)).then_some(CloseReason::IdleTimeout)
+    }
+}
+
+/// A second handle on a connection's socket, to see request bytes that have reached the
+/// kernel before hyper or even tokio's reactor has (a socket's readiness is known only
+/// once the reactor has run), without consuming them.
+struct Unread(Option<std::net::TcpStream>);
+
+impl Unread {
+    fn of(stream: &TcpStream) -> Self {
+        // Without a descriptor to spare, shutdown closes such a connection as before.
+        Self(
+            stream
+                .as_fd()
+                .try_clone_to_owned()
+                .ok()
+                .map(std::net::TcpStream::from),
+        )
+    }
+
+    /// Bytes wait to be read (non-blocking: the descriptor shares tokio's O_NONBLOCK).
+    fn waiting(&self) -> bool {
+        self.0
+            .as_ref()
+            .is_some_and(|s| s.peek(&mut [0u8; 1]).is_ok_and(|n| n > 0))
     }
 }
 
@@ -217,6 +253,7 @@ async fn drive<H, F>(
     // Small request/response pairs: send without waiting for Nagle.
     let _ = stream.set_nodelay(true);
     metrics.http_connections.inc();
+    let unread = Unread::of(&stream);
     let activity = Arc::new(Activity::new());
     let io = TokioIo::new(TrackedStream {
         inner: stream,
@@ -253,12 +290,20 @@ async fn drive<H, F>(
     tokio::pin!(conn);
     let mut watchdog = tokio::time::interval(timeouts.tick());
     watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Shutdown: hyper's graceful shutdown finishes a request in progress, but closes a
+    // connection it takes for idle, which includes one whose next request has arrived
+    // (in the kernel, or partly read) and not yet started. So the shutdown is given only
+    // once no request is on its way in; such a request is then answered (503 while
+    // shutting down), and HEADER_READ_TIMEOUT still bounds a client that stalls.
     let mut stopping = false;
+    let mut closing = false;
     loop {
-        // `biased`, the connection first: hyper's graceful shutdown closes a connection
-        // it has read nothing from, so it must have read what the client already sent
-        // (a request written before the stop, on a connection accepted just before it)
-        // before it is told; that request is then answered (503 while shutting down).
+        if stopping && !closing && !(activity.head_in_progress() || unread.waiting()) {
+            closing = true;
+            conn.as_mut().graceful_shutdown();
+        }
+        // `biased`: the connection is polled first, so it reads what has arrived before
+        // the checks above run again.
         tokio::select! {
             biased;
             result = conn.as_mut() => {
@@ -267,11 +312,10 @@ async fn drive<H, F>(
                 }
                 break;
             }
-            // Shutdown, or the server gone: finish the request in flight, then close.
-            _ = stop.wait_for(|stopped| *stopped), if !stopping => {
-                stopping = true;
-                conn.as_mut().graceful_shutdown();
-            }
+            // Shutdown, or the server gone.
+            _ = stop.wait_for(|stopped| *stopped), if !stopping => stopping = true,
+            // A request on its way in at shutdown: look again soon.
+            () = tokio::time::sleep(SHUTDOWN_RECHECK), if stopping && !closing => {}
             _ = watchdog.tick() => {
                 if let Some(reason) = activity.overdue(&timeouts) {
                     metrics.closed(reason);
@@ -332,23 +376,29 @@ mod tests {
         assert_eq!(a.overdue(&T), Some(CloseReason::IdleTimeout));
     }
 
-    /// Serves one connection with `drive`, the stop already given once the client's
-    /// `request` (if any) has reached the server, and returns what the client read.
-    async fn answer_after_stop(request: &[u8]) -> Vec<u8> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+    const REQUEST: &[u8] = b"POST /metric HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\n{}";
+
+    /// A connection served by `drive`, which answers every request 503 "shutting down";
+    /// the client has sent `first` and it is in the server's kernel, not yet seen by
+    /// tokio (accepted and peeked with std). Timeouts far beyond any test: only the stop
+    /// may close it. Returns the client's end, the stop and the connection's task.
+    async fn serve_one(
+        first: &[u8],
+        stopped: bool,
+    ) -> (TcpStream, watch::Sender<bool>, tokio::task::JoinHandle<()>) {
+        use tokio::io::AsyncWriteExt;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let mut client = TcpStream::connect(listener.local_addr().expect("addr"))
             .await
             .expect("connect");
-        client.write_all(request).await.expect("request");
-        let (server, _) = listener.accept().await.expect("accept");
-        let mut probe = [0u8; 1];
-        if !request.is_empty() {
-            server.peek(&mut probe).await.expect("the request arrived");
+        client.write_all(first).await.expect("request");
+        let (server, _) = listener.accept().expect("accept");
+        if !first.is_empty() {
+            server.peek(&mut [0u8; 1]).expect("the request arrived");
         }
-        let (_tx, stop) = watch::channel(true);
+        server.set_nonblocking(true).expect("non-blocking");
+        let server = TcpStream::from_std(server).expect("tokio stream");
+        let (tx, stop) = watch::channel(stopped);
         let metrics = HttpMetrics::register(&mut prometheus_client::registry::Registry::default());
         let handler = |_req| async {
             let mut r = Response::new(Either::Left(http_body_util::Full::new(
@@ -357,34 +407,62 @@ mod tests {
             *r.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
             Ok(r)
         };
-        // Timeouts far beyond the client's patience: only the stop may close it.
         let long = Timeouts {
             header: Duration::from_secs(3600),
             keep_alive: Duration::from_secs(3600),
         };
         let served =
             tokio::spawn(async move { drive(server, handler, &metrics, long, stop).await });
+        (client, tx, served)
+    }
+
+    /// Everything the client reads until the server closes the connection.
+    async fn read_until_closed(client: &mut TcpStream) -> String {
+        use tokio::io::AsyncReadExt;
         let mut out = Vec::new();
-        tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut out))
+        // Not a timing bound: a connection the stop does not close stays open for an
+        // hour, and the test should fail rather than hang.
+        tokio::time::timeout(Duration::from_secs(60), client.read_to_end(&mut out))
             .await
-            .expect("the server closes the connection, without waiting for a timeout")
+            .expect("the server closes the connection")
             .expect("read");
-        served.await.expect("connection task");
-        out
+        String::from_utf8_lossy(&out).into_owned()
     }
 
     #[tokio::test]
     async fn a_request_that_arrived_before_the_stop_is_answered_not_dropped() {
-        let out =
-            answer_after_stop(b"POST /metric HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\n{}")
-                .await;
-        let text = String::from_utf8_lossy(&out);
+        let (mut client, _stop, served) = serve_one(REQUEST, true).await;
+        let text = read_until_closed(&mut client).await;
         assert!(text.starts_with("HTTP/1.1 503"), "{text:?}");
         assert!(text.ends_with("shutting down"), "{text:?}");
+        served.await.expect("connection task");
     }
 
     #[tokio::test]
     async fn a_connection_that_sent_nothing_is_closed_at_once_on_stop() {
-        assert_eq!(answer_after_stop(b"").await, b"");
+        let (mut client, _stop, served) = serve_one(b"", true).await;
+        assert_eq!(read_until_closed(&mut client).await, "");
+        served.await.expect("connection task");
+    }
+
+    #[tokio::test]
+    async fn a_keep_alive_request_partly_arrived_at_the_stop_is_answered() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut client, stop, served) = serve_one(REQUEST, false).await;
+        let mut first = Vec::new();
+        while !first.ends_with(b"shutting down") {
+            let mut buf = [0u8; 512];
+            let n = client.read(&mut buf).await.expect("read");
+            assert!(n > 0, "closed before the first answer");
+            first.extend_from_slice(&buf[..n]);
+        }
+        let (head, rest) = REQUEST.split_at(20);
+        client.write_all(head).await.expect("part of the next head");
+        stop.send(true).expect("stop");
+        client.write_all(rest).await.expect("the rest");
+        let text = read_until_closed(&mut client).await;
+        assert!(text.starts_with("HTTP/1.1 503"), "{text:?}");
+        assert!(text.ends_with("shutting down"), "{text:?}");
+        served.await.expect("connection task");
     }
 }

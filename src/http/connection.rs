@@ -161,7 +161,7 @@ impl Unread {
     fn waiting(&self) -> bool {
         self.0
             .as_ref()
-            .is_some_and(|s| s.peek(&mut [0u8; 1]).is_ok_and(|n| n > 0))
+            .is_some_and(|s| matches!(s.peek(&mut [0u8; 1]), Ok(1)))
     }
 }
 
@@ -296,10 +296,11 @@ async fn drive<H, F>(
     // once no request is on its way in; such a request is then answered (503 while
     // shutting down), and HEADER_READ_TIMEOUT still bounds a client that stalls.
     let mut stopping = false;
-    let mut closing = false;
+    // The stop has come and hyper has not been told yet.
+    let mut to_tell = false;
     loop {
-        if stopping && !closing && !(activity.head_in_progress() || unread.waiting()) {
-            closing = true;
+        if to_tell && !(activity.head_in_progress() || unread.waiting()) {
+            to_tell = false;
             conn.as_mut().graceful_shutdown();
         }
         // `biased`: the connection is polled first, so it reads what has arrived before
@@ -313,9 +314,12 @@ async fn drive<H, F>(
                 break;
             }
             // Shutdown, or the server gone.
-            _ = stop.wait_for(|stopped| *stopped), if !stopping => stopping = true,
+            _ = stop.wait_for(|stopped| *stopped), if !stopping => {
+                stopping = true;
+                to_tell = true;
+            }
             // A request on its way in at shutdown: look again soon.
-            () = tokio::time::sleep(SHUTDOWN_RECHECK), if stopping && !closing => {}
+            () = tokio::time::sleep(SHUTDOWN_RECHECK), if to_tell => {}
             _ = watchdog.tick() => {
                 if let Some(reason) = activity.overdue(&timeouts) {
                     metrics.closed(reason);
@@ -381,11 +385,17 @@ mod tests {
     /// A connection served by `drive`, which answers every request 503 "shutting down";
     /// the client has sent `first` and it is in the server's kernel, not yet seen by
     /// tokio (accepted and peeked with std). Timeouts far beyond any test: only the stop
-    /// may close it. Returns the client's end, the stop and the connection's task.
+    /// may close it. Returns the client's end, the stop, the connection's task, and a
+    /// second handle on the server's socket (to see what the server has not read).
     async fn serve_one(
         first: &[u8],
         stopped: bool,
-    ) -> (TcpStream, watch::Sender<bool>, tokio::task::JoinHandle<()>) {
+    ) -> (
+        TcpStream,
+        watch::Sender<bool>,
+        tokio::task::JoinHandle<()>,
+        std::net::TcpStream,
+    ) {
         use tokio::io::AsyncWriteExt;
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let mut client = TcpStream::connect(listener.local_addr().expect("addr"))
@@ -397,6 +407,7 @@ mod tests {
             server.peek(&mut [0u8; 1]).expect("the request arrived");
         }
         server.set_nonblocking(true).expect("non-blocking");
+        let unread = server.try_clone().expect("second handle");
         let server = TcpStream::from_std(server).expect("tokio stream");
         let (tx, stop) = watch::channel(stopped);
         let metrics = HttpMetrics::register(&mut prometheus_client::registry::Registry::default());
@@ -413,7 +424,7 @@ mod tests {
         };
         let served =
             tokio::spawn(async move { drive(server, handler, &metrics, long, stop).await });
-        (client, tx, served)
+        (client, tx, served, unread)
     }
 
     /// Everything the client reads until the server closes the connection.
@@ -431,7 +442,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_request_that_arrived_before_the_stop_is_answered_not_dropped() {
-        let (mut client, _stop, served) = serve_one(REQUEST, true).await;
+        let (mut client, _stop, served, _) = serve_one(REQUEST, true).await;
         let text = read_until_closed(&mut client).await;
         assert!(text.starts_with("HTTP/1.1 503"), "{text:?}");
         assert!(text.ends_with("shutting down"), "{text:?}");
@@ -440,7 +451,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_that_sent_nothing_is_closed_at_once_on_stop() {
-        let (mut client, _stop, served) = serve_one(b"", true).await;
+        let (mut client, _stop, served, _) = serve_one(b"", true).await;
         assert_eq!(read_until_closed(&mut client).await, "");
         served.await.expect("connection task");
     }
@@ -448,7 +459,7 @@ mod tests {
     #[tokio::test]
     async fn a_keep_alive_request_partly_arrived_at_the_stop_is_answered() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let (mut client, stop, served) = serve_one(REQUEST, false).await;
+        let (mut client, stop, served, _) = serve_one(REQUEST, false).await;
         let mut first = Vec::new();
         while !first.ends_with(b"shutting down") {
             let mut buf = [0u8; 512];
@@ -459,6 +470,37 @@ mod tests {
         let (head, rest) = REQUEST.split_at(20);
         client.write_all(head).await.expect("part of the next head");
         stop.send(true).expect("stop");
+        client.write_all(rest).await.expect("the rest");
+        let text = read_until_closed(&mut client).await;
+        assert!(text.starts_with("HTTP/1.1 503"), "{text:?}");
+        assert!(text.ends_with("shutting down"), "{text:?}");
+        served.await.expect("connection task");
+    }
+
+    #[tokio::test]
+    async fn a_keep_alive_request_whose_head_is_partly_read_at_the_stop_is_answered() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut client, stop, served, unread) = serve_one(REQUEST, false).await;
+        let mut first = Vec::new();
+        while !first.ends_with(b"shutting down") {
+            let mut buf = [0u8; 512];
+            let n = client.read(&mut buf).await.expect("read");
+            assert!(n > 0, "closed before the first answer");
+            first.extend_from_slice(&buf[..n]);
+        }
+        let (head, rest) = REQUEST.split_at(20);
+        client.write_all(head).await.expect("part of the next head");
+        // Until the server has read those bytes: none is left in its socket.
+        let read = async {
+            while unread.peek(&mut [0u8; 1]).is_ok() {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(60), read)
+            .await
+            .expect("the server reads the part sent");
+        stop.send(true).expect("stop");
+        tokio::time::sleep(Duration::from_millis(20)).await;
         client.write_all(rest).await.expect("the rest");
         let text = read_until_closed(&mut client).await;
         assert!(text.starts_with("HTTP/1.1 503"), "{text:?}");

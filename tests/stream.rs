@@ -280,7 +280,10 @@ async fn filters_resume_and_heartbeat() {
     let mut late = Sse::open(svc.addr, "", &[]).await;
     spike(svc.addr, "site-d/1").await;
     let (_, first_seen) = late.event().await;
-    assert_eq!(first_seen["device_id"], "site-d/1", "only what came after it");
+    assert_eq!(
+        first_seen["device_id"], "site-d/1",
+        "only what came after it"
+    );
     // Bad ids and devices are refused like everywhere else.
     let r = get(svc.addr, "/anomalies/stream?last_event_id=yesterday").await;
     assert_eq!(r.status, 400);

@@ -337,3 +337,25 @@ async fn each_event_makes_the_window_newer_and_a_restarted_actor_a_new_incarnati
     wait_samples(&store, "v", 4).await;
     assert_eq!(stored_version(&store, "v").await, (2, 1));
 }
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_returns_once_everything_is_done_not_at_its_deadline() {
+    let store = Store::Embedded(Arc::new(EmbeddedStore::new()));
+    let system = start(config(Duration::from_secs(600)), &store).await;
+    assert!(system.is_running());
+    system
+        .directory()
+        .submit("s", event(1.0))
+        .expect("accepted");
+    // Paused time: waiting out the deadline would move the clock to it at once.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3600);
+    let report = system.shutdown(deadline).await;
+    assert!(
+        tokio::time::Instant::now() < deadline,
+        "shutdown waited for its deadline"
+    );
+    assert_eq!(report.unprocessed, 0);
+    assert!(report.store_flushed);
+    assert_eq!(stored(&store, "s").await.expect("stored")["samples"], 1);
+    assert!(!system.is_running(), "every long-lived actor has stopped");
+}

@@ -119,3 +119,38 @@ pub struct DirectionLabel {
     /// Which way.
     pub direction: Direction,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+    use prometheus_client::encoding::text::encode;
+    use prometheus_client::registry::Registry;
+
+    #[test]
+    fn the_cluster_families_carry_their_label_values() {
+        let mut registry = Registry::default();
+        let m = Metrics::register(&mut registry);
+        for reason in ForwardFailure::ALL {
+            m.forward_failures
+                .get_or_create(&ForwardFailureLabel { reason })
+                .inc();
+        }
+        for direction in [Direction::In, Direction::Out] {
+            m.device_handoffs
+                .get_or_create(&DirectionLabel { direction })
+                .inc();
+        }
+        let mut text = String::new();
+        encode(&mut text, &registry).expect("encode");
+        for series in [
+            r#"forward_failures_total{reason="timeout"} 1"#,
+            r#"forward_failures_total{reason="unreachable"} 1"#,
+            r#"forward_failures_total{reason="rejected"} 1"#,
+            r#"device_handoffs_total{direction="in"} 1"#,
+            r#"device_handoffs_total{direction="out"} 1"#,
+        ] {
+            assert!(text.lines().any(|l| l == series), "{series} in:\n{text}");
+        }
+    }
+}

@@ -119,6 +119,15 @@ mod tests {
         assert!(m.resident_bytes.get() > 1024 * 1024);
         assert!(m.open_fds.get() >= 3);
         assert!(m.cpu_seconds.get() > 0.0);
+        // The counter is the process's CPU time, not a sum of readings.
+        let before = cpu_seconds().expect("cpu time");
+        m.refresh();
+        let after = cpu_seconds().expect("cpu time");
+        let counted = m.cpu_seconds.get();
+        assert!(
+            before <= counted && counted <= after,
+            "{before} <= {counted} <= {after}"
+        );
         assert!(m.start_time.get() > 1.6e9);
     }
 }

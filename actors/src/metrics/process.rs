@@ -130,4 +130,47 @@ mod tests {
         );
         assert!(m.start_time.get() > 1.6e9);
     }
+
+    /// This thread's CPU time in user and in kernel mode, read from
+    /// `/proc/thread-self/stat` independently of `cpu_seconds`.
+    fn thread_cpu() -> (f64, f64) {
+        let stat = std::fs::read_to_string("/proc/thread-self/stat").expect("thread stat");
+        let after = stat.rsplit_once(')').expect("comm").1;
+        let ticks: Vec<f64> = after
+            .split_whitespace()
+            .skip(11)
+            .take(2)
+            .map(|f| f.parse().expect("ticks"))
+            .collect();
+        (ticks[0] / 100.0, ticks[1] / 100.0)
+    }
+
+    #[test]
+    fn the_cpu_counter_grows_with_the_work_done_and_no_faster_than_the_clock() {
+        let mut registry = Registry::default();
+        let m = ProcessMetrics::register(&mut registry);
+        m.refresh();
+        let (counted, mine, wall) = (m.cpu_seconds.get(), thread_cpu(), std::time::Instant::now());
+        // Work until this thread alone has used 0.1 s of CPU in each mode (system calls
+        // for the kernel's part).
+        let mut burn = 0u64;
+        loop {
+            let (user, kernel) = thread_cpu();
+            if user >= mine.0 + 0.1 && kernel >= mine.1 + 0.1 {
+                break;
+            }
+            burn = (0..100_000u64).fold(burn, |a, x| a.wrapping_add(x * x));
+            for _ in 0..50 {
+                burn += std::fs::metadata("/proc/self").map_or(0, |m| m.len());
+            }
+        }
+        std::hint::black_box(burn);
+        m.refresh();
+        let grown = m.cpu_seconds.get() - counted;
+        let cores = std::thread::available_parallelism().map_or(64, |n| n.get()) as f64;
+        // One 10 ms tick of slack each way for the rounding of per-thread times.
+        assert!(grown >= 0.2 - 0.02, "grew {grown} s for 0.2 s of work");
+        let bound = wall.elapsed().as_secs_f64() * cores + 0.02;
+        assert!(grown <= bound, "grew {grown} s, more than {bound} s");
+    }
 }

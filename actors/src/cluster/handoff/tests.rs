@@ -113,6 +113,18 @@ async fn node_among(
     (system, handoff)
 }
 
+/// Sleeps a little, adding to `waited`; fails the test once it has waited a minute in
+/// all (a guard against hanging, counted in requested sleeps, not wall time).
+async fn pause(waited: &mut Duration) {
+    assert!(
+        *waited < Duration::from_secs(60),
+        "still waiting after a minute"
+    );
+    let step = Duration::from_millis(2);
+    tokio::time::sleep(step).await;
+    *waited += step;
+}
+
 fn handoffs(system: &System, direction: Direction) -> u64 {
     system
         .metrics()
@@ -126,8 +138,9 @@ async fn a_release_answers_every_queued_event_in_the_window_and_refuses_later_on
     let (system, handoff) = node(Duration::from_secs(30)).await;
     let dir = system.directory();
     dir.submit("d", event(0.0)).expect("accepted");
+    let mut waited = Duration::ZERO;
     while system.metrics().events_processed.get() < 1 {
-        tokio::time::sleep(Duration::from_millis(1)).await;
+        pause(&mut waited).await;
     }
     // This test's runtime has one thread: the 999 are all still queued when the release
     // starts, as its first wait is the first chance the device's actor gets to run.
@@ -220,8 +233,9 @@ async fn the_new_owner_continues_the_released_window(route: impl FnOnce(&Handoff
     let (a, a_handoff) = node_among(addr(ME), wait, &nodes, own_store()).await;
     let (b, b_handoff) = node_among(addr(NEW_OWNER), wait, &nodes, own_store()).await;
     a.directory().submit("d", event(0.0)).expect("accepted");
+    let mut waited = Duration::ZERO;
     while a.metrics().events_processed.get() < 1 {
-        tokio::time::sleep(Duration::from_millis(1)).await;
+        pause(&mut waited).await;
     }
     for i in 1..500 {
         a.directory()
@@ -230,8 +244,9 @@ async fn the_new_owner_continues_the_released_window(route: impl FnOnce(&Handoff
     }
     route(&b_handoff);
     b.directory().submit("d", event(500.0)).expect("accepted");
+    let mut waited = Duration::ZERO;
     while b.metrics().events_processed.get() < 1 {
-        tokio::time::sleep(Duration::from_millis(1)).await;
+        pause(&mut waited).await;
     }
     assert_eq!(
         a.metrics().events_processed.get(),
@@ -245,10 +260,11 @@ async fn the_new_owner_continues_the_released_window(route: impl FnOnce(&Handoff
     b.writer()
         .cast(crate::store::WriterMsg::Flush)
         .expect("flush");
+    let mut waited = Duration::ZERO;
     let window = loop {
         match b.store().load_window("d").await.expect("store") {
             Some(w) if w.readings().len() == 501 => break w,
-            _ => tokio::time::sleep(Duration::from_millis(5)).await,
+            _ => pause(&mut waited).await,
         }
     };
     let rps: Vec<f64> = window.readings().iter().map(|r| r.0).collect();
@@ -285,8 +301,9 @@ async fn process(node: &System, n: u32) {
             .submit("d", event(f64::from(i)))
             .expect("accepted");
     }
+    let mut waited = Duration::ZERO;
     while node.metrics().events_processed.get() < before + u64::from(n) {
-        tokio::time::sleep(Duration::from_millis(1)).await;
+        pause(&mut waited).await;
     }
 }
 
@@ -295,10 +312,11 @@ async fn flushed_window(node: &System, readings: usize) -> WindowSnapshot {
     node.writer()
         .cast(crate::store::WriterMsg::Flush)
         .expect("flush");
+    let mut waited = Duration::ZERO;
     loop {
         match node.store().load_window("d").await.expect("store") {
             Some(w) if w.readings().len() == readings => return w,
-            _ => tokio::time::sleep(Duration::from_millis(5)).await,
+            _ => pause(&mut waited).await,
         }
     }
 }
@@ -328,10 +346,11 @@ async fn adopted(held: u32, stored: u32) -> usize {
         .cast(crate::store::WriterMsg::Flush)
         .expect("flush");
     // B's incarnation is the second: it restored a first incarnation's window.
+    let mut waited = Duration::ZERO;
     loop {
         match b.store().load_window("d").await.expect("store") {
             Some(w) if Version::parts(w.version()).0 == 2 => return w.readings().len(),
-            _ => tokio::time::sleep(Duration::from_millis(5)).await,
+            _ => pause(&mut waited).await,
         }
     }
 }

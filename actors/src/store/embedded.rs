@@ -136,4 +136,37 @@ mod tests {
         tokio::time::advance(Duration::from_secs(4)).await;
         assert_eq!(store.get("k").as_deref(), Some(&b"2"[..]));
     }
+
+    #[test]
+    fn stream_ids_are_the_append_time_and_never_go_back() {
+        let store = EmbeddedStore::new();
+        let entry = StreamEntry {
+            device_id: "d".into(),
+            signal: crate::analytics::Signal::Rps,
+            analysis: Bytes::from_static(b"{}"),
+            uid: "u".into(),
+        };
+        let before = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .expect("clock")
+            .as_millis() as u64;
+        // Many within one millisecond: the sequence number tells them apart.
+        for _ in 0..50 {
+            store.append_anomalies(&vec![entry.clone(); 20], 10_000);
+        }
+        let ids: Vec<StreamId> = store
+            .read_anomalies(StreamId(0, 0), 10_000)
+            .iter()
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(ids.len(), 1000);
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "strictly increasing");
+        assert!(ids[0].0 >= before, "{:?} is before {before}", ids[0]);
+        assert_eq!(store.last_anomaly_id(), ids[999]);
+        assert_eq!(
+            store.read_anomalies(ids[997], 10).len(),
+            2,
+            "read after an id"
+        );
+    }
 }

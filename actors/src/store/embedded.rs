@@ -168,5 +168,11 @@ mod tests {
             2,
             "read after an id"
         );
+        // Trimmed to the newest `maxlen`, exactly.
+        store.append_anomalies(&vec![entry.clone(); 5], 10);
+        let kept = store.read_anomalies(StreamId(0, 0), 10_000);
+        assert_eq!(kept.len(), 10);
+        assert_eq!(kept[9].id, store.last_anomaly_id());
+        assert_eq!(kept[4].id, ids[999], "the 5 newest before them");
     }
 }

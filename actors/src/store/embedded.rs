@@ -122,8 +122,11 @@ mod tests {
         assert!(store.get("k").is_some());
         tokio::time::advance(Duration::from_millis(1)).await;
         assert!(store.get("k").is_none());
+        assert_eq!(store.len(), 1, "expired, not yet purged");
+        assert!(!store.is_empty());
         store.purge_expired();
         assert!(store.is_empty());
+        assert_eq!(store.len(), 0);
     }
 
     #[tokio::test(start_paused = true)]

@@ -456,10 +456,10 @@ mod tests {
         served.await.expect("connection task");
     }
 
-    #[tokio::test]
-    async fn a_keep_alive_request_partly_arrived_at_the_stop_is_answered() {
+    /// Reads the answer to the first request, sends the first 20 bytes of the next one,
+    /// and answers the rest of it.
+    async fn answer_then_send_part_of_the_next(client: &mut TcpStream) -> &'static [u8] {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let (mut client, stop, served, _) = serve_one(REQUEST, false).await;
         let mut first = Vec::new();
         while !first.ends_with(b"shutting down") {
             let mut buf = [0u8; 512];
@@ -469,6 +469,14 @@ mod tests {
         }
         let (head, rest) = REQUEST.split_at(20);
         client.write_all(head).await.expect("part of the next head");
+        rest
+    }
+
+    #[tokio::test]
+    async fn a_keep_alive_request_partly_arrived_at_the_stop_is_answered() {
+        use tokio::io::AsyncWriteExt;
+        let (mut client, stop, served, _) = serve_one(REQUEST, false).await;
+        let rest = answer_then_send_part_of_the_next(&mut client).await;
         stop.send(true).expect("stop");
         client.write_all(rest).await.expect("the rest");
         let text = read_until_closed(&mut client).await;
@@ -479,17 +487,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_keep_alive_request_whose_head_is_partly_read_at_the_stop_is_answered() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio::io::AsyncWriteExt;
         let (mut client, stop, served, unread) = serve_one(REQUEST, false).await;
-        let mut first = Vec::new();
-        while !first.ends_with(b"shutting down") {
-            let mut buf = [0u8; 512];
-            let n = client.read(&mut buf).await.expect("read");
-            assert!(n > 0, "closed before the first answer");
-            first.extend_from_slice(&buf[..n]);
-        }
-        let (head, rest) = REQUEST.split_at(20);
-        client.write_all(head).await.expect("part of the next head");
+        let rest = answer_then_send_part_of_the_next(&mut client).await;
         // Until the server has read those bytes: none is left in its socket.
         let read = async {
             while unread.peek(&mut [0u8; 1]).is_ok() {

@@ -257,16 +257,7 @@ async fn the_new_owner_continues_the_released_window(route: impl FnOnce(&Handoff
     assert_eq!(handoffs(&b, Direction::In), 1);
     assert_eq!(a_handoff.fences.holder("d"), Some(addr(NEW_OWNER)));
     assert_eq!(b_handoff.fences.holder("d"), None, "B has no fence left");
-    b.writer()
-        .cast(crate::store::WriterMsg::Flush)
-        .expect("flush");
-    let mut waited = Duration::ZERO;
-    let window = loop {
-        match b.store().load_window("d").await.expect("store") {
-            Some(w) if w.readings().len() == 501 => break w,
-            _ => pause(&mut waited).await,
-        }
-    };
+    let window = flushed_window(&b, |w| w.readings().len() == 501).await;
     let rps: Vec<f64> = window.readings().iter().map(|r| r.0).collect();
     let expected: Vec<f64> = (0..=500).map(f64::from).collect();
     assert_eq!(rps, expected, "A's 500 readings, then B's, in order");
@@ -307,15 +298,15 @@ async fn process(node: &System, n: u32) {
     }
 }
 
-/// The readings of device `d`'s window once `node` has flushed one of that many.
-async fn flushed_window(node: &System, readings: usize) -> WindowSnapshot {
+/// Device `d`'s window once `node` has flushed one that is `done`.
+async fn flushed_window(node: &System, done: impl Fn(&WindowSnapshot) -> bool) -> WindowSnapshot {
     node.writer()
         .cast(crate::store::WriterMsg::Flush)
         .expect("flush");
     let mut waited = Duration::ZERO;
     loop {
         match node.store().load_window("d").await.expect("store") {
-            Some(w) if w.readings().len() == readings => return w,
+            Some(w) if done(&w) => return w,
             _ => pause(&mut waited).await,
         }
     }
@@ -334,7 +325,7 @@ async fn adopted(held: u32, stored: u32) -> usize {
     let (b, b_handoff) = node_among(addr(NEW_OWNER), wait, &nodes, shared).await;
     process(&a, held).await;
     process(&c, stored).await;
-    flushed_window(&c, stored as usize).await;
+    flushed_window(&c, |w| w.readings().len() == stored as usize).await;
     b_handoff.fences.insert(Arc::from("d"), addr(ME));
     process(&b, 1).await;
     assert_eq!(
@@ -342,17 +333,11 @@ async fn adopted(held: u32, stored: u32) -> usize {
         1,
         "A's window was released to B"
     );
-    b.writer()
-        .cast(crate::store::WriterMsg::Flush)
-        .expect("flush");
     // B's incarnation is the second: it restored a first incarnation's window.
-    let mut waited = Duration::ZERO;
-    loop {
-        match b.store().load_window("d").await.expect("store") {
-            Some(w) if Version::parts(w.version()).0 == 2 => return w.readings().len(),
-            _ => pause(&mut waited).await,
-        }
-    }
+    flushed_window(&b, |w| Version::parts(w.version()).0 == 2)
+        .await
+        .readings()
+        .len()
 }
 
 #[tokio::test]

@@ -487,3 +487,102 @@ async fn a_leaving_cluster_node_answers_peers_through_its_leave_grace() {
     assert_eq!((r.status, r.body.as_str()), (200, "leaving"));
     assert!(!stopped.is_finished());
 }
+
+/// Asks the store writer for `device`'s window, as a starting device actor does; answers
+/// its version.
+async fn window_answered(system: &actors::System, device: &str) -> Option<u64> {
+    let answer = system
+        .writer()
+        .call(
+            |port| actors::store::WriterMsg::LoadWindow(device.into(), port),
+            Some(Duration::from_secs(5)),
+        )
+        .await
+        .expect("writer answers");
+    match answer {
+        ractor::rpc::CallResult::Success(window) => {
+            window.expect("window readable").map(|w| w.version())
+        }
+        other => panic!("no answer from the writer: {other:?}"),
+    }
+}
+
+/// An actor system over `store` that flushes only at shutdown.
+async fn system_that_keeps_results(store: actors::store::RedisStore) -> actors::System {
+    let config = actors::SystemConfig {
+        flush_interval: Duration::from_secs(3600),
+        window_checkpoint_interval: Duration::from_secs(3600),
+        ..actors::SystemConfig::default()
+    };
+    actors::System::start(
+        config,
+        actors::store::Store::Redis(store),
+        prometheus_client::registry::Registry::default(),
+    )
+    .await
+    .expect("system")
+}
+
+/// Three events of `device`, processed (the `devices`-th device given them) and waiting
+/// in the writer: its window is then version (1, 3).
+async fn three_unflushed_events(system: &actors::System, device: &str, devices: u64) {
+    for rps in [1.0, 2.0, 3.0] {
+        let event = actors::event::Event {
+            rps,
+            cpu: 0.5,
+            timestamp: chrono::Utc::now(),
+        };
+        system.directory().submit(device, event).expect("submit");
+    }
+    eventually(SOON, "the three events processed", || async {
+        (system.metrics().events_processed.get() == 3 * devices).then_some(())
+    })
+    .await;
+}
+
+/// Writes `device`'s window at `version` the way another node's flush would.
+async fn another_node_writes(redis: &Redis, device: &str, version: u64) {
+    use actors::store::{analysis_key, window_key, DeviceWrite, RedisStore, WindowSnapshot};
+    let other = RedisStore::new(&redis.url(), 1, Duration::from_secs(2)).expect("pool");
+    let write = DeviceWrite {
+        analysis: (analysis_key(device), bytes::Bytes::from_static(b"{}")),
+        window: (
+            window_key(device),
+            Some(WindowSnapshot::new(vec![(9.0, 0.5)], None, version).to_bytes()),
+        ),
+        version,
+    };
+    other
+        .write(vec![write], Duration::from_secs(60))
+        .await
+        .expect("write");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restoring_device_gets_the_newer_of_its_unflushed_and_the_stored_window() {
+    use actors::store::{RedisStore, Version};
+    let redis = Redis::start();
+    let pool = || RedisStore::new(&redis.url(), 2, Duration::from_secs(2)).expect("pool");
+    let mine = (1 << 40) + 3;
+    assert_eq!(Version::parts(mine), (1, 3));
+    let newer = (2 << 40) + 1;
+    let older = 5;
+
+    // In a cluster (conditional writes) the store is read as well and the newer window
+    // wins: another node may have written the device while this one was cut off.
+    let cluster = system_that_keeps_results(pool().guarded()).await;
+    three_unflushed_events(&cluster, "g-new", 1).await;
+    assert_eq!(window_answered(&cluster, "g-new").await, Some(mine));
+    another_node_writes(&redis, "g-new", newer).await;
+    assert_eq!(window_answered(&cluster, "g-new").await, Some(newer));
+    another_node_writes(&redis, "g-old", older).await;
+    three_unflushed_events(&cluster, "g-old", 2).await;
+    assert_eq!(window_answered(&cluster, "g-old").await, Some(mine));
+
+    // One node (unconditional writes): its unflushed window is the newest there is, and
+    // the store is not consulted, whatever it holds.
+    let single = system_that_keeps_results(pool()).await;
+    three_unflushed_events(&single, "u", 1).await;
+    another_node_writes(&redis, "u", newer).await;
+    assert_eq!(window_answered(&single, "u").await, Some(mine));
+}

@@ -586,3 +586,27 @@ async fn a_restoring_device_gets_the_newer_of_its_unflushed_and_the_stored_windo
     another_node_writes(&redis, "u", newer).await;
     assert_eq!(window_answered(&single, "u").await, Some(mine));
 }
+
+#[tokio::test]
+async fn the_pool_reuses_a_healthy_connection_and_replaces_a_broken_one_at_once() {
+    use actors::store::RedisStore;
+    let mut redis = Redis::start();
+    let port = redis.port;
+    let store = RedisStore::new(&redis.url(), 1, Duration::from_secs(2)).expect("pool");
+    let before = redis.connections_received();
+    for _ in 0..10 {
+        store.ping().await.expect("ping");
+    }
+    // One connection for the ten commands, plus the second INFO's own.
+    assert_eq!(redis.connections_received() - before, 2);
+
+    // Redis restarts: the pooled connection is dead. The first command on it fails and
+    // marks it; the next one, once Redis is back, gets a new connection, not the dead one.
+    redis.kill();
+    assert!(store.ping().await.is_err(), "a command on a dead server");
+    let _redis = Redis::start_on(port);
+    store
+        .ping()
+        .await
+        .expect("the broken connection was replaced");
+}

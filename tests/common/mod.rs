@@ -440,6 +440,15 @@ impl Redis {
             .and_then(|n| n.parse().ok())
             .unwrap_or(0)
     }
+
+    /// Connections accepted since start (INFO stats), this query's own included.
+    pub fn connections_received(&self) -> u64 {
+        let info = self.cli(&["INFO", "stats"]).unwrap_or_default();
+        info.lines()
+            .find_map(|l| l.strip_prefix("total_connections_received:"))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0)
+    }
 }
 
 impl Drop for Redis {

@@ -190,6 +190,13 @@ async fn a_spike_is_one_stream_entry_and_reaches_another_replicas_feed() {
             .await,
         Some(1.0)
     );
+    // A client of a replica started later, without Last-Event-ID, starts at the end of
+    // the stream in Redis: pump-1's entry is not replayed to it.
+    let c = InProcess::start(&[("REDIS_URL", &redis.url())]).await;
+    let mut late = Sse::open(c.addr, "", &[]).await;
+    spike(a.addr, "pump-2").await;
+    let (_, first_seen) = late.event().await;
+    assert_eq!(first_seen["device_id"], "pump-2", "only what came after it");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,7 +8,7 @@ use actors::analytics::{AnomalyRule, Window};
 use common::{eventually, get, post, request_with, rss_kb, InProcess, Redis, Service};
 use serde_json::{json, Value};
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -93,9 +93,12 @@ impl Sse {
         }
     }
 
-    /// The next event frame, skipping comments.
+    /// The next event frame, skipping comments (within SOON in all: heartbeats alone must
+    /// not keep a test waiting for an event that never comes).
     async fn event(&mut self) -> (String, Value) {
+        let deadline = Instant::now() + SOON;
         loop {
+            assert!(Instant::now() < deadline, "no event within {SOON:?}");
             if let Frame::Event { id, data } = self.next().await {
                 return (id, data);
             }

@@ -633,6 +633,10 @@ mod tests {
             let err = parse(args).expect_err("must be rejected").to_string();
             assert!(err.contains(name), "{err}");
         }
+        // The bounds themselves are valid.
+        let edge = parse(&["--result-ttl", "1s", "--anomaly-threshold", "0"]).expect("valid");
+        assert_eq!(edge.result_ttl, Duration::from_secs(1));
+        assert_eq!(edge.anomaly_threshold, 0.0);
         for url in ["http://user:secret@host/", "secret@host:6379"] {
             let err = parse(&["--redis-url", url])
                 .expect("clap takes any string")

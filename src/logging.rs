@@ -145,6 +145,9 @@ mod tests {
                 message.starts_with(&format!("invalid RUST_LOG '{bad}': ")),
                 "{message}"
             );
+            // The parser's own error is the source (for error chains), and is in the message.
+            let source = err.source().expect("the parse error as source").to_string();
+            assert!(message.contains(&source), "{source} not in {message}");
         }
     }
 

@@ -293,10 +293,13 @@ mod tests {
             .map(|r| Endpoint::of_path(r.path))
             .chain([Endpoint::UNMATCHED])
             .collect();
+        // Every status with a cached handle, and one without.
+        let statuses: Vec<u16> = CACHED_STATUSES.iter().copied().chain([299]).collect();
         for method in &methods {
             for &endpoint in &endpoints {
-                m.record(MethodLabel::of(method), endpoint, 200, 0.001);
-                m.record(MethodLabel::of(method), endpoint, 299, 0.001);
+                for &status in &statuses {
+                    m.record(MethodLabel::of(method), endpoint, status, 0.001);
+                }
             }
         }
         let mut text = String::new();
@@ -305,14 +308,15 @@ mod tests {
             "GET", "POST", "HEAD", "PUT", "DELETE", "PATCH", "OPTIONS", "OTHER",
         ] {
             for endpoint in endpoints.iter().map(|e| e.as_str()) {
-                for status in [200, 299] {
+                for status in &statuses {
                     let series = format!(
-                        "http_requests_total{{method=\"{method}\",endpoint=\"{endpoint}\",status=\"{status}\"}} 1"
+                        "http_requests_total{{method=\"{method}\",endpoint=\"{endpoint}\",status=\"{status}\"}} 1\n"
                     );
                     assert!(text.contains(&series), "missing {series}");
                 }
                 let count = format!(
-                    "request_duration_seconds_count{{method=\"{method}\",endpoint=\"{endpoint}\"}} 2"
+                    "request_duration_seconds_count{{method=\"{method}\",endpoint=\"{endpoint}\"}} {}\n",
+                    statuses.len()
                 );
                 assert!(text.contains(&count), "missing {count}");
             }

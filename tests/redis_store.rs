@@ -472,6 +472,13 @@ async fn a_leaving_cluster_node_answers_peers_through_its_leave_grace() {
         )
     };
     assert_eq!(ping().await.status, 200);
+    // Ready once its first discovery round is done, and saying why.
+    let ready = eventually(SOON, "/ready", || async {
+        let r = get(svc.addr, "/ready").await;
+        (r.status == 200).then(|| r.json())
+    })
+    .await;
+    assert_eq!(ready["checks"]["cluster"], "ok");
     let api = svc.addr;
     let stopped = tokio::spawn(svc.shutdown());
     // The API listener closes at once; the internal one keeps answering (forwarded

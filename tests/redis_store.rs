@@ -617,3 +617,50 @@ async fn the_pool_reuses_a_healthy_connection_and_replaces_a_broken_one_at_once(
         .await
         .expect("the broken connection was replaced");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_node_is_not_ready_until_its_first_discovery_round_is_done() {
+    let redis = Redis::start();
+    let me = format!("127.0.0.1:{}", common::free_port());
+    // A peer that accepts connections and never answers: the first round's probe of it
+    // lasts its whole timeout.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let peers = format!("{me},{}", silent.local_addr().expect("addr"));
+    let svc = InProcess::start(&[
+        ("REDIS_URL", &redis.url()),
+        ("CLUSTER_PEERS", &peers),
+        ("CLUSTER_ADVERTISE_ADDR", &me),
+        ("CLUSTER_LISTEN_ADDR", &me),
+        ("CLUSTER_TOKEN", "secret-1"),
+        ("CLUSTER_FORWARD_TIMEOUT", "5s"),
+    ])
+    .await;
+    let r = get(svc.addr, "/ready").await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(r.json()["checks"]["cluster"], "discovering");
+    // Peers hear the same: this node is starting, not yet a member to route to.
+    let internal: std::net::SocketAddr = me.parse().expect("address");
+    let ping = request_with(
+        internal,
+        "GET",
+        "/cluster/ping",
+        &["Authorization: Bearer secret-1"],
+        b"",
+    )
+    .await;
+    assert_eq!((ping.status, ping.body.as_str()), (200, "starting"));
+    // Once the silent peer's probe has timed out, the round is done.
+    let ready = eventually(
+        Duration::from_secs(15),
+        "/ready after discovery",
+        || async {
+            let r = get(svc.addr, "/ready").await;
+            (r.status == 200).then(|| r.json())
+        },
+    )
+    .await;
+    assert_eq!(ready["checks"]["cluster"], "ok");
+    drop(silent);
+}

@@ -139,6 +139,18 @@ mod tests {
     }
 
     #[test]
+    fn a_ring_knows_its_members() {
+        let empty = Ring::new([]);
+        assert_eq!((empty.len(), empty.is_empty()), (0, true));
+        assert!(!empty.contains(addr(0)));
+        let r = Ring::new([addr(2), addr(0), addr(2)]);
+        assert_eq!((r.len(), r.is_empty()), (2, false));
+        assert!(r.contains(addr(0)) && r.contains(addr(2)));
+        assert!(!r.contains(addr(1)));
+        assert_eq!(r.members().collect::<Vec<_>>(), vec![addr(0), addr(2)]);
+    }
+
+    #[test]
     fn devices_spread_evenly() {
         for n in [2, 3, 5] {
             let r = ring(n);

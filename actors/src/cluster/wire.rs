@@ -129,5 +129,24 @@ mod tests {
         truncated.pop();
         assert!(decode(Bytes::from(truncated)).is_err());
         assert_eq!(decode(encode(std::iter::empty())).expect("empty"), vec![]);
+        // A device id of 0 or more than 128 bytes, even with every byte of its event
+        // there: refused like at ingest.
+        for id in ["", &"d".repeat(129)] {
+            let err = decode(encode([(id, &ok)].into_iter())).expect_err("bad id length");
+            assert_eq!(err.0, "bad device id length or truncated", "{}", id.len());
+        }
+        assert_eq!(
+            decode(encode([(&*"d".repeat(128), &ok)].into_iter()))
+                .expect("128")
+                .len(),
+            1
+        );
+        // Cut after the header: one byte is not even a length, two are a length without
+        // its id (never a panic).
+        let whole = encode([("abc", &ok)].into_iter());
+        let err = decode(whole.slice(..MAGIC.len() + 1)).expect_err("one byte");
+        assert_eq!(err.0, "truncated");
+        let err = decode(whole.slice(..MAGIC.len() + 2)).expect_err("two bytes");
+        assert_eq!(err.0, "bad device id length or truncated");
     }
 }

@@ -353,12 +353,12 @@ async fn a_tokens_file_without_clients_is_warned_about_and_refuses_every_request
     );
 }
 
-/// Opens `GET /anomalies/stream` with `token` and reads its 200 head.
-async fn open_stream(addr: SocketAddr, token: &str) -> tokio::net::TcpStream {
+/// Opens `GET /anomalies/stream{query}` with `token` and reads its 200 head.
+async fn open_stream(addr: SocketAddr, query: &str, token: &str) -> tokio::net::TcpStream {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let request = format!(
-        "GET /anomalies/stream HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {token}\r\n\r\n"
+        "GET /anomalies/stream{query} HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {token}\r\n\r\n"
     );
     stream.write_all(request.as_bytes()).await.expect("write");
     let mut head = Vec::new();
@@ -409,8 +409,8 @@ async fn a_revoked_token_ends_its_open_streams_and_no_other() {
         ),
         ("STREAM_HEARTBEAT_INTERVAL", "200ms"),
     ]);
-    let mut gone = open_stream(svc.addr, &revoked).await;
-    let mut stays = open_stream(svc.addr, &kept).await;
+    let mut gone = open_stream(svc.addr, "", &revoked).await;
+    let mut stays = open_stream(svc.addr, "", &kept).await;
     // Both stay open while their tokens are valid (heartbeats keep coming).
     assert!(!stream_ends(&mut gone, Duration::from_millis(600)).await);
     file.write(&[&kept_line]);
@@ -422,4 +422,25 @@ async fn a_revoked_token_ends_its_open_streams_and_no_other() {
         !stream_ends(&mut stays, Duration::from_secs(1)).await,
         "a valid token's stream was ended"
     );
+}
+
+#[tokio::test]
+async fn a_stream_prefix_must_lie_within_the_tokens_prefix() {
+    let (site_a, site_a_line) = token_add("dash-a", "site-a/", "r");
+    let file = TokenFile::new(&[&site_a_line]);
+    let svc = start(&file.path());
+    // Inside the token's prefix: the stream opens.
+    drop(open_stream(svc.addr, "?prefix=site-a/pumps/", &site_a).await);
+    let auth = format!("Authorization: Bearer {site_a}");
+    for outside in ["site-b/", "site-"] {
+        let r = request_with(
+            svc.addr,
+            "GET",
+            &format!("/anomalies/stream?prefix={outside}"),
+            &[&auth],
+            b"",
+        )
+        .await;
+        assert_eq!(r.status, 403, "{outside}: {}", r.body);
+    }
 }

@@ -445,33 +445,51 @@ async fn a_request_in_flight_at_sigterm_gets_an_honest_answer() {
     }
 }
 
+/// A cluster node over `redis` whose internal listener is `me`, with `peers` and the
+/// `extra` settings.
+async fn cluster_node(redis: &Redis, me: &str, peers: &str, extra: &[(&str, &str)]) -> InProcess {
+    let url = redis.url();
+    let mut settings = vec![
+        ("REDIS_URL", url.as_str()),
+        ("CLUSTER_PEERS", peers),
+        ("CLUSTER_ADVERTISE_ADDR", me),
+        ("CLUSTER_LISTEN_ADDR", me),
+        ("CLUSTER_TOKEN", "secret-1"),
+    ];
+    settings.extend_from_slice(extra);
+    InProcess::start(&settings).await
+}
+
+/// `GET /cluster/ping` on a node's internal listener, as a peer asks it.
+async fn cluster_ping(me: &str) -> common::Reply {
+    let internal: std::net::SocketAddr = me.parse().expect("address");
+    request_with(
+        internal,
+        "GET",
+        "/cluster/ping",
+        &["Authorization: Bearer secret-1"],
+        b"",
+    )
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leaving_cluster_node_answers_peers_through_its_leave_grace() {
     let redis = Redis::start();
     let me = format!("127.0.0.1:{}", common::free_port());
     // A one-node cluster whose leave grace (2 × discovery interval + forward timeout,
     // here 61 s) and SHUTDOWN_TIMEOUT outlast the test by far.
-    let svc = InProcess::start(&[
-        ("REDIS_URL", &redis.url()),
-        ("CLUSTER_PEERS", &me),
-        ("CLUSTER_ADVERTISE_ADDR", &me),
-        ("CLUSTER_LISTEN_ADDR", &me),
-        ("CLUSTER_TOKEN", "secret-1"),
-        ("CLUSTER_DISCOVERY_INTERVAL", "30s"),
-        ("SHUTDOWN_TIMEOUT", "120s"),
-    ])
+    let svc = cluster_node(
+        &redis,
+        &me,
+        &me,
+        &[
+            ("CLUSTER_DISCOVERY_INTERVAL", "30s"),
+            ("SHUTDOWN_TIMEOUT", "120s"),
+        ],
+    )
     .await;
-    let internal: std::net::SocketAddr = me.parse().expect("address");
-    let ping = || {
-        request_with(
-            internal,
-            "GET",
-            "/cluster/ping",
-            &["Authorization: Bearer secret-1"],
-            b"",
-        )
-    };
-    assert_eq!(ping().await.status, 200);
+    assert_eq!(cluster_ping(&me).await.status, 200);
     // Ready once its first discovery round is done, and saying why.
     let ready = eventually(SOON, "/ready", || async {
         let r = get(svc.addr, "/ready").await;
@@ -490,7 +508,7 @@ async fn a_leaving_cluster_node_answers_peers_through_its_leave_grace() {
             .then_some(())
     })
     .await;
-    let r = ping().await;
+    let r = cluster_ping(&me).await;
     assert_eq!((r.status, r.body.as_str()), (200, "leaving"));
     assert!(!stopped.is_finished());
 }
@@ -628,28 +646,12 @@ async fn a_cluster_node_is_not_ready_until_its_first_discovery_round_is_done() {
         .await
         .expect("bind");
     let peers = format!("{me},{}", silent.local_addr().expect("addr"));
-    let svc = InProcess::start(&[
-        ("REDIS_URL", &redis.url()),
-        ("CLUSTER_PEERS", &peers),
-        ("CLUSTER_ADVERTISE_ADDR", &me),
-        ("CLUSTER_LISTEN_ADDR", &me),
-        ("CLUSTER_TOKEN", "secret-1"),
-        ("CLUSTER_FORWARD_TIMEOUT", "5s"),
-    ])
-    .await;
+    let svc = cluster_node(&redis, &me, &peers, &[("CLUSTER_FORWARD_TIMEOUT", "5s")]).await;
     let r = get(svc.addr, "/ready").await;
     assert_eq!(r.status, 503, "{}", r.body);
     assert_eq!(r.json()["checks"]["cluster"], "discovering");
     // Peers hear the same: this node is starting, not yet a member to route to.
-    let internal: std::net::SocketAddr = me.parse().expect("address");
-    let ping = request_with(
-        internal,
-        "GET",
-        "/cluster/ping",
-        &["Authorization: Bearer secret-1"],
-        b"",
-    )
-    .await;
+    let ping = cluster_ping(&me).await;
     assert_eq!((ping.status, ping.body.as_str()), (200, "starting"));
     // Once the silent peer's probe has timed out, the round is done.
     let ready = eventually(

@@ -4,6 +4,7 @@
 
 mod common;
 
+use common::sse::Sse;
 use common::{eventually, get, request_with, Reply, Service};
 use serde_json::{json, Value};
 use std::net::SocketAddr;
@@ -353,48 +354,9 @@ async fn a_tokens_file_without_clients_is_warned_about_and_refuses_every_request
     );
 }
 
-/// Opens `GET /anomalies/stream{query}` with `token` and reads its 200 head.
-async fn open_stream(addr: SocketAddr, query: &str, token: &str) -> tokio::net::TcpStream {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let request = format!(
-        "GET /anomalies/stream{query} HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {token}\r\n\r\n"
-    );
-    stream.write_all(request.as_bytes()).await.expect("write");
-    let mut head = Vec::new();
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        let mut byte = [0u8; 1];
-        let n = tokio::time::timeout(SOON, stream.read(&mut byte))
-            .await
-            .expect("a head within 10 s")
-            .expect("read");
-        assert_eq!(n, 1, "closed before the head");
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8_lossy(&head);
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    stream
-}
-
-/// Reads the stream until its body ends (the last chunk, or the connection closed);
-/// `false` when it is still open after `within`.
-async fn stream_ends(stream: &mut tokio::net::TcpStream, within: Duration) -> bool {
-    use tokio::io::AsyncReadExt;
-    let deadline = tokio::time::Instant::now() + within;
-    let mut seen = Vec::new();
-    loop {
-        let mut chunk = [0u8; 4096];
-        match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
-            Err(_) => return false,
-            Ok(Ok(0)) | Ok(Err(_)) => return true,
-            Ok(Ok(n)) => {
-                seen.extend_from_slice(&chunk[..n]);
-                if seen.windows(7).any(|w| w == b"\r\n0\r\n\r\n") {
-                    return true;
-                }
-            }
-        }
-    }
+/// A stream opened with `token`'s authorization.
+async fn open_stream(addr: SocketAddr, query: &str, token: &str) -> Sse {
+    Sse::open(addr, query, &[&format!("Authorization: Bearer {token}")]).await
 }
 
 #[tokio::test]
@@ -412,14 +374,14 @@ async fn a_revoked_token_ends_its_open_streams_and_no_other() {
     let mut gone = open_stream(svc.addr, "", &revoked).await;
     let mut stays = open_stream(svc.addr, "", &kept).await;
     // Both stay open while their tokens are valid (heartbeats keep coming).
-    assert!(!stream_ends(&mut gone, Duration::from_millis(600)).await);
+    assert!(!gone.ends_within(Duration::from_millis(600)).await);
     file.write(&[&kept_line]);
     assert!(
-        stream_ends(&mut gone, SOON).await,
+        gone.ends_within(SOON).await,
         "the revoked token's stream is still open"
     );
     assert!(
-        !stream_ends(&mut stays, Duration::from_secs(1)).await,
+        !stays.ends_within(Duration::from_secs(1)).await,
         "a valid token's stream was ended"
     );
 }

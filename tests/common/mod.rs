@@ -4,6 +4,7 @@
 
 pub mod cluster;
 pub mod inprocess;
+pub mod sse;
 pub mod tls;
 
 // Not every test binary starts an in-process instance.

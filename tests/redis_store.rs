@@ -126,7 +126,7 @@ async fn an_outage_degrades_and_recovers_without_losing_the_newest_results() {
     })
     .await;
     assert!(errors > 0.0);
-    assert_eq!(svc.metric("store_up").await, Some(0.0));
+    assert_eq!(common::metric(svc.addr, "store_up").await, Some(0.0));
 
     let redis = Redis::start_on(port);
     let v = stored_samples(&redis, "o-1", 4).await;
@@ -208,10 +208,13 @@ async fn an_unreachable_redis_at_start_up_is_not_fatal() {
     // The device actor cannot read the device's window: after its last attempt it counts
     // one failure and processes the event on an empty window.
     eventually(SOON, "the event processed without a window", || async {
-        (svc.metric("events_processed_total").await == Some(1.0)).then_some(())
+        (common::metric(svc.addr, "events_processed_total").await == Some(1.0)).then_some(())
     })
     .await;
-    assert_eq!(svc.metric("window_restore_failures_total").await, Some(1.0));
+    assert_eq!(
+        common::metric(svc.addr, "window_restore_failures_total").await,
+        Some(1.0)
+    );
     // The client is told the store is down, not the pool's internals.
     let analyze = get(svc.addr, "/analyze?device_id=early").await;
     assert_eq!(analyze.status, 503);
@@ -462,15 +465,54 @@ async fn cluster_node(redis: &Redis, me: &str, peers: &str, extra: &[(&str, &str
 
 /// `GET /cluster/ping` on a node's internal listener, as a peer asks it.
 async fn cluster_ping(me: &str) -> common::Reply {
+    cluster_get(me, "/cluster/ping").await
+}
+
+/// A GET on a node's internal listener, with the cluster token.
+async fn cluster_get(me: &str, path: &str) -> common::Reply {
     let internal: std::net::SocketAddr = me.parse().expect("address");
     request_with(
         internal,
         "GET",
-        "/cluster/ping",
+        path,
         &["Authorization: Bearer secret-1"],
         b"",
     )
     .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_probe_from_a_peer_taking_this_node_back_stops_its_idle_device_actors_at_once() {
+    let redis = Redis::start();
+    let me = format!("127.0.0.1:{}", common::free_port());
+    // Discovery rounds a minute apart: within the test only the probe can stop an actor.
+    let svc = cluster_node(&redis, &me, &me, &[("CLUSTER_DISCOVERY_INTERVAL", "60s")]).await;
+    eventually(SOON, "/ready", || async {
+        (get(svc.addr, "/ready").await.status == 200).then_some(())
+    })
+    .await;
+    assert_eq!(post_event(svc.addr, "d-1", 0.5, 1.0).await.status, 200);
+    eventually(SOON, "the event processed by a live actor", || async {
+        let processed = common::metric(svc.addr, "events_processed_total").await;
+        let actors = common::metric(svc.addr, "device_actors").await;
+        (processed == Some(1.0) && actors == Some(1.0)).then_some(())
+    })
+    .await;
+    // A peer that had left this node out probes it before routing devices here again:
+    // an actor kept from before may hold a window others have moved on from since.
+    let r = cluster_get(&me, "/cluster/ping?rejoin=1").await;
+    assert_eq!((r.status, r.body.as_str()), (200, "member"));
+    eventually(SOON, "the idle actor stopped", || async {
+        (common::metric(svc.addr, "device_actors").await == Some(0.0)).then_some(())
+    })
+    .await;
+    // The device's next event starts a new actor that continues the window.
+    assert_eq!(post_event(svc.addr, "d-1", 0.5, 2.0).await.status, 200);
+    eventually(SOON, "both readings in the window", || async {
+        let r = get(svc.addr, "/analyze?device_id=d-1").await;
+        (r.status == 200 && r.json()["samples"] == 2).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

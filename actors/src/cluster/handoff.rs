@@ -3,7 +3,9 @@
 //! Pull-based. A node that starts an actor for a device asks the node that held the
 //! device before — the node it handed the device to earlier, else the device's owner in
 //! its previous view, else its owner if this node were not a member (a node that has
-//! just joined) — to release it ([`Handoff::window_from_predecessor`]). The holder then
+//! just joined); and, while discovery knows peers its ring leaves out (it was cut off
+//! and is being taken back), the device's owner among those too — to release it
+//! ([`Handoff::window_from_predecessor`]). The holder then
 //! ([`Handoff::release`]):
 //! 1. fences the device: from now on its events on this node go on to the new owner;
 //! 2. closes the device's slot, lets its actor finish what is queued, stops it;
@@ -164,39 +166,71 @@ impl Handoff {
         Ok(false)
     }
 
-    /// New-owner side: the node that may still hold `device`, if any. A node that was
-    /// left out after a failed forward is asked too: if it was only slow, it still holds
-    /// the device, and asking is what fences it; if it is gone, the refused connection
-    /// answers at once.
-    fn predecessor_of(&self, device: &str) -> Option<SocketAddr> {
+    /// New-owner side: the nodes that may still hold `device`. First the one the view
+    /// names: the node this node handed the device to, else the device's owner in the
+    /// previous view, else its owner if this node were not a member (a node that has
+    /// just joined). A node that was left out after a failed forward is asked too: if it
+    /// was only slow, it still holds the device, and asking is what fences it; if it is
+    /// gone, the refused connection answers at once.
+    ///
+    /// Then, when discovery knows peers that this node's ring leaves out, the device's
+    /// owner among all of them: a node that was cut off and has just been taken back
+    /// (a peer's probe reached it before its own view caught up) owns its devices again
+    /// in its peers' rings while its own still lacks the nodes that processed them
+    /// meanwhile. Asking only its stale view's candidate would start the device from the
+    /// store while that node went on processing it: two owners, and a lost event.
+    fn predecessors_of(&self, device: &str) -> Vec<SocketAddr> {
         let me = self.membership.me();
         let view = self.membership.view();
         let without_me = Ring::new(view.ring.members().filter(|m| *m != me));
-        self.fences
+        let first = self
+            .fences
             .take(device)
             .into_iter()
             .chain(view.previous.owner(device))
             .chain(without_me.owner(device))
-            .find(|p| *p != me)
+            .find(|p| *p != me);
+        // `known` never holds this node itself.
+        let known = self.membership.known();
+        let wider = known
+            .iter()
+            .any(|p| !view.ring.contains(*p))
+            .then(|| Ring::new(without_me.members().chain(known.iter().copied())))
+            .and_then(|everyone| everyone.owner(device));
+        let mut asked: Vec<SocketAddr> = first.into_iter().chain(wider).collect();
+        asked.dedup();
+        asked
     }
 
-    /// New-owner side: the final window of `device` from the node that held it.
+    /// New-owner side: the final window of `device` from the nodes that may hold it
+    /// (asked at once; the newest window wins, as in the actor's restore).
     pub async fn window_from_predecessor(&self, device: Arc<str>) -> Option<WindowSnapshot> {
-        let from = self.predecessor_of(&device)?;
-        match self.transport.release(from, device.clone()).await {
-            Ok(window) => {
-                if window.is_some() {
-                    self.count(Direction::In);
+        let asked = self.predecessors_of(&device);
+        let answers = futures_util::future::join_all(
+            asked
+                .iter()
+                .map(|from| self.transport.release(*from, device.clone())),
+        )
+        .await;
+        let mut windows = Vec::new();
+        for (from, answer) in asked.into_iter().zip(answers) {
+            match answer {
+                Ok(Some(window)) => {
                     tracing::debug!(device_id = %device, %from, "device taken over");
+                    windows.push(window);
                 }
-                // None: the holder knew no window either; the store may (or not).
-                window
-            }
-            Err(e) => {
-                tracing::debug!(device_id = %device, %from, error = %e, "handoff failed; restoring from the store");
-                None
+                // The holder knew no window either; the store may (or not).
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::debug!(device_id = %device, %from, error = %e, "handoff failed; restoring from the store");
+                }
             }
         }
+        let newest = windows.into_iter().max_by_key(WindowSnapshot::version);
+        if newest.is_some() {
+            self.count(Direction::In);
+        }
+        newest
     }
 }
 

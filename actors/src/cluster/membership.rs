@@ -40,6 +40,8 @@ pub struct Membership {
     /// departure; a member is left out after [`PROBE_FAILURES_TO_LEAVE`] in a row), and
     /// when a forward to it last failed.
     health: Mutex<HashMap<SocketAddr, PeerHealth>>,
+    /// Every peer the last discovery round probed (resolved, member or reachable).
+    known: RwLock<Arc<BTreeSet<SocketAddr>>>,
 }
 
 #[derive(Debug, Default)]
@@ -62,6 +64,7 @@ impl Membership {
             leaving: AtomicBool::new(false),
             discovered: AtomicBool::new(false),
             health: Mutex::new(HashMap::new()),
+            known: RwLock::new(Arc::default()),
         }
     }
 
@@ -74,6 +77,16 @@ impl Membership {
     pub fn view(&self) -> Arc<View> {
         // A poisoned lock still holds a whole Arc: nothing panics while it is held.
         self.view
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Every peer the last discovery round knew of, members or not, this node excluded.
+    /// After this node was cut off, its own ring may still leave out the peers that
+    /// took its devices over meanwhile; these are where a device may be now.
+    pub fn known(&self) -> Arc<BTreeSet<SocketAddr>> {
+        self.known
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
@@ -173,6 +186,7 @@ impl Membership {
             .chain(current.reachable.iter().copied())
             .filter(|a| *a != self.me)
             .collect();
+        *self.known.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(to_probe.clone());
         let probes = futures_util::future::join_all(
             to_probe
                 .iter()

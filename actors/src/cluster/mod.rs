@@ -237,9 +237,12 @@ impl Cluster {
 
     /// A peer probed this node while it was out of the peer's ring: this node may have
     /// been cut off (a partition, a pause) while others took its devices over, and its
-    /// own view may never have changed. Its idle actors stop over the next rounds, and
-    /// each restarts from the newest window among the device's possible holders.
+    /// own view may never have changed. Its idle actors stop now, before the probe is
+    /// answered (the peer may route devices here the moment it is), and busy ones over
+    /// the next rounds; each restarts from the newest window among the device's
+    /// possible holders.
     pub fn request_resync(&self) {
+        self.directory.evict_drained();
         self.resync_requested.store(true, Ordering::Release);
     }
 

@@ -227,23 +227,39 @@ async fn a_release_whose_queue_does_not_drain_gives_up_and_the_device_stays() {
 
 /// A holds device `d` with 499 events queued; B starts an actor for `d` after `route`
 /// has told B where to find it. Checks that B continues A's window.
-async fn the_new_owner_continues_the_released_window(route: impl FnOnce(&Handoff)) {
-    let nodes = Nodes::default();
+async fn the_new_owner_continues_the_released_window<F>(route: impl FnOnce(Arc<Handoff>) -> F)
+where
+    F: std::future::Future<Output = ()>,
+{
+    the_new_owner_continues_the_window_released_for("d", &Nodes::default(), route).await;
+}
+
+/// [`the_new_owner_continues_the_released_window`] for `device`, among `nodes` (where
+/// other nodes may be registered already).
+async fn the_new_owner_continues_the_window_released_for<F>(
+    device: &str,
+    nodes: &Nodes,
+    route: impl FnOnce(Arc<Handoff>) -> F,
+) where
+    F: std::future::Future<Output = ()>,
+{
     let wait = Duration::from_secs(30);
-    let (a, a_handoff) = node_among(addr(ME), wait, &nodes, own_store()).await;
-    let (b, b_handoff) = node_among(addr(NEW_OWNER), wait, &nodes, own_store()).await;
-    a.directory().submit("d", event(0.0)).expect("accepted");
+    let (a, a_handoff) = node_among(addr(ME), wait, nodes, own_store()).await;
+    let (b, b_handoff) = node_among(addr(NEW_OWNER), wait, nodes, own_store()).await;
+    a.directory().submit(device, event(0.0)).expect("accepted");
     let mut waited = Duration::ZERO;
     while a.metrics().events_processed.get() < 1 {
         pause(&mut waited).await;
     }
     for i in 1..500 {
         a.directory()
-            .submit("d", event(f64::from(i)))
+            .submit(device, event(f64::from(i)))
             .expect("accepted");
     }
-    route(&b_handoff);
-    b.directory().submit("d", event(500.0)).expect("accepted");
+    route(b_handoff.clone()).await;
+    b.directory()
+        .submit(device, event(500.0))
+        .expect("accepted");
     let mut waited = Duration::ZERO;
     while b.metrics().events_processed.get() < 1 {
         pause(&mut waited).await;
@@ -255,9 +271,9 @@ async fn the_new_owner_continues_the_released_window(route: impl FnOnce(&Handoff
     );
     assert_eq!(handoffs(&a, Direction::Out), 1);
     assert_eq!(handoffs(&b, Direction::In), 1);
-    assert_eq!(a_handoff.fences.holder("d"), Some(addr(NEW_OWNER)));
-    assert_eq!(b_handoff.fences.holder("d"), None, "B has no fence left");
-    let window = flushed_window(&b, |w| w.readings().len() == 501).await;
+    assert_eq!(a_handoff.fences.holder(device), Some(addr(NEW_OWNER)));
+    assert_eq!(b_handoff.fences.holder(device), None, "B has no fence left");
+    let window = flushed_window(&b, device, |w| w.readings().len() == 501).await;
     let rps: Vec<f64> = window.readings().iter().map(|r| r.0).collect();
     let expected: Vec<f64> = (0..=500).map(f64::from).collect();
     assert_eq!(rps, expected, "A's 500 readings, then B's, in order");
@@ -266,7 +282,7 @@ async fn the_new_owner_continues_the_released_window(route: impl FnOnce(&Handoff
 #[tokio::test]
 async fn a_node_asks_the_node_it_handed_the_device_to_before() {
     // Each node has its own store here, so the window can only come from A.
-    the_new_owner_continues_the_released_window(|b| {
+    the_new_owner_continues_the_released_window(|b| async move {
         b.fences.insert(Arc::from("d"), addr(ME));
     })
     .await;
@@ -274,7 +290,7 @@ async fn a_node_asks_the_node_it_handed_the_device_to_before() {
 
 #[tokio::test]
 async fn a_node_that_just_joined_asks_the_owner_it_would_have_without_itself() {
-    the_new_owner_continues_the_released_window(|b| {
+    the_new_owner_continues_the_released_window(|b| async move {
         // B is not in its own ring yet: A owns every device in the view.
         b.membership.set_view(crate::cluster::View {
             ring: Ring::new([addr(ME)]),
@@ -282,6 +298,72 @@ async fn a_node_that_just_joined_asks_the_owner_it_would_have_without_itself() {
         });
     })
     .await;
+}
+
+/// One discovery round of `node` in which `resolved` resolved and no probe was answered
+/// (the test transport answers none): the node's ring is itself alone, and it knows
+/// the others.
+async fn cut_off_round(node: &Handoff, resolved: &[&str]) {
+    let resolved = resolved.iter().map(|a| addr(a)).collect();
+    let view = node
+        .membership
+        .refresh(Some(resolved), &mut Default::default(), &*node.transport)
+        .await
+        .expect("the view changed");
+    assert_eq!(view.ring, Ring::new([node.membership.me()]));
+}
+
+#[tokio::test]
+async fn a_node_taken_back_after_being_cut_off_asks_the_peers_its_ring_still_lacks() {
+    // B was cut off: its last round reached no peer, so its ring is B alone (and its
+    // previous view named no other owner), while A processed the device meanwhile.
+    // A peer that took B back routes the device to B before B's own view catches up.
+    the_new_owner_continues_the_released_window(|b| async move {
+        cut_off_round(&b, &[ME, NEW_OWNER]).await;
+        assert_eq!(*b.membership.known(), [addr(ME)].into());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_node_asks_both_its_view_s_candidate_and_the_wider_one_and_keeps_the_newest() {
+    const OTHER: &str = "10.0.0.3:8081";
+    // A device that A owns among {A, OTHER}: B's ring {B, OTHER} names OTHER as the
+    // holder, every peer discovery knows names A.
+    let device = (0..)
+        .map(|i| format!("d-{i}"))
+        .find(|d| Ring::new([addr(ME), addr(OTHER)]).owner(d) == Some(addr(ME)))
+        .expect("a device");
+    let nodes = Nodes::default();
+    // OTHER processed a few events of the device too (its own, older incarnation).
+    let (other, _) = node_among(addr(OTHER), Duration::from_secs(30), &nodes, own_store()).await;
+    other
+        .directory()
+        .submit(&device, event(1000.0))
+        .expect("accepted");
+    let mut waited = Duration::ZERO;
+    while other.metrics().events_processed.get() < 1 {
+        pause(&mut waited).await;
+    }
+    the_new_owner_continues_the_window_released_for(&device, &nodes, |b| async move {
+        cut_off_round(&b, &[ME, NEW_OWNER, OTHER]).await;
+        b.membership.set_view(crate::cluster::View {
+            ring: Ring::new([addr(NEW_OWNER), addr(OTHER)]),
+            ..Default::default()
+        });
+    })
+    .await;
+    assert_eq!(
+        other
+            .metrics()
+            .device_handoffs
+            .get_or_create(&DirectionLabel {
+                direction: Direction::Out
+            })
+            .get(),
+        1,
+        "OTHER was asked too, and released its window"
+    );
 }
 
 /// Submits `n` events of device `d` to `node` and waits until they are processed.
@@ -298,14 +380,18 @@ async fn process(node: &System, n: u32) {
     }
 }
 
-/// Device `d`'s window once `node` has flushed one that is `done`.
-async fn flushed_window(node: &System, done: impl Fn(&WindowSnapshot) -> bool) -> WindowSnapshot {
+/// `device`'s window once `node` has flushed one that is `done`.
+async fn flushed_window(
+    node: &System,
+    device: &str,
+    done: impl Fn(&WindowSnapshot) -> bool,
+) -> WindowSnapshot {
     node.writer()
         .cast(crate::store::WriterMsg::Flush)
         .expect("flush");
     let mut waited = Duration::ZERO;
     loop {
-        match node.store().load_window("d").await.expect("store") {
+        match node.store().load_window(device).await.expect("store") {
             Some(w) if done(&w) => return w,
             _ => pause(&mut waited).await,
         }
@@ -325,7 +411,7 @@ async fn adopted(held: u32, stored: u32) -> usize {
     let (b, b_handoff) = node_among(addr(NEW_OWNER), wait, &nodes, shared).await;
     process(&a, held).await;
     process(&c, stored).await;
-    flushed_window(&c, |w| w.readings().len() == stored as usize).await;
+    flushed_window(&c, "d", |w| w.readings().len() == stored as usize).await;
     b_handoff.fences.insert(Arc::from("d"), addr(ME));
     process(&b, 1).await;
     assert_eq!(
@@ -334,7 +420,7 @@ async fn adopted(held: u32, stored: u32) -> usize {
         "A's window was released to B"
     );
     // B's incarnation is the second: it restored a first incarnation's window.
-    flushed_window(&b, |w| Version::parts(w.version()).0 == 2)
+    flushed_window(&b, "d", |w| Version::parts(w.version()).0 == 2)
         .await
         .readings()
         .len()

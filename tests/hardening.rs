@@ -254,6 +254,10 @@ async fn hostile_requests_get_4xx_never_5xx_and_the_service_stays_up() {
         }
     }
     assert_eq!(get(svc.addr, "/health").await.status, 200);
+    // Under the 16 KiB limit, a large head is served.
+    let pad = format!("X-Pad: {}", "a".repeat(12 * 1024));
+    let r = common::request_with(svc.addr, "GET", "/health", &[pad.as_str()], b"").await;
+    assert_eq!(r.status, 200, "a 12 KiB head is within the limit");
     let five_xx: f64 = {
         let text = get(svc.addr, "/metrics").await.body;
         text.lines()

@@ -380,6 +380,37 @@ mod tests {
         assert_eq!(a.overdue(&T), Some(CloseReason::IdleTimeout));
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_keep_alive_request_s_head_is_timed_from_its_own_first_byte() {
+        let a = Activity::new();
+        a.on_read();
+        a.request_started();
+        a.request_finished();
+        // Idle for most of the keep-alive timeout, then the next request's head begins.
+        tokio::time::advance(Duration::from_secs(4)).await;
+        a.on_read();
+        tokio::time::advance(Duration::from_millis(1999)).await;
+        assert_eq!(a.overdue(&T), None);
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(a.overdue(&T), Some(CloseReason::HeaderTimeout));
+    }
+
+    #[test]
+    fn the_watchdog_looks_four_times_per_shortest_timeout_within_bounds() {
+        // So a timeout fires at most a quarter late (README "Reliability").
+        assert_eq!(T.tick(), Duration::from_millis(500));
+        let short = Timeouts {
+            header: Duration::from_millis(8),
+            keep_alive: Duration::from_secs(5),
+        };
+        assert_eq!(short.tick(), Duration::from_millis(5), "not a busy loop");
+        let long = Timeouts {
+            header: Duration::from_secs(60),
+            keep_alive: Duration::from_secs(60),
+        };
+        assert_eq!(long.tick(), Duration::from_secs(1));
+    }
+
     const REQUEST: &[u8] = b"POST /metric HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\n{}";
 
     /// A connection served by `drive`, which answers every request 503 "shutting down";

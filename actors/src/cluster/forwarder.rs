@@ -176,3 +176,6 @@ impl Actor for Forwarder {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -241,3 +241,6 @@ impl Membership {
         changed
     }
 }
+
+#[cfg(test)]
+mod tests;

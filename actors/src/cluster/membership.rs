@@ -193,13 +193,14 @@ impl Membership {
                 .map(|peer| transport.ping(*peer, !current.ring.contains(*peer))),
         )
         .await;
-        let me = (last_resolved.contains(&self.me) && !self.is_leaving()).then_some(self.me);
         // Decided under the view's lock, against the view as it is now: a forward that
         // failed while the probes ran has left its peer out, and a probe answered before
-        // that failure must not bring it back (see `mark_down`).
+        // that failure must not bring it back (see `mark_down`); and a node that began
+        // leaving meanwhile (`leave` sets the flag before it takes the lock) stays out.
         let changed = self.update(|v| {
             let mut health = self.health.lock().unwrap_or_else(PoisonError::into_inner);
             health.retain(|peer, _| to_probe.contains(peer));
+            let me = (last_resolved.contains(&self.me) && !self.is_leaving()).then_some(self.me);
             let mut members: Vec<SocketAddr> = me.into_iter().collect();
             let mut reachable = BTreeSet::new();
             for (peer, state) in to_probe.iter().zip(&probes) {

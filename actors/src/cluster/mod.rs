@@ -539,3 +539,6 @@ async fn resolve(peers: &[String]) -> Option<BTreeSet<SocketAddr>> {
     }
     any.then_some(out)
 }
+
+#[cfg(test)]
+mod tests;

@@ -582,3 +582,22 @@ async fn a_slow_owner_is_retried_until_the_reroute_deadline_then_left_out() {
     until("processed here", || a.metrics().events_processed.get() == 1).await;
     assert_eq!(b.metrics().events_processed.get(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_part_whose_owner_is_slow_goes_event_by_event_to_the_same_owner_first() {
+    let net = Arc::new(Net::default());
+    let store = shared_store();
+    let forward_timeout = Duration::from_millis(300);
+    let [(a, a_cluster), (b, _)] = two_nodes_with(&net, &store, 100_000, forward_timeout).await;
+    a_cluster.stop();
+    let theirs = devices_of(B, 1).remove(0);
+    net.set(B, Link::Slow(forward_timeout));
+    let batch = vec![(Arc::from(theirs.as_str()), event(1.0))];
+    assert_eq!(a_cluster.submit_batch(batch).await, Ok(vec![]));
+    // The part's timeout does not leave B out: its event is retried to B until the
+    // deadline, and only then processed here.
+    assert!(failures(&a, ForwardFailure::Timeout) >= 2);
+    assert!(!a_cluster.membership().view().ring.contains(addr(B)));
+    until("processed here", || a.metrics().events_processed.get() == 1).await;
+    assert_eq!(b.metrics().events_processed.get(), 0);
+}

@@ -40,7 +40,8 @@ pub struct Membership {
     /// departure; a member is left out after [`PROBE_FAILURES_TO_LEAVE`] in a row), and
     /// when a forward to it last failed.
     health: Mutex<HashMap<SocketAddr, PeerHealth>>,
-    /// Every peer the last discovery round probed (resolved, member or reachable).
+    /// The peers the last discovery round probed (resolved, member or reachable) that
+    /// have answered a probe since they were first probed.
     known: RwLock<Arc<BTreeSet<SocketAddr>>>,
 }
 
@@ -49,6 +50,10 @@ struct PeerHealth {
     failures: u32,
     /// Left out after a failed forward: only a probe sent after this brings it back.
     down_at: Option<Instant>,
+    /// Has answered a probe since it was first probed: a node that has been part of the
+    /// cluster (an address that never answered, say a dead entry of a static peer list,
+    /// is not [`Membership::known`]: asking it for a window would only wait).
+    answered: bool,
 }
 
 /// Probe rounds a member must fail in a row before it is left out (a failed forward
@@ -82,9 +87,10 @@ impl Membership {
             .clone()
     }
 
-    /// Every peer the last discovery round knew of, members or not, this node excluded.
-    /// After this node was cut off, its own ring may still leave out the peers that
-    /// took its devices over meanwhile; these are where a device may be now.
+    /// Every peer the last discovery round knew of (resolved, member or reachable) that
+    /// has answered a probe since it was first probed, members or not, this node
+    /// excluded. After this node was cut off, its own ring may still leave out the
+    /// peers that took its devices over meanwhile; these are where a device may be now.
     pub fn known(&self) -> Arc<BTreeSet<SocketAddr>> {
         self.known
             .read()
@@ -186,7 +192,6 @@ impl Membership {
             .chain(current.reachable.iter().copied())
             .filter(|a| *a != self.me)
             .collect();
-        *self.known.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(to_probe.clone());
         let probes = futures_util::future::join_all(
             to_probe
                 .iter()
@@ -208,7 +213,10 @@ impl Membership {
                 let downed_since_round = h.down_at.is_some_and(|t| t >= round);
                 match state {
                     Ok(state) if !downed_since_round => {
-                        *h = PeerHealth::default();
+                        *h = PeerHealth {
+                            answered: true,
+                            ..PeerHealth::default()
+                        };
                         reachable.insert(*peer);
                         if *state == PeerState::Member && last_resolved.contains(peer) {
                             members.push(*peer);
@@ -227,6 +235,13 @@ impl Membership {
                     }
                 }
             }
+            *self.known.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(
+                health
+                    .iter()
+                    .filter(|(_, h)| h.answered)
+                    .map(|(peer, _)| *peer)
+                    .collect(),
+            );
             let ring = Ring::new(members);
             (v.ring != ring || v.reachable != reachable).then(|| View {
                 previous: if v.ring != ring {

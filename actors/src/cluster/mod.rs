@@ -185,8 +185,9 @@ impl Cluster {
             writer: system.writer().clone(),
             fences: Arc::new(Fences::default()),
             metrics: system.metrics().clone(),
-            // The caller of a release waits twice the forward timeout (see the transport),
-            // so a release that drains within one answers in time.
+            // The caller of a release waits four forward timeouts (see the transport) and
+            // the holder may take three (drain, stop, writer), so a release that drains
+            // within one answers in time.
             drain_timeout: config.forward_timeout,
         });
         system.link_predecessor(Arc::new(handoff::PredecessorLink(handoff.clone())));

@@ -300,26 +300,73 @@ async fn a_node_that_just_joined_asks_the_owner_it_would_have_without_itself() {
     .await;
 }
 
-/// One discovery round of `node` in which `resolved` resolved and no probe was answered
-/// (the test transport answers none): the node's ring is itself alone, and it knows
-/// the others.
-async fn cut_off_round(node: &Handoff, resolved: &[&str]) {
-    let resolved = resolved.iter().map(|a| addr(a)).collect();
-    let view = node
-        .membership
-        .refresh(Some(resolved), &mut Default::default(), &*node.transport)
-        .await
-        .expect("the view changed");
-    assert_eq!(view.ring, Ring::new([node.membership.me()]));
+/// Probes as a node's discovery sees them: every peer answers as a member, or none does.
+struct Probes(bool);
+
+impl Transport for Probes {
+    fn send_events(&self, _: SocketAddr, _: Bytes) -> BoxFuture<Result<(), ForwardError>> {
+        Box::pin(async { Err(ForwardError::Unreachable("probes only".into())) })
+    }
+
+    fn ping(
+        &self,
+        _: SocketAddr,
+        _: bool,
+    ) -> BoxFuture<Result<super::super::PeerState, ForwardError>> {
+        let answer = if self.0 {
+            Ok(super::super::PeerState::Member)
+        } else {
+            Err(ForwardError::Unreachable("cut off".into()))
+        };
+        Box::pin(async move { answer })
+    }
+
+    fn release(
+        &self,
+        _: SocketAddr,
+        _: Arc<str>,
+    ) -> BoxFuture<Result<Option<WindowSnapshot>, ForwardError>> {
+        Box::pin(async { Err(ForwardError::Unreachable("probes only".into())) })
+    }
+}
+
+/// Discovery rounds of `node` in which `resolved` resolved: first every peer answers
+/// (they are members), then none does, until the node's ring is itself alone and it
+/// still knows the others.
+async fn cut_off_rounds(node: &Handoff, resolved: &[&str]) {
+    let resolved: std::collections::BTreeSet<SocketAddr> =
+        resolved.iter().map(|a| addr(a)).collect();
+    let mut last = Default::default();
+    node.membership
+        .refresh(Some(resolved.clone()), &mut last, &Probes(true))
+        .await;
+    assert_eq!(
+        node.membership.view().ring,
+        Ring::new(resolved.iter().copied())
+    );
+    for _ in 0..crate::cluster::membership::PROBE_FAILURES_TO_LEAVE {
+        node.membership
+            .refresh(Some(resolved.clone()), &mut last, &Probes(false))
+            .await;
+    }
+    assert_eq!(
+        node.membership.view().ring,
+        Ring::new([node.membership.me()])
+    );
 }
 
 #[tokio::test]
 async fn a_node_taken_back_after_being_cut_off_asks_the_peers_its_ring_still_lacks() {
-    // B was cut off: its last round reached no peer, so its ring is B alone (and its
-    // previous view named no other owner), while A processed the device meanwhile.
-    // A peer that took B back routes the device to B before B's own view catches up.
-    the_new_owner_continues_the_released_window(|b| async move {
-        cut_off_round(&b, &[ME, NEW_OWNER]).await;
+    // B was cut off: its probes reach no peer, so its ring is B alone, and before that
+    // B itself owned the device, while A processed it meanwhile. A peer that took B back
+    // routes the device to B before B's own view catches up.
+    let device = (0..)
+        .map(|i| format!("d-{i}"))
+        .find(|d| Ring::new([addr(ME), addr(NEW_OWNER)]).owner(d) == Some(addr(NEW_OWNER)))
+        .expect("a device");
+    let nodes = Nodes::default();
+    the_new_owner_continues_the_window_released_for(&device, &nodes, |b| async move {
+        cut_off_rounds(&b, &[ME, NEW_OWNER]).await;
         assert_eq!(*b.membership.known(), [addr(ME)].into());
     })
     .await;
@@ -346,7 +393,7 @@ async fn a_node_asks_both_its_view_s_candidate_and_the_wider_one_and_keeps_the_n
         pause(&mut waited).await;
     }
     the_new_owner_continues_the_window_released_for(&device, &nodes, |b| async move {
-        cut_off_round(&b, &[ME, NEW_OWNER, OTHER]).await;
+        cut_off_rounds(&b, &[ME, NEW_OWNER, OTHER]).await;
         b.membership.set_view(crate::cluster::View {
             ring: Ring::new([addr(NEW_OWNER), addr(OTHER)]),
             ..Default::default()

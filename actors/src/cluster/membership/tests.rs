@@ -267,7 +267,13 @@ async fn a_peer_that_resolves_but_never_answered_is_not_a_member() {
     assert_eq!(node.peers.asked(), [(B, true)], "B was probed");
     assert_eq!(node.ring(), ring(&[ME]));
     assert!(node.reachable().is_empty());
-    assert_eq!(*node.membership.known(), set(&[B]));
+    assert!(
+        node.membership.known().is_empty(),
+        "an address that never answered holds no device"
+    );
+    node.peers.answer(B, PeerState::Starting);
+    node.round(&[ME, B]).await;
+    assert_eq!(*node.membership.known(), set(&[B]), "once it has answered");
 }
 
 #[tokio::test(start_paused = true)]
@@ -285,6 +291,11 @@ async fn a_member_is_left_out_only_after_several_failed_probes_in_a_row() {
     assert_eq!(view.ring, ring(&[ME, C]));
     assert_eq!(view.reachable, set(&[C]));
     assert_eq!(view.previous, ring(&[ME, B, C]));
+    assert_eq!(
+        *node.membership.known(),
+        set(&[B, C]),
+        "B, cut off, is still where devices may be"
+    );
     node.peers.answer(B, PeerState::Member);
     let view = node.round(&[ME, B, C]).await.expect("B is back");
     assert_eq!(view.ring, ring(&[ME, B, C]));
@@ -350,15 +361,16 @@ async fn a_peer_that_stops_resolving_and_answering_is_out_of_the_ring_at_once() 
 }
 
 #[tokio::test(start_paused = true)]
-async fn known_is_every_peer_resolved_or_in_the_view_but_this_node() {
+async fn known_is_every_peer_resolved_or_in_the_view_that_has_answered_but_this_node() {
     let node = Node::with_members(&[B]).await;
     node.peers.answer(C, PeerState::Starting);
     node.round(&[ME, B, C]).await;
     node.peers.asked();
-    // B and C left the DNS answer; B is a member, C reachable, and a new D resolves.
+    // B and C left the DNS answer; B is a member, C reachable, and a new D resolves
+    // (and has not answered yet).
     let d = peer(4);
     node.round(&[ME, d]).await;
-    assert_eq!(*node.membership.known(), set(&[B, C, d]));
+    assert_eq!(*node.membership.known(), set(&[B, C]));
     assert_eq!(
         node.peers
             .asked()

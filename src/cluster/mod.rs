@@ -27,3 +27,6 @@ pub mod paths {
     /// Hand a device over to the caller.
     pub const RELEASE: &str = "/cluster/release";
 }
+
+#[cfg(test)]
+mod tests;

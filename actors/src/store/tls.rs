@@ -194,6 +194,12 @@ mod tests {
         assert!(tls.is_configured());
         let shown = format!("{tls:?}");
         assert!(!shown.contains("-----"), "{shown}");
+        // It says which parts are set, so a log of it still helps.
+        assert_eq!(shown, "RedisTls { ca: true, client_identity: true }");
+        assert_eq!(
+            format!("{:?}", identity(&cert, &key)),
+            "ClientIdentity(<redacted>)"
+        );
         assert!(!RedisTls::default().is_configured());
     }
 

@@ -190,7 +190,8 @@ mod tests {
     #[test]
     fn good_inputs_pass_and_the_debug_form_shows_no_pem() {
         let (ca, cert, key) = pki();
-        let tls = RedisTls::new(Some(ca.into_bytes()), Some(identity(&cert, &key))).expect("valid");
+        let tls = RedisTls::new(Some(ca.clone().into_bytes()), Some(identity(&cert, &key)))
+            .expect("valid");
         assert!(tls.is_configured());
         let shown = format!("{tls:?}");
         assert!(!shown.contains("-----"), "{shown}");
@@ -201,6 +202,11 @@ mod tests {
             "ClientIdentity(<redacted>)"
         );
         assert!(!RedisTls::default().is_configured());
+        // Either part alone is a configuration too.
+        let ca_only = RedisTls::new(Some(ca.into_bytes()), None).expect("valid");
+        assert!(ca_only.is_configured());
+        let client_only = RedisTls::new(None, Some(identity(&cert, &key))).expect("valid");
+        assert!(client_only.is_configured());
     }
 
     #[test]
@@ -214,7 +220,7 @@ mod tests {
             (
                 b(&ca[..ca.len() - 30]),
                 None,
-                "CA certificate: malformed PEM",
+                "CA certificate: malformed PEM: a BEGIN line without its END line",
             ),
             (
                 b(&ca),

@@ -237,6 +237,16 @@ mod tests {
                 Some(identity(&other_cert, &key)),
                 "do not belong together",
             ),
+            (
+                b("-----BEGIN CERTIFICATE-----\n%%%%\n-----END CERTIFICATE-----\n"),
+                None,
+                "CA certificate: malformed PEM: invalid base64",
+            ),
+            (
+                b("-----BEGIN CERTIFICATE\nAAAA\n-----END CERTIFICATE-----\n"),
+                None,
+                "CA certificate: malformed PEM: an invalid BEGIN line",
+            ),
         ];
         for (ca, client, expected) in cases {
             let err = RedisTls::new(ca, client).expect_err(expected).to_string();

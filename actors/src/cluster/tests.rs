@@ -153,8 +153,11 @@ async fn node(
     (system, cluster)
 }
 
-fn shared_store() -> Store {
-    Store::Embedded(Arc::new(EmbeddedStore::new()))
+/// What a fake transport answers for a call a test does not expect.
+pub(crate) fn unreachable<T: Send + 'static>(
+    why: &'static str,
+) -> BoxFuture<Result<T, ForwardError>> {
+    Box::pin(async move { Err(ForwardError::Unreachable(why.into())) })
 }
 
 /// Waits (at most 10 s) until `done`.
@@ -169,31 +172,35 @@ async fn until(what: &str, mut done: impl FnMut() -> bool) {
     }
 }
 
-/// Two nodes that have found each other; B admits `b_max_pending` events.
-async fn two_nodes(
-    net: &Arc<Net>,
-    store: &Store,
-    b_max_pending: usize,
-) -> [(System, Arc<Cluster>); 2] {
-    two_nodes_with(net, store, b_max_pending, FORWARD_TIMEOUT).await
+/// Two nodes on one shared store (as replicas share Redis) that have found each other,
+/// and their network; B admits `b_max_pending` events.
+async fn two_nodes(b_max_pending: usize) -> (Arc<Net>, [(System, Arc<Cluster>); 2]) {
+    two_nodes_with(b_max_pending, FORWARD_TIMEOUT).await
 }
 
 /// [`two_nodes`] with this forward timeout.
 async fn two_nodes_with(
-    net: &Arc<Net>,
-    store: &Store,
     b_max_pending: usize,
     forward_timeout: Duration,
-) -> [(System, Arc<Cluster>); 2] {
-    let a = node(net, A, &[A, B], store, 100_000, forward_timeout).await;
-    let b = node(net, B, &[A, B], store, b_max_pending, forward_timeout).await;
+) -> (Arc<Net>, [(System, Arc<Cluster>); 2]) {
+    let net = Arc::new(Net::default());
+    let store = Store::Embedded(Arc::new(EmbeddedStore::new()));
+    let a = node(&net, A, &[A, B], &store, 100_000, forward_timeout).await;
+    let b = node(&net, B, &[A, B], &store, b_max_pending, forward_timeout).await;
     until("both rings to hold both nodes", || {
         [&a.1, &b.1]
             .iter()
             .all(|c| c.membership().view().ring.len() == 2)
     })
     .await;
-    [a, b]
+    (net, [a, b])
+}
+
+/// `node` releases `device` (which it never held) to `to`: a fence, as during a view
+/// change.
+async fn fence(node: &Cluster, device: &str, to: &str) {
+    let released = node.handoff().release(Arc::from(device), addr(to));
+    assert_eq!(released.await.expect("released"), None, "never held here");
 }
 
 fn event(rps: f64) -> Event {
@@ -267,9 +274,7 @@ fn an_overload_is_not_a_failure_of_the_peer() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_event_is_processed_by_its_device_s_owner_whichever_node_took_it() {
-    let net = Arc::new(Net::default());
-    let store = shared_store();
-    let [(a, a_cluster), (b, b_cluster)] = two_nodes(&net, &store, 100_000).await;
+    let (_net, [(a, a_cluster), (b, b_cluster)]) = two_nodes(100_000).await;
     assert_eq!(a.metrics().cluster_members.get(), 2);
     assert_eq!(b.metrics().cluster_members.get(), 2);
     let mine = devices_of(A, 5);
@@ -298,9 +303,7 @@ async fn each_event_is_processed_by_its_device_s_owner_whichever_node_took_it() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_is_split_by_owner_and_each_device_keeps_its_order() {
-    let net = Arc::new(Net::default());
-    let store = shared_store();
-    let [(a, a_cluster), (b, _)] = two_nodes(&net, &store, 100_000).await;
+    let (_net, [(a, a_cluster), (b, _)]) = two_nodes(100_000).await;
     let devices: Vec<String> = devices_of(A, 3)
         .into_iter()
         .chain(devices_of(B, 3))
@@ -330,10 +333,8 @@ async fn a_batch_is_split_by_owner_and_each_device_keeps_its_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_overloaded_owner_refuses_its_part_and_nothing_else() {
-    let net = Arc::new(Net::default());
-    let store = shared_store();
     // B accepts no event at all.
-    let [(a, a_cluster), (b, _)] = two_nodes(&net, &store, 0).await;
+    let (_net, [(a, a_cluster), (b, _)]) = two_nodes(0).await;
     let (mine, theirs) = (devices_of(A, 1).remove(0), devices_of(B, 1).remove(0));
     assert_eq!(
         a_cluster.submit(&theirs, event(1.0)).await,
@@ -370,9 +371,7 @@ async fn an_overloaded_owner_refuses_its_part_and_nothing_else() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_owner_that_refuses_connections_is_left_out_and_its_events_are_processed_here() {
-    let net = Arc::new(Net::default());
-    let store = shared_store();
-    let [(a, a_cluster), (b, _)] = two_nodes(&net, &store, 100_000).await;
+    let (net, [(a, a_cluster), (b, _)]) = two_nodes(100_000).await;
     let theirs = devices_of(B, 2);
     // No probe round may find B down first: only the refused forward can.
     a_cluster.stop();
@@ -398,9 +397,7 @@ async fn an_owner_that_refuses_connections_is_left_out_and_its_events_are_proces
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_part_whose_owner_fails_goes_event_by_event_to_the_new_owner() {
-    let net = Arc::new(Net::default());
-    let store = shared_store();
-    let [(a, a_cluster), (b, _)] = two_nodes(&net, &store, 100_000).await;
+    let (net, [(a, a_cluster), (b, _)]) = two_nodes(100_000).await;
     let theirs = devices_of(B, 2);
     a_cluster.stop();
     net.set(B, Link::Down);
@@ -421,15 +418,10 @@ async fn a_batch_part_whose_owner_fails_goes_event_by_event_to_the_new_owner() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forwarded_event_of_a_device_handed_off_goes_on_to_its_new_holder() {
-    let net = Arc::new(Net::default());
-    let store = shared_store();
-    let [(a, a_cluster), (b, _)] = two_nodes(&net, &store, 100_000).await;
+    let (_net, [(a, a_cluster), (b, _)]) = two_nodes(100_000).await;
     // A owns the device but released it to B (a fence), as during a view change.
     let device = devices_of(A, 1).remove(0);
-    let released = a_cluster
-        .handoff()
-        .release(Arc::from(device.as_str()), addr(B));
-    assert_eq!(released.await.expect("released"), None, "A never held it");
+    fence(&a_cluster, &device, B).await;
     a_cluster
         .receive(vec![(Arc::from(device.as_str()), event(1.0))])
         .await
@@ -447,14 +439,9 @@ async fn a_forwarded_event_of_a_device_handed_off_goes_on_to_its_new_holder() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fence_towards_a_node_that_is_gone_is_ignored() {
-    let net = Arc::new(Net::default());
-    let store = shared_store();
-    let [(a, a_cluster), (b, _)] = two_nodes(&net, &store, 100_000).await;
+    let (net, [(a, a_cluster), (b, _)]) = two_nodes(100_000).await;
     let device = devices_of(A, 1).remove(0);
-    let released = a_cluster
-        .handoff()
-        .release(Arc::from(device.as_str()), addr(B));
-    assert_eq!(released.await.expect("released"), None, "A never held it");
+    fence(&a_cluster, &device, B).await;
     net.set(B, Link::Down);
     until("B out of A's view", || {
         !a_cluster.membership().view().reachable.contains(&addr(B))
@@ -479,9 +466,7 @@ async fn a_fence_towards_a_node_that_is_gone_is_ignored() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leaving_node_owns_nothing_and_its_peers_see_it_leave() {
-    let net = Arc::new(Net::default());
-    let store = shared_store();
-    let [(a, a_cluster), (b, b_cluster)] = two_nodes(&net, &store, 100_000).await;
+    let (_net, [(a, a_cluster), (b, b_cluster)]) = two_nodes(100_000).await;
     assert_eq!(a_cluster.leave_grace(), 2 * DISCOVERY + FORWARD_TIMEOUT);
     a_cluster.leave();
     assert_eq!(a_cluster.membership().state(), PeerState::Leaving);
@@ -503,9 +488,7 @@ async fn a_leaving_node_owns_nothing_and_its_peers_see_it_leave() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_actors_stop_after_a_view_change_and_live_on_while_the_view_holds() {
-    let net = Arc::new(Net::default());
-    let store = shared_store();
-    let [(a, a_cluster), _b] = two_nodes(&net, &store, 100_000).await;
+    let (net, [(a, a_cluster), _b]) = two_nodes(100_000).await;
     // Well past the rounds that follow the first view change.
     tokio::time::sleep(DISCOVERY * 20).await;
     let device = devices_of(A, 1).remove(0);
@@ -526,9 +509,7 @@ async fn idle_actors_stop_after_a_view_change_and_live_on_while_the_view_holds()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn discovery_stops_when_asked() {
-    let net = Arc::new(Net::default());
-    let store = shared_store();
-    let [(_a, a_cluster), (_b, b_cluster)] = two_nodes(&net, &store, 100_000).await;
+    let (_net, [(_a, a_cluster), (_b, b_cluster)]) = two_nodes(100_000).await;
     a_cluster.stop();
     // B leaves; A, no longer probing, keeps B in its ring.
     b_cluster.leave();
@@ -538,9 +519,7 @@ async fn discovery_stops_when_asked() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resync_request_stops_idle_actors_without_waiting_for_discovery() {
-    let net = Arc::new(Net::default());
-    let store = shared_store();
-    let [(a, a_cluster), _b] = two_nodes(&net, &store, 100_000).await;
+    let (_net, [(a, a_cluster), _b]) = two_nodes(100_000).await;
     // No discovery round any more: only the request can stop an actor.
     a_cluster.stop();
     let device = devices_of(A, 1).remove(0);
@@ -559,10 +538,8 @@ async fn a_resync_request_stops_idle_actors_without_waiting_for_discovery() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_owner_is_retried_until_the_reroute_deadline_then_left_out() {
-    let net = Arc::new(Net::default());
-    let store = shared_store();
     let forward_timeout = Duration::from_millis(300);
-    let [(a, a_cluster), (b, _)] = two_nodes_with(&net, &store, 100_000, forward_timeout).await;
+    let (net, [(a, a_cluster), (b, _)]) = two_nodes_with(100_000, forward_timeout).await;
     // Only forwards may change A's view from here on.
     a_cluster.stop();
     let theirs = devices_of(B, 1).remove(0);
@@ -585,10 +562,8 @@ async fn a_slow_owner_is_retried_until_the_reroute_deadline_then_left_out() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_part_whose_owner_is_slow_goes_event_by_event_to_the_same_owner_first() {
-    let net = Arc::new(Net::default());
-    let store = shared_store();
     let forward_timeout = Duration::from_millis(300);
-    let [(a, a_cluster), (b, _)] = two_nodes_with(&net, &store, 100_000, forward_timeout).await;
+    let (net, [(a, a_cluster), (b, _)]) = two_nodes_with(100_000, forward_timeout).await;
     a_cluster.stop();
     let theirs = devices_of(B, 1).remove(0);
     net.set(B, Link::Slow(forward_timeout));

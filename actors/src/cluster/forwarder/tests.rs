@@ -70,7 +70,7 @@ impl Transport for ScriptedPeer {
     }
 
     fn ping(&self, _: SocketAddr, _: bool) -> BoxFuture<Result<PeerState, ForwardError>> {
-        Box::pin(async { Err(ForwardError::Unreachable("test peer".into())) })
+        crate::cluster::tests::unreachable("test peer")
     }
 
     fn release(
@@ -78,7 +78,7 @@ impl Transport for ScriptedPeer {
         _: SocketAddr,
         _: Arc<str>,
     ) -> BoxFuture<Result<Option<WindowSnapshot>, ForwardError>> {
-        Box::pin(async { Err(ForwardError::Unreachable("test peer".into())) })
+        crate::cluster::tests::unreachable("test peer")
     }
 }
 

@@ -26,7 +26,7 @@ struct Peers {
 
 impl Transport for Peers {
     fn send_events(&self, _: SocketAddr, _: Bytes) -> BoxFuture<Result<(), ForwardError>> {
-        Box::pin(async { Err(ForwardError::Unreachable("test peer".into())) })
+        crate::cluster::tests::unreachable("test peer")
     }
 
     fn ping(
@@ -34,7 +34,7 @@ impl Transport for Peers {
         _: SocketAddr,
         _: bool,
     ) -> BoxFuture<Result<super::super::PeerState, ForwardError>> {
-        Box::pin(async { Err(ForwardError::Unreachable("test peer".into())) })
+        crate::cluster::tests::unreachable("test peer")
     }
 
     fn release(
@@ -305,7 +305,7 @@ struct Probes(bool);
 
 impl Transport for Probes {
     fn send_events(&self, _: SocketAddr, _: Bytes) -> BoxFuture<Result<(), ForwardError>> {
-        Box::pin(async { Err(ForwardError::Unreachable("probes only".into())) })
+        crate::cluster::tests::unreachable("probes only")
     }
 
     fn ping(
@@ -326,7 +326,7 @@ impl Transport for Probes {
         _: SocketAddr,
         _: Arc<str>,
     ) -> BoxFuture<Result<Option<WindowSnapshot>, ForwardError>> {
-        Box::pin(async { Err(ForwardError::Unreachable("probes only".into())) })
+        crate::cluster::tests::unreachable("probes only")
     }
 }
 

@@ -72,7 +72,7 @@ impl Peers {
 
 impl Transport for Peers {
     fn send_events(&self, _: SocketAddr, _: Bytes) -> BoxFuture<Result<(), ForwardError>> {
-        Box::pin(async { Err(ForwardError::Unreachable("test peer".into())) })
+        crate::cluster::tests::unreachable("test peer")
     }
 
     fn ping(&self, peer: SocketAddr, rejoin: bool) -> BoxFuture<Result<PeerState, ForwardError>> {
@@ -98,7 +98,7 @@ impl Transport for Peers {
         _: SocketAddr,
         _: Arc<str>,
     ) -> BoxFuture<Result<Option<WindowSnapshot>, ForwardError>> {
-        Box::pin(async { Err(ForwardError::Unreachable("test peer".into())) })
+        crate::cluster::tests::unreachable("test peer")
     }
 }
 

@@ -187,10 +187,12 @@ async fn two_nodes_with(
     let store = Store::Embedded(Arc::new(EmbeddedStore::new()));
     let a = node(&net, A, &[A, B], &store, 100_000, forward_timeout).await;
     let b = node(&net, B, &[A, B], &store, b_max_pending, forward_timeout).await;
+    // The members gauge is set just after the view changes: both are waited for.
     until("both rings to hold both nodes", || {
-        [&a.1, &b.1]
-            .iter()
-            .all(|c| c.membership().view().ring.len() == 2)
+        [&a, &b].iter().all(|(system, cluster)| {
+            cluster.membership().view().ring.len() == 2
+                && system.metrics().cluster_members.get() == 2
+        })
     })
     .await;
     (net, [a, b])
@@ -471,11 +473,11 @@ async fn a_leaving_node_owns_nothing_and_its_peers_see_it_leave() {
     a_cluster.leave();
     assert_eq!(a_cluster.membership().state(), PeerState::Leaving);
     assert_eq!(a.metrics().cluster_members.get(), 1, "A's own view lost A");
-    until("B's view to lose A", || {
-        b_cluster.membership().view().ring.len() == 1
+    // The members gauge follows the view just after it changes.
+    until("B's view and gauge to lose A", || {
+        b_cluster.membership().view().ring.len() == 1 && b.metrics().cluster_members.get() == 1
     })
     .await;
-    assert_eq!(b.metrics().cluster_members.get(), 1);
     // A forwards even its own devices now.
     let device = devices_of(A, 1).remove(0);
     a_cluster
@@ -511,6 +513,9 @@ async fn idle_actors_stop_after_a_view_change_and_live_on_while_the_view_holds()
 async fn discovery_stops_when_asked() {
     let (_net, [(_a, a_cluster), (_b, b_cluster)]) = two_nodes(100_000).await;
     a_cluster.stop();
+    // A round already under way when the stop came still finishes (its probes take
+    // microseconds here): B leaves only after it.
+    tokio::time::sleep(DISCOVERY * 5).await;
     // B leaves; A, no longer probing, keeps B in its ring.
     b_cluster.leave();
     tokio::time::sleep(DISCOVERY * 20).await;

@@ -172,7 +172,9 @@ impl Internal {
         {
             Ok(Some(window)) => answer(StatusCode::OK, window.to_bytes()),
             Ok(None) => answer(StatusCode::NO_CONTENT, ""),
-            Err(e @ ReleaseError::Busy(_)) => answer(StatusCode::CONFLICT, e.to_string()),
+            Err(e @ (ReleaseError::Busy(_) | ReleaseError::Contended)) => {
+                answer(StatusCode::CONFLICT, e.to_string())
+            }
             Err(e) => answer(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
         }
     }

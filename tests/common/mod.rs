@@ -249,9 +249,20 @@ impl Service {
         let mut child = cmd.spawn().expect("start iot-processor");
         let stderr = child.stderr.take().expect("stderr");
         let (tx, rx) = mpsc::channel();
+        // SERVICE_LOG_DIR=dir: every line also goes to dir/<pid>.log, to read after a failure.
+        let mut copy = std::env::var_os("SERVICE_LOG_DIR").and_then(|dir| {
+            std::fs::create_dir_all(&dir).ok()?;
+            let path = std::path::Path::new(&dir).join(format!("{}.log", child.id()));
+            eprintln!("service {} logs to {}", child.id(), path.display());
+            std::fs::File::create(path).ok()
+        });
         std::thread::spawn(move || {
+            use std::io::Write;
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
+                if let Some(f) = copy.as_mut() {
+                    let _ = writeln!(f, "{line}");
+                }
+                if tx.send(line).is_err() && copy.is_none() {
                     break;
                 }
             }

@@ -79,6 +79,12 @@ pub enum ReleaseError {
     /// for a window); the new owner falls back to the store.
     #[error("the device's queue did not drain within {0:?}")]
     Busy(Duration),
+    /// This node's own new actor of the device is asking the caller for the window at
+    /// the same moment (each took the device for its own), and the tie-break keeps the
+    /// device here: the caller restores from the store, processes what it queued and
+    /// releases it to this node instead.
+    #[error("this node is taking the device from the caller, and keeps it")]
+    Contended,
     /// The writer did not answer.
     #[error("the store writer did not answer")]
     Writer,
@@ -94,6 +100,17 @@ pub struct Handoff {
     pub(super) metrics: Metrics,
     /// How long a release waits for the device's queue to drain.
     pub(super) drain_timeout: Duration,
+    /// Devices whose new actor here is asking peers for the window, and whom.
+    pub(super) asking: DashMap<Arc<str>, Vec<SocketAddr>>,
+}
+
+/// Forgets a device's entry in [`Handoff::asking`] however its restore ends.
+struct Asking<'a>(&'a DashMap<Arc<str>, Vec<SocketAddr>>, Arc<str>);
+
+impl Drop for Asking<'_> {
+    fn drop(&mut self) {
+        self.0.remove(&self.1);
+    }
 }
 
 impl Handoff {
@@ -133,7 +150,8 @@ impl Handoff {
     }
 
     /// Fences `device` (its events here go to `to` from now on), lets its actor finish
-    /// what is queued, and stops it. Returns whether there was an actor.
+    /// what is queued, and stops it (or waits for an evicted one to finish stopping).
+    /// Returns whether there was an actor.
     async fn stop_processing(
         &self,
         device: &Arc<str>,
@@ -144,12 +162,20 @@ impl Handoff {
             slot.close_for_handoff();
             let deadline = Instant::now() + self.drain_timeout;
             while !slot.is_drained() {
-                if Instant::now() >= deadline {
-                    // Its actor may itself be waiting for a window (two nodes that each
-                    // think they own the device): give up cleanly, the device stays here.
+                // Its actor may itself be waiting for a window: from the caller (two
+                // nodes that each took the device, each asking the other), where one of
+                // the two must give way at once, else both would wait out the timeout
+                // and both process the device; or from a third node that does not
+                // answer. Either way give up cleanly: the device stays here.
+                let refusal = if self.keeps(device, to) {
+                    Some(ReleaseError::Contended)
+                } else {
+                    (Instant::now() >= deadline).then_some(ReleaseError::Busy(self.drain_timeout))
+                };
+                if let Some(refusal) = refusal {
                     slot.reopen();
                     self.fences.take(device);
-                    return Err(ReleaseError::Busy(self.drain_timeout));
+                    return Err(refusal);
                 }
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
@@ -163,7 +189,28 @@ impl Handoff {
             self.directory.unlist(&slot);
             return Ok(true);
         }
+        // An actor evicted a moment ago (a view change stops idle actors) may not have
+        // deposited its window yet: its newest events are then in no result the writer
+        // holds, and the store has only its last checkpoint. Answering before it has
+        // stopped lost those events (seen in CI at a scale-out).
+        if let Some(evicted) = self.directory.stopping(device) {
+            let _ = evicted.wait(Some(self.drain_timeout)).await;
+            return Ok(true);
+        }
         Ok(false)
+    }
+
+    /// Whether this node keeps `device` when `to` asks for it: this node's new actor of
+    /// the device is asking `to` for it at the same moment, and of the two nodes this
+    /// one owns the device (rendezvous hashing over the pair, so both decide alike).
+    /// `to` then gets a refusal at once, restores from the store, processes what it
+    /// queued, and releases the device here, its events and all.
+    fn keeps(&self, device: &str, to: SocketAddr) -> bool {
+        let me = self.membership.me();
+        self.asking
+            .get(device)
+            .is_some_and(|asked| asked.contains(&to))
+            && Ring::new([me, to]).owner(device) == Some(me)
     }
 
     /// New-owner side: the nodes that may still hold `device`. First the one the view
@@ -206,6 +253,8 @@ impl Handoff {
     /// (asked at once; the newest window wins, as in the actor's restore).
     pub async fn window_from_predecessor(&self, device: Arc<str>) -> Option<WindowSnapshot> {
         let asked = self.predecessors_of(&device);
+        self.asking.insert(device.clone(), asked.clone());
+        let _asking = Asking(&self.asking, device.clone());
         let answers = futures_util::future::join_all(
             asked
                 .iter()

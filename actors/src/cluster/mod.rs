@@ -156,6 +156,9 @@ enum Route {
 /// the next rounds.
 const RESYNC_ROUNDS: u32 = 3;
 
+/// How often an event whose slot is closed for a handoff under way is tried again.
+const HANDOFF_POLL: Duration = Duration::from_millis(1);
+
 /// This node's part of the cluster.
 pub struct Cluster {
     config: ClusterConfig,
@@ -189,6 +192,7 @@ impl Cluster {
             // the holder may take three (drain, stop, writer), so a release that drains
             // within one answers in time.
             drain_timeout: config.forward_timeout,
+            asking: DashMap::new(),
         });
         system.link_predecessor(Arc::new(handoff::PredecessorLink(handoff.clone())));
         let (stop, stopped) = watch::channel(false);
@@ -363,7 +367,12 @@ impl Cluster {
             let peer = match self.route(device) {
                 Route::Local => match self.directory.submit(device, event) {
                     // The slot closed for a handoff under us: route again (fenced now).
-                    Err(SubmitError::HandedOff) if Instant::now() < deadline => continue,
+                    Err(SubmitError::HandedOff) if Instant::now() < deadline => {
+                        // The route follows the fence once the holder is a member here;
+                        // until then the handoff has to end first.
+                        tokio::time::sleep(HANDOFF_POLL).await;
+                        continue;
+                    }
                     other => return other,
                 },
                 Route::Remote(peer) => peer,
@@ -500,21 +509,36 @@ impl Cluster {
         // Part of the batch is queued already: from here on every event is taken, so
         // that the answer stays all or nothing (a refused batch is resent whole).
         for (device, event) in onward {
-            let sent = match self.fenced(&device) {
-                Some(holder) => self
-                    .forward(holder, vec![(device.clone(), event)])
-                    .await
-                    .is_ok(),
-                None => false,
-            };
-            if !sent {
-                // The device's new holder cannot take it: it is processed here; its actor
-                // starts from the newest window it can find.
-                self.directory.submit_regardless(&device, event)?;
-            }
+            self.take_regardless(&device, event).await?;
         }
         self.metrics.forwarded_events_received.inc_by(count);
         Ok(())
+    }
+
+    /// Takes one event of a batch that is partly queued already: at the device's new
+    /// holder, else here past MAX_PENDING_EVENTS. A slot closed for a handoff under way
+    /// refuses it until the handoff ends (the slot is then unlisted, or reopened when
+    /// the handoff gave up): wait for that. Refusing would answer the whole batch as not
+    /// taken while part of it is queued, and its sender's client would send that part
+    /// again (an event counted twice, seen at a scale-in).
+    async fn take_regardless(&self, device: &Arc<str>, event: Event) -> Result<(), SubmitError> {
+        loop {
+            if let Some(holder) = self.fenced(device) {
+                if self
+                    .forward(holder, vec![(device.clone(), event)])
+                    .await
+                    .is_ok()
+                {
+                    return Ok(());
+                }
+            }
+            // The holder cannot take it: it is processed here; its actor starts from the
+            // newest window it can find.
+            match self.directory.submit_regardless(device, event) {
+                Err(SubmitError::HandedOff) => tokio::time::sleep(HANDOFF_POLL).await,
+                other => return other,
+            }
+        }
     }
 
     fn fenced(&self, device: &str) -> Option<SocketAddr> {

@@ -110,7 +110,7 @@ impl Transport for Wire {
         Box::pin(async move {
             node?.handoff().release(device, me).await.map_err(|e| {
                 ForwardError::Rejected(match e {
-                    ReleaseError::Busy(_) => 409,
+                    ReleaseError::Busy(_) | ReleaseError::Contended => 409,
                     ReleaseError::Writer => 503,
                 })
             })
@@ -158,6 +158,53 @@ pub(crate) fn unreachable<T: Send + 'static>(
     why: &'static str,
 ) -> BoxFuture<Result<T, ForwardError>> {
     Box::pin(async move { Err(ForwardError::Unreachable(why.into())) })
+}
+
+/// An actor that, once told to stop, lingers until let go: a device actor evicted a
+/// moment ago on a busy node, which has not yet deposited its window.
+pub(crate) struct Lingering;
+
+/// Lets a [`Lingering`] actor finish stopping; says when it has.
+#[derive(Default)]
+pub(crate) struct LetGo {
+    pub(crate) now: tokio::sync::Notify,
+    pub(crate) done: AtomicBool,
+}
+
+impl Actor for Lingering {
+    type Msg = ();
+    type State = Arc<LetGo>;
+    type Arguments = Arc<LetGo>;
+
+    async fn pre_start(
+        &self,
+        _: ActorRef<()>,
+        let_go: Arc<LetGo>,
+    ) -> Result<Arc<LetGo>, ractor::ActorProcessingErr> {
+        Ok(let_go)
+    }
+
+    async fn post_stop(
+        &self,
+        _: ActorRef<()>,
+        let_go: &mut Arc<LetGo>,
+    ) -> Result<(), ractor::ActorProcessingErr> {
+        let_go.now.notified().await;
+        let_go.done.store(true, Ordering::Release);
+        Ok(())
+    }
+}
+
+/// Device `device` of `system` has an evicted actor still stopping, until the answer
+/// is let go.
+pub(crate) async fn evicted_and_lingering(system: &System, device: &str) -> Arc<LetGo> {
+    let let_go = Arc::new(LetGo::default());
+    let (actor, _) = Actor::spawn(None, Lingering, let_go.clone())
+        .await
+        .expect("spawn");
+    system.directory().retiring(device, actor.get_cell());
+    actor.stop(None);
+    let_go
 }
 
 /// Waits (at most 10 s) until `done`.
@@ -580,4 +627,53 @@ async fn a_batch_part_whose_owner_is_slow_goes_event_by_event_to_the_same_owner_
     assert!(!a_cluster.membership().view().ring.contains(addr(B)));
     until("processed here", || a.metrics().events_processed.get() == 1).await;
     assert_eq!(b.metrics().events_processed.get(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_batch_is_taken_whole_while_one_of_its_devices_is_being_handed_off() {
+    const C: &str = "127.0.0.1:7103";
+    let (_net, [(a, a_cluster), _]) = two_nodes(100_000).await;
+    let [calm, moving]: [String; 2] = devices_of(A, 2).try_into().expect("two devices");
+    // `moving` has an event queued behind an actor that cannot start yet (an evicted one
+    // is still stopping), and C, not a member, asks for it: its slot is closed for the
+    // handoff until that queue drains.
+    let let_go = evicted_and_lingering(&a, &moving).await;
+    a.directory().submit(&moving, event(1.0)).expect("accepted");
+    let release = tokio::spawn({
+        let a_cluster = a_cluster.clone();
+        let moving = Arc::from(moving.as_str());
+        async move { a_cluster.handoff().release(moving, addr(C)).await }
+    });
+    until("the handoff to start", || {
+        a_cluster.handoff.fences.holder(&moving).is_some()
+    })
+    .await;
+    let batch = tokio::spawn({
+        let a_cluster = a_cluster.clone();
+        let events = vec![
+            (Arc::from(calm.as_str()), event(10.0)),
+            (Arc::from(moving.as_str()), event(2.0)),
+        ];
+        async move { a_cluster.receive(events).await }
+    });
+    until("the calm device's event", || {
+        a.metrics().events_processed.get() == 1
+    })
+    .await;
+    assert!(
+        !batch.is_finished(),
+        "the batch waits for the handoff rather than being refused after part of it was queued"
+    );
+    let_go.now.notify_one();
+    release
+        .await
+        .expect("release task")
+        .expect("released once the queue drained");
+    batch
+        .await
+        .expect("batch task")
+        .expect("the whole batch is taken");
+    // C cannot be reached: the device's new actor here continues the released window.
+    assert_eq!(stored_rps(&a, &moving, 2).await, [1.0, 2.0]);
+    assert_eq!(stored_rps(&a, &calm, 1).await, [10.0]);
 }

@@ -255,6 +255,18 @@ impl Directory {
         stopped
     }
 
+    /// The device's evicted actor, if it is still stopping (and has not yet deposited
+    /// its window with the writer).
+    pub(crate) fn stopping(&self, device_id: &str) -> Option<ActorCell> {
+        self.slots.stopping(device_id)
+    }
+
+    /// Test only: records `actor` as the device's evicted actor, still stopping.
+    #[cfg(test)]
+    pub(crate) fn retiring(&self, device_id: &str, actor: ActorCell) {
+        self.slots.1.insert(Arc::from(device_id), actor);
+    }
+
     /// Removes a handed-off slot, so that the device's next local event (once this node
     /// owns it again) starts a new actor.
     pub(crate) fn unlist(&self, slot: &Arc<Slot>) {

@@ -107,6 +107,7 @@ async fn node_among(
         fences: Arc::new(Fences::default()),
         metrics: system.metrics().clone(),
         drain_timeout,
+        asking: DashMap::new(),
     });
     system.link_predecessor(Arc::new(PredecessorLink(handoff.clone())));
     nodes.insert(me, handoff.clone());
@@ -223,6 +224,77 @@ async fn a_release_whose_queue_does_not_drain_gives_up_and_the_device_stays() {
     assert_eq!(handoffs(&system, Direction::Out), 0);
     assert_eq!(system.metrics().events_processed.get(), 0);
     assert_eq!(dir.pending(), 2, "both events wait for the window");
+}
+
+#[tokio::test]
+async fn a_release_waits_for_an_evicted_actor_of_the_device_to_finish_stopping() {
+    let (system, handoff) = node(Duration::from_secs(30)).await;
+    // Evicted a moment ago (a view change stops idle actors): unlisted, and still
+    // stopping, so its newest events are in no result the writer holds yet.
+    let let_go = crate::cluster::tests::evicted_and_lingering(&system, "d").await;
+    let release = tokio::spawn({
+        let handoff = handoff.clone();
+        async move { handoff.release(Arc::from("d"), addr(NEW_OWNER)).await }
+    });
+    let mut waited = Duration::ZERO;
+    while handoff.fences.holder("d").is_none() {
+        pause(&mut waited).await;
+    }
+    for _ in 0..50 {
+        pause(&mut waited).await;
+    }
+    assert!(!release.is_finished(), "no answer while the actor stops");
+    let_go.now.notify_one();
+    release.await.expect("release task").expect("released");
+    assert!(
+        let_go.done.load(Ordering::Acquire),
+        "answered only once the evicted actor had stopped (and deposited its window)"
+    );
+    assert_eq!(handoff.fences.holder("d"), Some(addr(NEW_OWNER)));
+    assert_eq!(handoffs(&system, Direction::Out), 1, "it held the device");
+}
+
+#[tokio::test]
+async fn two_nodes_that_each_took_the_device_settle_at_once_on_one_window() {
+    let nodes = Nodes::default();
+    // Longer than the test may take: neither may wait for the other's timeout.
+    let wait = Duration::from_secs(600);
+    let (a, a_handoff) = node_among(addr(ME), wait, &nodes, own_store()).await;
+    let (b, b_handoff) = node_among(addr(NEW_OWNER), wait, &nodes, own_store()).await;
+    // Each took the device while thinking the other held it: each new actor asks the
+    // other, whose own actor is waiting to be answered.
+    a_handoff.fences.insert(Arc::from("d"), addr(NEW_OWNER));
+    b_handoff.fences.insert(Arc::from("d"), addr(ME));
+    a.directory().submit("d", event(1.0)).expect("accepted");
+    b.directory().submit("d", event(2.0)).expect("accepted");
+    // Of the pair, the device's owner keeps it; the other processes its event on the
+    // window it has and hands it over.
+    let a_keeps = Ring::new([addr(ME), addr(NEW_OWNER)]).owner("d") == Some(addr(ME));
+    let ((keeper, keeper_handoff), (other, other_handoff)) = if a_keeps {
+        ((&a, &a_handoff), (&b, &b_handoff))
+    } else {
+        ((&b, &b_handoff), (&a, &a_handoff))
+    };
+    let mut waited = Duration::ZERO;
+    while keeper.metrics().events_processed.get() < 1 {
+        pause(&mut waited).await;
+    }
+    let window = flushed_window(keeper, "d", |w| w.readings().len() == 2).await;
+    let mut rps: Vec<f64> = window.readings().iter().map(|r| r.0).collect();
+    rps.sort_by(f64::total_cmp);
+    assert_eq!(rps, [1.0, 2.0], "one window with both events");
+    assert_eq!(keeper.metrics().events_processed.get(), 1);
+    assert_eq!(other.metrics().events_processed.get(), 1);
+    assert_eq!(handoffs(other, Direction::Out), 1);
+    assert_eq!(handoffs(keeper, Direction::In), 1);
+    assert!(
+        other.directory().slot("d").is_none(),
+        "the other node let it go"
+    );
+    assert_eq!(
+        other_handoff.fences.holder("d"),
+        Some(keeper_handoff.membership.me())
+    );
 }
 
 /// A holds device `d` with 499 events queued; B starts an actor for `d` after `route`

@@ -295,6 +295,20 @@ async fn two_nodes_that_each_took_the_device_settle_at_once_on_one_window() {
         other_handoff.fences.holder("d"),
         Some(keeper_handoff.membership.me())
     );
+    // Settled: when the other node asks for the device later, its queue is handed over
+    // as in any handoff (the contest is over, nothing of it is left).
+    for i in 3..100 {
+        keeper
+            .directory()
+            .submit("d", event(f64::from(i)))
+            .expect("accepted");
+    }
+    let released = keeper_handoff
+        .release(Arc::from("d"), other_handoff.membership.me())
+        .await
+        .expect("released")
+        .expect("the keeper's window");
+    assert_eq!(released.readings().len(), 99);
 }
 
 /// A holds device `d` with 499 events queued; B starts an actor for `d` after `route`

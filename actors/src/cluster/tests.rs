@@ -629,27 +629,44 @@ async fn a_batch_part_whose_owner_is_slow_goes_event_by_event_to_the_same_owner_
     assert_eq!(b.metrics().events_processed.get(), 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_forwarded_batch_is_taken_whole_while_one_of_its_devices_is_being_handed_off() {
+/// A handoff of `device` on `node` that lasts until the answer is let go: the device has
+/// an event (rps 1) queued behind an actor that cannot start yet (an evicted one is
+/// still stopping), and a node that is not a member asks for it, so the device's slot
+/// is closed until that queue drains. Returns the release, which then answers.
+async fn a_handoff_under_way(
+    node: &(System, Arc<Cluster>),
+    device: &str,
+) -> (
+    Arc<LetGo>,
+    tokio::task::JoinHandle<Result<Option<WindowSnapshot>, ReleaseError>>,
+) {
     const C: &str = "127.0.0.1:7103";
-    let (_net, [(a, a_cluster), _]) = two_nodes(100_000).await;
-    let [calm, moving]: [String; 2] = devices_of(A, 2).try_into().expect("two devices");
-    // `moving` has an event queued behind an actor that cannot start yet (an evicted one
-    // is still stopping), and C, not a member, asks for it: its slot is closed for the
-    // handoff until that queue drains.
-    let let_go = evicted_and_lingering(&a, &moving).await;
-    a.directory().submit(&moving, event(1.0)).expect("accepted");
+    let (system, cluster) = node;
+    let let_go = evicted_and_lingering(system, device).await;
+    system
+        .directory()
+        .submit(device, event(1.0))
+        .expect("accepted");
     let release = tokio::spawn({
-        let a_cluster = a_cluster.clone();
-        let moving = Arc::from(moving.as_str());
-        async move { a_cluster.handoff().release(moving, addr(C)).await }
+        let cluster = cluster.clone();
+        let device = Arc::from(device);
+        async move { cluster.handoff().release(device, addr(C)).await }
     });
     until("the handoff to start", || {
-        a_cluster.handoff.fences.holder(&moving).is_some()
+        cluster.handoff.fences.holder(device).is_some()
     })
     .await;
+    (let_go, release)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_batch_is_taken_whole_while_one_of_its_devices_is_being_handed_off() {
+    // A long forward timeout: the release must not give up on its own while a test waits.
+    let (_net, [a, _]) = two_nodes_with(100_000, Duration::from_secs(30)).await;
+    let [calm, moving]: [String; 2] = devices_of(A, 2).try_into().expect("two devices");
+    let (let_go, release) = a_handoff_under_way(&a, &moving).await;
     let batch = tokio::spawn({
-        let a_cluster = a_cluster.clone();
+        let a_cluster = a.1.clone();
         let events = vec![
             (Arc::from(calm.as_str()), event(10.0)),
             (Arc::from(moving.as_str()), event(2.0)),
@@ -657,7 +674,7 @@ async fn a_forwarded_batch_is_taken_whole_while_one_of_its_devices_is_being_hand
         async move { a_cluster.receive(events).await }
     });
     until("the calm device's event", || {
-        a.metrics().events_processed.get() == 1
+        a.0.metrics().events_processed.get() == 1
     })
     .await;
     assert!(
@@ -673,7 +690,35 @@ async fn a_forwarded_batch_is_taken_whole_while_one_of_its_devices_is_being_hand
         .await
         .expect("batch task")
         .expect("the whole batch is taken");
-    // C cannot be reached: the device's new actor here continues the released window.
-    assert_eq!(stored_rps(&a, &moving, 2).await, [1.0, 2.0]);
-    assert_eq!(stored_rps(&a, &calm, 1).await, [10.0]);
+    // The node that asked cannot be reached: the device's new actor here continues the
+    // released window.
+    assert_eq!(stored_rps(&a.0, &moving, 2).await, [1.0, 2.0]);
+    assert_eq!(stored_rps(&a.0, &calm, 1).await, [10.0]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_taken_while_its_device_is_being_handed_off_waits_for_the_handoff() {
+    // A long forward timeout: the release must not give up on its own while a test waits.
+    let (_net, [a, _]) = two_nodes_with(100_000, Duration::from_secs(30)).await;
+    let device = devices_of(A, 1).remove(0);
+    let (let_go, release) = a_handoff_under_way(&a, &device).await;
+    let submitted = tokio::spawn({
+        let a_cluster = a.1.clone();
+        let device = device.clone();
+        async move { a_cluster.submit(&device, event(2.0)).await }
+    });
+    // The node asking is no member here, so the route stays local: the event must wait
+    // for the handoff to end, not be refused while it lasts.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!submitted.is_finished(), "waits while the handoff lasts");
+    let_go.now.notify_one();
+    release
+        .await
+        .expect("release task")
+        .expect("released once the queue drained");
+    submitted
+        .await
+        .expect("submit task")
+        .expect("accepted once the handoff ended");
+    assert_eq!(stored_rps(&a.0, &device, 2).await, [1.0, 2.0]);
 }

@@ -10,7 +10,10 @@
 //!   that does not count this node as a member makes it resync its device actors.
 //! - `POST /cluster/release?device_id=ID` (from `X-Cluster-From: ip:port`): hand the
 //!   device to the caller; 200 with its final window, 204 when there is none, 409 when
-//!   its queue did not drain in time.
+//!   its queue did not drain in time. Run to its end even when the caller hangs up: a
+//!   release left half-way would leave the device's slot closed. (When this node is
+//!   taking the device from the caller at the same moment and keeps it, the 200 or 204
+//!   lends its newest window; see `Handoff::keeps`.)
 //!
 //! The port is never behind the Service or the Ingress; the NetworkPolicy opens it only
 //! between the app's own pods.
@@ -164,17 +167,17 @@ impl Internal {
                 "release needs ?device_id= and X-Cluster-From",
             );
         };
-        match self
-            .cluster
-            .handoff()
-            .release(Arc::from(device), from)
-            .await
-        {
+        let cluster = self.cluster.clone();
+        let device: Arc<str> = Arc::from(device);
+        let released =
+            tokio::spawn(async move { cluster.handoff().release(device, from).await }).await;
+        let Ok(released) = released else {
+            return answer(StatusCode::INTERNAL_SERVER_ERROR, "the release failed");
+        };
+        match released {
             Ok(Some(window)) => answer(StatusCode::OK, window.to_bytes()),
             Ok(None) => answer(StatusCode::NO_CONTENT, ""),
-            Err(e @ (ReleaseError::Busy(_) | ReleaseError::Contended)) => {
-                answer(StatusCode::CONFLICT, e.to_string())
-            }
+            Err(e @ ReleaseError::Busy(_)) => answer(StatusCode::CONFLICT, e.to_string()),
             Err(e) => answer(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
         }
     }

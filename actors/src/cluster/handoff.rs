@@ -53,6 +53,14 @@ impl Fences {
         }
     }
 
+    /// Lifts the fence of `device` if it still points to `to` (another release may have
+    /// set it since).
+    fn take_if(&self, device: &str, to: SocketAddr) {
+        if self.to.remove_if(device, |_, (t, _)| *t == to).is_some() {
+            self.len.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
     fn take(&self, device: &str) -> Option<SocketAddr> {
         let (_, (to, _)) = self.to.remove(device)?;
         self.len.fetch_sub(1, Ordering::AcqRel);
@@ -79,12 +87,6 @@ pub enum ReleaseError {
     /// for a window); the new owner falls back to the store.
     #[error("the device's queue did not drain within {0:?}")]
     Busy(Duration),
-    /// This node's own new actor of the device is asking the caller for the window at
-    /// the same moment (each took the device for its own), and the tie-break keeps the
-    /// device here: the caller restores from the store, processes what it queued and
-    /// releases it to this node instead.
-    #[error("this node is taking the device from the caller, and keeps it")]
-    Contended,
     /// The writer did not answer.
     #[error("the store writer did not answer")]
     Writer,
@@ -113,15 +115,31 @@ impl Drop for Asking<'_> {
     }
 }
 
+/// What a release did with the device's processing here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stopped {
+    /// An actor processed the device here, and has stopped.
+    Actor,
+    /// Nothing processed the device here.
+    Nothing,
+    /// This node keeps the device (see [`Handoff::keeps`]).
+    Kept,
+}
+
 impl Handoff {
     /// Old-owner side: stop processing `device` here, hand its final window to `to`.
     /// The device's unflushed result comes out of the writer with it.
+    ///
+    /// When this node keeps the device instead (both nodes took it, see
+    /// [`Handoff::keeps`]), the answer is the newest window this node holds, without
+    /// stopping anything: the caller continues it with what it queued and then hands it
+    /// back, so neither side's events are lost.
     pub async fn release(
         &self,
         device: Arc<str>,
         to: SocketAddr,
     ) -> Result<Option<WindowSnapshot>, ReleaseError> {
-        let had_actor = self.stop_processing(&device, to).await?;
+        let stopped = self.stop_processing(&device, to).await?;
         let window = match self
             .writer
             .call(
@@ -133,9 +151,13 @@ impl Handoff {
             Ok(CallResult::Success(window)) => window,
             _ => return Err(ReleaseError::Writer),
         };
+        if stopped == Stopped::Kept {
+            tracing::debug!(device_id = %device, %to, "device contested; kept here, window lent");
+            return Ok(window);
+        }
         // Only a device this node really held counts as handed off (a first start
         // elsewhere asks here too, and finds nothing).
-        if had_actor || window.is_some() {
+        if stopped == Stopped::Actor || window.is_some() {
             self.count(Direction::Out);
             tracing::debug!(device_id = %device, %to, "device handed off");
         }
@@ -151,12 +173,11 @@ impl Handoff {
 
     /// Fences `device` (its events here go to `to` from now on), lets its actor finish
     /// what is queued, and stops it (or waits for an evicted one to finish stopping).
-    /// Returns whether there was an actor.
     async fn stop_processing(
         &self,
         device: &Arc<str>,
         to: SocketAddr,
-    ) -> Result<bool, ReleaseError> {
+    ) -> Result<Stopped, ReleaseError> {
         self.fences.insert(device.clone(), to);
         if let Some(slot) = self.directory.slot(device) {
             slot.close_for_handoff();
@@ -166,16 +187,16 @@ impl Handoff {
                 // nodes that each took the device, each asking the other), where one of
                 // the two must give way at once, else both would wait out the timeout
                 // and both process the device; or from a third node that does not
-                // answer. Either way give up cleanly: the device stays here.
-                let refusal = if self.keeps(device, to) {
-                    Some(ReleaseError::Contended)
-                } else {
-                    (Instant::now() >= deadline).then_some(ReleaseError::Busy(self.drain_timeout))
-                };
-                if let Some(refusal) = refusal {
+                // answer. Either way the device stays here.
+                let kept = self.keeps(device, to);
+                if kept || Instant::now() >= deadline {
                     slot.reopen();
-                    self.fences.take(device);
-                    return Err(refusal);
+                    self.fences.take_if(device, to);
+                    return if kept {
+                        Ok(Stopped::Kept)
+                    } else {
+                        Err(ReleaseError::Busy(self.drain_timeout))
+                    };
                 }
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
@@ -187,7 +208,11 @@ impl Handoff {
                     .await;
             }
             self.directory.unlist(&slot);
-            return Ok(true);
+            // Its actor, if it started during the drain, took the fence when it asked
+            // for the device's window (see `predecessors_of`): the device is gone all
+            // the same, and its next events here must follow it.
+            self.fences.insert(device.clone(), to);
+            return Ok(Stopped::Actor);
         }
         // An actor evicted a moment ago (a view change stops idle actors) may not have
         // deposited its window yet: its newest events are then in no result the writer
@@ -195,16 +220,18 @@ impl Handoff {
         // stopped lost those events (seen in CI at a scale-out).
         if let Some(evicted) = self.directory.stopping(device) {
             let _ = evicted.wait(Some(self.drain_timeout)).await;
-            return Ok(true);
+            return Ok(Stopped::Actor);
         }
-        Ok(false)
+        Ok(Stopped::Nothing)
     }
 
     /// Whether this node keeps `device` when `to` asks for it: this node's new actor of
     /// the device is asking `to` for it at the same moment, and of the two nodes this
     /// one owns the device (rendezvous hashing over the pair, so both decide alike).
-    /// `to` then gets a refusal at once, restores from the store, processes what it
-    /// queued, and releases the device here, its events and all.
+    /// `to` then gets this node's newest window at once (lent: nothing stops here),
+    /// processes what it queued on top of it, and releases the device here, its events
+    /// and all. (A cycle of three nodes is not detected: each waits out the drain
+    /// timeout, as before.)
     fn keeps(&self, device: &str, to: SocketAddr) -> bool {
         let me = self.membership.me();
         self.asking

@@ -522,6 +522,9 @@ impl Cluster {
     /// taken while part of it is queued, and its sender's client would send that part
     /// again (an event counted twice, seen at a scale-in).
     async fn take_regardless(&self, device: &Arc<str>, event: Event) -> Result<(), SubmitError> {
+        // A release runs to its end (drain, stop, writer: three forward timeouts at
+        // most); this bound only guards against a slot that never reopens.
+        let deadline = Instant::now() + self.reroute_deadline();
         loop {
             if let Some(holder) = self.fenced(device) {
                 if self
@@ -535,7 +538,9 @@ impl Cluster {
             // The holder cannot take it: it is processed here; its actor starts from the
             // newest window it can find.
             match self.directory.submit_regardless(device, event) {
-                Err(SubmitError::HandedOff) => tokio::time::sleep(HANDOFF_POLL).await,
+                Err(SubmitError::HandedOff) if Instant::now() < deadline => {
+                    tokio::time::sleep(HANDOFF_POLL).await;
+                }
                 other => return other,
             }
         }

@@ -30,6 +30,8 @@ enum Link {
     /// Probes are answered, forwarded events time out after this long (as the HTTP
     /// transport's do after CLUSTER_FORWARD_TIMEOUT).
     Slow(Duration),
+    /// A release asked of it is answered (unreachable) only once the test lets go.
+    Held,
 }
 
 /// The nodes by address, and how each can be reached.
@@ -37,6 +39,8 @@ enum Link {
 struct Net {
     nodes: DashMap<SocketAddr, Arc<Cluster>>,
     links: Mutex<HashMap<SocketAddr, Link>>,
+    /// Held releases are answered from now on.
+    let_go: AtomicBool,
 }
 
 impl Net {
@@ -107,10 +111,17 @@ impl Transport for Wire {
     ) -> BoxFuture<Result<Option<WindowSnapshot>, ForwardError>> {
         let node = self.net.reach(peer);
         let me = self.me;
+        let held = (self.net.link(peer) == Link::Held).then(|| self.net.clone());
         Box::pin(async move {
+            if let Some(net) = held {
+                while !net.let_go.load(Ordering::Acquire) {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                return Err(ForwardError::Unreachable("held, then let go".into()));
+            }
             node?.handoff().release(device, me).await.map_err(|e| {
                 ForwardError::Rejected(match e {
-                    ReleaseError::Busy(_) | ReleaseError::Contended => 409,
+                    ReleaseError::Busy(_) => 409,
                     ReleaseError::Writer => 503,
                 })
             })
@@ -629,42 +640,47 @@ async fn a_batch_part_whose_owner_is_slow_goes_event_by_event_to_the_same_owner_
     assert_eq!(b.metrics().events_processed.get(), 0);
 }
 
-/// A handoff of `device` on `node` that lasts until the answer is let go: the device has
-/// an event (rps 1) queued behind an actor that cannot start yet (an evicted one is
-/// still stopping), and a node that is not a member asks for it, so the device's slot
-/// is closed until that queue drains. Returns the release, which then answers.
+/// A handoff of `device` on `node` that lasts until the test lets go (`net.let_go`):
+/// the device has an event (rps 1) queued behind its new actor, which waits for the
+/// window from the node it was handed to earlier (held: no answer until let go); and a
+/// node that is not a member asks for it, so the device's slot is closed until that
+/// queue drains. Returns the release, which then answers.
 async fn a_handoff_under_way(
+    net: &Net,
     node: &(System, Arc<Cluster>),
     device: &str,
-) -> (
-    Arc<LetGo>,
-    tokio::task::JoinHandle<Result<Option<WindowSnapshot>, ReleaseError>>,
-) {
-    const C: &str = "127.0.0.1:7103";
+) -> tokio::task::JoinHandle<Result<Option<WindowSnapshot>, ReleaseError>> {
+    const HELD: &str = "127.0.0.1:7104";
+    const ASKS: &str = "127.0.0.1:7103";
     let (system, cluster) = node;
-    let let_go = evicted_and_lingering(system, device).await;
+    net.set(HELD, Link::Held);
+    fence(cluster, device, HELD).await;
     system
         .directory()
         .submit(device, event(1.0))
         .expect("accepted");
+    until("the new actor to ask the held node", || {
+        cluster.handoff.asking.contains_key(device)
+    })
+    .await;
     let release = tokio::spawn({
         let cluster = cluster.clone();
         let device = Arc::from(device);
-        async move { cluster.handoff().release(device, addr(C)).await }
+        async move { cluster.handoff().release(device, addr(ASKS)).await }
     });
     until("the handoff to start", || {
         cluster.handoff.fences.holder(device).is_some()
     })
     .await;
-    (let_go, release)
+    release
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forwarded_batch_is_taken_whole_while_one_of_its_devices_is_being_handed_off() {
     // A long forward timeout: the release must not give up on its own while a test waits.
-    let (_net, [a, _]) = two_nodes_with(100_000, Duration::from_secs(30)).await;
+    let (net, [a, _]) = two_nodes_with(100_000, Duration::from_secs(30)).await;
     let [calm, moving]: [String; 2] = devices_of(A, 2).try_into().expect("two devices");
-    let (let_go, release) = a_handoff_under_way(&a, &moving).await;
+    let release = a_handoff_under_way(&net, &a, &moving).await;
     let batch = tokio::spawn({
         let a_cluster = a.1.clone();
         let events = vec![
@@ -681,7 +697,7 @@ async fn a_forwarded_batch_is_taken_whole_while_one_of_its_devices_is_being_hand
         !batch.is_finished(),
         "the batch waits for the handoff rather than being refused after part of it was queued"
     );
-    let_go.now.notify_one();
+    net.let_go.store(true, Ordering::Release);
     release
         .await
         .expect("release task")
@@ -699,9 +715,9 @@ async fn a_forwarded_batch_is_taken_whole_while_one_of_its_devices_is_being_hand
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_taken_while_its_device_is_being_handed_off_waits_for_the_handoff() {
     // A long forward timeout: the release must not give up on its own while a test waits.
-    let (_net, [a, _]) = two_nodes_with(100_000, Duration::from_secs(30)).await;
+    let (net, [a, _]) = two_nodes_with(100_000, Duration::from_secs(30)).await;
     let device = devices_of(A, 1).remove(0);
-    let (let_go, release) = a_handoff_under_way(&a, &device).await;
+    let release = a_handoff_under_way(&net, &a, &device).await;
     let submitted = tokio::spawn({
         let a_cluster = a.1.clone();
         let device = device.clone();
@@ -711,7 +727,7 @@ async fn an_event_taken_while_its_device_is_being_handed_off_waits_for_the_hando
     // for the handoff to end, not be refused while it lasts.
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert!(!submitted.is_finished(), "waits while the handoff lasts");
-    let_go.now.notify_one();
+    net.let_go.store(true, Ordering::Release);
     release
         .await
         .expect("release task")

@@ -254,61 +254,88 @@ async fn a_release_waits_for_an_evicted_actor_of_the_device_to_finish_stopping()
     assert_eq!(handoffs(&system, Direction::Out), 1, "it held the device");
 }
 
-#[tokio::test]
-async fn two_nodes_that_each_took_the_device_settle_at_once_on_one_window() {
+/// Nodes A and B each take a device (their new actors ask each other for it) that the
+/// keeper (A or B) — its owner among the pair — processed before, in a window still only
+/// in its writer. Checks that they settle at once on one window: the keeper's earlier
+/// readings, then the other's event and the keeper's own (in either order).
+async fn contested(keeper_is_a: bool) {
     let nodes = Nodes::default();
     // Longer than the test may take: neither may wait for the other's timeout.
     let wait = Duration::from_secs(600);
     let (a, a_handoff) = node_among(addr(ME), wait, &nodes, own_store()).await;
     let (b, b_handoff) = node_among(addr(NEW_OWNER), wait, &nodes, own_store()).await;
-    // Each took the device while thinking the other held it: each new actor asks the
-    // other, whose own actor is waiting to be answered.
-    a_handoff.fences.insert(Arc::from("d"), addr(NEW_OWNER));
-    b_handoff.fences.insert(Arc::from("d"), addr(ME));
-    a.directory().submit("d", event(1.0)).expect("accepted");
-    b.directory().submit("d", event(2.0)).expect("accepted");
-    // Of the pair, the device's owner keeps it; the other processes its event on the
-    // window it has and hands it over.
-    let a_keeps = Ring::new([addr(ME), addr(NEW_OWNER)]).owner("d") == Some(addr(ME));
-    let ((keeper, keeper_handoff), (other, other_handoff)) = if a_keeps {
+    let keeper_addr = addr(if keeper_is_a { ME } else { NEW_OWNER });
+    let device = (0..)
+        .map(|i| format!("d-{i}"))
+        .find(|d| Ring::new([addr(ME), addr(NEW_OWNER)]).owner(d) == Some(keeper_addr))
+        .expect("a device");
+    let d = device.as_str();
+    let ((keeper, keeper_handoff), (other, other_handoff)) = if keeper_is_a {
         ((&a, &a_handoff), (&b, &b_handoff))
     } else {
         ((&b, &b_handoff), (&a, &a_handoff))
     };
+    // The keeper's earlier incarnation: three readings, never flushed, its actor stopped
+    // since (a view change).
+    for rps in [10.0, 11.0, 12.0] {
+        keeper.directory().submit(d, event(rps)).expect("accepted");
+    }
     let mut waited = Duration::ZERO;
-    while keeper.metrics().events_processed.get() < 1 {
+    while keeper.metrics().events_processed.get() < 3 {
         pause(&mut waited).await;
     }
-    let window = flushed_window(keeper, "d", |w| w.readings().len() == 2).await;
-    let mut rps: Vec<f64> = window.readings().iter().map(|r| r.0).collect();
-    rps.sort_by(f64::total_cmp);
-    assert_eq!(rps, [1.0, 2.0], "one window with both events");
-    assert_eq!(keeper.metrics().events_processed.get(), 1);
+    assert_eq!(keeper.directory().evict_drained(), 1);
+    // Each took the device while thinking the other held it: each new actor asks the
+    // other, whose own actor is waiting to be answered. A's actor starts first.
+    a_handoff.fences.insert(Arc::from(d), addr(NEW_OWNER));
+    b_handoff.fences.insert(Arc::from(d), addr(ME));
+    a.directory().submit(d, event(1.0)).expect("accepted");
+    b.directory().submit(d, event(2.0)).expect("accepted");
+    while keeper.metrics().events_processed.get() < 4 || other.directory().slot(d).is_some() {
+        pause(&mut waited).await;
+    }
+    let window = flushed_window(keeper, d, |w| w.readings().len() == 5).await;
+    let rps: Vec<f64> = window.readings().iter().map(|r| r.0).collect();
+    assert_eq!(
+        rps[..3],
+        [10.0, 11.0, 12.0],
+        "the keeper's earlier readings first"
+    );
+    let mut last_two = rps[3..].to_vec();
+    last_two.sort_by(f64::total_cmp);
+    assert_eq!(last_two, [1.0, 2.0], "then both nodes' events");
     assert_eq!(other.metrics().events_processed.get(), 1);
     assert_eq!(handoffs(other, Direction::Out), 1);
-    assert_eq!(handoffs(keeper, Direction::In), 1);
     assert!(
-        other.directory().slot("d").is_none(),
+        other.directory().slot(d).is_none(),
         "the other node let it go"
     );
     assert_eq!(
-        other_handoff.fences.holder("d"),
-        Some(keeper_handoff.membership.me())
+        other_handoff.fences.holder(d),
+        Some(keeper_addr),
+        "the other node's later events follow the device"
     );
+    assert_eq!(keeper_handoff.fences.holder(d), None);
     // Settled: when the other node asks for the device later, its queue is handed over
     // as in any handoff (the contest is over, nothing of it is left).
     for i in 3..100 {
         keeper
             .directory()
-            .submit("d", event(f64::from(i)))
+            .submit(d, event(f64::from(i)))
             .expect("accepted");
     }
     let released = keeper_handoff
-        .release(Arc::from("d"), other_handoff.membership.me())
+        .release(Arc::from(d), other_handoff.membership.me())
         .await
         .expect("released")
         .expect("the keeper's window");
-    assert_eq!(released.readings().len(), 99);
+    assert_eq!(released.readings().len(), 102);
+}
+
+#[tokio::test]
+async fn two_nodes_that_each_took_the_device_settle_at_once_on_one_window() {
+    contested(true).await;
+    contested(false).await;
 }
 
 /// A holds device `d` with 499 events queued; B starts an actor for `d` after `route`

@@ -675,6 +675,19 @@ async fn a_handoff_under_way(
     release
 }
 
+/// Ends a handoff begun by [`a_handoff_under_way`]: the held node answers, the device's
+/// queue drains, and the release answers.
+async fn end_the_handoff(
+    net: &Net,
+    release: tokio::task::JoinHandle<Result<Option<WindowSnapshot>, ReleaseError>>,
+) {
+    net.let_go.store(true, Ordering::Release);
+    release
+        .await
+        .expect("release task")
+        .expect("released once the queue drained");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forwarded_batch_is_taken_whole_while_one_of_its_devices_is_being_handed_off() {
     // A long forward timeout: the release must not give up on its own while a test waits.
@@ -697,11 +710,7 @@ async fn a_forwarded_batch_is_taken_whole_while_one_of_its_devices_is_being_hand
         !batch.is_finished(),
         "the batch waits for the handoff rather than being refused after part of it was queued"
     );
-    net.let_go.store(true, Ordering::Release);
-    release
-        .await
-        .expect("release task")
-        .expect("released once the queue drained");
+    end_the_handoff(&net, release).await;
     batch
         .await
         .expect("batch task")
@@ -727,11 +736,7 @@ async fn an_event_taken_while_its_device_is_being_handed_off_waits_for_the_hando
     // for the handoff to end, not be refused while it lasts.
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert!(!submitted.is_finished(), "waits while the handoff lasts");
-    net.let_go.store(true, Ordering::Release);
-    release
-        .await
-        .expect("release task")
-        .expect("released once the queue drained");
+    end_the_handoff(&net, release).await;
     submitted
         .await
         .expect("submit task")

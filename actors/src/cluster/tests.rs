@@ -263,6 +263,15 @@ async fn fence(node: &Cluster, device: &str, to: &str) {
     assert_eq!(released.await.expect("released"), None, "never held here");
 }
 
+/// `node` takes two events of `device`: rps 1 forwarded by a peer, then rps 2 from a
+/// client; both accepted.
+async fn forwarded_then_submitted(node: &Cluster, device: &str) {
+    node.receive(vec![(Arc::from(device), event(1.0))])
+        .await
+        .expect("accepted");
+    node.submit(device, event(2.0)).await.expect("accepted");
+}
+
 fn event(rps: f64) -> Event {
     Event {
         rps,
@@ -482,15 +491,8 @@ async fn a_forwarded_event_of_a_device_handed_off_goes_on_to_its_new_holder() {
     // A owns the device but released it to B (a fence), as during a view change.
     let device = devices_of(A, 1).remove(0);
     fence(&a_cluster, &device, B).await;
-    a_cluster
-        .receive(vec![(Arc::from(device.as_str()), event(1.0))])
-        .await
-        .expect("accepted");
-    // And an event A takes from a client follows the fence too.
-    a_cluster
-        .submit(&device, event(2.0))
-        .await
-        .expect("accepted");
+    // A forwarded event, and one A takes from a client: both follow the fence.
+    forwarded_then_submitted(&a_cluster, &device).await;
     assert_eq!(stored_rps(&b, &device, 2).await, [1.0, 2.0]);
     assert_eq!(b.metrics().events_processed.get(), 2);
     assert_eq!(a.metrics().events_processed.get(), 0);
@@ -507,14 +509,7 @@ async fn a_fence_towards_a_node_that_is_gone_is_ignored() {
         !a_cluster.membership().view().reachable.contains(&addr(B))
     })
     .await;
-    a_cluster
-        .receive(vec![(Arc::from(device.as_str()), event(1.0))])
-        .await
-        .expect("accepted");
-    a_cluster
-        .submit(&device, event(2.0))
-        .await
-        .expect("accepted");
+    forwarded_then_submitted(&a_cluster, &device).await;
     assert_eq!(stored_rps(&a, &device, 2).await, [1.0, 2.0]);
     assert_eq!(b.metrics().events_processed.get(), 0);
     assert_eq!(

@@ -80,7 +80,8 @@ async fn an_untrusted_server_certificate_is_refused_and_named_and_ingest_goes_on
     let pki = Pki::generate();
     let redis = TlsRedis::start(&pki, false);
     // No REDIS_CA_FILE: only the public roots are trusted, and the test CA is not one.
-    let mut svc = Service::start(&[("REDIS_URL", &redis.url())]);
+    // The result that cannot be stored holds SIGTERM until the deadline: 1 s, not 10.
+    let mut svc = Service::start(&[("REDIS_URL", &redis.url()), ("SHUTDOWN_TIMEOUT", "1s")]);
     assert_eq!(post_event(svc.addr, "tls-2", 0.5, 1.0).await.status, 200);
     not_ready(&svc).await;
     let error = unreachable_warning(&mut svc);

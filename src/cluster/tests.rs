@@ -208,34 +208,47 @@ async fn silent_peer() -> (TcpListener, SocketAddr) {
     (listener, addr)
 }
 
+/// Reads a request's head (up to the blank line) byte by byte.
+async fn read_head(stream: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).await.unwrap_or(0) == 1 {
+        head.push(byte[0]);
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
 /// A peer that answers its first request (a probe) as a member, then accepts
-/// connections and never answers again: a member that has hung.
-async fn member_then_silent_peer() -> SocketAddr {
+/// connections and never answers again: a member that has hung. Hands over the request
+/// line of each request it holds.
+async fn member_then_silent_peer() -> (SocketAddr, mpsc::UnboundedReceiver<String>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("address");
+    let (held_tx, held_rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
-        let mut held = Vec::new();
         let mut answered = false;
         while let Ok((mut stream, _)) = listener.accept().await {
             if !answered {
                 answered = true;
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).await.unwrap_or(0) == 1
-                {
-                    head.push(byte[0]);
-                }
+                read_head(&mut stream).await;
                 let _ = stream
                     .write_all(
                         b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nConnection: close\r\n\r\nmember",
                     )
                     .await;
             } else {
-                held.push(stream);
+                let held_tx = held_tx.clone();
+                tokio::spawn(async move {
+                    let head = read_head(&mut stream).await;
+                    let line = head.lines().next().unwrap_or_default().to_string();
+                    let _ = held_tx.send(line);
+                    // Held open, never answered, until the test ends.
+                    let _ = stream.read(&mut [0u8; 1]).await;
+                });
             }
         }
     });
-    addr
+    (addr, held_rx)
 }
 
 /// An address whose connections are refused.
@@ -564,7 +577,7 @@ async fn a_release_without_a_device_id_or_a_caller_address_is_a_bad_request() {
 async fn a_release_of_a_busy_device_answers_409_even_after_more_than_one_forward_timeout() {
     // The node's device actors first ask the other member for their windows, and it
     // has hung since it answered its probe, so the device stays busy.
-    let hung = member_then_silent_peer().await;
+    let (hung, mut held) = member_then_silent_peer().await;
     let node = node(Setup {
         others: vec![hung],
         forward_timeout: Duration::from_secs(2),
@@ -580,6 +593,14 @@ async fn a_release_of_a_busy_device_answers_409_even_after_more_than_one_forward
     let client = client(Duration::from_millis(1_500));
     let body = batch(&[("d-1", event(1.0, 0.5))]);
     assert_eq!(bounded(client.send_events(node.addr, body)).await, Ok(()));
+    // Released only once the device's actor is asking the hung member: a release that
+    // came first would fence the device towards the caller, and the actor would ask the
+    // caller instead (a contest, see the handoff tests).
+    let asking = bounded(held.recv()).await.expect("a held request");
+    assert!(
+        asking.starts_with("POST /cluster/release?device_id=d-1 "),
+        "{asking}"
+    );
     let released = bounded(client.release(node.addr, Arc::from("d-1"))).await;
     assert_eq!(released, Err(ForwardError::Rejected(409)));
     // The device stays here.

@@ -270,30 +270,20 @@ async fn canned_peer(
         while let Ok((mut stream, _)) = listener.accept().await {
             let heads = heads.clone();
             tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                let end = loop {
-                    if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                        break end;
-                    }
-                    match stream.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
+                let head = read_head(&mut stream).await;
+                let Some(head) = head.strip_suffix("\r\n\r\n") else {
+                    return;
                 };
-                let head = String::from_utf8_lossy(&buf[..end]).into_owned();
                 let length: usize = head
                     .lines()
                     .filter_map(|l| l.split_once(':'))
                     .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
                     .and_then(|(_, v)| v.trim().parse().ok())
                     .unwrap_or(0);
-                while buf.len() < end + 4 + length {
-                    match stream.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
+                if stream.read_exact(&mut vec![0u8; length]).await.is_err() {
+                    return;
                 }
+                let head = head.to_string();
                 let _ = heads.send(head);
                 let answer = format!(
                     "HTTP/1.1 {status} Canned\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",

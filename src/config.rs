@@ -571,23 +571,25 @@ mod tests {
     }
 
     #[test]
-    fn every_setting_is_in_the_readme_table_and_the_deployment() {
+    fn every_setting_is_in_the_documented_table_and_the_deployment() {
         let root = env!("CARGO_MANIFEST_DIR");
         let read = |p: &str| std::fs::read_to_string(format!("{root}/{p}")).expect(p);
-        let readme = read("README.md");
+        let table = read("docs/configuration.md");
         let configmap = read("manifests/configmap.yaml");
         let deployment = read("manifests/app.yaml");
         let settings = settings();
         assert!(settings.len() >= 17, "clap lost the settings: {settings:?}");
         for (env, flag, default) in settings {
-            let row = readme
+            let row = table
                 .lines()
                 .find(|l| l.starts_with(&format!("| `{env}` | `{flag}` |")))
-                .unwrap_or_else(|| panic!("README's configuration table lacks {env} ({flag})"));
+                .unwrap_or_else(|| {
+                    panic!("the table of docs/configuration.md lacks {env} ({flag})")
+                });
             if let Some(default) = default {
                 assert!(
                     row.contains(&format!("| `{default}` |")),
-                    "README gives another default for {env} than {default}: {row}"
+                    "docs/configuration.md gives another default for {env} than {default}: {row}"
                 );
             }
             // Set in the ConfigMap or the Deployment, or, for an optional setting that only

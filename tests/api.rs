@@ -267,10 +267,10 @@ async fn metrics_expose_the_spec_families_with_their_labels() {
     ] {
         assert!(text.contains(needle), "missing {needle:?} in\n{text}");
     }
-    // Every family the README documents is exported, with a value, from the start.
-    let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).expect("README");
-    let documented: Vec<&str> = readme
+    // Every family docs/api.md documents is exported, with a value, from the start.
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/api.md"))
+        .expect("docs/api.md");
+    let documented: Vec<&str> = doc
         .lines()
         .filter(|l| l.starts_with("| `"))
         .filter(|l| {
@@ -283,7 +283,7 @@ async fn metrics_expose_the_spec_families_with_their_labels() {
         .collect();
     assert!(
         documented.len() >= 30,
-        "the README table was not found: {documented:?}"
+        "the metrics table of docs/api.md was not found: {documented:?}"
     );
     for family in documented {
         let exported = text.lines().any(|l| {
@@ -293,7 +293,7 @@ async fn metrics_expose_the_spec_families_with_their_labels() {
             || text.contains(&format!("\n{family}_count"));
         assert!(
             exported,
-            "README documents {family}, the service exports no value of it"
+            "docs/api.md documents {family}, the service exports no value of it"
         );
     }
 }

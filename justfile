@@ -1,5 +1,5 @@
-# Everyday commands. `cargo install just` if you do not have it; each recipe is a plain
-# command you can also run by hand.
+# Everyday commands. `cargo install just --locked` if you do not have it; each recipe is a
+# plain command you can also run by hand (README.md lists the script each one runs).
 
 set shell := ["bash", "-euo", "pipefail", "-c"]
 

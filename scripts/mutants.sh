@@ -3,7 +3,8 @@
 # mutant (a small change to the code: a condition inverted, a `+` made a `-`, a function
 # body replaced by a default value) is built and tested; a mutant the tests do not catch
 # ("missed") is behaviour no test checks. .cargo/mutants.toml keeps the load generator,
-# the tests and test-only code out. README "Mutation testing" has the last results.
+# the tests and test-only code out. docs/testing.md ("Mutation testing") has the current
+# score and the accepted survivors.
 #
 #   scripts/mutants.sh                      every mutant (about 1 200: hours on 2 cores)
 #   scripts/mutants.sh -f src/auth.rs       some files (cargo-mutants arguments are passed

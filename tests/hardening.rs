@@ -243,7 +243,8 @@ async fn hostile_requests_get_4xx_never_5xx_and_the_service_stays_up() {
         let (data, closed) = until_closed(&mut s, Duration::from_secs(15)).await;
         assert!(closed.is_some(), "{what}: connection not closed");
         let text = String::from_utf8_lossy(&data);
-        // README promises 431 for oversized headers: an answer, not just a close.
+        // docs/operations.md promises 431 for oversized headers: an answer, not just a
+        // close.
         if oversized {
             assert!(text.starts_with("HTTP/1.1 431 "), "{what}: {text}");
         }

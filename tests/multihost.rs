@@ -324,7 +324,8 @@ impl Watch {
 /// `cut`: a replica cut off from the others under load, and how many events of each device
 /// had been answered at that moment. Each device the replica owned may lack one event
 /// answered around the cut (the one it acknowledged and had not yet flushed: the guarantee
-/// README "Scaling out" states); every other device, and every other event, must be there.
+/// docs/cluster.md states under "Guarantees"); every other device, and every other event,
+/// must be there.
 async fn final_checks(
     net: &Net,
     size: usize,

@@ -47,7 +47,7 @@ pub struct SystemConfig {
 }
 
 impl Default for SystemConfig {
-    /// SPEC's defaults.
+    /// The documented defaults (docs/configuration.md), those of the original service.
     fn default() -> Self {
         Self {
             window_size: 50,

@@ -1,4 +1,5 @@
-//! The analytics agree with exact arithmetic to SPEC's 1e-9 relative accuracy.
+//! The analytics agree with exact arithmetic to the documented 1e-9 relative accuracy
+//! (docs/api.md, "Analytics").
 //!
 //! The reference is exact: every f64 is an integer times a power of two, so scaling the
 //! window by its smallest power of two turns mean and variance into integer arithmetic on
@@ -125,7 +126,7 @@ fn check_signal(kept: &[f64], got: &Got) -> Result<(), TestCaseError> {
         return Ok(());
     }
     if exact.stddev < 1e-5 * exact.mean {
-        // Outside SPEC's accuracy promise; the results must still be sane.
+        // Outside the documented accuracy promise; the results must still be sane.
         prop_assert!(got.stddev.is_finite() && got.z.is_finite());
         return Ok(());
     }

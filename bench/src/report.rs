@@ -8,7 +8,8 @@ use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fmt::{self, Write as _};
 
-/// SPEC's original target at 1000 RPS: more than 95 % of requests succeed.
+/// The load generator's default success threshold: more than 95 % of requests succeed
+/// (the original service's target at 1000 RPS).
 pub const DEFAULT_MIN_SUCCESS_PERCENT: f64 = 95.0;
 
 /// Latency percentiles in milliseconds.

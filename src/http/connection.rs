@@ -397,7 +397,8 @@ mod tests {
 
     #[test]
     fn the_watchdog_looks_four_times_per_shortest_timeout_within_bounds() {
-        // So a timeout fires at most a quarter late (README "Reliability").
+        // So a timeout fires at most a quarter late (docs/operations.md, "Failure
+        // behaviour and limits").
         assert_eq!(T.tick(), Duration::from_millis(500));
         let short = Timeouts {
             header: Duration::from_millis(8),

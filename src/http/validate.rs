@@ -27,7 +27,8 @@ struct WireEvent<'a> {
     timestamp: Option<&'a RawValue>,
 }
 
-/// Checks a device id against SPEC's rules.
+/// Checks a device id against the documented rules (docs/api.md): 1-128 bytes, no
+/// control characters.
 pub fn device_id(id: &str) -> Result<&str, ApiError> {
     if id.is_empty() {
         return Err(ApiError::invalid(

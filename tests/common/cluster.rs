@@ -163,7 +163,7 @@ pub async fn all_match(nodes: &[SocketAddr], devices: usize, per_device: usize) 
 /// [`all_match`], except that device `d` may lack one of its events when `may_lack(d)`
 /// names a range of event indices: one event, inside that range, the same on every node —
 /// what a node cut off right after acknowledging an event, before its next flush, loses
-/// (README "Scaling out"). Answers how many devices lack one.
+/// (docs/cluster.md, "Guarantees"). Answers how many devices lack one.
 pub async fn all_match_but_one_lost(
     nodes: &[SocketAddr],
     devices: usize,

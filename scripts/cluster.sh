@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Three clustered nodes on this machine, sharing a redis-server of their own:
-# public ports 8080, 8090, 8100; internal ports 8081, 8091, 8101. Ctrl-C stops everything.
+# public ports 8080, 8090, 8100; internal ports 8081, 8091, 8101. The nodes find each other
+# through their heartbeats in that Redis (no peer list). Ctrl-C stops everything.
 # Usage: scripts/cluster.sh [NODES]   (default 3)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,13 +19,11 @@ redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no >"$
 PIDS+=("$!")
 until redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; do sleep 0.05; done
 
-PEERS=$(for i in $(seq 0 $((NODES - 1))); do printf '127.0.0.1:%d,' $((8081 + 10 * i)); done)
-PEERS=${PEERS%,}
 TOKEN=$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')
 for i in $(seq 0 $((NODES - 1))); do
   pub=$((8080 + 10 * i)); int=$((8081 + 10 * i))
   LISTEN_ADDR=127.0.0.1:$pub REDIS_URL=redis://127.0.0.1:$REDIS_PORT/ \
-    CLUSTER_PEERS=$PEERS CLUSTER_ADVERTISE_ADDR=127.0.0.1:$int CLUSTER_LISTEN_ADDR=127.0.0.1:$int \
+    CLUSTER_ADVERTISE_ADDR=127.0.0.1:$int CLUSTER_LISTEN_ADDR=127.0.0.1:$int \
     CLUSTER_TOKEN=$TOKEN target/release/iot-processor >"$LOGS/node$i.log" 2>&1 &
   PIDS+=("$!")
 done

@@ -9,11 +9,11 @@ cd "$(dirname "$0")/.."
 
 # The integration tests start a real redis-server (and use redis-cli) on free ports, also
 # with TLS (tests/redis_tls.rs: Debian's redis-server and redis-cli are built with it); the
-# multi-host tier (tests/multihost.rs, root only, skipped otherwise) also needs ip and
-# dnsmasq. Each entry: the command the tests run, then the package that provides it.
+# multi-host tier (tests/multihost.rs, root only, skipped otherwise) also needs ip.
+# Each entry: the command the tests run, then the package that provides it.
 NEEDED=(redis-server:redis-server)
 if [ "$(id -u)" = 0 ]; then
-  NEEDED+=(ip:iproute2 dnsmasq:dnsmasq-base)
+  NEEDED+=(ip:iproute2)
 fi
 missing=()
 for entry in "${NEEDED[@]}"; do

@@ -1,12 +1,12 @@
 //! The wiring of one service instance: config → auth → store → actor system → cluster →
-//! listeners; then, once asked to stop, the drain in order (HTTP, the cluster's leave
-//! grace, device actors, store writer). Owns no behaviour of its own.
+//! listeners; then, once asked to stop, the drain in order (HTTP, the cluster's handoff
+//! of its shards, device actors, store writer). Owns no behaviour of its own.
 
 use crate::auth::Auth;
 use crate::cluster::client::HttpTransport;
 use crate::config::Config;
 use crate::http;
-use actors::cluster::Cluster;
+use actors::cluster::{Cluster, ClusterConfig, Ownership, Table, TableError, Transport};
 use actors::store::{EmbeddedStore, RedisStore, Store};
 use actors::tuning::STORE_OP_TIMEOUT;
 use actors::{ShutdownReport, System};
@@ -55,6 +55,18 @@ impl App {
     pub async fn start(config: Config) -> Result<Self, StartError> {
         let setting = |e: &dyn std::fmt::Display| StartError::Setting(e.to_string());
         let cluster_config = config.check().map_err(|e| setting(&e))?;
+        for name in config.deprecated() {
+            tracing::warn!("{name} is deprecated and ignored: cluster members find each other through their heartbeats in Redis");
+        }
+        // In a cluster: this node's id and its view of the shard table, which also
+        // fences the store's writes.
+        let incarnation = incarnation();
+        let ownership = cluster_config.as_ref().map(|c| {
+            Arc::new(Ownership::new(
+                Cluster::node_id(c.advertise, incarnation),
+                c.shards,
+            ))
+        });
         let redis_tls = config.redis_tls().map_err(|e| setting(&e))?;
         let auth = match &config.auth_tokens_file {
             None => {
@@ -85,12 +97,11 @@ impl App {
                 let store =
                     RedisStore::with_tls(url, &redis_tls, config.redis_pool_size, STORE_OP_TIMEOUT)
                         .context("REDIS_URL")?;
-                // In a cluster, a node cut off with an older window must never overwrite
-                // the newer one of the device's owner.
-                Store::Redis(if cluster_config.is_some() {
-                    store.guarded()
-                } else {
-                    store
+                // In a cluster, a node that lost a shard (paused, cut off) must never
+                // overwrite what the shard's new owner wrote.
+                Store::Redis(match &ownership {
+                    Some(ownership) => store.fenced(ownership.clone()),
+                    None => store,
                 })
             }
         };
@@ -102,49 +113,20 @@ impl App {
                 .context("starting the actor system")?,
         );
 
-        // In a cluster: the internal listener first, so peers can probe this node while
-        // its first discovery round runs.
         let (stop_internal, internal_stopped) = watch::channel(false);
-        let cluster = match cluster_config {
-            None => None,
-            Some(cluster_config) => {
-                let token = config.cluster_token.clone().unwrap_or_default();
-                let transport = HttpTransport::new(
-                    cluster_config.advertise,
-                    &token,
-                    cluster_config.forward_timeout,
+        let cluster = match (cluster_config, ownership) {
+            (Some(cluster_config), Some(ownership)) => Some(
+                start_cluster(
+                    &config,
+                    cluster_config,
+                    ownership,
+                    incarnation,
+                    &system,
+                    internal_stopped,
                 )
-                .context("CLUSTER_TOKEN")?;
-                let internal = TcpListener::bind(config.cluster_listen_addr)
-                    .await
-                    .with_context(|| {
-                        format!(
-                            "CLUSTER_LISTEN_ADDR: cannot listen on {}",
-                            config.cluster_listen_addr
-                        )
-                    })?;
-                tracing::info!(
-                    addr = %internal.local_addr().context("CLUSTER_LISTEN_ADDR")?,
-                    advertise = %cluster_config.advertise,
-                    peers = ?cluster_config.peers,
-                    "cluster listener"
-                );
-                let cluster = Cluster::start(cluster_config, Arc::new(transport), &system);
-                tokio::spawn({
-                    let (cluster, metrics) = (cluster.clone(), system.metrics().clone());
-                    async move {
-                        crate::cluster::server::serve(
-                            internal,
-                            cluster,
-                            metrics,
-                            &token,
-                            internal_stopped,
-                        )
-                        .await;
-                    }
-                });
-                Some(cluster)
-            }
+                .await?,
+            ),
+            _ => None,
         };
 
         let listener = TcpListener::bind(config.listen_addr)
@@ -238,14 +220,22 @@ impl App {
             tracing::warn!("some connections were still open at the shutdown deadline");
         }
         if let Some(cluster) = &cluster {
-            // Keep answering forwarded events and handoffs until every peer has seen this
-            // node leave; then nothing more arrives and the drain below is final.
-            tokio::time::sleep_until((began + cluster.leave_grace()).min(deadline)).await;
+            // The leave began with the shutdown: wait until every shard is with another
+            // node, then keep taking forwarded events for a heartbeat more (peers that
+            // had not read the table yet), which this node passes on to the new owners.
+            let _ = tokio::time::timeout_at(deadline, cluster.left()).await;
+            let grace = Instant::now() + cluster_grace(&config);
+            tokio::time::sleep_until(grace.min(deadline)).await;
             let _ = stop_internal.send(true);
             cluster.stop();
         }
         let _ = stop_feed.send(true);
         let report = system.shutdown(deadline).await;
+        if let Some(cluster) = &cluster {
+            // Whatever this node still owns (it was the last member) is taken at once
+            // by the next node that starts, instead of after the lease.
+            cluster.forget_me().await;
+        }
         if report.unprocessed == 0 && report.store_flushed {
             tracing::info!("shutdown complete: every accepted event is processed and stored");
         } else {
@@ -259,6 +249,122 @@ impl App {
         }
         report
     }
+}
+
+/// A random incarnation: tells this process apart from earlier ones at the same address.
+fn incarnation() -> u64 {
+    let mut bytes = [0u8; 8];
+    if getrandom::fill(&mut bytes).is_err() {
+        // No entropy source: the clock and the pid still differ between incarnations.
+        return std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+            ^ u64::from(std::process::id());
+    }
+    u64::from_le_bytes(bytes)
+}
+
+/// How long a leaving node keeps its internal listener after its last shard moved.
+fn cluster_grace(config: &Config) -> Duration {
+    config.cluster_heartbeat_interval + config.cluster_forward_timeout
+}
+
+/// Starts this node's part of the cluster: the internal listener, the check that
+/// CLUSTER_ADVERTISE_ADDR reaches it, the first heartbeat (which checks the table's
+/// shard count), then the heartbeat loop.
+async fn start_cluster(
+    config: &Config,
+    cluster_config: ClusterConfig,
+    ownership: Arc<Ownership>,
+    incarnation: u64,
+    system: &Arc<System>,
+    internal_stopped: watch::Receiver<bool>,
+) -> Result<Arc<Cluster>, StartError> {
+    let Store::Redis(redis) = system.store() else {
+        return Err(StartError::Setting("a cluster needs REDIS_URL".into()));
+    };
+    let token = config.cluster_token.clone().unwrap_or_default();
+    let transport: Arc<dyn Transport> = Arc::new(
+        HttpTransport::new(&token, cluster_config.forward_timeout).context("CLUSTER_TOKEN")?,
+    );
+    let internal = TcpListener::bind(config.cluster_listen_addr)
+        .await
+        .with_context(|| {
+            format!(
+                "CLUSTER_LISTEN_ADDR: cannot listen on {}",
+                config.cluster_listen_addr
+            )
+        })?;
+    let table = Table::new(
+        redis.clone(),
+        ownership.me().clone(),
+        cluster_config.shards,
+        cluster_config.lease,
+    );
+    tracing::info!(
+        addr = %internal.local_addr().context("CLUSTER_LISTEN_ADDR")?,
+        advertise = %cluster_config.advertise,
+        node = %ownership.me(),
+        shards = cluster_config.shards,
+        "cluster listener"
+    );
+    let advertise = cluster_config.advertise;
+    let cluster = Cluster::new(
+        cluster_config,
+        ownership,
+        table,
+        transport.clone(),
+        incarnation,
+        system,
+    );
+    tokio::spawn({
+        let (cluster, metrics) = (cluster.clone(), system.metrics().clone());
+        async move {
+            crate::cluster::server::serve(internal, cluster, metrics, &token, internal_stopped)
+                .await;
+        }
+    });
+    check_advertised(
+        &*transport,
+        advertise,
+        config.cluster_listen_addr,
+        cluster.me(),
+    )
+    .await?;
+    match cluster.join().await {
+        Ok(()) => {}
+        Err(e @ TableError::Mismatch { .. }) => return Err(StartError::Setting(e.to_string())),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot register in the cluster table yet; not ready until Redis answers")
+        }
+    }
+    tokio::spawn(cluster.clone().run());
+    Ok(cluster)
+}
+
+/// CLUSTER_ADVERTISE_ADDR must reach this very process (two nodes on one host with the
+/// same internal port would otherwise advertise each other's listener).
+async fn check_advertised(
+    transport: &dyn Transport,
+    advertise: SocketAddr,
+    listen: SocketAddr,
+    me: &str,
+) -> Result<(), StartError> {
+    let mut last = String::new();
+    for _ in 0..3 {
+        match transport.ping(advertise).await {
+            Ok(id) if id == me => return Ok(()),
+            Ok(id) => {
+                last = format!("another node answers there ({id})");
+                break;
+            }
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Err(StartError::Setting(format!(
+        "CLUSTER_ADVERTISE_ADDR {advertise} does not reach this node, whose internal listener is CLUSTER_LISTEN_ADDR {listen}: {last}; set CLUSTER_ADVERTISE_ADDR to an address of this node's internal listener"
+    )))
 }
 
 #[cfg(test)]

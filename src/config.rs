@@ -144,18 +144,19 @@ pub struct Config {
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
-    /// The cluster's members as a comma list of host:port (a DNS name such as a headless
-    /// Service's stands for every address it resolves to). Unset: a single node.
+    /// Deprecated and ignored: members find each other through the table in Redis.
+    /// Accepted (with a warning at start-up) so that existing deployments keep starting.
     #[arg(long, env = "CLUSTER_PEERS", value_delimiter = ',')]
     pub cluster_peers: Vec<String>,
 
-    /// This node's internal address as its peers reach it (in Kubernetes the pod IP
-    /// and the internal port); must be one of the addresses CLUSTER_PEERS resolves to.
+    /// This node's internal address as its peers reach it (in Kubernetes the pod IP and
+    /// the internal port). Setting it makes the node a cluster member (with REDIS_URL and
+    /// CLUSTER_TOKEN); at start-up the node checks that the address reaches itself.
     #[arg(long, env = "CLUSTER_ADVERTISE_ADDR")]
     pub cluster_advertise_addr: Option<SocketAddr>,
 
-    /// Address of the internal listener (forwarded events, handoffs, probes); never
-    /// behind the public Service or Ingress.
+    /// Address of the internal listener (forwarded events); never behind the public
+    /// Service or Ingress.
     #[arg(long, env = "CLUSTER_LISTEN_ADDR", default_value = "0.0.0.0:8081")]
     pub cluster_listen_addr: SocketAddr,
 
@@ -163,12 +164,27 @@ pub struct Config {
     #[arg(long, env = "CLUSTER_TOKEN", hide_env_values = true)]
     pub cluster_token: Option<String>,
 
-    /// How often CLUSTER_PEERS is re-resolved and every peer probed.
-    #[arg(long, env = "CLUSTER_DISCOVERY_INTERVAL", default_value = "2s", value_parser = parse_positive_duration)]
-    pub cluster_discovery_interval: Duration,
+    /// Shards the devices are spread over; the same on every node of a cluster for its
+    /// whole life (recorded in Redis; a node with another count refuses to start).
+    #[arg(long, env = "CLUSTER_SHARDS", default_value = "256", value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub cluster_shards: u32,
 
-    /// Longest wait for a peer's answer (a forward, a probe, a handoff) before the peer
-    /// is left out of ownership and the events are re-routed.
+    /// How often a node renews its heartbeat in Redis, reads the table and moves shards.
+    #[arg(long, env = "CLUSTER_HEARTBEAT_INTERVAL", default_value = "500ms", value_parser = parse_positive_duration)]
+    pub cluster_heartbeat_interval: Duration,
+
+    /// How long a heartbeat lasts: a node that has not renewed it for this long is dead
+    /// and its shards are taken over (from their stored windows); it stops admitting
+    /// events itself one heartbeat interval earlier. At least 3 heartbeat intervals.
+    #[arg(long, env = "CLUSTER_LEASE", default_value = "2s", value_parser = parse_positive_duration)]
+    pub cluster_lease: Duration,
+
+    /// Deprecated and ignored (membership comes from the heartbeats in Redis).
+    #[arg(long, env = "CLUSTER_DISCOVERY_INTERVAL", value_parser = parse_positive_duration)]
+    pub cluster_discovery_interval: Option<Duration>,
+
+    /// Longest wait for a peer's answer to a forwarded batch before it is sent again (to
+    /// the same owner while the table names it).
     #[arg(long, env = "CLUSTER_FORWARD_TIMEOUT", default_value = "1s", value_parser = parse_positive_duration)]
     pub cluster_forward_timeout: Duration,
 }
@@ -209,11 +225,19 @@ pub enum ConfigError {
         problem: TlsError,
     },
     /// Clustering needs a shared store.
-    #[error("CLUSTER_PEERS is set but REDIS_URL is not: a cluster needs Redis, because any replica must be able to answer /analyze and a device's window must survive the crash of the node that owns it; set REDIS_URL or unset CLUSTER_PEERS")]
+    #[error("CLUSTER_ADVERTISE_ADDR is set but REDIS_URL is not: a cluster needs Redis, which holds its ownership table and lets any replica answer /analyze; set REDIS_URL or unset CLUSTER_ADVERTISE_ADDR")]
     ClusterWithoutRedis,
     /// A clustered node must know itself.
-    #[error("CLUSTER_PEERS is set but CLUSTER_ADVERTISE_ADDR is not: each node must know the address its peers reach it at (in Kubernetes, $(POD_IP):8081)")]
+    #[error("CLUSTER_PEERS is set but CLUSTER_ADVERTISE_ADDR is not: a cluster member is configured by CLUSTER_ADVERTISE_ADDR (in Kubernetes, $(POD_IP):8081), REDIS_URL and CLUSTER_TOKEN; CLUSTER_PEERS is no longer needed")]
     NoAdvertiseAddr,
+    /// A lease must outlast several heartbeats.
+    #[error("CLUSTER_LEASE ({lease:?}) must be at least 3 × CLUSTER_HEARTBEAT_INTERVAL ({heartbeat:?}): a node stops admitting one interval before its lease ends, and one late heartbeat must not cost it its shards")]
+    LeaseTooShort {
+        /// CLUSTER_LEASE.
+        lease: Duration,
+        /// CLUSTER_HEARTBEAT_INTERVAL.
+        heartbeat: Duration,
+    },
     /// A window must be checkpointed before its key expires and before its actor is
     /// evicted.
     #[error("WINDOW_CHECKPOINT_INTERVAL ({interval:?}) must be shorter than RESULT_TTL and DEVICE_IDLE_TIMEOUT: a stored window would expire between checkpoints, or an actor be evicted before its trailing checkpoint")]
@@ -222,7 +246,7 @@ pub enum ConfigError {
         interval: Duration,
     },
     /// Internal requests must be authenticated.
-    #[error("CLUSTER_PEERS is set but CLUSTER_TOKEN is not (or is empty): internal requests must carry a shared secret")]
+    #[error("CLUSTER_ADVERTISE_ADDR is set but CLUSTER_TOKEN is not (or is empty): internal requests must carry a shared secret")]
     NoToken,
 }
 
@@ -280,30 +304,43 @@ impl Config {
             }
             _ => {}
         }
-        if self.cluster_peers.iter().all(|p| p.trim().is_empty()) {
-            return Ok(None);
-        }
+        let peers_set = self.cluster_peers.iter().any(|p| !p.trim().is_empty());
+        let Some(advertise) = self.cluster_advertise_addr else {
+            return if peers_set {
+                Err(ConfigError::NoAdvertiseAddr)
+            } else {
+                Ok(None)
+            };
+        };
         if self.redis_url.is_none() {
             return Err(ConfigError::ClusterWithoutRedis);
         }
-        let advertise = self
-            .cluster_advertise_addr
-            .ok_or(ConfigError::NoAdvertiseAddr)?;
         if self.cluster_token.as_deref().is_none_or(str::is_empty) {
             return Err(ConfigError::NoToken);
         }
+        let (lease, heartbeat) = (self.cluster_lease, self.cluster_heartbeat_interval);
+        if lease < heartbeat * 3 {
+            return Err(ConfigError::LeaseTooShort { lease, heartbeat });
+        }
         Ok(Some(actors::cluster::ClusterConfig {
-            peers: self
-                .cluster_peers
-                .iter()
-                .map(|p| p.trim().to_string())
-                .filter(|p| !p.is_empty())
-                .collect(),
             advertise,
-            discovery_interval: self.cluster_discovery_interval,
+            shards: self.cluster_shards,
+            heartbeat,
+            lease,
             forward_timeout: self.cluster_forward_timeout,
-            fence_ttl: self.result_ttl,
         }))
+    }
+
+    /// Settings that are accepted but no longer do anything, for a warning at start-up.
+    pub fn deprecated(&self) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        if self.cluster_peers.iter().any(|p| !p.trim().is_empty()) {
+            out.push("CLUSTER_PEERS");
+        }
+        if self.cluster_discovery_interval.is_some() {
+            out.push("CLUSTER_DISCOVERY_INTERVAL");
+        }
+        out
     }
 
     /// Reads and checks the TLS files of a `rediss://` connection (after [`Config::check`]);
@@ -467,15 +504,19 @@ mod tests {
         assert!(c.redis_url.is_none());
         assert!(c.check().expect("single node").is_none());
         assert_eq!(c.cluster_listen_addr, "0.0.0.0:8081".parse().expect("addr"));
-        assert_eq!(c.cluster_discovery_interval, Duration::from_secs(2));
+        assert_eq!(c.cluster_discovery_interval, None);
         assert_eq!(c.cluster_forward_timeout, Duration::from_secs(1));
+        assert_eq!(c.cluster_shards, 256);
+        assert_eq!(c.cluster_heartbeat_interval, Duration::from_millis(500));
+        assert_eq!(c.cluster_lease, Duration::from_secs(2));
+        assert!(c.deprecated().is_empty());
     }
 
     #[test]
     fn a_cluster_needs_redis_an_address_and_a_token() {
-        let peers = ["--cluster-peers", "a:8081,b:8081"];
+        let member = ["--cluster-advertise-addr", "10.0.0.1:8081"];
         let err = |extra: &[&str]| {
-            let args: Vec<&str> = peers.iter().chain(extra).copied().collect();
+            let args: Vec<&str> = member.iter().chain(extra).copied().collect();
             parse(&args)
                 .expect("parses")
                 .check()
@@ -483,17 +524,31 @@ mod tests {
                 .to_string()
         };
         assert!(err(&[]).contains("REDIS_URL"));
-        assert!(err(&["--redis-url", "redis://r/"]).contains("CLUSTER_ADVERTISE_ADDR"));
-        assert!(err(&[
+        assert!(err(&["--redis-url", "redis://r/"]).contains("CLUSTER_TOKEN"));
+        let short = err(&[
             "--redis-url",
             "redis://r/",
-            "--cluster-advertise-addr",
-            "10.0.0.1:8081"
-        ])
-        .contains("CLUSTER_TOKEN"));
-        let ok = parse(&[
+            "--cluster-token",
+            "t",
+            "--cluster-lease",
+            "1s",
+        ]);
+        assert!(
+            short.contains("CLUSTER_LEASE") && short.contains("CLUSTER_HEARTBEAT_INTERVAL"),
+            "{short}"
+        );
+        // The old way alone (peers without an address) names what a member needs now.
+        let old = parse(&["--cluster-peers", "a:8081"])
+            .expect("parses")
+            .check()
+            .expect_err("refused")
+            .to_string();
+        assert!(old.contains("CLUSTER_ADVERTISE_ADDR"), "{old}");
+        let c = parse(&[
             "--cluster-peers",
             "a:8081, b:8081",
+            "--cluster-discovery-interval",
+            "2s",
             "--redis-url",
             "redis://r/",
             "--cluster-advertise-addr",
@@ -501,11 +556,14 @@ mod tests {
             "--cluster-token",
             "t",
         ])
-        .expect("parses")
-        .check()
-        .expect("valid")
-        .expect("clustered");
-        assert_eq!(ok.peers, vec!["a:8081", "b:8081"]);
+        .expect("parses");
+        let ok = c.check().expect("valid").expect("clustered");
+        assert_eq!(ok.advertise, "10.0.0.1:8081".parse().expect("addr"));
+        assert_eq!(ok.shards, 256);
+        assert_eq!(
+            c.deprecated(),
+            vec!["CLUSTER_PEERS", "CLUSTER_DISCOVERY_INTERVAL"]
+        );
     }
 
     #[test]

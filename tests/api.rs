@@ -80,6 +80,18 @@ async fn posted_events_are_analysed_and_readable() {
     assert_eq!(a.as_object().expect("object").len(), order.len());
 }
 
+#[tokio::test]
+async fn the_same_reading_with_the_same_timestamp_fifty_times_is_fifty_samples() {
+    let svc = InProcess::start(&[]).await;
+    // A steady device with a second-resolution clock sends exactly this, again and again.
+    let body = r#"{"device_id":"steady-1","cpu":0.5,"rps":100,"timestamp":"2024-01-15T10:30:00Z"}"#;
+    for _ in 0..50 {
+        assert_eq!(post(svc.addr, "/metric", body).await.status, 200);
+    }
+    let (v, _) = analysis_with(&svc, "steady-1", 50).await;
+    assert_eq!(v["rolling_average_rps"], 100.0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spike_is_an_anomaly_and_is_counted_per_device() {
     let svc = InProcess::start(&[]).await;
@@ -423,7 +435,11 @@ async fn invalid_configuration_stops_start_up_naming_the_setting() {
         ),
         (
             ("CLUSTER_PEERS", "a:8081"),
-            &["CLUSTER_PEERS", "REDIS_URL"][..],
+            &["CLUSTER_PEERS", "CLUSTER_ADVERTISE_ADDR"][..],
+        ),
+        (
+            ("CLUSTER_ADVERTISE_ADDR", "127.0.0.1:9"),
+            &["CLUSTER_ADVERTISE_ADDR", "REDIS_URL"][..],
         ),
     ] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_iot-processor"))

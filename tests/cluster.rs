@@ -1,21 +1,34 @@
-//! Scale-out on loopback: real nodes (the release binary's code, started as processes)
-//! sharing a real redis-server, with static peer lists. Each test checks what an operator
-//! would: every device's analysis, read from every node, equals what one node computes
-//! from the same events.
+//! Scale-out on loopback: real nodes (the service binary, started as processes) sharing a
+//! real redis-server. Traffic follows each node's own readiness, as a Kubernetes Service
+//! sends it: a node is a target from the moment its `/ready` answers 200, whatever the
+//! other nodes know yet. Each test checks what an operator would: every device's
+//! analysis, read from every node, equals what one node computes from the same events.
 
 mod common;
 
-use common::cluster::{all_match, load, samples_never_go_back, WINDOW};
+use common::cluster::{all_match, load, samples_never_go_back, Targets, WINDOW};
 use common::{eventually, free_port, get, raw, Redis, Service};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const SOON: Duration = Duration::from_secs(20);
 
 /// One cluster at a time: three nodes per test already share the machine's two cores,
 /// and overlapping clusters would measure the scheduler rather than the service.
 static ONE_CLUSTER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Heartbeats and lease of the test nodes: short, so that a dead node's shards move
+/// within a test's patience; the lease keeps its ratio to the heartbeat (4 ×).
+const HEARTBEAT: &str = "250ms";
+const LEASE: &str = "1s";
+
+/// Forward timeout of the test nodes: generous, because debug builds of three nodes, Redis
+/// and the load share two cores here, and a slow answer is not what these tests are about.
+const FORWARD_TIMEOUT: &str = "3s";
+
+/// Window checkpoints of the test nodes: what a crash may lose (see the crash test).
+const CHECKPOINT_INTERVAL: &str = "200ms";
 
 /// One node of a test cluster.
 struct Node {
@@ -29,49 +42,19 @@ impl Node {
     }
 }
 
-/// The internal addresses of `n` nodes-to-be.
-fn internal_addrs(n: usize) -> Vec<SocketAddr> {
-    (0..n)
-        .map(|_| SocketAddr::from(([127, 0, 0, 1], free_port())))
-        .collect()
-}
-
-/// Forward timeout of the test nodes: generous, because debug builds of three nodes, Redis
-/// and the load share two cores here, and a slow answer is not what these tests are about
-/// (the hanging-peer test sets its own).
-const FORWARD_TIMEOUT: &str = "3s";
-
-/// Window checkpoints of the test nodes: what a crash may lose (see the crash test).
-const CHECKPOINT_INTERVAL: &str = "200ms";
-
-fn start_node(redis: &Redis, me: SocketAddr, peers: &[SocketAddr], token: &str) -> Node {
-    start_node_with(redis, me, peers, token, FORWARD_TIMEOUT)
-}
-
-fn start_node_with(
-    redis: &Redis,
-    me: SocketAddr,
-    peers: &[SocketAddr],
-    token: &str,
-    forward_timeout: &str,
-) -> Node {
-    let peers = peers
-        .iter()
-        .map(|p| p.to_string())
-        .collect::<Vec<_>>()
-        .join(",");
+fn start_node(redis_url: &str, me: SocketAddr, token: &str) -> Node {
     let svc = Service::start(&[
-        ("REDIS_URL", &redis.url()),
-        ("CLUSTER_PEERS", &peers),
+        ("REDIS_URL", redis_url),
         ("CLUSTER_ADVERTISE_ADDR", &me.to_string()),
         ("CLUSTER_LISTEN_ADDR", &me.to_string()),
         ("CLUSTER_TOKEN", token),
-        ("CLUSTER_DISCOVERY_INTERVAL", "100ms"),
-        ("CLUSTER_FORWARD_TIMEOUT", forward_timeout),
+        ("CLUSTER_HEARTBEAT_INTERVAL", HEARTBEAT),
+        ("CLUSTER_LEASE", LEASE),
+        ("CLUSTER_FORWARD_TIMEOUT", FORWARD_TIMEOUT),
         ("WINDOW_SIZE", &WINDOW.to_string()),
         ("MAX_DEVICE_LABELS", "100000"),
         ("WINDOW_CHECKPOINT_INTERVAL", CHECKPOINT_INTERVAL),
-        ("RUST_LOG", "info,actors=debug"),
+        ("RUST_LOG", "info,actors::cluster=debug"),
     ]);
     Node {
         svc: Some(svc),
@@ -79,45 +62,102 @@ fn start_node_with(
     }
 }
 
-/// Starts the first `running` of `addrs` (each listing all of them as peers), waits until
-/// they agree, and returns them with the load's targets (their public addresses).
-async fn cluster(
-    redis: &Redis,
-    addrs: &[SocketAddr],
-    running: usize,
-    forward_timeout: &str,
-) -> (Vec<Node>, common::cluster::Targets) {
-    let nodes: Vec<Node> = addrs[..running]
-        .iter()
-        .map(|me| start_node_with(redis, *me, addrs, "t", forward_timeout))
+fn internal_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
+
+/// Waits until `addr` answers its own `/ready` with 200.
+async fn ready(addr: SocketAddr) {
+    eventually(SOON, "/ready", || async {
+        (get(addr, "/ready").await.status == 200).then_some(())
+    })
+    .await;
+}
+
+/// Starts `n` nodes at the same moment; each becomes a target of the load as soon as its
+/// own `/ready` passes. Answers once the first is a target (the others join the targets
+/// as they get ready, in the background).
+async fn start_together(redis: &Redis, n: usize) -> (Vec<Node>, Targets) {
+    let url = redis.url();
+    let starting: Vec<_> = (0..n)
+        .map(|_| {
+            let url = url.clone();
+            tokio::task::spawn_blocking(move || start_node(&url, internal_addr(), "t"))
+        })
         .collect();
-    converged(&nodes, running as f64).await;
-    let targets = Arc::new(std::sync::Mutex::new(
-        nodes.iter().map(|n| n.svc().addr).collect::<Vec<_>>(),
-    ));
+    let mut nodes = Vec::new();
+    for s in starting {
+        nodes.push(s.await.expect("node"));
+    }
+    let targets: Targets = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut joins = Vec::new();
+    for node in &nodes {
+        let (addr, targets) = (node.svc().addr, targets.clone());
+        joins.push(tokio::spawn(async move {
+            ready(addr).await;
+            targets.lock().expect("targets").push(addr);
+        }));
+    }
+    // The load starts with the first ready node, as a Service's first endpoint.
+    eventually(SOON, "a first ready node", || async {
+        (!targets.lock().expect("targets").is_empty()).then_some(())
+    })
+    .await;
+    for j in joins {
+        tokio::spawn(j);
+    }
     (nodes, targets)
 }
 
-/// Waits until every running node is ready and sees `members` members.
-async fn converged(nodes: &[Node], members: f64) {
-    for node in nodes.iter().filter(|n| n.svc.is_some()) {
-        let svc = node.svc();
-        eventually(SOON, "cluster view", || async {
-            let ready = get(svc.addr, "/ready").await.status == 200;
-            let seen = svc.metric("cluster_members").await;
-            (ready && seen == Some(members)).then_some(())
-        })
-        .await;
+fn publics(nodes: &[Node]) -> Vec<SocketAddr> {
+    nodes
+        .iter()
+        .filter_map(|n| n.svc.as_ref())
+        .map(|s| s.addr)
+        .collect()
+}
+
+async fn sum(nodes: &[Node], series: &str) -> f64 {
+    let mut total = 0.0;
+    for n in nodes.iter().filter(|n| n.svc.is_some()) {
+        total += n.svc().metric(series).await.unwrap_or(0.0);
     }
+    total
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn batches_are_split_by_owner_and_every_device_matches_one_node() {
+async fn nodes_started_together_compute_exactly_what_one_node_computes() {
     let _one = ONE_CLUSTER.lock().await;
     let redis = Redis::start();
-    let addrs = internal_addrs(3);
-    let (nodes, _) = cluster(&redis, &addrs, 3, FORWARD_TIMEOUT).await;
-    let public: Vec<SocketAddr> = nodes.iter().map(|n| n.svc().addr).collect();
+    let (nodes, targets) = start_together(&redis, 3).await;
+    let (devices, per_device) = (300, 40);
+    let retries = load(devices, per_device, targets, Duration::ZERO).await;
+    assert_eq!(retries, 0, "every event was answered 200 the first time");
+    all_match(&publics(&nodes), devices, per_device).await;
+    // The shards ended up spread: every node owns its share (no pinning to the node
+    // that saw traffic first).
+    let mut owned = Vec::new();
+    for n in &nodes {
+        owned.push(n.svc().metric("cluster_shards_owned").await.unwrap_or(0.0));
+    }
+    let (min, max) = (
+        owned.iter().copied().fold(f64::MAX, f64::min),
+        owned.iter().copied().fold(0.0, f64::max),
+    );
+    assert_eq!(owned.iter().sum::<f64>(), 256.0, "{owned:?}");
+    assert!(max <= 1.25 * min, "shards per node {owned:?}");
+    assert!(sum(&nodes, "events_forwarded_total").await > 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn batches_are_split_by_shard_and_every_device_matches_one_node() {
+    let _one = ONE_CLUSTER.lock().await;
+    let redis = Redis::start();
+    let (nodes, _) = start_together(&redis, 3).await;
+    let public = publics(&nodes);
+    for addr in &public {
+        ready(*addr).await;
+    }
     let (devices, per_device) = (200, 30);
     let events: Vec<Vec<(f64, f64)>> = (0..devices)
         .map(|d| common::cluster::events_of(d, per_device))
@@ -139,51 +179,31 @@ async fn batches_are_split_by_owner_and_every_device_matches_one_node() {
         assert_eq!(r.json()["accepted"], devices);
     }
     all_match(&public, devices, per_device).await;
-    let mut forwarded = 0.0;
-    for n in &nodes {
-        forwarded += n
-            .svc()
-            .metric("events_forwarded_total")
-            .await
-            .unwrap_or(0.0);
-    }
-    let total = (devices * per_device) as f64;
-    assert!(
-        forwarded > total * 0.5 && forwarded < total * 0.8,
-        "forwarded {forwarded} of {total}"
-    );
+    assert!(sum(&nodes, "events_forwarded_total").await > 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn three_nodes_compute_exactly_what_one_node_computes() {
+async fn the_same_reading_sent_fifty_times_is_fifty_samples_on_every_node() {
     let _one = ONE_CLUSTER.lock().await;
     let redis = Redis::start();
-    let addrs = internal_addrs(3);
-    let (nodes, targets) = cluster(&redis, &addrs, 3, FORWARD_TIMEOUT).await;
-    let public: Vec<SocketAddr> = nodes.iter().map(|n| n.svc().addr).collect();
-    let (devices, per_device) = (300, 60);
-    load(devices, per_device, targets, Duration::ZERO).await;
-    all_match(&public, devices, per_device).await;
-    // Two thirds of the events arrived at a node that does not own their device.
-    let mut forwarded = 0.0;
-    for n in &nodes {
-        forwarded += n
-            .svc()
-            .metric("events_forwarded_total")
-            .await
-            .unwrap_or(0.0);
+    let (nodes, _) = start_together(&redis, 2).await;
+    let public = publics(&nodes);
+    for addr in &public {
+        ready(*addr).await;
     }
-    let total = (devices * per_device) as f64;
-    assert!(
-        forwarded > total * 0.5 && forwarded < total * 0.8,
-        "forwarded {forwarded} of {total}"
-    );
-    // Exact in steady state: no forward failed, so nothing was re-routed.
-    for n in &nodes {
-        for reason in ["timeout", "unreachable", "rejected"] {
-            let series = format!("forward_failures_total{{reason=\"{reason}\"}}");
-            assert_eq!(n.svc().metric(&series).await, Some(0.0), "{series}");
-        }
+    // A steady device with a second-resolution clock: the same body, again and again,
+    // over both nodes (one of which forwards it).
+    let body = r#"{"device_id":"steady-1","cpu":0.5,"rps":100,"timestamp":"2024-01-15T10:30:00Z"}"#;
+    for i in 0..50 {
+        let r = common::post(public[i % 2], "/metric", body).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    for addr in &public {
+        eventually(SOON, "50 samples", || async {
+            let r = get(*addr, "/analyze?device_id=steady-1").await;
+            (r.status == 200 && r.json()["samples"] == 50).then_some(())
+        })
+        .await;
     }
 }
 
@@ -191,20 +211,24 @@ async fn three_nodes_compute_exactly_what_one_node_computes() {
 async fn internal_requests_without_the_token_get_401_are_counted_and_queue_nothing() {
     let _one = ONE_CLUSTER.lock().await;
     let redis = Redis::start();
-    let addrs = internal_addrs(1);
-    let node = start_node(&redis, addrs[0], &addrs, "right-token");
-    converged(std::slice::from_ref(&node), 1.0).await;
+    let node = start_node(&redis.url(), internal_addr(), "right-token");
+    ready(node.svc().addr).await;
     let body = "IE1";
     for auth in ["Authorization: Bearer wrong-token\r\n", ""] {
         let request = format!(
-            "POST /cluster/events HTTP/1.1\r\nHost: t\r\nConnection: close\r\n{auth}Content-Length: {}\r\n\r\n{body}",
+            "POST /cluster/events HTTP/1.1\r\nHost: t\r\nConnection: close\r\nX-Cluster-Batch: 1-1\r\n{auth}Content-Length: {}\r\n\r\n{body}",
             body.len()
         );
         assert_eq!(raw(node.internal, request.as_bytes()).await.status, 401);
     }
     let right = "GET /cluster/ping HTTP/1.1\r\nHost: t\r\nConnection: close\r\nAuthorization: Bearer right-token\r\n\r\n";
     let ping = raw(node.internal, right.as_bytes()).await;
-    assert_eq!((ping.status, ping.body.as_str()), (200, "member"));
+    assert_eq!(ping.status, 200);
+    assert!(
+        ping.body.starts_with(&format!("{}#", node.internal)),
+        "the node's id: {}",
+        ping.body
+    );
     let svc = node.svc();
     assert_eq!(svc.metric("cluster_unauthorized_total").await, Some(2.0));
     assert_eq!(
@@ -216,24 +240,10 @@ async fn internal_requests_without_the_token_get_401_are_counted_and_queue_nothi
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_peer_that_is_down_owns_nothing_and_loses_nothing() {
+async fn a_node_joining_and_one_leaving_under_load_keep_every_window_exact() {
     let _one = ONE_CLUSTER.lock().await;
     let redis = Redis::start();
-    let addrs = internal_addrs(3);
-    // The third node never starts: its address is in every peer list.
-    let (nodes, targets) = cluster(&redis, &addrs, 2, FORWARD_TIMEOUT).await;
-    let public: Vec<SocketAddr> = nodes.iter().map(|n| n.svc().addr).collect();
-    let retries = load(60, 30, targets, Duration::ZERO).await;
-    assert_eq!(retries, 0, "every event was answered 200 the first time");
-    all_match(&public, 60, 30).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn scaling_out_and_in_under_load_keeps_every_window_exact() {
-    let _one = ONE_CLUSTER.lock().await;
-    let redis = Redis::start();
-    let addrs = internal_addrs(3);
-    let (mut nodes, targets) = cluster(&redis, &addrs, 2, FORWARD_TIMEOUT).await;
+    let (mut nodes, targets) = start_together(&redis, 2).await;
     let (devices, per_device) = (100, 60);
     let load = tokio::spawn(load(
         devices,
@@ -245,11 +255,27 @@ async fn scaling_out_and_in_under_load_keeps_every_window_exact() {
     let readers = Arc::new(std::sync::Mutex::new(vec![nodes[1].svc().addr]));
     let watcher = tokio::spawn(samples_never_go_back(readers, 30, watching));
 
-    // Scale out: a third node joins while events flow.
+    // Scale out: a third node joins while events flow, and gets traffic as soon as its
+    // own readiness passes.
     tokio::time::sleep(Duration::from_millis(800)).await;
-    nodes.push(start_node(&redis, addrs[2], &addrs, "t"));
-    converged(&nodes, 3.0).await;
-    targets.lock().expect("targets").push(nodes[2].svc().addr);
+    let joined = {
+        let url = redis.url();
+        tokio::task::spawn_blocking(move || start_node(&url, internal_addr(), "t"))
+            .await
+            .expect("node")
+    };
+    let joined_addr = joined.svc().addr;
+    nodes.push(joined);
+    ready(joined_addr).await;
+    let ready_at = Instant::now();
+    targets.lock().expect("targets").push(joined_addr);
+    // It takes its share within a couple of heartbeats of being ready.
+    let took = eventually(SOON, "the new node's share", || async {
+        let owned = common::metric(joined_addr, "cluster_shards_owned").await;
+        (owned >= Some(80.0)).then(|| ready_at.elapsed())
+    })
+    .await;
+    eprintln!("the joined node owned its share {took:.2?} after it was ready");
 
     // Scale in: the first node is taken out of the Service, then stopped with SIGTERM.
     tokio::time::sleep(Duration::from_millis(800)).await;
@@ -262,40 +288,67 @@ async fn scaling_out_and_in_under_load_keeps_every_window_exact() {
         .await
         .expect("terminate");
     assert_eq!(code, 0, "a leaving node exits cleanly");
-    converged(&nodes, 2.0).await;
 
     let retries = load.await.expect("load");
-    eprintln!("client retries: {retries}");
-    for n in nodes.iter().filter(|n| n.svc.is_some()) {
-        for reason in ["timeout", "unreachable", "rejected"] {
-            let series = format!("forward_failures_total{{reason=\"{reason}\"}}");
-            eprintln!("{series} {:?}", n.svc().metric(&series).await);
-        }
-    }
+    assert_eq!(retries, 0, "every event was answered 200 the first time");
     let _ = stop_watch.send(true);
     watcher.await.expect("samples never went back");
-    let remaining: Vec<SocketAddr> = nodes
-        .iter()
-        .filter_map(|n| n.svc.as_ref())
-        .map(|s| s.addr)
-        .collect();
-    all_match(&remaining, devices, per_device).await;
-    // The node that joined took devices over (their windows came from their holders or,
-    // when the holder had already stopped an idle actor and flushed, from the store).
-    let processed_by_new = nodes[2]
-        .svc()
-        .metric("events_processed_total")
-        .await
-        .unwrap_or(0.0);
-    assert!(processed_by_new > 0.0, "the joined node owns devices");
+    all_match(&publics(&nodes), devices, per_device).await;
+    assert!(
+        nodes[2]
+            .svc()
+            .metric("events_processed_total")
+            .await
+            .unwrap_or(0.0)
+            > 0.0,
+        "the joined node processes devices"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rolling_restart_keeps_every_window_exact() {
+    let _one = ONE_CLUSTER.lock().await;
+    let redis = Redis::start();
+    let (mut nodes, targets) = start_together(&redis, 3).await;
+    let (devices, per_device) = (60, 80);
+    let load = tokio::spawn(load(
+        devices,
+        per_device,
+        targets.clone(),
+        Duration::from_millis(40),
+    ));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (i, node) in nodes.iter_mut().enumerate() {
+        // Out of the Service, then SIGTERM; its replacement (same internal address, a
+        // new incarnation) gets traffic as soon as it is ready.
+        let old = node.svc.take().expect("running");
+        targets.lock().expect("targets").retain(|a| *a != old.addr);
+        let (code, _) = tokio::task::spawn_blocking(move || old.terminate())
+            .await
+            .expect("terminate");
+        assert_eq!(code, 0, "node {i} exits cleanly");
+        let me = node.internal;
+        let url = redis.url();
+        let new = tokio::task::spawn_blocking(move || start_node(&url, me, "t"))
+            .await
+            .expect("node");
+        ready(new.svc().addr).await;
+        targets.lock().expect("targets").push(new.svc().addr);
+        *node = new;
+    }
+    let retries = load.await.expect("load");
+    assert_eq!(retries, 0, "every event was answered 200 the first time");
+    all_match(&publics(&nodes), devices, per_device).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_crashed_node_s_devices_continue_from_their_stored_windows() {
     let _one = ONE_CLUSTER.lock().await;
     let redis = Redis::start();
-    let addrs = internal_addrs(3);
-    let (mut nodes, targets) = cluster(&redis, &addrs, addrs.len(), FORWARD_TIMEOUT).await;
+    let (mut nodes, targets) = start_together(&redis, 3).await;
+    for addr in publics(&nodes) {
+        ready(addr).await;
+    }
     let (devices, per_device) = (90, 40);
     let load = tokio::spawn(load(
         devices,
@@ -304,7 +357,7 @@ async fn a_crashed_node_s_devices_continue_from_their_stored_windows() {
         Duration::from_millis(40),
     ));
     tokio::time::sleep(Duration::from_millis(800)).await;
-    // SIGKILL: no drain, no handoff.
+    // SIGKILL: no drain, no handoff. Its shards are taken once its lease runs out.
     let crashed = nodes[2].svc.take().expect("running");
     targets
         .lock()
@@ -319,13 +372,8 @@ async fn a_crashed_node_s_devices_continue_from_their_stored_windows() {
     // one retried duplicate when the crash cut a connection after the event was accepted.
     const LOSS: u64 = 200 / 40 + 1;
     const DUPLICATES: u64 = 1;
-    let survivors: Vec<SocketAddr> = nodes
-        .iter()
-        .filter_map(|n| n.svc.as_ref())
-        .map(|s| s.addr)
-        .collect();
     if let Some((d, addr, samples)) =
-        outside_bounds(&survivors, devices, per_device, LOSS, DUPLICATES).await
+        outside_bounds(&publics(&nodes), devices, per_device, LOSS, DUPLICATES).await
     {
         panic!(
             "dev-{d} on {addr}: {samples} samples after {per_device} events (a window restarted?)"
@@ -360,11 +408,13 @@ async fn outside_bounds(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_hanging_peer_is_routed_around_and_nothing_is_lost() {
+async fn a_paused_node_loses_its_shards_and_can_write_nothing_when_it_wakes() {
     let _one = ONE_CLUSTER.lock().await;
     let redis = Redis::start();
-    let addrs = internal_addrs(3);
-    let (nodes, targets) = cluster(&redis, &addrs, addrs.len(), "1s").await;
+    let (nodes, targets) = start_together(&redis, 3).await;
+    for addr in publics(&nodes) {
+        ready(addr).await;
+    }
     let (devices, per_device) = (60, 40);
     let load = tokio::spawn(load(
         devices,
@@ -374,41 +424,21 @@ async fn a_hanging_peer_is_routed_around_and_nothing_is_lost() {
     ));
     tokio::time::sleep(Duration::from_millis(600)).await;
     // SIGSTOP: the process accepts connections (the kernel does) but never answers, as a
-    // node in a long GC pause or on a frozen VM.
+    // node in a long GC pause or on a frozen VM; its lease runs out meanwhile.
     let hung = nodes[2].svc();
     targets.lock().expect("targets").retain(|a| *a != hung.addr);
     signal(hung.pid(), "-STOP");
     tokio::time::sleep(Duration::from_secs(3)).await;
     signal(hung.pid(), "-CONT");
     load.await.expect("load");
-    let mut timeouts = 0.0;
-    for n in &nodes[..2] {
-        timeouts += n
-            .svc()
-            .metric("forward_failures_total{reason=\"timeout\"}")
-            .await
-            .unwrap_or(0.0);
-    }
-    assert!(timeouts > 0.0, "forwards to the hung node timed out");
-    // The hung node's own accepted-but-unprocessed events (at most one per device: each
-    // device sends its next event only after the answer to the previous one) are what a
-    // pause may cost; everything re-routed is counted once.
-    const LOSS: u64 = 1;
-    let all: Vec<SocketAddr> = nodes.iter().map(|n| n.svc().addr).collect();
-    if let Some((d, addr, samples)) = outside_bounds(&all, devices, per_device, LOSS, 0).await {
-        // What each node did with the device, for whoever has to find out why.
-        let mut nodes = nodes;
-        for (i, node) in nodes.iter_mut().enumerate() {
-            if let Some(svc) = node.svc.take() {
-                let (_, logs) = svc.terminate();
-                for l in logs
-                    .iter()
-                    .filter(|l| l.contains(&format!("\"dev-{d}\"")) || l.contains("view"))
-                {
-                    eprintln!("node{i}: {l}");
-                }
-            }
-        }
+    // A pause costs what the hung node had acknowledged and not yet checkpointed, as a
+    // crash does (see the crash test: CHECKPOINT_INTERVAL / pause + 1 events); its late
+    // writes are refused by the table, and the copies of forwards it reads when it wakes
+    // are past their deadline: nothing is counted twice.
+    const LOSS: u64 = 200 / 40 + 1;
+    if let Some((d, addr, samples)) =
+        outside_bounds(&publics(&nodes), devices, per_device, LOSS, 0).await
+    {
         panic!("dev-{d} on {addr}: {samples} samples after {per_device} events");
     }
 }

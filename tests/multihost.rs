@@ -211,35 +211,34 @@ fn panic_text(e: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "(no message)".into())
 }
 
-/// The replica that owns `device` when `members` are the cluster.
-fn owner(net: &Net, members: &[usize], device: &str) -> usize {
-    let ring = actors::cluster::Ring::new(members.iter().map(|&i| net.internal(i)));
-    let owner = ring.owner(device).expect("owner");
-    *members
-        .iter()
-        .find(|&&i| net.internal(i) == owner)
-        .expect("member")
+/// Where `device` lives: its shard, and that shard's owner and epoch in the table.
+fn owners(net: &Net, device: &str) -> String {
+    let shard = actors::cluster::shards::shard_of(device, 256);
+    let entry = net.redis_cli(&["HGET", "{iot}:shards", &shard.to_string()]);
+    format!("shard {shard}, table entry {entry:?}")
 }
 
-/// Who owns `device` under each member set the tests go through.
-fn owners(net: &Net, size: usize, device: &str) -> String {
-    let mut sets: Vec<Vec<usize>> = vec![(0..size).collect()];
-    for gone in 0..size {
-        sets.push((0..size).filter(|&i| i != gone).collect());
-    }
-    sets.iter()
-        .map(|set| format!("{set:?} -> replica {}", owner(net, set, device)))
-        .collect::<Vec<_>>()
-        .join(", ")
+/// The shards the table gives replica `i` now.
+fn shards_of(net: &Net, i: usize) -> std::collections::HashSet<u32> {
+    let prefix = format!(" {}#", net.internal(i));
+    let flat = net
+        .redis_cli(&["HGETALL", "{iot}:shards"])
+        .unwrap_or_default();
+    let lines: Vec<&str> = flat.lines().collect();
+    lines
+        .chunks_exact(2)
+        .filter(|kv| kv[1].contains(&prefix))
+        .filter_map(|kv| kv[0].parse().ok())
+        .collect()
 }
 
 /// Explains a failed check: the device, its owners, what Redis holds, and the replicas'
 /// log lines about it.
-fn explain(net: &Net, size: usize, what: &str, message: &str) {
+fn explain(net: &Net, what: &str, message: &str) {
     eprintln!("==== {what} FAILED: {message}");
     match device_in(message) {
         Some(device) => {
-            eprintln!("owners of {device}: {}", owners(net, size, device.as_str()));
+            eprintln!("{device}: {}", owners(net, device.as_str()));
             let d = device.trim_start_matches("dev-").parse().ok();
             eprintln!("{}", retries_summary(d));
             let key = format!("analysis:{device}");
@@ -270,16 +269,11 @@ fn explain(net: &Net, size: usize, what: &str, message: &str) {
 }
 
 /// Runs a check; on failure explains it with the replicas' logs, then fails the test.
-async fn check(
-    net: &Net,
-    size: usize,
-    what: &str,
-    check: impl Future<Output = ()> + Send + 'static,
-) {
+async fn check(net: &Net, what: &str, check: impl Future<Output = ()> + Send + 'static) {
     let began = Instant::now();
     if let Err(e) = tokio::spawn(check).await {
         let panic = e.into_panic();
-        explain(net, size, what, &panic_text(&*panic));
+        explain(net, what, &panic_text(&*panic));
         std::panic::resume_unwind(panic);
     }
     eprintln!("[{:6.2}s] {what}: ok ({:.2?})", net.t(), began.elapsed());
@@ -303,7 +297,7 @@ impl Watch {
     }
 
     /// Stops watching; the watcher's failure, explained, if it saw one.
-    async fn finish(self, net: &Net, size: usize) -> Option<Box<dyn std::any::Any + Send>> {
+    async fn finish(self, net: &Net) -> Option<Box<dyn std::any::Any + Send>> {
         let _ = self.stop.send(true);
         match self.task.await {
             Ok(()) => {
@@ -312,7 +306,7 @@ impl Watch {
             }
             Err(e) => {
                 let panic = e.into_panic();
-                explain(net, size, "samples never go back", &panic_text(&*panic));
+                explain(net, "samples never go back", &panic_text(&*panic));
                 Some(panic)
             }
         }
@@ -328,26 +322,25 @@ impl Watch {
 /// must be there.
 async fn final_checks(
     net: &Net,
-    size: usize,
     watch: Watch,
     devices: usize,
     per_device: usize,
-    cut: Option<(usize, Vec<usize>)>,
+    cut: Option<(std::collections::HashSet<u32>, Vec<usize>)>,
 ) {
-    let watched = watch.finish(net, size).await;
+    let watched = watch.finish(net).await;
     net.report().await;
     let nodes: Vec<SocketAddr> = net
         .running_ids()
         .into_iter()
         .map(|i| net.public(i))
         .collect();
-    let everyone: Vec<usize> = (0..size).collect();
     // The last event answered before the cut, give or take one (an answer racing the
     // snapshot, a flush a little slower than one pause).
     let may_lack: Vec<Option<std::ops::RangeInclusive<usize>>> = (0..devices)
         .map(|d| {
-            let (replica, answered) = cut.as_ref()?;
-            (owner(net, &everyone, &format!("dev-{d}")) == *replica)
+            let (shards, answered) = cut.as_ref()?;
+            shards
+                .contains(&actors::cluster::shards::shard_of(&format!("dev-{d}"), 256))
                 .then(|| answered[d].saturating_sub(2)..=answered[d])
         })
         .collect();
@@ -356,7 +349,7 @@ async fn final_checks(
     } else {
         "every device equals the single-node reference on every replica"
     };
-    check(net, size, what, async move {
+    check(net, what, async move {
         let lost = common::cluster::all_match_but_one_lost(&nodes, devices, per_device, |d| {
             may_lack[d].clone()
         })
@@ -385,16 +378,15 @@ async fn finish_load(net: &Net, load: tokio::task::JoinHandle<usize>, last_chang
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn three_replicas_found_through_dns_compute_exactly_what_one_node_computes() {
+async fn three_replicas_started_together_compute_exactly_what_one_node_computes() {
     let _one = ONE_NET.lock().await;
     let Some(mut net) = net_or_skip("steady", 3) else {
         return;
     };
-    net.set_dns(&[0, 1, 2]);
     for i in 0..3 {
         net.start(i);
     }
-    net.converged(&[0, 1, 2], 3, SOON).await;
+    net.ready(&[0, 1, 2], SOON).await;
     let (devices, per_device) = (100, 60);
     let all: Vec<SocketAddr> = (0..3).map(|i| net.public(i)).collect();
     let retries = load(devices, per_device, targets(all.clone()), Duration::ZERO).await;
@@ -403,7 +395,6 @@ async fn three_replicas_found_through_dns_compute_exactly_what_one_node_computes
     net.report().await;
     check(
         &net,
-        3,
         "every device equals the single-node reference on every replica",
         {
             let all = all.clone();
@@ -435,15 +426,14 @@ async fn three_replicas_found_through_dns_compute_exactly_what_one_node_computes
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_replica_added_to_and_removed_from_dns_keeps_every_window_exact() {
+async fn a_replica_added_and_removed_under_load_keeps_every_window_exact() {
     let _one = ONE_NET.lock().await;
     let Some(mut net) = net_or_skip("scale_out_in", 3) else {
         return;
     };
-    net.set_dns(&[0, 1]);
     net.start(0);
     net.start(1);
-    net.converged(&[0, 1], 2, SOON).await;
+    net.ready(&[0, 1], SOON).await;
 
     let (devices, per_device) = (100, 90);
     let clients = targets(vec![net.public(0), net.public(1)]);
@@ -459,21 +449,19 @@ async fn a_replica_added_to_and_removed_from_dns_keeps_every_window_exact() {
     // (and the Service's endpoints).
     sleep(Duration::from_secs(2)).await;
     net.start(2);
-    net.set_dns(&[0, 1, 2]);
-    net.converged(&[0, 1, 2], 3, SOON).await;
+    net.ready(&[0, 1, 2], SOON).await;
     clients.lock().expect("targets").push(net.public(2));
 
     // Scale in: replica 0 leaves the DNS answer and the endpoints, then gets SIGTERM at
     // once (no preStop pause: peers may still route to it for a discovery round).
     sleep(Duration::from_secs(2)).await;
-    net.set_dns(&[1, 2]);
     set(&clients, vec![net.public(1), net.public(2)]);
     assert_eq!(net.terminate(0).await, 0, "a leaving replica exits 0");
-    net.converged(&[1, 2], 2, SOON).await;
+    net.ready(&[1, 2], SOON).await;
     let last_change = net.t();
 
     finish_load(&net, load, last_change).await;
-    final_checks(&net, 3, watch, devices, per_device, None).await;
+    final_checks(&net, watch, devices, per_device, None).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -482,11 +470,10 @@ async fn a_rolling_restart_keeps_every_window_exact() {
     let Some(mut net) = net_or_skip("rolling_restart", 3) else {
         return;
     };
-    net.set_dns(&[0, 1, 2]);
     for i in 0..3 {
         net.start(i);
     }
-    net.converged(&[0, 1, 2], 3, SOON).await;
+    net.ready(&[0, 1, 2], SOON).await;
 
     let all: Vec<SocketAddr> = (0..3).map(|i| net.public(i)).collect();
     let (devices, per_device) = (100, 90);
@@ -508,21 +495,19 @@ async fn a_rolling_restart_keeps_every_window_exact() {
         // stop routing to it, as the manifests' preStop sleep allows), then SIGTERM.
         set(&readers, vec![net.public(others[0])]);
         set(&clients, others.iter().map(|&j| net.public(j)).collect());
-        net.set_dns(&others);
         sleep(Duration::from_secs(1)).await;
         assert_eq!(net.terminate(i).await, 0, "replica {i} exits 0 on SIGTERM");
-        net.converged(&others, 2, SOON).await;
+        net.ready(&others, SOON).await;
         // The new pod, with the same address: started, ready, then back in DNS.
         net.start(i);
-        net.set_dns(&[0, 1, 2]);
-        net.converged(&[0, 1, 2], 3, SOON).await;
+        net.ready(&[0, 1, 2], SOON).await;
         set(&clients, all.clone());
         sleep(Duration::from_millis(500)).await;
     }
     let last_change = net.t();
 
     finish_load(&net, load, last_change).await;
-    final_checks(&net, 3, watch, devices, per_device, None).await;
+    final_checks(&net, watch, devices, per_device, None).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -532,11 +517,10 @@ async fn a_partitioned_replica_loses_at_most_its_unflushed_event_and_never_overw
     let Some(mut net) = net_or_skip("partition", 3) else {
         return;
     };
-    net.set_dns(&[0, 1, 2]);
     for i in 0..3 {
         net.start(i);
     }
-    net.converged(&[0, 1, 2], 3, SOON).await;
+    net.ready(&[0, 1, 2], SOON).await;
 
     let all: Vec<SocketAddr> = (0..3).map(|i| net.public(i)).collect();
     let (devices, per_device) = (100, 90);
@@ -558,11 +542,12 @@ async fn a_partitioned_replica_loses_at_most_its_unflushed_event_and_never_overw
     sleep(Duration::from_secs(1)).await;
     let cut = Instant::now();
     let answered_at_cut = ANSWERED.lock().expect("answered").clone();
+    let owned_at_cut = shards_of(&net, 2);
     net.link(2, false);
-    net.converged(&[0, 1], 2, SOON).await;
+    net.ready(&[0, 1], SOON).await;
     sleep(Duration::from_secs(10).saturating_sub(cut.elapsed())).await;
     net.link(2, true);
-    let healed = net.converged(&[0, 1, 2], 3, SOON).await;
+    let healed = net.ready(&[0, 1, 2], SOON).await;
     eprintln!(
         "partition of {:.2?}, healed within {healed:.2?}",
         cut.elapsed() - healed
@@ -573,11 +558,10 @@ async fn a_partitioned_replica_loses_at_most_its_unflushed_event_and_never_overw
     finish_load(&net, load, last_change).await;
     final_checks(
         &net,
-        3,
         watch,
         devices,
         per_device,
-        Some((2, answered_at_cut)),
+        Some((owned_at_cut, answered_at_cut)),
     )
     .await;
 }

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{eventually, get, post_event, request_with, InProcess, Redis, Service};
+use common::{eventually, get, post_event, InProcess, Redis, Service};
 use serde_json::Value;
 use std::time::{Duration, Instant};
 
@@ -273,104 +273,6 @@ async fn a_hanging_redis_is_detected_by_deadlines_and_recovered_from() {
 }
 
 #[tokio::test]
-async fn in_a_cluster_an_older_window_never_replaces_a_newer_one() {
-    use actors::store::{DeviceWrite, RedisStore, WindowSnapshot};
-    let redis = Redis::start();
-    let store = RedisStore::new(&redis.url(), 2, Duration::from_secs(2))
-        .expect("pool")
-        .guarded();
-    let write = |version: u64, marker: &str| DeviceWrite {
-        analysis: (
-            "analysis:g".into(),
-            bytes::Bytes::from(format!("{{\"m\":\"{marker}\"}}")),
-        ),
-        window: (
-            "window:g".into(),
-            Some(WindowSnapshot::new(vec![(version as f64, 0.5)], None, version).to_bytes()),
-        ),
-        version,
-    };
-    // Between checkpoints: the analysis only, guarded by the same version.
-    let analysis_only = |version: u64, marker: &str| DeviceWrite {
-        window: ("window:g".into(), None),
-        ..write(version, marker)
-    };
-    let ttl = Duration::from_secs(60);
-    // Sequence numbers across the byte boundaries a string comparison would get wrong.
-    store
-        .write(vec![write(255, "a")], ttl)
-        .await
-        .expect("write");
-    store
-        .write(vec![write(256, "b")], ttl)
-        .await
-        .expect("write");
-    assert_eq!(
-        redis.cli(&["GET", "analysis:g"]).as_deref(),
-        Some(r#"{"m":"b"}"#)
-    );
-    // A stale node's flush: refused, both keys untouched.
-    store
-        .write(vec![write(7, "stale")], ttl)
-        .await
-        .expect("write");
-    assert_eq!(
-        redis.cli(&["GET", "analysis:g"]).as_deref(),
-        Some(r#"{"m":"b"}"#)
-    );
-    let window = redis.cli(&["GET", "window:g"]).expect("window");
-    assert!(!window.is_empty());
-    // An analysis between checkpoints: an older version is refused, a newer one writes
-    // the analysis and leaves the window.
-    store
-        .write(vec![analysis_only(200, "stale-analysis")], ttl)
-        .await
-        .expect("write");
-    assert_eq!(
-        redis.cli(&["GET", "analysis:g"]).as_deref(),
-        Some(r#"{"m":"b"}"#)
-    );
-    store
-        .write(vec![analysis_only(300, "between")], ttl)
-        .await
-        .expect("write");
-    assert_eq!(
-        redis.cli(&["GET", "analysis:g"]).as_deref(),
-        Some(r#"{"m":"between"}"#)
-    );
-    assert_eq!(redis.cli(&["GET", "window:g"]).as_ref(), Some(&window));
-    // The same or a newer sequence number writes.
-    store
-        .write(vec![write(256, "c")], ttl)
-        .await
-        .expect("write");
-    assert_eq!(
-        redis.cli(&["GET", "analysis:g"]).as_deref(),
-        Some(r#"{"m":"c"}"#)
-    );
-    store
-        .write(vec![write(1 << 40, "d")], ttl)
-        .await
-        .expect("write");
-    assert_eq!(
-        redis.cli(&["GET", "analysis:g"]).as_deref(),
-        Some(r#"{"m":"d"}"#)
-    );
-    let pttl: i64 = redis
-        .cli(&["PTTL", "window:g"])
-        .and_then(|t| t.parse().ok())
-        .expect("pttl");
-    assert!(pttl > 50_000, "{pttl}");
-    // An unguarded store (one node) writes whatever it is given.
-    let plain = RedisStore::new(&redis.url(), 2, Duration::from_secs(2)).expect("pool");
-    plain.write(vec![write(1, "e")], ttl).await.expect("write");
-    assert_eq!(
-        redis.cli(&["GET", "analysis:g"]).as_deref(),
-        Some(r#"{"m":"e"}"#)
-    );
-}
-
-#[tokio::test]
 async fn sigterm_with_redis_down_says_how_many_results_were_not_stored() {
     let port = common::free_port();
     let svc = Service::start(&[
@@ -448,113 +350,6 @@ async fn a_request_in_flight_at_sigterm_gets_an_honest_answer() {
     }
 }
 
-/// A cluster node over `redis` whose internal listener is `me`, with `peers` and the
-/// `extra` settings.
-async fn cluster_node(redis: &Redis, me: &str, peers: &str, extra: &[(&str, &str)]) -> InProcess {
-    let url = redis.url();
-    let mut settings = vec![
-        ("REDIS_URL", url.as_str()),
-        ("CLUSTER_PEERS", peers),
-        ("CLUSTER_ADVERTISE_ADDR", me),
-        ("CLUSTER_LISTEN_ADDR", me),
-        ("CLUSTER_TOKEN", "secret-1"),
-    ];
-    settings.extend_from_slice(extra);
-    InProcess::start(&settings).await
-}
-
-/// `GET /cluster/ping` on a node's internal listener, as a peer asks it.
-async fn cluster_ping(me: &str) -> common::Reply {
-    cluster_get(me, "/cluster/ping").await
-}
-
-/// A GET on a node's internal listener, with the cluster token.
-async fn cluster_get(me: &str, path: &str) -> common::Reply {
-    let internal: std::net::SocketAddr = me.parse().expect("address");
-    request_with(
-        internal,
-        "GET",
-        path,
-        &["Authorization: Bearer secret-1"],
-        b"",
-    )
-    .await
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_probe_from_a_peer_taking_this_node_back_stops_its_idle_device_actors_at_once() {
-    let redis = Redis::start();
-    let me = format!("127.0.0.1:{}", common::free_port());
-    // Discovery rounds a minute apart: within the test only the probe can stop an actor.
-    let svc = cluster_node(&redis, &me, &me, &[("CLUSTER_DISCOVERY_INTERVAL", "60s")]).await;
-    eventually(SOON, "/ready", || async {
-        (get(svc.addr, "/ready").await.status == 200).then_some(())
-    })
-    .await;
-    assert_eq!(post_event(svc.addr, "d-1", 0.5, 1.0).await.status, 200);
-    eventually(SOON, "the event processed by a live actor", || async {
-        let processed = common::metric(svc.addr, "events_processed_total").await;
-        let actors = common::metric(svc.addr, "device_actors").await;
-        (processed == Some(1.0) && actors == Some(1.0)).then_some(())
-    })
-    .await;
-    // A peer that had left this node out probes it before routing devices here again:
-    // an actor kept from before may hold a window others have moved on from since.
-    let r = cluster_get(&me, "/cluster/ping?rejoin=1").await;
-    assert_eq!((r.status, r.body.as_str()), (200, "member"));
-    eventually(SOON, "the idle actor stopped", || async {
-        (common::metric(svc.addr, "device_actors").await == Some(0.0)).then_some(())
-    })
-    .await;
-    // The device's next event starts a new actor that continues the window.
-    assert_eq!(post_event(svc.addr, "d-1", 0.5, 2.0).await.status, 200);
-    eventually(SOON, "both readings in the window", || async {
-        let r = get(svc.addr, "/analyze?device_id=d-1").await;
-        (r.status == 200 && r.json()["samples"] == 2).then_some(())
-    })
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_leaving_cluster_node_answers_peers_through_its_leave_grace() {
-    let redis = Redis::start();
-    let me = format!("127.0.0.1:{}", common::free_port());
-    // A one-node cluster whose leave grace (2 × discovery interval + forward timeout,
-    // here 61 s) and SHUTDOWN_TIMEOUT outlast the test by far.
-    let svc = cluster_node(
-        &redis,
-        &me,
-        &me,
-        &[
-            ("CLUSTER_DISCOVERY_INTERVAL", "30s"),
-            ("SHUTDOWN_TIMEOUT", "120s"),
-        ],
-    )
-    .await;
-    assert_eq!(cluster_ping(&me).await.status, 200);
-    // Ready once its first discovery round is done, and saying why.
-    let ready = eventually(SOON, "/ready", || async {
-        let r = get(svc.addr, "/ready").await;
-        (r.status == 200).then(|| r.json())
-    })
-    .await;
-    assert_eq!(ready["checks"]["cluster"], "ok");
-    let api = svc.addr;
-    let stopped = tokio::spawn(svc.shutdown());
-    // The API listener closes at once; the internal one keeps answering (forwarded
-    // events, handoffs) until every peer has seen this node leave.
-    eventually(SOON, "the API listener to close", || async {
-        tokio::net::TcpStream::connect(api)
-            .await
-            .is_err()
-            .then_some(())
-    })
-    .await;
-    let r = cluster_ping(&me).await;
-    assert_eq!((r.status, r.body.as_str()), (200, "leaving"));
-    assert!(!stopped.is_finished());
-}
-
 /// Asks the store writer for `device`'s window, as a starting device actor does; answers
 /// its version.
 async fn window_answered(system: &actors::System, device: &str) -> Option<u64> {
@@ -617,7 +412,7 @@ async fn another_node_writes(redis: &Redis, device: &str, version: u64) {
             window_key(device),
             Some(WindowSnapshot::new(vec![(9.0, 0.5)], None, version).to_bytes()),
         ),
-        version,
+        device: device.into(),
     };
     other
         .write(vec![write], Duration::from_secs(60))
@@ -635,9 +430,11 @@ async fn a_restoring_device_gets_the_newer_of_its_unflushed_and_the_stored_windo
     let newer = (2 << 40) + 1;
     let older = 5;
 
-    // In a cluster (conditional writes) the store is read as well and the newer window
+    // In a cluster (fenced writes) the store is read as well and the newer window
     // wins: another node may have written the device while this one was cut off.
-    let cluster = system_that_keeps_results(pool().guarded()).await;
+    let nothing_owned = actors::cluster::Ownership::new("127.0.0.1:1#1".into(), 4);
+    let cluster =
+        system_that_keeps_results(pool().fenced(std::sync::Arc::new(nothing_owned))).await;
     three_unflushed_events(&cluster, "g-new", 1).await;
     assert_eq!(window_answered(&cluster, "g-new").await, Some(mine));
     another_node_writes(&redis, "g-new", newer).await;
@@ -676,35 +473,4 @@ async fn the_pool_reuses_a_healthy_connection_and_replaces_a_broken_one_at_once(
         .ping()
         .await
         .expect("the broken connection was replaced");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cluster_node_is_not_ready_until_its_first_discovery_round_is_done() {
-    let redis = Redis::start();
-    let me = format!("127.0.0.1:{}", common::free_port());
-    // A peer that accepts connections and never answers: the first round's probe of it
-    // lasts its whole timeout.
-    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let peers = format!("{me},{}", silent.local_addr().expect("addr"));
-    let svc = cluster_node(&redis, &me, &peers, &[("CLUSTER_FORWARD_TIMEOUT", "5s")]).await;
-    let r = get(svc.addr, "/ready").await;
-    assert_eq!(r.status, 503, "{}", r.body);
-    assert_eq!(r.json()["checks"]["cluster"], "discovering");
-    // Peers hear the same: this node is starting, not yet a member to route to.
-    let ping = cluster_ping(&me).await;
-    assert_eq!((ping.status, ping.body.as_str()), (200, "starting"));
-    // Once the silent peer's probe has timed out, the round is done.
-    let ready = eventually(
-        Duration::from_secs(15),
-        "/ready after discovery",
-        || async {
-            let r = get(svc.addr, "/ready").await;
-            (r.status == 200).then(|| r.json())
-        },
-    )
-    .await;
-    assert_eq!(ready["checks"]["cluster"], "ok");
-    drop(silent);
 }

@@ -8,8 +8,7 @@
 use crate::analytics::{AnomalyRule, Signal};
 use crate::device::SlotMap;
 use crate::device::{
-    Admission, DeviceContext, DeviceSupervisor, Directory, Predecessor, SupervisorArgs,
-    SupervisorMsg,
+    Admission, DeviceContext, DeviceSupervisor, Directory, SupervisorArgs, SupervisorMsg,
 };
 use crate::metrics::{Metrics, MetricsActor, MetricsArgs, MetricsMsg, ScrapeError};
 use crate::store::{Inbox, Store, StoreHealth, WriterActor, WriterArgs, WriterMsg};
@@ -17,7 +16,7 @@ use crate::tuning::{ACTOR_CALL_TIMEOUT, WINDOW_RESTORE_TIMEOUT};
 use prometheus_client::registry::Registry;
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorRef, ActorStatus, RpcReplyPort};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -167,7 +166,6 @@ impl System {
             restore_timeout: WINDOW_RESTORE_TIMEOUT,
             checkpoint_interval: config.window_checkpoint_interval,
             signals: config.anomaly_signals.clone(),
-            predecessor: OnceLock::new(),
             slots: slots.clone(),
         });
         let (supervisor, _) = Actor::spawn(
@@ -210,12 +208,6 @@ impl System {
     /// The store writer (handoffs release a device's result through it).
     pub fn writer(&self) -> &ActorRef<WriterMsg> {
         &self.writer
-    }
-
-    /// Lets starting device actors fetch windows from other nodes (cluster mode). Only
-    /// the first link counts.
-    pub fn link_predecessor(&self, predecessor: Arc<dyn Predecessor>) {
-        let _ = self.ctx.predecessor.set(predecessor);
     }
 
     /// Whether the store answered its last contact.

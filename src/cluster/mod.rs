@@ -6,8 +6,8 @@ pub mod server;
 
 /// Carries `Bearer <CLUSTER_TOKEN>`.
 pub const TOKEN_HEADER: hyper::header::HeaderName = hyper::header::AUTHORIZATION;
-/// The calling node's advertised address (a release hands the device to it).
-pub const FROM_HEADER: &str = "x-cluster-from";
+/// A forwarded batch's idempotency key (`<incarnation>-<sequence>`, hex).
+pub const BATCH_HEADER: &str = "x-cluster-batch";
 
 /// Milliseconds since the Unix epoch (0 if the clock is before it).
 pub fn unix_millis() -> u64 {
@@ -20,13 +20,8 @@ pub fn unix_millis() -> u64 {
 pub mod paths {
     /// A forwarded batch of events.
     pub const EVENTS: &str = "/cluster/events";
-    /// Liveness and state of a node.
+    /// A node's id.
     pub const PING: &str = "/cluster/ping";
-    /// The same, from a node that does not count the callee as a member.
-    pub const PING_REJOIN: &str = "/cluster/ping?rejoin=1";
-    /// Hand a device over to the caller.
-    pub const RELEASE: &str = "/cluster/release";
+    /// Read the table now.
+    pub const KICK: &str = "/cluster/kick";
 }
-
-#[cfg(test)]
-mod tests;

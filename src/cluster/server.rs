@@ -2,26 +2,23 @@
 //!
 //! Every request must carry `Authorization: Bearer <CLUSTER_TOKEN>`; without it the
 //! answer is 401 and the attempt is counted (`cluster_unauthorized_total`). Routes:
-//! - `POST /cluster/events?deadline=MS`: a forwarded batch ([`actors::cluster::wire`]);
-//!   200 once every event is queued here (the acknowledgement), 503 when it does not fit
-//!   under MAX_PENDING_EVENTS (nothing was queued), 400 when it does not decode, 410 when
-//!   it arrives after the sender's deadline (the sender has re-routed it; nothing queued).
-//! - `GET /cluster/ping`: `member`, `starting` or `leaving`; `?rejoin=1` from a peer
-//!   that does not count this node as a member makes it resync its device actors.
-//! - `POST /cluster/release?device_id=ID` (from `X-Cluster-From: ip:port`): hand the
-//!   device to the caller; 200 with its final window, 204 when there is none, 409 when
-//!   its queue did not drain in time. Run to its end even when the caller hangs up: a
-//!   release left half-way would leave the device's slot closed. (When this node is
-//!   taking the device from the caller at the same moment and keeps it, the 200 or 204
-//!   lends its newest window; see `Handoff::keeps`.)
+//! - `POST /cluster/events?sent=MS&deadline=MS` with `X-Cluster-Batch: <incarnation>-<seq>`: a
+//!   forwarded batch ([`actors::cluster::wire`]); 200 once every event is queued at its
+//!   owner, with the positions of the events that were not (empty body: all were); a
+//!   repeat of a key gets the first answer and queues nothing; 400 when it does not
+//!   decode or has no key, 410 when it arrives after the sender's deadline (the sender
+//!   has given up on it; nothing queued). A batch sent before this node renewed a lapsed
+//!   lease is answered as not taken (its sender may have sent it elsewhere meanwhile).
+//! - `GET /cluster/ping`: this node's id (the start-up check of CLUSTER_ADVERTISE_ADDR).
+//! - `POST /cluster/kick`: the table changed for this node (a shard was passed to it):
+//!   it reads the table now.
 //!
 //! The port is never behind the Service or the Ingress; the NetworkPolicy opens it only
 //! between the app's own pods.
 
-use super::{paths, FROM_HEADER, TOKEN_HEADER};
+use super::{paths, BATCH_HEADER, TOKEN_HEADER};
 use crate::http::query_param;
-use actors::cluster::{wire, Cluster, ReleaseError};
-use actors::device::SubmitError;
+use actors::cluster::{wire, BatchId, Cluster};
 use actors::metrics::Metrics;
 
 use bytes::Bytes;
@@ -32,7 +29,6 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -116,20 +112,30 @@ impl Internal {
             return answer(StatusCode::UNAUTHORIZED, "missing or wrong cluster token");
         }
         match (req.method(), req.uri().path()) {
-            (&Method::GET, paths::PING) => {
-                if req.uri().query() == Some("rejoin=1") {
-                    self.cluster.request_resync();
-                }
-                answer(StatusCode::OK, self.cluster.membership().state().as_str())
+            (&Method::GET, paths::PING) => answer(StatusCode::OK, self.cluster.me().to_string()),
+            (&Method::POST, paths::KICK) => {
+                self.cluster.kick();
+                answer(StatusCode::NO_CONTENT, "")
             }
             (&Method::POST, paths::EVENTS) => self.events(req).await,
-            (&Method::POST, paths::RELEASE) => self.release(req).await,
             _ => answer(StatusCode::NOT_FOUND, "no such internal route"),
         }
     }
 
     async fn events(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
         let deadline = query_param(req.uri(), "deadline").and_then(|v| v.parse::<u64>().ok());
+        let sent = query_param(req.uri(), "sent").and_then(|v| v.parse::<u64>().ok());
+        let id: Option<BatchId> = req
+            .headers()
+            .get(BATCH_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        let (Some(id), Some(sent)) = (id, sent) else {
+            return answer(
+                StatusCode::BAD_REQUEST,
+                "a forwarded batch needs X-Cluster-Batch and ?sent=",
+            );
+        };
         let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
             Ok(body) => body.to_bytes(),
             Err(e) => return answer(StatusCode::BAD_REQUEST, e.to_string()),
@@ -138,47 +144,19 @@ impl Internal {
             Ok(events) => events,
             Err(e) => return answer(StatusCode::BAD_REQUEST, e.to_string()),
         };
-        // The sender stopped waiting (timed out, re-routed the events): taking them now
-        // would count them twice. Clocks of pods agree to well within a forward timeout.
+        // The sender stopped waiting (and its client was told so): taking the events now
+        // would count them twice once the client sends them again. Clocks of pods agree
+        // to well within a forward timeout.
         if deadline.is_some_and(|d| super::unix_millis() > d) {
             self.metrics.forwarded_batches_expired.inc();
             return answer(StatusCode::GONE, "the sender gave up on this batch");
         }
-        match self.cluster.receive(events).await {
-            Ok(()) => answer(StatusCode::OK, ""),
-            Err(SubmitError::Overloaded) => answer(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "MAX_PENDING_EVENTS reached",
-            ),
-            Err(e) => answer(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
-        }
-    }
-
-    async fn release(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
-        let from: Option<SocketAddr> = req
-            .headers()
-            .get(FROM_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok());
-        let device = query_param(req.uri(), "device_id");
-        let (Some(from), Some(device)) = (from, device) else {
-            return answer(
-                StatusCode::BAD_REQUEST,
-                "release needs ?device_id= and X-Cluster-From",
-            );
-        };
+        // Taken to its end even if the sender hangs up: its retry (same key) gets this
+        // answer.
         let cluster = self.cluster.clone();
-        let device: Arc<str> = Arc::from(device);
-        let released =
-            tokio::spawn(async move { cluster.handoff().release(device, from).await }).await;
-        let Ok(released) = released else {
-            return answer(StatusCode::INTERNAL_SERVER_ERROR, "the release failed");
-        };
-        match released {
-            Ok(Some(window)) => answer(StatusCode::OK, window.to_bytes()),
-            Ok(None) => answer(StatusCode::NO_CONTENT, ""),
-            Err(e @ ReleaseError::Busy(_)) => answer(StatusCode::CONFLICT, e.to_string()),
-            Err(e) => answer(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        match tokio::spawn(async move { cluster.receive(id, sent, events).await }).await {
+            Ok(refused) => answer(StatusCode::OK, wire::encode_refused(&refused)),
+            Err(_) => answer(StatusCode::INTERNAL_SERVER_ERROR, "taking the batch failed"),
         }
     }
 }

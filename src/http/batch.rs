@@ -169,6 +169,7 @@ pub async fn post(state: &AppState, req: Request<Incoming>) -> Response<Body> {
                 SubmitError::Unavailable | SubmitError::HandedOff => {
                     (RejectReason::ShuttingDown, SHUTTING_DOWN)
                 }
+                SubmitError::Unroutable => (RejectReason::Unroutable, super::ingest::UNROUTABLE),
             };
             count(reason, valid);
             let rejected = valid + errors.len();

@@ -87,8 +87,16 @@ async fn accept(
         Err(SubmitError::Unavailable | SubmitError::HandedOff) => {
             refused(RejectReason::ShuttingDown, shutting_down())
         }
+        Err(SubmitError::Unroutable) => refused(
+            RejectReason::Unroutable,
+            ApiError::status(StatusCode::SERVICE_UNAVAILABLE, UNROUTABLE),
+        ),
     }
 }
+
+/// The message of a refusal when no node could take the event in time (a cluster).
+pub(super) const UNROUTABLE: &str =
+    "the node that owns this device cannot take events right now; retry shortly";
 
 /// The message of every refusal during shutdown.
 pub(super) const SHUTTING_DOWN: &str = "the service is shutting down";

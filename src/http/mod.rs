@@ -121,8 +121,8 @@ impl AppState {
         &self.inner.request_log
     }
 
-    fn cluster(&self) -> Option<&Cluster> {
-        self.inner.cluster.as_deref()
+    fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.inner.cluster.as_ref()
     }
 
     /// The client behind the request's token, when AUTH_TOKENS_FILE is set (`None`:
@@ -207,7 +207,7 @@ impl AppState {
         match self.cluster() {
             None => {
                 let directory = self.system().directory();
-                // Only a cluster hands devices off; should one be, it stays here.
+                // Only a cluster moves devices away; should one be, it stays here.
                 for (device, event) in directory.submit_many(events.into_iter())? {
                     directory.submit_regardless(&device, event)?;
                 }
@@ -228,7 +228,7 @@ impl AppState {
     pub fn begin_shutdown(&self) {
         let _ = self.inner.shutdown_began.set(Instant::now());
         self.inner.shutdown.send_replace(true);
-        // Peers stop routing here at their next probe; handoffs are still answered.
+        // This node hands its shards to the others; forwarded events are still taken.
         if let Some(cluster) = self.cluster() {
             cluster.leave();
         }

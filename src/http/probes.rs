@@ -46,16 +46,15 @@ pub fn ready(state: &AppState) -> Response<Body> {
     let store_ok = system.store_health().is_up();
     let actors_ok = system.is_running();
     let stopping = state.is_shutting_down();
-    // In a cluster: not ready until the first discovery round has probed every peer, so
-    // a starting pod never claims every device for itself.
+    // In a cluster: ready once registered in the table (the first heartbeat). A new node
+    // owns nothing at first: its events go to the shards' owners until shards move here.
     let cluster = state.cluster().map(|c| {
-        let m = c.membership();
-        if m.is_leaving() {
+        if c.is_leaving() {
             "leaving"
-        } else if m.is_discovered() {
+        } else if c.is_registered() {
             "ok"
         } else {
-            "discovering"
+            "joining"
         }
     });
     let checks = Checks {

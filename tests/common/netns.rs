@@ -6,12 +6,9 @@
 //!   /24s of 10.77.0.0/16 that no interface uses; the test's only traffic targets are
 //!   these addresses and loopback);
 //! - a `redis-server` bound to the bridge address, on a free port;
-//! - `dnsmasq` bound only to the bridge address, port 53, answering one name,
-//!   [`PEERS_NAME`], from an addn-hosts file that [`Net::set_dns`] rewrites (then SIGHUP),
-//!   as a headless Service's DNS answer follows its ready pods;
-//! - one namespace per replica, its `eth0` a veth to the bridge with `10.77.S.(11+i)`,
-//!   and `/etc/netns/<ns>/resolv.conf` naming dnsmasq (`ip netns exec` bind-mounts it
-//!   over `/etc/resolv.conf`, so the service's system resolver asks dnsmasq).
+//! - one namespace per replica, its `eth0` a veth to the bridge with `10.77.S.(11+i)`.
+//!
+//! The replicas find each other through their heartbeats in that Redis, as pods do.
 //!
 //! Replicas are the real binary, started with `ip netns exec <ns>`; their JSON logs are
 //! kept (files under `CARGO_TARGET_TMPDIR/multihost/`, kept when the test fails) for the
@@ -23,7 +20,7 @@
 
 use crate::common::cluster::WINDOW;
 use crate::common::get;
-use std::collections::BTreeSet;
+
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -33,8 +30,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// The name every replica's CLUSTER_PEERS points at.
-pub const PEERS_NAME: &str = "peers.iot.test";
 /// The shared secret of the test clusters.
 pub const TOKEN: &str = "multihost-token";
 /// Public and internal ports of every replica (each has its own address).
@@ -85,13 +80,15 @@ fn alive(pid: u32) -> bool {
 }
 
 /// Why this machine cannot run the tier (`Err`), checked before anything is created:
-/// root, `ip` with namespaces and bridges, `dnsmasq`, `redis-server`.
+/// root, `ip` with namespaces and bridges, `redis-server`.
 pub fn preflight() -> Result<(), String> {
     if !is_root() {
-        return Err("not running as root (network namespaces, veths and a bridge need CAP_NET_ADMIN, dnsmasq port 53)".into());
+        return Err(
+            "not running as root (network namespaces, veths and a bridge need CAP_NET_ADMIN)"
+                .into(),
+        );
     }
     run("ip", &["-V"]).map_err(|e| format!("no usable `ip` (iproute2): {e}"))?;
-    run("dnsmasq", &["--version"]).map_err(|e| format!("no dnsmasq (dnsmasq-base): {e}"))?;
     run("redis-server", &["--version"]).map_err(|e| format!("no redis-server: {e}"))?;
     cleanup_leftovers();
     let probe = format!("{PREFIX}{}p", std::process::id());
@@ -228,9 +225,7 @@ pub struct Net {
     size: usize,
     bridge: String,
     log_dir: PathBuf,
-    hosts_file: PathBuf,
     state_file: PathBuf,
-    dnsmasq: Option<Child>,
     redis: Option<Child>,
     redis_port: u16,
     replicas: Vec<Option<Replica>>,
@@ -263,13 +258,11 @@ impl Net {
         let subnet = free_subnet();
         let mut net = Net {
             bridge: format!("{tag}br"),
-            hosts_file: log_dir.join("peers.hosts"),
             state_file: Path::new(STATE_DIR).join(&tag),
             tag,
             subnet,
             size,
             log_dir,
-            dnsmasq: None,
             redis: None,
             redis_port: 0,
             replicas: (0..size).map(|_| None).collect(),
@@ -309,18 +302,8 @@ impl Net {
             must("ip", &["-n", &ns, "addr", "add", &ip, "dev", "eth0"]);
             must("ip", &["-n", &ns, "link", "set", "eth0", "up"]);
             must("ip", &["-n", &ns, "link", "set", "lo", "up"]);
-            let etc = format!("/etc/netns/{ns}");
-            fs::create_dir_all(&etc).expect("/etc/netns/<ns>");
-            // One try of one second: a lookup during a partition must not outlast the
-            // discovery round by much.
-            fs::write(
-                format!("{etc}/resolv.conf"),
-                format!("nameserver {gw}\noptions timeout:1 attempts:1\n"),
-            )
-            .expect("resolv.conf");
         }
         self.start_redis();
-        self.start_dnsmasq();
     }
 
     /// Captures every replica's internal traffic (port 8081) into `<log dir>/<ns>.pcap`,
@@ -415,43 +398,6 @@ impl Net {
         (out.status.success() && !text.starts_with("Could not connect")).then_some(text)
     }
 
-    fn start_dnsmasq(&mut self) {
-        fs::write(&self.hosts_file, "").expect("hosts file");
-        let log = fs::File::create(self.log_dir.join("dnsmasq.log")).expect("dnsmasq log");
-        let child = Command::new("dnsmasq")
-            .args([
-                "--keep-in-foreground",
-                "--no-resolv",
-                "--no-hosts",
-                "--no-poll",
-                "--bind-interfaces",
-                &format!("--listen-address={}", self.gateway()),
-                "--port=53",
-                "--pid-file=",
-                "--log-facility=-",
-                &format!("--addn-hosts={}", self.hosts_file.display()),
-            ])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start dnsmasq");
-        self.record_child(child.id(), "dnsmasq");
-        self.dnsmasq = Some(child);
-        // Ready when it answers (an empty answer: the name is not known yet).
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let text = fs::read_to_string(self.log_dir.join("dnsmasq.log")).unwrap_or_default();
-            if text.contains("started") && text.contains("read ") {
-                break;
-            }
-            if let Some(Ok(Some(status))) = self.dnsmasq.as_mut().map(|c| c.try_wait()) {
-                panic!("dnsmasq exited ({status}): {text}");
-            }
-            assert!(Instant::now() < deadline, "dnsmasq did not start: {text}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
     /// The bridge's address: Redis and DNS.
     pub fn gateway(&self) -> Ipv4Addr {
         Ipv4Addr::new(10, 77, self.subnet, 1)
@@ -491,50 +437,6 @@ impl Net {
         &self.log_dir
     }
 
-    /// The DNS answer for [`PEERS_NAME`] becomes exactly these replicas' addresses
-    /// (rewrite of the addn-hosts file + SIGHUP); returns once a lookup from inside the
-    /// first namespace sees the new answer.
-    pub fn set_dns(&mut self, members: &[usize]) {
-        let text: String = members
-            .iter()
-            .map(|&i| format!("{} {PEERS_NAME}\n", self.ip(i)))
-            .collect();
-        let tmp = self.hosts_file.with_extension("tmp");
-        fs::write(&tmp, text).expect("hosts file");
-        fs::rename(&tmp, &self.hosts_file).expect("hosts file");
-        let pid = self.dnsmasq.as_ref().expect("dnsmasq").id().to_string();
-        must("kill", &["-HUP", &pid]);
-        let want: BTreeSet<Ipv4Addr> = members.iter().map(|&i| self.ip(i)).collect();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if self.resolve_from(0) == want {
-                break;
-            }
-            assert!(Instant::now() < deadline, "dnsmasq never answered {want:?}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        eprintln!("[{:6.2}s] DNS {PEERS_NAME} = {members:?}", self.t());
-    }
-
-    /// What [`PEERS_NAME`] resolves to inside namespace `i` (the system resolver).
-    pub fn resolve_from(&self, i: usize) -> BTreeSet<Ipv4Addr> {
-        run(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &self.ns(i),
-                "getent",
-                "ahostsv4",
-                PEERS_NAME,
-            ],
-        )
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
-        .collect()
-    }
-
     /// Starts replica `i` in its namespace and waits until it logs "listening".
     pub fn start(&mut self, i: usize) {
         assert!(self.replicas[i].is_none(), "replica {i} already runs");
@@ -550,13 +452,11 @@ impl Net {
             ("LISTEN_ADDR", self.public(i).to_string()),
             ("CLUSTER_LISTEN_ADDR", self.internal(i).to_string()),
             ("CLUSTER_ADVERTISE_ADDR", self.internal(i).to_string()),
-            ("CLUSTER_PEERS", format!("{PEERS_NAME}:{INTERNAL_PORT}")),
             (
                 "REDIS_URL",
                 format!("redis://{}:{}/", self.gateway(), self.redis_port),
             ),
             ("CLUSTER_TOKEN", TOKEN.into()),
-            ("CLUSTER_DISCOVERY_INTERVAL", "200ms".into()),
             ("WINDOW_SIZE", WINDOW.to_string()),
             // Every result carries its window: these tests check that partitions, DNS
             // changes and restarts lose nothing at all. What a crash loses between
@@ -661,9 +561,10 @@ impl Net {
         eprintln!("[{:6.2}s] link of replica {i} {state}", self.t());
     }
 
-    /// Waits (at most `within`) until each of `nodes` is ready and counts `members`
-    /// cluster members; answers how long it took.
-    pub async fn converged(&self, nodes: &[usize], members: usize, within: Duration) -> Duration {
+    /// Waits (at most `within`) until each of `nodes` answers its own `/ready` with 200
+    /// (what a Kubernetes Service waits for before it sends a pod traffic; nothing waits
+    /// for the other nodes' views); answers how long it took.
+    pub async fn ready(&self, nodes: &[usize], within: Duration) -> Duration {
         let began = Instant::now();
         for &i in nodes {
             let addr = self.public(i);
@@ -672,22 +573,18 @@ impl Net {
                     .await
                     .map(|r| r.status == 200)
                     .unwrap_or(false);
-                let seen = metric(addr, "cluster_members").await;
-                if ready && seen == Some(members as f64) {
+                if ready {
                     break;
                 }
                 if began.elapsed() > within {
-                    self.dump(&["cluster view changed", "left out", "WARN", "ERROR"], 60);
-                    panic!("replica {i} not ready with {members} members within {within:?} (last seen {seen:?}, ready {ready})");
+                    self.dump(&["WARN", "ERROR"], 60);
+                    panic!("replica {i} not ready within {within:?}");
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
         let took = began.elapsed();
-        eprintln!(
-            "[{:6.2}s] replicas {nodes:?} see {members} members ({took:.2?})",
-            self.t()
-        );
+        eprintln!("[{:6.2}s] replicas {nodes:?} ready ({took:.2?})", self.t());
         took
     }
 
@@ -726,8 +623,9 @@ impl Net {
                 "forward_failures_total{reason=\"timeout\"}",
                 "forward_failures_total{reason=\"unreachable\"}",
                 "forward_failures_total{reason=\"rejected\"}",
-                "device_handoffs_total{direction=\"in\"}",
-                "device_handoffs_total{direction=\"out\"}",
+                "shard_handoffs_total{direction=\"in\"}",
+                "shard_handoffs_total{direction=\"out\"}",
+                "cluster_shards_owned",
                 "window_restore_failures_total",
             ] {
                 if let Some(v) = metric(addr, series).await {
@@ -765,10 +663,7 @@ impl Drop for Net {
             let _ = run("kill", &["-INT", &child.id().to_string()]);
             let _ = child.wait();
         }
-        for child in [self.dnsmasq.take(), self.redis.take()]
-            .into_iter()
-            .flatten()
-        {
+        for child in [self.redis.take()].into_iter().flatten() {
             let mut child = child;
             let _ = child.kill();
             let _ = child.wait();

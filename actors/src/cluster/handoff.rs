@@ -1,324 +1,338 @@
-//! Handoff: a device's window moves, fenced, to its new owner.
+//! The heartbeat round, and the move of shards between nodes.
 //!
-//! Pull-based. A node that starts an actor for a device asks the node that held the
-//! device before — the node it handed the device to earlier, else the device's owner in
-//! its previous view, else its owner if this node were not a member (a node that has
-//! just joined); and, while discovery knows peers its ring leaves out (it was cut off
-//! and is being taken back), the device's owner among those too — to release it
-//! ([`Handoff::window_from_predecessor`]). The holder then
-//! ([`Handoff::release`]):
-//! 1. fences the device: from now on its events on this node go on to the new owner;
-//! 2. closes the device's slot, lets its actor finish what is queued, stops it;
-//! 3. takes the device's unflushed result out of the writer (so that it can never land
-//!    in the store after the new owner's) and answers the final window.
+//! Every CLUSTER_HEARTBEAT_INTERVAL (and at once when kicked: a peer passed a shard here,
+//! an event found its shard without a reachable owner) a node:
+//! 1. drops the shards the store's fence refused (another node owns them now);
+//! 2. renews its heartbeat in Redis, reads the live members, and the table when its
+//!    version changed; adopts the shards the table gives it and drops those it lost;
+//!    extends its lease;
+//! 3. takes the shards whose desired owner it is and that have no live owner (a new
+//!    cluster, a dead member's after its lease ran out);
+//! 4. hands off the shards it owns whose desired owner is another live member (a join,
+//!    or this node leaving): stop admitting their events (they wait), let their device
+//!    actors finish what is queued and stop (each writes its exact window), flush the
+//!    writer, then pass the shards in the table with epoch + 1 and tell the new owner,
+//!    which admits their events from then on.
 //!
-//! The new owner's actor waits for that answer before it processes anything, so no newer
-//! event is processed before the window arrives. When the holder cannot be reached (it
-//! crashed), the window comes from the store as on a single node.
+//! Akka Cluster Sharding's BeginHandOff → HandOff → ShardStopped, and dskit's
+//! LEAVING → ACTIVE, are the same sequence.
 
-use super::membership::Membership;
-use super::ownership::Ring;
-use super::Transport;
-use crate::device::{BoxFuture, Directory, Predecessor};
-use crate::metrics::{Direction, DirectionLabel, Metrics};
-use crate::store::{WindowSnapshot, WriterMsg};
-use dashmap::DashMap;
+use super::ownership::addr_of;
+use super::shards::desired_owners;
+use super::{Cluster, Member, TableError};
+use crate::device::Slot;
+use crate::metrics::{Direction, DirectionLabel};
+use crate::store::WriterMsg;
 use ractor::rpc::CallResult;
-use ractor::ActorRef;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use ractor::ActorCell;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 use tokio::time::Instant;
 
-/// Devices this node handed off, and to whom; consulted on every event while non-empty.
-#[derive(Debug, Default)]
-pub struct Fences {
-    to: DashMap<Arc<str>, (SocketAddr, Instant)>,
-    len: AtomicUsize,
-}
+/// Rounds never follow each other closer than this, however often they are kicked.
+const MIN_ROUND_GAP: Duration = Duration::from_millis(10);
 
-impl Fences {
-    /// Where `device` went, if this node handed it off.
-    pub fn holder(&self, device: &str) -> Option<SocketAddr> {
-        if self.len.load(Ordering::Acquire) == 0 {
-            return None;
-        }
-        self.to.get(device).map(|e| e.value().0)
+/// How often a draining shard's queues are looked at.
+const DRAIN_POLL: Duration = Duration::from_millis(1);
+
+impl Cluster {
+    /// The first heartbeat: registers this node and reads the table. An error here (a
+    /// table of another shard count, Redis unreachable) is for the caller to report.
+    pub async fn join(self: &Arc<Self>) -> Result<(), TableError> {
+        self.round().await
     }
 
-    fn insert(&self, device: Arc<str>, to: SocketAddr) {
-        if self.to.insert(device, (to, Instant::now())).is_none() {
-            self.len.fetch_add(1, Ordering::AcqRel);
-        }
-    }
-
-    /// Lifts the fence of `device` if it still points to `to` (another release may have
-    /// set it since).
-    fn take_if(&self, device: &str, to: SocketAddr) {
-        if self.to.remove_if(device, |_, (t, _)| *t == to).is_some() {
-            self.len.fetch_sub(1, Ordering::AcqRel);
-        }
-    }
-
-    fn take(&self, device: &str) -> Option<SocketAddr> {
-        let (_, (to, _)) = self.to.remove(device)?;
-        self.len.fetch_sub(1, Ordering::AcqRel);
-        Some(to)
-    }
-
-    /// Forgets fences older than `age`: by then the device's window is in the store.
-    pub fn expire(&self, age: Duration) {
-        let now = Instant::now();
-        self.to.retain(|_, (_, since)| {
-            let keep = now.duration_since(*since) < age;
-            if !keep {
-                self.len.fetch_sub(1, Ordering::AcqRel);
+    /// Runs heartbeat rounds until [`Cluster::stop`].
+    pub async fn run(self: Arc<Self>) {
+        let mut stopped = self.stop.subscribe();
+        let mut ticker = tokio::time::interval(self.config.heartbeat);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last = Instant::now();
+        // Heartbeat failures are logged when they start and when they end, not per round.
+        let mut failing = false;
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = self.kick.notified() => {}
+                _ = stopped.changed() => return,
             }
-            keep
+            tokio::time::sleep_until(last + MIN_ROUND_GAP).await;
+            last = Instant::now();
+            match self.round().await {
+                Ok(()) if failing => {
+                    failing = false;
+                    tracing::info!("heartbeat renewed again");
+                }
+                Ok(()) => {}
+                Err(e @ TableError::Mismatch { .. }) => {
+                    tracing::error!(error = %e, "cluster table refused; this node stops admitting events");
+                }
+                Err(e) if !failing => {
+                    failing = true;
+                    tracing::warn!(error = %e, "heartbeat failed; this node admits events until its lease runs out, then answers 503 until Redis answers again");
+                }
+                Err(e) => tracing::debug!(error = %e, "heartbeat failed again"),
+            }
+        }
+    }
+
+    async fn round(self: &Arc<Self>) -> Result<(), TableError> {
+        let lost = self.ownership.take_lost();
+        if !lost.is_empty() {
+            self.drop_shards(&lost).await;
+        }
+        let started = Instant::now();
+        let leaving = self.is_leaving();
+        let beat = self
+            .table
+            .beat(self.config.advertise, leaving, self.known_version())
+            .await?;
+        // The heartbeat key lives a lease from when it arrived; admitting stops a
+        // heartbeat earlier than that, counted from when it was sent.
+        self.ownership
+            .renew_lease(started + self.config.lease.saturating_sub(self.config.heartbeat));
+        self.set_version(beat.version);
+        if let Some(entries) = &beat.entries {
+            let (adopted, lost) = self.ownership.apply(entries);
+            if !adopted.is_empty() {
+                tracing::info!(shards = adopted.len(), "shards adopted");
+                self.count(Direction::In, adopted.len());
+            }
+            if !lost.is_empty() {
+                tracing::warn!(shards = ?lost, "shards taken by another node while this one could not renew its lease");
+                self.drop_shards(&lost).await;
+            }
+        }
+        self.publish(&beat.members);
+        *self.members.lock().unwrap_or_else(PoisonError::into_inner) = beat.members.clone();
+        self.registered.store(true, Ordering::Release);
+        self.claim_free(&beat.members).await?;
+        self.start_moves(&beat.members);
+        Ok(())
+    }
+
+    fn known_version(&self) -> u64 {
+        self.version.load(Ordering::Acquire)
+    }
+
+    fn set_version(&self, v: u64) {
+        self.version.store(v, Ordering::Release);
+    }
+
+    fn publish(&self, members: &[Member]) {
+        self.metrics.cluster_members.set(members.len() as i64);
+        self.metrics
+            .cluster_shards_owned
+            .set(self.ownership.owned().len() as i64);
+    }
+
+    fn count(&self, direction: Direction, n: usize) {
+        self.metrics
+            .shard_handoffs
+            .get_or_create(&DirectionLabel { direction })
+            .inc_by(n as u64);
+    }
+
+    /// The desired owner (a member id) of every shard: members that are not leaving.
+    fn desired(&self, members: &[Member]) -> Vec<Option<Arc<str>>> {
+        let mut active: Vec<&Member> = members.iter().filter(|m| !m.leaving).collect();
+        active.sort_by_key(|m| m.addr);
+        active.dedup_by_key(|m| m.addr);
+        let addrs: Vec<_> = active.iter().map(|m| m.addr).collect();
+        desired_owners(&addrs, self.ownership.shards())
+            .into_iter()
+            .map(|o| o.map(|i| active[i].id.clone()))
+            .collect()
+    }
+
+    /// Takes the shards this node should own that have no live owner.
+    async fn claim_free(self: &Arc<Self>, members: &[Member]) -> Result<(), TableError> {
+        if self.is_leaving() {
+            return Ok(());
+        }
+        let live: HashSet<&str> = members.iter().map(|m| &*m.id).collect();
+        let me = self.me().clone();
+        let desired = self.desired(members);
+        let owners = self.ownership.owners();
+        let wanted: Vec<(u32, u64)> = desired
+            .iter()
+            .zip(owners)
+            .enumerate()
+            .filter(|(_, (d, owner))| {
+                d.as_deref() == Some(&*me) && owner.as_deref().is_none_or(|o| !live.contains(o))
+            })
+            .map(|(s, _)| (s as u32, self.ownership.state(s as u32).epoch))
+            .collect();
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let claimed = self.table.claim(&wanted).await?;
+        if !claimed.is_empty() {
+            tracing::info!(shards = claimed.len(), "shards taken (no live owner)");
+            self.ownership.claimed(&claimed);
+            self.publish(members);
+        }
+        if claimed.len() < wanted.len() {
+            // Someone else's claim or heartbeat came first: read the table next round.
+            self.set_version(0);
+        }
+        Ok(())
+    }
+
+    /// Starts handing off the shards whose desired owner is another live member, unless
+    /// a handoff is under way already.
+    fn start_moves(self: &Arc<Self>, members: &[Member]) {
+        let desired = self.desired(members);
+        let me = self.me().clone();
+        let moves: Vec<(u32, Arc<str>)> = self
+            .ownership
+            .owned()
+            .into_iter()
+            .filter(|(_, _, local)| *local == super::Local::Active)
+            .filter_map(|(s, _, _)| {
+                let to = desired[s as usize].clone()?;
+                (to != me).then_some((s, to))
+            })
+            .collect();
+        if moves.is_empty() || self.moving.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            this.hand_off(moves).await;
+            this.moving.store(false, Ordering::Release);
+            this.kick();
         });
     }
-}
 
-/// Why a release did not produce a window.
-#[derive(Debug, thiserror::Error)]
-pub enum ReleaseError {
-    /// The device's actor did not finish its queue in time (it may itself be waiting
-    /// for a window); the new owner falls back to the store.
-    #[error("the device's queue did not drain within {0:?}")]
-    Busy(Duration),
-    /// The writer did not answer.
-    #[error("the store writer did not answer")]
-    Writer,
-}
-
-/// Both sides of a handoff on this node.
-pub struct Handoff {
-    pub(super) membership: Arc<Membership>,
-    pub(super) transport: Arc<dyn Transport>,
-    pub(super) directory: Directory,
-    pub(super) writer: ActorRef<WriterMsg>,
-    pub(super) fences: Arc<Fences>,
-    pub(super) metrics: Metrics,
-    /// How long a release waits for the device's queue to drain.
-    pub(super) drain_timeout: Duration,
-    /// Devices whose new actor here is asking peers for the window, and whom.
-    pub(super) asking: DashMap<Arc<str>, Vec<SocketAddr>>,
-}
-
-/// Forgets a device's entry in [`Handoff::asking`] however its restore ends.
-struct Asking<'a>(&'a DashMap<Arc<str>, Vec<SocketAddr>>, Arc<str>);
-
-impl Drop for Asking<'_> {
-    fn drop(&mut self) {
-        self.0.remove(&self.1);
-    }
-}
-
-/// What a release did with the device's processing here.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Stopped {
-    /// An actor processed the device here, and has stopped.
-    Actor,
-    /// Nothing processed the device here.
-    Nothing,
-    /// This node keeps the device (see [`Handoff::keeps`]).
-    Kept,
-}
-
-impl Handoff {
-    /// Old-owner side: stop processing `device` here, hand its final window to `to`.
-    /// The device's unflushed result comes out of the writer with it.
-    ///
-    /// When this node keeps the device instead (both nodes took it, see
-    /// [`Handoff::keeps`]), the answer is the newest window this node holds, without
-    /// stopping anything: the caller continues it with what it queued and then hands it
-    /// back, so neither side's events are lost.
-    pub async fn release(
-        &self,
-        device: Arc<str>,
-        to: SocketAddr,
-    ) -> Result<Option<WindowSnapshot>, ReleaseError> {
-        let stopped = self.stop_processing(&device, to).await?;
-        let window = match self
-            .writer
-            .call(
-                |port| WriterMsg::Release(device.clone(), port),
-                Some(self.drain_timeout),
-            )
-            .await
-        {
-            Ok(CallResult::Success(window)) => window,
-            _ => return Err(ReleaseError::Writer),
-        };
-        if stopped == Stopped::Kept {
-            tracing::debug!(device_id = %device, %to, "device contested; kept here, window lent");
-            return Ok(window);
-        }
-        // Only a device this node really held counts as handed off (a first start
-        // elsewhere asks here too, and finds nothing).
-        if stopped == Stopped::Actor || window.is_some() {
-            self.count(Direction::Out);
-            tracing::debug!(device_id = %device, %to, "device handed off");
-        }
-        Ok(window)
+    /// How long one step of a handoff (the drain, the actors' stop, the flush) may take
+    /// before the handoff is abandoned and the shards stay here.
+    fn step_timeout(&self) -> Duration {
+        self.config.forward_timeout * 2
     }
 
-    fn count(&self, direction: Direction) {
-        self.metrics
-            .device_handoffs
-            .get_or_create(&DirectionLabel { direction })
-            .inc();
-    }
-
-    /// Fences `device` (its events here go to `to` from now on), lets its actor finish
-    /// what is queued, and stops it (or waits for an evicted one to finish stopping).
-    async fn stop_processing(
-        &self,
-        device: &Arc<str>,
-        to: SocketAddr,
-    ) -> Result<Stopped, ReleaseError> {
-        self.fences.insert(device.clone(), to);
-        if let Some(slot) = self.directory.slot(device) {
-            slot.close_for_handoff();
-            let deadline = Instant::now() + self.drain_timeout;
-            while !slot.is_drained() {
-                // Its actor may itself be waiting for a window: from the caller (two
-                // nodes that each took the device, each asking the other), where one of
-                // the two must give way at once, else both would wait out the timeout
-                // and both process the device; or from a third node that does not
-                // answer. Either way the device stays here.
-                let kept = self.keeps(device, to);
-                if kept || Instant::now() >= deadline {
-                    slot.reopen();
-                    self.fences.take_if(device, to);
-                    return if kept {
-                        Ok(Stopped::Kept)
-                    } else {
-                        Err(ReleaseError::Busy(self.drain_timeout))
-                    };
-                }
-                tokio::time::sleep(Duration::from_millis(1)).await;
+    /// Moves shards to their new owners (see the module doc).
+    async fn hand_off(self: &Arc<Self>, moves: Vec<(u32, Arc<str>)>) {
+        let mut moving: HashMap<u32, (u64, Arc<str>)> = HashMap::new();
+        for (s, to) in moves {
+            if let Some(epoch) = self.ownership.begin_move(s) {
+                moving.insert(s, (epoch, to));
             }
-            if let Some(actor) = slot.attached() {
-                // Waiting for it to stop: as it stops it deposits its window if that is
-                // newer than its last checkpoint, and the release below answers it.
+        }
+        if moving.is_empty() {
+            return;
+        }
+        let ownership = self.ownership.clone();
+        let (slots, stopping) = self
+            .directory
+            .close_where(|d| moving.contains_key(&ownership.shard(d)));
+        let settled = self.stop_slots(&slots, &stopping).await && self.flush().await;
+        if !settled {
+            tracing::warn!(shards = moving.len(), "handoff abandoned (queues did not drain or the store did not answer in time); the shards stay here");
+            for slot in &slots {
+                slot.reopen();
+            }
+            for s in moving.keys() {
+                self.ownership.end_move(*s, None);
+            }
+            return;
+        }
+        for slot in &slots {
+            self.directory.unlist(slot);
+        }
+        let passes: Vec<(u32, u64, Arc<str>)> = moving
+            .iter()
+            .map(|(s, (epoch, to))| (*s, *epoch, to.clone()))
+            .collect();
+        let passed: HashSet<u32> = match self.table.pass(&passes).await {
+            Ok(passed) => passed.into_iter().collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "passing shards failed; they stay here");
+                HashSet::new()
+            }
+        };
+        let mut told = HashSet::new();
+        for (s, (_, to)) in &moving {
+            if passed.contains(s) {
+                self.ownership.end_move(*s, Some(to));
+                if told.insert(to.clone()) {
+                    if let Some(addr) = addr_of(to) {
+                        let transport = self.transport.clone();
+                        tokio::spawn(async move {
+                            let _ = transport.kick(addr).await;
+                        });
+                    }
+                }
+            } else {
+                self.ownership.end_move(*s, None);
+            }
+        }
+        // A shard not passed (the table moved it meanwhile) is settled by the next read.
+        if passed.len() < moving.len() {
+            self.set_version(0);
+        }
+        if !passed.is_empty() {
+            tracing::info!(shards = passed.len(), to = ?told, "shards handed off");
+        }
+        self.count(Direction::Out, passed.len());
+        self.metrics
+            .cluster_shards_owned
+            .set(self.ownership.owned().len() as i64);
+    }
+
+    /// Waits until the closed slots' queues are processed, then stops their actors (each
+    /// deposits its window as it stops), and waits for actors that were stopping already.
+    async fn stop_slots(&self, slots: &[Arc<Slot>], stopping: &[ActorCell]) -> bool {
+        let deadline = Instant::now() + self.step_timeout();
+        while !slots.iter().all(|s| s.is_drained()) {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(DRAIN_POLL).await;
+        }
+        let stops = slots.iter().filter_map(|s| s.attached()).map(|actor| {
+            let limit = self.step_timeout();
+            async move {
                 let _ = actor
-                    .stop_and_wait(Some("handed off".into()), Some(self.drain_timeout))
+                    .stop_and_wait(Some("shard handed off".into()), Some(limit))
                     .await;
             }
-            self.directory.unlist(&slot);
-            // Its actor, if it started during the drain, took the fence when it asked
-            // for the device's window (see `predecessors_of`): the device is gone all
-            // the same, and its next events here must follow it.
-            self.fences.insert(device.clone(), to);
-            return Ok(Stopped::Actor);
-        }
-        // An actor evicted a moment ago (a view change stops idle actors) may not have
-        // deposited its window yet: its newest events are then in no result the writer
-        // holds, and the store has only its last checkpoint. Answering before it has
-        // stopped lost those events (seen in CI at a scale-out).
-        if let Some(evicted) = self.directory.stopping(device) {
-            let _ = evicted.wait(Some(self.drain_timeout)).await;
-            return Ok(Stopped::Actor);
-        }
-        Ok(Stopped::Nothing)
-    }
-
-    /// Whether this node keeps `device` when `to` asks for it: this node's new actor of
-    /// the device is asking `to` for it at the same moment, and of the two nodes this
-    /// one owns the device (rendezvous hashing over the pair, so both decide alike).
-    /// `to` then gets this node's newest window at once (lent: nothing stops here),
-    /// processes what it queued on top of it, and releases the device here, its events
-    /// and all. (A cycle of three nodes is not detected: each waits out the drain
-    /// timeout, as before.)
-    fn keeps(&self, device: &str, to: SocketAddr) -> bool {
-        let me = self.membership.me();
-        self.asking
-            .get(device)
-            .is_some_and(|asked| asked.contains(&to))
-            && Ring::new([me, to]).owner(device) == Some(me)
-    }
-
-    /// New-owner side: the nodes that may still hold `device`. First the one the view
-    /// names: the node this node handed the device to, else the device's owner in the
-    /// previous view, else its owner if this node were not a member (a node that has
-    /// just joined). A node that was left out after a failed forward is asked too: if it
-    /// was only slow, it still holds the device, and asking is what fences it; if it is
-    /// gone, the refused connection answers at once.
-    ///
-    /// Then, when discovery knows peers that this node's ring leaves out, the device's
-    /// owner among all of them: a node that was cut off and has just been taken back
-    /// (a peer's probe reached it before its own view caught up) owns its devices again
-    /// in its peers' rings while its own still lacks the nodes that processed them
-    /// meanwhile. Asking only its stale view's candidate would start the device from the
-    /// store while that node went on processing it: two owners, and a lost event.
-    fn predecessors_of(&self, device: &str) -> Vec<SocketAddr> {
-        let me = self.membership.me();
-        let view = self.membership.view();
-        let without_me = Ring::new(view.ring.members().filter(|m| *m != me));
-        let first = self
-            .fences
-            .take(device)
-            .into_iter()
-            .chain(view.previous.owner(device))
-            .chain(without_me.owner(device))
-            .find(|p| *p != me);
-        // `known` never holds this node itself.
-        let known = self.membership.known();
-        let wider = known
+        });
+        futures_util::future::join_all(stops).await;
+        let waits = stopping
             .iter()
-            .any(|p| !view.ring.contains(*p))
-            .then(|| Ring::new(without_me.members().chain(known.iter().copied())))
-            .and_then(|everyone| everyone.owner(device));
-        let mut asked: Vec<SocketAddr> = first.into_iter().chain(wider).collect();
-        asked.dedup();
-        asked
+            .map(|cell| cell.wait(Some(self.step_timeout())));
+        futures_util::future::join_all(waits).await;
+        true
     }
 
-    /// New-owner side: the final window of `device` from the nodes that may hold it
-    /// (asked at once; the newest window wins, as in the actor's restore).
-    pub async fn window_from_predecessor(&self, device: Arc<str>) -> Option<WindowSnapshot> {
-        let asked = self.predecessors_of(&device);
-        self.asking.insert(device.clone(), asked.clone());
-        let _asking = Asking(&self.asking, device.clone());
-        let answers = futures_util::future::join_all(
-            asked
-                .iter()
-                .map(|from| self.transport.release(*from, device.clone())),
+    /// Every result deposited so far is in the store.
+    async fn flush(&self) -> bool {
+        matches!(
+            self.writer
+                .call(WriterMsg::Barrier, Some(self.step_timeout()))
+                .await,
+            Ok(CallResult::Success(()))
         )
-        .await;
-        let mut windows = Vec::new();
-        for (from, answer) in asked.into_iter().zip(answers) {
-            match answer {
-                Ok(Some(window)) => {
-                    tracing::debug!(device_id = %device, %from, "device taken over");
-                    windows.push(window);
-                }
-                // The holder knew no window either; the store may (or not).
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::debug!(device_id = %device, %from, error = %e, "handoff failed; restoring from the store");
-                }
-            }
+    }
+
+    /// Stops processing shards another node owns now: their events still queued here are
+    /// processed (their results are refused by the store's fence) and their actors
+    /// stopped, so that nothing here keeps a window the new owner has moved on.
+    async fn drop_shards(&self, shards: &[u32]) {
+        let set: HashSet<u32> = shards.iter().copied().collect();
+        let ownership = self.ownership.clone();
+        let (slots, stopping) = self
+            .directory
+            .close_where(|d| set.contains(&ownership.shard(d)));
+        let _ = self.stop_slots(&slots, &stopping).await;
+        for slot in &slots {
+            self.directory.unlist(slot);
         }
-        let newest = windows.into_iter().max_by_key(WindowSnapshot::version);
-        if newest.is_some() {
-            self.count(Direction::In);
-        }
-        newest
+        self.metrics
+            .cluster_shards_owned
+            .set(self.ownership.owned().len() as i64);
     }
 }
-
-/// The device actors' way to the previous owner.
-pub struct PredecessorLink(pub Arc<Handoff>);
-
-impl Predecessor for PredecessorLink {
-    fn window(&self, device: Arc<str>) -> BoxFuture<Option<WindowSnapshot>> {
-        let handoff = self.0.clone();
-        Box::pin(async move { handoff.window_from_predecessor(device).await })
-    }
-}
-
-#[cfg(test)]
-mod tests;

@@ -1,71 +1,48 @@
-//! Scale-out: one owner per device across replicas, so the analytics stay exact.
+//! Scale-out: one authoritative owner per shard, kept in Redis, so the analytics stay
+//! exact through every membership change.
 //!
-//! - [`ownership`]: which member owns a device (rendezvous hashing; pure).
-//! - [`membership`]: the member list from discovery plus liveness, as a [`View`].
-//! - [`forwarder`]: one actor per peer, batching events to the devices it owns.
-//! - [`handoff`]: the fenced move of a device's window to its new owner.
-//! - [`wire`]: the binary body of a forwarded batch.
+//! - [`shards`]: a device's shard, and the desired owner of each shard (pure).
+//! - [`table`]: the table in Redis: heartbeats, each shard's owner and epoch, the
+//!   compare-and-set scripts.
+//! - [`ownership`]: this node's copy of the table and the shards it admits events for;
+//!   also the store's fence.
+//! - [`handoff`]: the heartbeat round: register, read the table, take free shards, hand
+//!   shards to their desired owners (stop admitting, drain, write, pass with epoch + 1).
+//! - [`forwarder`]: one actor per peer, batching events with idempotency keys.
+//! - [`wire`]: the binary body of a forwarded batch and of its answer.
 //!
-//! [`Cluster`] ties them together: [`Cluster::submit`] routes an event to its owner (this
-//! node's directory, or a forwarder) and answers once the owner has queued it; the
-//! internal listener calls [`Cluster::receive`] with the batches other nodes forward.
-//! HTTP itself is the binary's business: it implements [`Transport`].
+//! [`Cluster`] ties them together: [`Cluster::submit`] and [`Cluster::submit_batch`]
+//! queue an event here when this node owns its shard, else forward it to the owner the
+//! table names, and answer once the owner has queued it; the internal listener calls
+//! [`Cluster::receive`] with the batches other nodes forward. HTTP itself is the
+//! binary's business: it implements [`Transport`].
 
 pub mod forwarder;
 pub mod handoff;
-pub mod membership;
 pub mod ownership;
+pub mod shards;
+pub mod table;
 pub mod wire;
 
-pub use handoff::{Fences, Handoff, ReleaseError};
-pub use membership::{Membership, View};
-pub use ownership::Ring;
+pub use ownership::{Local, Ownership, Route};
+pub use table::{Member, Table, TableError};
 
 use crate::device::{BoxFuture, Directory, SubmitError};
 use crate::event::Event;
 use crate::metrics::{ForwardFailure, Metrics};
-use crate::store::WindowSnapshot;
+use crate::store::WriterMsg;
 use bytes::Bytes;
 use dashmap::DashMap;
 use forwarder::{Forwarder, ForwarderArgs, ForwarderMsg};
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorRef};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
-
-/// How a node answers a probe.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PeerState {
-    /// Ready and owning devices.
-    Member,
-    /// Running, first discovery not done yet: owns nothing.
-    Starting,
-    /// Shutting down: owns nothing, still answers handoffs and forwarded events.
-    Leaving,
-}
-
-impl PeerState {
-    /// The wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PeerState::Member => "member",
-            PeerState::Starting => "starting",
-            PeerState::Leaving => "leaving",
-        }
-    }
-
-    /// From the wire name.
-    pub fn parse(s: &str) -> Option<Self> {
-        [PeerState::Member, PeerState::Starting, PeerState::Leaving]
-            .into_iter()
-            .find(|p| p.as_str() == s)
-    }
-}
 
 /// Why a call to a peer did not succeed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -97,224 +74,242 @@ impl ForwardError {
     }
 }
 
+/// A forwarded batch's idempotency key: the sending node's incarnation and its sequence
+/// number there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BatchId(pub u64, pub u64);
+
+impl std::fmt::Display for BatchId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:x}-{:x}", self.0, self.1)
+    }
+}
+
+impl std::str::FromStr for BatchId {
+    type Err = ();
+
+    fn from_str(s: &str) -> Result<Self, ()> {
+        let (a, b) = s.split_once('-').ok_or(())?;
+        Ok(Self(
+            u64::from_str_radix(a, 16).map_err(|_| ())?,
+            u64::from_str_radix(b, 16).map_err(|_| ())?,
+        ))
+    }
+}
+
 /// How nodes talk to each other (HTTP in the binary). Each call is bounded by the
 /// forward timeout.
 pub trait Transport: Send + Sync + 'static {
-    /// Sends an encoded batch ([`wire`]); `Ok` once the peer has queued all of it.
-    fn send_events(&self, peer: SocketAddr, body: Bytes) -> BoxFuture<Result<(), ForwardError>>;
-    /// Asks a peer how it is. `rejoin`: the peer is not in this node's ring, so while
-    /// it was out its devices may have been processed elsewhere (it resyncs: see
-    /// [`Cluster::request_resync`]).
-    fn ping(&self, peer: SocketAddr, rejoin: bool) -> BoxFuture<Result<PeerState, ForwardError>>;
-    /// Asks a peer to release `device` to this node and answer its final window.
-    fn release(
+    /// Sends an encoded batch ([`wire`]) under its idempotency key; answers the
+    /// positions the peer did not take (empty: all queued there).
+    fn send_events(
         &self,
         peer: SocketAddr,
-        device: Arc<str>,
-    ) -> BoxFuture<Result<Option<WindowSnapshot>, ForwardError>>;
+        id: BatchId,
+        body: Bytes,
+    ) -> BoxFuture<Result<Vec<u32>, ForwardError>>;
+    /// Asks a node for its id (the start-up check that the advertised address reaches
+    /// this very process).
+    fn ping(&self, peer: SocketAddr) -> BoxFuture<Result<String, ForwardError>>;
+    /// Tells a peer that the table changed for it (a shard was passed to it): it reads
+    /// the table now instead of at its next heartbeat.
+    fn kick(&self, peer: SocketAddr) -> BoxFuture<Result<(), ForwardError>>;
 }
 
 /// The cluster settings, validated.
 #[derive(Debug, Clone)]
 pub struct ClusterConfig {
-    /// CLUSTER_PEERS: `host:port` entries (a DNS name may stand for many members).
-    pub peers: Vec<String>,
     /// CLUSTER_ADVERTISE_ADDR: this node as its peers reach it.
     pub advertise: SocketAddr,
-    /// CLUSTER_DISCOVERY_INTERVAL.
-    pub discovery_interval: Duration,
+    /// CLUSTER_SHARDS.
+    pub shards: u32,
+    /// CLUSTER_HEARTBEAT_INTERVAL.
+    pub heartbeat: Duration,
+    /// CLUSTER_LEASE: a member whose heartbeat is older is dead, and its shards are taken.
+    pub lease: Duration,
     /// CLUSTER_FORWARD_TIMEOUT.
     pub forward_timeout: Duration,
-    /// How long handoff fences are kept (the window is in the store by then).
-    pub fence_ttl: Duration,
 }
 
-/// Events with their devices, as forwarded.
-type Events = Vec<(Arc<str>, Event)>;
-
-/// A device id with the position of its event in a batch.
-struct Positioned(usize, Arc<str>);
-
-impl AsRef<str> for Positioned {
-    fn as_ref(&self) -> &str {
-        &self.1
+impl ClusterConfig {
+    /// How long an event may wait for its shard to have a reachable owner (a handoff, a
+    /// dead owner's lease running out and its shards taken) before it is refused with 503.
+    pub fn route_deadline(&self) -> Duration {
+        self.lease + 3 * self.heartbeat + self.forward_timeout
     }
 }
 
-/// Where an event goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Route {
-    Local,
-    Remote(SocketAddr),
+/// How often a waiting event looks at the table again.
+const WAIT_STEP: Duration = Duration::from_millis(25);
+
+/// Answers given to forwarded batches, by key, for as long as a repeat can come.
+#[derive(Default)]
+struct Received {
+    answers: HashMap<BatchId, watch::Receiver<Option<Vec<u32>>>>,
+    order: VecDeque<(Instant, BatchId)>,
 }
 
-/// Discovery rounds after a view change during which idle device actors are stopped.
-/// After a change, any device may have been processed elsewhere (a node left out for a
-/// while, a new owner): an actor that stops here restarts on the device's next event by
-/// asking the device's possible holders for the window (see [`handoff`]), so no actor
-/// keeps a window that another node has since moved on. Busy actors are tried again in
-/// the next rounds.
-const RESYNC_ROUNDS: u32 = 3;
-
-/// How often an event whose slot is closed for a handoff under way is tried again.
-const HANDOFF_POLL: Duration = Duration::from_millis(1);
+/// Events with their positions in the request and their devices.
+type Positioned = Vec<(usize, Arc<str>, Event)>;
 
 /// This node's part of the cluster.
 pub struct Cluster {
     config: ClusterConfig,
-    membership: Arc<Membership>,
+    ownership: Arc<Ownership>,
+    table: Table,
     transport: Arc<dyn Transport>,
     directory: Directory,
-    handoff: Arc<Handoff>,
-    forwarders: DashMap<SocketAddr, ActorRef<ForwarderMsg>>,
+    writer: ActorRef<WriterMsg>,
     metrics: Metrics,
+    forwarders: DashMap<SocketAddr, ActorRef<ForwarderMsg>>,
+    incarnation: u64,
+    sequence: Arc<AtomicU64>,
+    received: Mutex<Received>,
+    /// The first heartbeat has registered this node.
+    registered: AtomicBool,
+    leaving: AtomicBool,
+    /// Wakes the heartbeat loop for a round now.
+    kick: Notify,
     stop: watch::Sender<bool>,
-    resync_requested: AtomicBool,
+    /// Live members as of the last heartbeat.
+    members: Arc<Mutex<Vec<Member>>>,
+    /// A handoff is under way (one at a time).
+    moving: AtomicBool,
+    /// The table's version as last read (0: read it at the next heartbeat).
+    version: AtomicU64,
 }
 
 impl Cluster {
-    /// Joins the cluster: links the device actors to their predecessors and starts
-    /// discovery (the first round runs at once; until it completes the node is not ready).
-    pub fn start(
+    /// This node's id in the table: its advertised address and incarnation.
+    pub fn node_id(advertise: SocketAddr, incarnation: u64) -> Arc<str> {
+        Arc::from(format!("{advertise}#{incarnation:x}"))
+    }
+
+    /// Prepares this node's part: nothing owned and not registered until
+    /// [`Cluster::run`] has done its first heartbeat. `ownership` must be the fence the
+    /// store was built with.
+    pub fn new(
         config: ClusterConfig,
+        ownership: Arc<Ownership>,
+        table: Table,
         transport: Arc<dyn Transport>,
+        incarnation: u64,
         system: &crate::System,
     ) -> Arc<Self> {
-        let membership = Arc::new(Membership::new(config.advertise));
-        let handoff = Arc::new(Handoff {
-            membership: membership.clone(),
-            transport: transport.clone(),
-            directory: system.directory().clone(),
-            writer: system.writer().clone(),
-            fences: Arc::new(Fences::default()),
-            metrics: system.metrics().clone(),
-            // The caller of a release waits four forward timeouts (see the transport) and
-            // the holder may take three (drain, stop, writer), so a release that drains
-            // within one answers in time.
-            drain_timeout: config.forward_timeout,
-            asking: DashMap::new(),
-        });
-        system.link_predecessor(Arc::new(handoff::PredecessorLink(handoff.clone())));
-        let (stop, stopped) = watch::channel(false);
-        let cluster = Arc::new(Self {
+        Arc::new(Self {
             config,
-            membership,
+            ownership,
+            table,
             transport,
             directory: system.directory().clone(),
-            handoff,
-            forwarders: DashMap::new(),
+            writer: system.writer().clone(),
             metrics: system.metrics().clone(),
-            stop,
-            resync_requested: AtomicBool::new(false),
-        });
-        tokio::spawn(cluster.clone().discover(stopped));
-        cluster
+            forwarders: DashMap::new(),
+            incarnation,
+            sequence: Arc::new(AtomicU64::new(0)),
+            received: Mutex::new(Received::default()),
+            registered: AtomicBool::new(false),
+            leaving: AtomicBool::new(false),
+            kick: Notify::new(),
+            stop: watch::channel(false).0,
+            members: Arc::new(Mutex::new(Vec::new())),
+            moving: AtomicBool::new(false),
+            version: AtomicU64::new(0),
+        })
     }
 
-    /// The membership (readiness, probes).
-    pub fn membership(&self) -> &Membership {
-        &self.membership
+    /// This node's id.
+    pub fn me(&self) -> &Arc<str> {
+        self.ownership.me()
     }
 
-    /// The handoff (the internal listener's release endpoint).
-    pub fn handoff(&self) -> &Handoff {
-        &self.handoff
+    /// The ownership state (the store's fence).
+    pub fn ownership(&self) -> &Arc<Ownership> {
+        &self.ownership
     }
 
-    /// Leaves the cluster: peers stop routing here at their next probe. The node keeps
-    /// answering forwarded events and handoffs until it exits.
+    /// Ready: registered in the table, and not leaving.
+    pub fn is_ready(&self) -> bool {
+        self.registered.load(Ordering::Acquire) && !self.is_leaving()
+    }
+
+    /// Whether the first heartbeat has registered this node.
+    pub fn is_registered(&self) -> bool {
+        self.registered.load(Ordering::Acquire)
+    }
+
+    /// Whether this node is shutting down.
+    pub fn is_leaving(&self) -> bool {
+        self.leaving.load(Ordering::Acquire)
+    }
+
+    /// Leaves the cluster: the next heartbeat says so, and this node hands every shard
+    /// to its desired owner among the others. Forwarded events are still taken.
     pub fn leave(&self) {
-        self.membership.leave();
-        self.publish_members();
+        self.leaving.store(true, Ordering::Release);
+        self.kick.notify_one();
     }
 
-    /// `cluster_members` follows the view, whichever way it changed.
-    fn publish_members(&self) {
-        self.metrics
-            .cluster_members
-            .set(self.membership.view().ring.len() as i64);
+    /// Resolves once this node owns no shard any more, or no other member could take
+    /// them (it is the last one).
+    pub async fn left(&self) {
+        let mut changed = self.ownership.subscribe();
+        loop {
+            let others = self
+                .members()
+                .iter()
+                .any(|m| !m.leaving && m.id != *self.me());
+            if self.ownership.owned().is_empty() || !others {
+                return;
+            }
+            let _ = tokio::time::timeout(self.config.heartbeat, changed.changed()).await;
+        }
     }
 
-    /// How long a leaving node waits for every peer to have seen it leave.
-    pub fn leave_grace(&self) -> Duration {
-        2 * self.config.discovery_interval + self.config.forward_timeout
+    /// A round of the heartbeat now (a peer passed a shard here).
+    pub fn kick(&self) {
+        self.kick.notify_one();
     }
 
-    /// A peer probed this node while it was out of the peer's ring: this node may have
-    /// been cut off (a partition, a pause) while others took its devices over, and its
-    /// own view may never have changed. Its idle actors stop now, before the probe is
-    /// answered (the peer may route devices here the moment it is), and busy ones over
-    /// the next rounds; each restarts from the newest window among the device's
-    /// possible holders.
-    pub fn request_resync(&self) {
-        self.directory.evict_drained();
-        self.resync_requested.store(true, Ordering::Release);
-    }
-
-    /// Stops discovery.
+    /// Stops the heartbeat loop.
     pub fn stop(&self) {
         let _ = self.stop.send(true);
     }
 
-    async fn discover(self: Arc<Self>, mut stopped: watch::Receiver<bool>) {
-        let mut last_resolved = BTreeSet::new();
-        let mut resync = 0;
-        let mut ticker = tokio::time::interval(self.config.discovery_interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = ticker.tick() => {}
-                _ = stopped.changed() => return,
-            }
-            let resolved = resolve(&self.config.peers).await;
-            if let Some(view) = self
-                .membership
-                .refresh(resolved, &mut last_resolved, &*self.transport)
-                .await
-            {
-                self.publish_members();
-                tracing::info!(
-                    members = ?view.ring.members().collect::<Vec<_>>(),
-                    reachable = view.reachable.len(),
-                    "cluster view changed"
-                );
-                resync = RESYNC_ROUNDS;
-            }
-            if self.resync_requested.swap(false, Ordering::AcqRel) {
-                resync = RESYNC_ROUNDS;
-            }
-            if resync > 0 {
-                resync -= 1;
-                self.directory.evict_drained();
-            }
-            self.handoff.fences.expire(self.config.fence_ttl);
+    /// Live members as of the last heartbeat.
+    pub fn members(&self) -> Vec<Member> {
+        self.members
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Removes this node's heartbeat (at exit, after its last flush).
+    pub async fn forget_me(&self) {
+        if let Err(e) = self.table.forget_me().await {
+            tracing::debug!(error = %e, "could not remove this node's heartbeat; it expires after the lease");
         }
     }
 
-    fn route(&self, device: &str) -> Route {
-        let me = self.membership.me();
-        let view = self.membership.view();
-        // A device this node handed off goes to its new owner while that is a member,
-        // whatever this node's view says: its window is there now.
-        if let Some(holder) = self.handoff.fences.holder(device) {
-            if holder != me && view.ring.contains(holder) {
-                return Route::Remote(holder);
-            }
-        }
-        match view.ring.owner(device) {
-            Some(owner) if owner != me => Route::Remote(owner),
-            _ => Route::Local,
-        }
-    }
-
-    async fn forwarder(&self, peer: SocketAddr) -> Option<ActorRef<ForwarderMsg>> {
+    async fn forwarder(self: &Arc<Self>, peer: SocketAddr) -> Option<ActorRef<ForwarderMsg>> {
         if let Some(f) = self.forwarders.get(&peer) {
             return Some(f.clone());
         }
+        let members = self.members.clone();
         let args = ForwarderArgs {
             peer,
             transport: self.transport.clone(),
             metrics: self.metrics.clone(),
+            incarnation: self.incarnation,
+            sequence: self.sequence.clone(),
+            peer_alive: Arc::new(move || {
+                members
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .iter()
+                    .any(|m| m.addr == peer)
+            }),
+            retry_for: self.config.route_deadline() * 2,
         };
         let (actor, _) = Actor::spawn(None, Forwarder, args).await.ok()?;
         let winner = self.forwarders.entry(peer).or_insert(actor.clone()).clone();
@@ -324,17 +319,17 @@ impl Cluster {
         Some(winner)
     }
 
-    /// Sends events to `peer` through its forwarder; answers when acknowledged.
+    /// Sends events to `peer` through its forwarder; answers the positions not taken.
     async fn forward(
-        &self,
+        self: &Arc<Self>,
         peer: SocketAddr,
         events: Vec<(Arc<str>, Event)>,
-    ) -> Result<(), ForwardError> {
+    ) -> Result<Vec<usize>, ForwardError> {
         let Some(forwarder) = self.forwarder(peer).await else {
             return Err(ForwardError::Unreachable("no forwarder".into()));
         };
-        // The transport bounds the wire time; this bounds the queue in front of it.
-        let limit = self.config.forward_timeout * 2;
+        // The forwarder bounds its own retries; this bounds the queue in front of it.
+        let limit = self.config.route_deadline() * 2 + self.config.forward_timeout * 2;
         match forwarder
             .call(|port| ForwarderMsg::Forward(events, port), Some(limit))
             .await
@@ -349,226 +344,226 @@ impl Cluster {
         }
     }
 
-    /// Accepts one event: queued here if this node owns the device, else forwarded to the
-    /// owner and answered once the owner has queued it.
-    ///
-    /// A peer that refuses the connection (or the token) is left out at once and the
-    /// event re-routed. A peer that is only slow is not: a timed-out forward is retried
-    /// to the owner of the refreshed view, and the owner changes only when its probes
-    /// fail too (a node-wide decision, so that one node's impatience does not give a
-    /// device two owners). Past [`Cluster::reroute_deadline`] the owner is left out
-    /// anyway, and at last the event is processed here: an event answered `Ok` is never
-    /// dropped. A retried event that the slow owner had queued after all is recognised
-    /// by its device actor and counted once.
-    pub async fn submit(&self, device: &str, event: Event) -> Result<(), SubmitError> {
-        let deadline = Instant::now() + self.reroute_deadline();
-        let device_arc: Arc<str> = Arc::from(device);
-        loop {
-            let peer = match self.route(device) {
-                Route::Local => match self.directory.submit(device, event) {
-                    // The slot closed for a handoff under us: route again (fenced now).
-                    Err(SubmitError::HandedOff) if Instant::now() < deadline => {
-                        // The route follows the fence once the holder is a member here;
-                        // until then the handoff has to end first.
-                        tokio::time::sleep(HANDOFF_POLL).await;
-                        continue;
-                    }
-                    other => return other,
-                },
-                Route::Remote(peer) => peer,
-            };
-            match self.forward(peer, vec![(device_arc.clone(), event)]).await {
-                Ok(()) => return Ok(()),
-                Err(ForwardError::Overloaded) => return Err(SubmitError::Overloaded),
-                Err(ForwardError::Timeout) if Instant::now() < deadline => {}
-                Err(_) => self.leave_out(peer),
-            }
-            if Instant::now() >= deadline + self.config.forward_timeout * 2 {
-                return self.directory.submit(device, event);
-            }
-        }
-    }
-
-    /// Accepts a batch: split by owner, this node's part queued here and each peer's
-    /// part forwarded in one message, in the batch's order per device (one route per
-    /// device for the whole batch, so a view change midway cannot split a device's
-    /// events). Each part is all or nothing at its owner's MAX_PENDING_EVENTS: the answer
-    /// lists the positions of the events that were not accepted (every other event is),
-    /// and is `Err(Overloaded)` only when nothing was accepted, so that a 503 never hides
-    /// an accepted event. A part whose owner failed otherwise goes through
-    /// [`Cluster::submit`] event by event (re-routed); once one event of a device is
-    /// refused there, its later events are refused too, so a client that retries the
-    /// refused ones keeps the device's order.
-    pub async fn submit_batch(
-        &self,
-        events: Vec<(Arc<str>, Event)>,
-    ) -> Result<Vec<usize>, SubmitError> {
-        let mut routes: HashMap<Arc<str>, Route> = HashMap::new();
-        let mut local = Vec::new();
-        // Per peer: the events' positions in the batch, and the events.
-        let mut remote: HashMap<SocketAddr, (Vec<usize>, Events)> = HashMap::new();
-        for (i, (device, event)) in events.into_iter().enumerate() {
-            let route = *routes
-                .entry(device.clone())
-                .or_insert_with(|| self.route(&device));
-            match route {
-                Route::Local => local.push((Positioned(i, device), event)),
-                Route::Remote(peer) => {
-                    let part = remote.entry(peer).or_default();
-                    part.0.push(i);
-                    part.1.push((device, event));
-                }
-            }
-        }
-        let mut accepted_any = false;
-        let mut again = Vec::new();
-        if !local.is_empty() {
-            let queued = local.len();
-            // Refused here: nothing is sent anywhere, the whole batch is refused.
-            let moved = self.directory.submit_many(local.into_iter())?;
-            accepted_any = moved.len() < queued;
-            // Handed off meanwhile (not queued here): through the single-event path,
-            // which follows the fence.
-            again.extend(moved.into_iter().map(|(p, event)| (p.0, p.1, event)));
-        }
-        let sent = futures_util::future::join_all(remote.into_iter().map(
-            |(peer, (positions, part))| async move {
-                let result = self.forward(peer, part.clone()).await;
-                (peer, positions, part, result)
-            },
-        ))
-        .await;
-        let mut refused = Vec::new();
-        for (peer, positions, part, result) in sent {
-            match result {
-                Ok(()) => accepted_any = true,
-                Err(ForwardError::Overloaded) => refused.extend(positions),
-                Err(e) => {
-                    if e != ForwardError::Timeout {
-                        self.leave_out(peer);
-                    }
-                    again.extend(positions.into_iter().zip(part).map(|(i, (d, e))| (i, d, e)));
-                }
-            }
-        }
-        // One task per device keeps each device's events in order.
-        let mut per_device: HashMap<Arc<str>, Vec<(usize, Event)>> = HashMap::new();
-        for (i, device, event) in again {
-            per_device.entry(device).or_default().push((i, event));
-        }
-        let retried = futures_util::future::join_all(per_device.into_iter().map(
-            |(device, events)| async move {
-                let mut refused = Vec::new();
-                let mut accepted = false;
-                for (i, event) in events {
-                    if !refused.is_empty() || self.submit(&device, event).await.is_err() {
-                        refused.push(i);
-                    } else {
-                        accepted = true;
-                    }
-                }
-                (accepted, refused)
-            },
-        ))
-        .await;
-        for (accepted, positions) in retried {
-            accepted_any |= accepted;
-            refused.extend(positions);
-        }
-        if !accepted_any {
+    /// Queues a shard's events here, all or none (MAX_PENDING_EVENTS); called under the
+    /// shard's lock.
+    fn push_local(&self, events: &Positioned) -> Result<(), SubmitError> {
+        if !self.directory.admit(events.len()) {
             return Err(SubmitError::Overloaded);
         }
-        refused.sort_unstable();
-        Ok(refused)
-    }
-
-    /// How long a device's events keep going to an owner that times out, before it is
-    /// left out regardless: long enough for the probes (which decide for every node
-    /// alike) to fail it first.
-    fn reroute_deadline(&self) -> Duration {
-        (self.config.discovery_interval + self.config.forward_timeout)
-            * (membership::PROBE_FAILURES_TO_LEAVE + 1)
-    }
-
-    fn leave_out(&self, peer: SocketAddr) {
-        self.membership.mark_down(peer);
-        self.publish_members();
-    }
-
-    /// Accepts a batch forwarded by another node: one hop only, so it is queued here —
-    /// except the events of devices this node has handed off, which go on to their new
-    /// owner. Admission of the local part is all or nothing.
-    pub async fn receive(&self, events: Vec<(Arc<str>, Event)>) -> Result<(), SubmitError> {
-        let count = events.len() as u64;
-        let (onward, local): (Vec<_>, Vec<_>) = events
-            .into_iter()
-            .partition(|(d, _)| self.fenced(d).is_some());
-        let moved = self.directory.submit_many(local.into_iter())?;
-        let mut onward = onward;
-        onward.extend(moved);
-        // Part of the batch is queued already: from here on every event is taken, so
-        // that the answer stays all or nothing (a refused batch is resent whole).
-        for (device, event) in onward {
-            self.take_regardless(&device, event).await?;
+        for (i, (_, device, event)) in events.iter().enumerate() {
+            if let Err(e) = self.directory.push_admitted(device, *event) {
+                // Only Unavailable (the very end of shutdown) is possible while the
+                // shard is active here: the events before this one are queued.
+                self.directory.unadmit(events.len() - i - 1);
+                return Err(e);
+            }
         }
-        self.metrics.forwarded_events_received.inc_by(count);
         Ok(())
     }
 
-    /// Takes one event of a batch that is partly queued already: at the device's new
-    /// holder, else here past MAX_PENDING_EVENTS. A slot closed for a handoff under way
-    /// refuses it until the handoff ends (the slot is then unlisted, or reopened when
-    /// the handoff gave up): wait for that. Refusing would answer the whole batch as not
-    /// taken while part of it is queued, and its sender's client would send that part
-    /// again (an event counted twice, seen at a scale-in).
-    async fn take_regardless(&self, device: &Arc<str>, event: Event) -> Result<(), SubmitError> {
-        // A release runs to its end (drain, stop, writer: three forward timeouts at
-        // most); this bound only guards against a slot that never reopens.
-        let deadline = Instant::now() + self.reroute_deadline();
+    /// Takes one shard's events (in order): queued here while this node owns the shard,
+    /// else forwarded to the owner the table names; waits while the shard is moving or
+    /// has no reachable owner, up to the route deadline. Answers the positions not taken.
+    ///
+    /// `received`: the events were forwarded here, and this node's last rejoin as of
+    /// their arrival. They are acted on (queued or passed on) only while this node's
+    /// lease holds and it has not lapsed since: once it has, their sender may have given
+    /// up on this node and sent them elsewhere, so they are refused.
+    async fn submit_shard(
+        self: &Arc<Self>,
+        shard: u32,
+        events: Positioned,
+        received: Option<u64>,
+    ) -> Vec<usize> {
+        let deadline = Instant::now() + self.config.route_deadline();
+        let mut changed = self.ownership.subscribe();
+        let all = || events.iter().map(|e| e.0).collect::<Vec<_>>();
         loop {
-            if let Some(holder) = self.fenced(device) {
-                if self
-                    .forward(holder, vec![(device.clone(), event)])
+            if let Some(rejoined) = received {
+                if self.ownership.rejoined_at() != rejoined {
+                    return all();
+                }
+                if !self.ownership.lease_valid() {
+                    self.kick();
+                    if Instant::now() >= deadline {
+                        return all();
+                    }
+                    let _ = tokio::time::timeout(WAIT_STEP, changed.changed()).await;
+                    continue;
+                }
+            }
+            match self.ownership.route(shard, || self.push_local(&events)) {
+                Ok(Ok(())) => return Vec::new(),
+                Ok(Err(_)) => return events.iter().map(|e| e.0).collect(),
+                Err(Route::Remote(peer)) => {
+                    let part = events.iter().map(|(_, d, e)| (d.clone(), *e)).collect();
+                    match self.forward(peer, part).await {
+                        Ok(refused) => return refused.into_iter().map(|i| events[i].0).collect(),
+                        Err(ForwardError::Overloaded) => {
+                            return events.iter().map(|e| e.0).collect()
+                        }
+                        // Unreachable, or timed out while the table moved the shard:
+                        // the table decides where the events go now.
+                        Err(_) => self.kick(),
+                    }
+                }
+                Err(Route::Local | Route::Wait) => self.kick(),
+            }
+            if Instant::now() >= deadline {
+                return events.iter().map(|e| e.0).collect();
+            }
+            let _ = tokio::time::timeout(WAIT_STEP, changed.changed()).await;
+        }
+    }
+
+    /// Accepts one event: queued here if this node owns its shard, else forwarded to the
+    /// owner and answered once the owner has queued it.
+    pub async fn submit(self: &Arc<Self>, device: &str, event: Event) -> Result<(), SubmitError> {
+        let shard = self.ownership.shard(device);
+        let refused = self
+            .submit_shard(shard, vec![(0, Arc::from(device), event)], None)
+            .await;
+        if refused.is_empty() {
+            Ok(())
+        } else if self.directory.pending() > 0 && self.ownership.route(shard, || ()).is_ok() {
+            Err(SubmitError::Overloaded)
+        } else {
+            Err(SubmitError::Unroutable)
+        }
+    }
+
+    /// Accepts a batch: split by shard, each shard's part queued here or forwarded to its
+    /// owner (the forwarders merge the parts bound for one peer into one request), in the
+    /// batch's order per device. Each part is all or nothing at its owner's
+    /// MAX_PENDING_EVENTS: the answer lists the positions of the events that were not
+    /// accepted (every other event is), and is `Err(Overloaded)` only when nothing was
+    /// accepted, so that a 503 never hides an accepted event.
+    pub async fn submit_batch(
+        self: &Arc<Self>,
+        events: Vec<(Arc<str>, Event)>,
+    ) -> Result<Vec<usize>, SubmitError> {
+        let total = events.len();
+        let refused = self
+            .take_positioned(events.into_iter().enumerate(), None)
+            .await;
+        if total > 0 && refused.len() == total {
+            return Err(SubmitError::Overloaded);
+        }
+        Ok(refused)
+    }
+
+    async fn take_positioned(
+        self: &Arc<Self>,
+        events: impl Iterator<Item = (usize, (Arc<str>, Event))>,
+        received: Option<u64>,
+    ) -> Vec<usize> {
+        let mut by_shard: BTreeMap<u32, Positioned> = BTreeMap::new();
+        for (i, (device, event)) in events {
+            by_shard
+                .entry(self.ownership.shard(&device))
+                .or_default()
+                .push((i, device, event));
+        }
+        let parts = futures_util::future::join_all(
+            by_shard
+                .into_iter()
+                .map(|(shard, part)| self.submit_shard(shard, part, received)),
+        )
+        .await;
+        let mut refused: Vec<usize> = parts.into_iter().flatten().collect();
+        refused.sort_unstable();
+        refused
+    }
+
+    /// Accepts a batch forwarded by another node under its idempotency key: a repeat of a
+    /// key gets the first answer (waiting for it if the first is still being taken), and
+    /// queues nothing again. A batch sent (`sent_ms`, the sender's clock) before this
+    /// node last renewed a lapsed lease is refused whole. The answer lists the positions
+    /// not taken.
+    pub async fn receive(
+        self: &Arc<Self>,
+        id: BatchId,
+        sent_ms: u64,
+        events: Vec<(Arc<str>, Event)>,
+    ) -> Vec<u32> {
+        let count = events.len() as u64;
+        let rejoined = self.ownership.rejoined_at();
+        if sent_ms < rejoined {
+            return (0..count as u32).collect();
+        }
+        let first = {
+            let mut received = self.received.lock().unwrap_or_else(PoisonError::into_inner);
+            self.expire_received(&mut received);
+            match received.answers.get(&id) {
+                Some(answer) => Err(answer.clone()),
+                None => {
+                    let (tx, rx) = watch::channel(None);
+                    received.answers.insert(id, rx);
+                    received.order.push_back((Instant::now(), id));
+                    Ok(tx)
+                }
+            }
+        };
+        match first {
+            Err(mut answer) => {
+                self.metrics.events_duplicate.inc_by(count);
+                loop {
+                    if let Some(refused) = answer.borrow_and_update().clone() {
+                        return refused;
+                    }
+                    if answer.changed().await.is_err() {
+                        // The first delivery's task is gone: nothing of it was answered.
+                        return (0..count as u32).collect();
+                    }
+                }
+            }
+            Ok(tx) => {
+                let refused: Vec<u32> = self
+                    .take_positioned(events.into_iter().enumerate(), Some(rejoined))
                     .await
-                    .is_ok()
-                {
-                    return Ok(());
-                }
-            }
-            // The holder cannot take it: it is processed here; its actor starts from the
-            // newest window it can find.
-            match self.directory.submit_regardless(device, event) {
-                Err(SubmitError::HandedOff) if Instant::now() < deadline => {
-                    tokio::time::sleep(HANDOFF_POLL).await;
-                }
-                other => return other,
+                    .into_iter()
+                    .map(|p| p as u32)
+                    .collect();
+                self.metrics
+                    .forwarded_events_received
+                    .inc_by(count - refused.len() as u64);
+                let _ = tx.send(Some(refused.clone()));
+                refused
             }
         }
     }
 
-    fn fenced(&self, device: &str) -> Option<SocketAddr> {
-        let holder = self.handoff.fences.holder(device)?;
-        (holder != self.membership.me() && self.membership.view().reachable.contains(&holder))
-            .then_some(holder)
+    /// Forgets answers older than any repeat of their batch can be.
+    fn expire_received(&self, received: &mut Received) {
+        let keep = self.config.route_deadline() * 2 + self.config.forward_timeout;
+        let now = Instant::now();
+        while let Some((at, id)) = received.order.front().copied() {
+            if now.duration_since(at) < keep && received.order.len() < MAX_REMEMBERED {
+                break;
+            }
+            received.order.pop_front();
+            received.answers.remove(&id);
+        }
     }
 }
 
-/// Resolves every `host:port` entry; `None` when nothing resolved at all (a DNS outage:
-/// the caller keeps the previous answer rather than dropping every member).
-async fn resolve(peers: &[String]) -> Option<BTreeSet<SocketAddr>> {
-    let mut out = BTreeSet::new();
-    let mut any = false;
-    for entry in peers {
-        match tokio::net::lookup_host(entry.as_str()).await {
-            Ok(addrs) => {
-                any = true;
-                out.extend(addrs);
-            }
-            Err(e) => tracing::warn!(peer = %entry, error = %e, "cannot resolve cluster peer"),
-        }
-    }
-    any.then_some(out)
-}
+/// Forwarded batches whose answers are remembered at most.
+const MAX_REMEMBERED: usize = 200_000;
 
 #[cfg(test)]
-mod tests;
+mod tests {
+    use super::BatchId;
+
+    #[test]
+    fn batch_ids_round_trip_as_text() {
+        for id in [
+            BatchId(0, 0),
+            BatchId(0xdead_beef, 42),
+            BatchId(u64::MAX, u64::MAX),
+        ] {
+            assert_eq!(id.to_string().parse::<BatchId>(), Ok(id));
+        }
+        assert!("nope".parse::<BatchId>().is_err());
+        assert!("1-zz".parse::<BatchId>().is_err());
+    }
+}

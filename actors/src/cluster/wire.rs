@@ -78,8 +78,41 @@ pub fn decode(mut body: Bytes) -> Result<Vec<(Arc<str>, Event)>, WireError> {
     Ok(events)
 }
 
+/// The answer to a forwarded batch: the positions of the events that were not taken
+/// (u32 LE each); empty when every event was.
+pub fn encode_refused(positions: &[u32]) -> Bytes {
+    let mut out = BytesMut::with_capacity(positions.len() * 4);
+    for p in positions {
+        out.put_u32_le(*p);
+    }
+    out.freeze()
+}
+
+/// Decodes [`encode_refused`].
+pub fn decode_refused(mut body: Bytes) -> Result<Vec<u32>, WireError> {
+    if body.len() % 4 != 0 {
+        return Err(WireError("refusals truncated"));
+    }
+    let mut out = Vec::with_capacity(body.len() / 4);
+    while body.has_remaining() {
+        out.push(body.get_u32_le());
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn refusals_round_trip() {
+        for positions in [vec![], vec![0], vec![3, 7, u32::MAX]] {
+            assert_eq!(
+                super::decode_refused(super::encode_refused(&positions)),
+                Ok(positions)
+            );
+        }
+        assert!(super::decode_refused(bytes::Bytes::from_static(b"abc")).is_err());
+    }
+
     use super::*;
     use proptest::prelude::*;
 

@@ -19,18 +19,9 @@ use ractor::rpc::CallResult;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
-
-/// Where a starting device actor finds a window that another node holds: the cluster
-/// (the previous owner of the device) when this node has just taken the device over.
-pub trait Predecessor: Send + Sync {
-    /// The device's final window from the node that processed it before, once that node
-    /// has stopped processing it; `None` when there is no such node or it cannot be
-    /// reached, and the window comes from this node's writer or the store as usual.
-    fn window(&self, device: Arc<str>) -> BoxFuture<Option<WindowSnapshot>>;
-}
 
 /// Test only: an event with this rps makes its device actor panic while processing it
 /// (validation at the front end never lets a negative rps through).
@@ -61,8 +52,6 @@ pub struct DeviceContext {
     /// WINDOW_CHECKPOINT_INTERVAL: how often, at most, a result carries its window to
     /// the store.
     pub checkpoint_interval: Duration,
-    /// Set once when the node runs in a cluster.
-    pub predecessor: OnceLock<Arc<dyn Predecessor>>,
     /// The live slots, and the actors of evicted ones still stopping.
     pub(crate) slots: SlotMap,
     /// ANOMALY_SIGNALS.
@@ -89,9 +78,6 @@ pub struct DeviceState {
     /// been flushed (the usual case), the next event updates the window in place instead
     /// of copying it.
     window: Arc<Window>,
-    /// The newest event processed (restored with the window): an identical one arriving
-    /// again is a re-delivery, not a new reading.
-    last: Option<Event>,
     /// The window's version: this incarnation and its events (see [`Version`]).
     version: u64,
     /// When a result last carried the window to the store; `None` until the first (an
@@ -122,18 +108,10 @@ pub enum DeviceMsg {
 impl DeviceState {
     fn process(&mut self, event: Event) {
         let ctx = &*self.ctx;
-        // A forward that timed out after the owner had queued it is re-routed, and may
-        // then reach this window a second time: the same timestamp (to the nanosecond)
-        // and the same values are the same event.
-        if self.last == Some(event) {
-            ctx.metrics.events_duplicate.inc();
-            return;
-        }
         #[cfg(test)]
         if event.rps == PANIC_RPS {
             panic!("test-induced failure while processing an event");
         }
-        self.last = Some(event);
         self.version += 1;
         let device_id = self.slot.device_id();
         Arc::make_mut(&mut self.window).push(event.rps, event.cpu);
@@ -224,14 +202,13 @@ impl DeviceState {
             self.ctx.window_size,
             snapshot.readings().iter().copied(),
         ));
-        self.last = snapshot.last_event();
         self.version = Version::next_incarnation(Some(snapshot.version()));
     }
 
-    /// Restores the device's window from the newest of its possible sources: the node
-    /// that held it before (in a cluster), and this node's writer (its unflushed result,
-    /// else the store). "Newest" is the highest [`Version`]: an incarnation that took the
-    /// device over outranks one that kept running cut off from the cluster.
+    /// Restores the device's window through this node's writer: its unflushed result,
+    /// else the store (in a cluster, the newer of the two by [`Version`]). A shard moves
+    /// to this node only after its previous owner wrote every window of it, so the store
+    /// holds the exact window then.
     async fn restore(&mut self) {
         let ctx = &*self.ctx;
         let device = self.slot.device_id().clone();
@@ -240,10 +217,6 @@ impl DeviceState {
         if let Some(previous) = ctx.slots.stopping(&device) {
             let _ = previous.wait(Some(ctx.restore_timeout)).await;
         }
-        let pulled = match ctx.predecessor.get() {
-            Some(predecessor) => predecessor.window(device.clone()).await,
-            None => None,
-        };
         let mut local = None;
         for attempt in 1..=RESTORE_ATTEMPTS {
             let reply = ctx
@@ -263,9 +236,6 @@ impl DeviceState {
                     "no answer in time".to_string()
                 }
             };
-            if pulled.is_some() {
-                break;
-            }
             if attempt == RESTORE_ATTEMPTS {
                 // Starting empty rather than holding the device's events any longer.
                 ctx.metrics.window_restore_failures.inc();
@@ -276,16 +246,10 @@ impl DeviceState {
         }
         tracing::debug!(
             device_id = %device,
-            pulled = ?pulled.as_ref().map(|w| (Version::parts(w.version()), w.readings().len())),
             local = ?local.as_ref().map(|w| (Version::parts(w.version()), w.readings().len())),
             "restoring window"
         );
-        let newest = match (pulled, local) {
-            (Some(p), Some(l)) if l.version() > p.version() => Some(l),
-            (Some(p), _) => Some(p),
-            (None, l) => l,
-        };
-        if let Some(snapshot) = newest {
+        if let Some(snapshot) = local {
             self.adopt(&snapshot);
         }
     }
@@ -304,7 +268,6 @@ impl Actor for DeviceActor {
         args.slot.attach(myself);
         Ok(DeviceState {
             window: Arc::new(Window::new(args.ctx.window_size)),
-            last: None,
             version: Version::next_incarnation(None),
             checkpointed_at: None,
             unsaved: None,

@@ -24,9 +24,13 @@ pub enum SubmitError {
     /// The actor system is stopping.
     #[error("the device supervisor is not running")]
     Unavailable,
-    /// The device was handed off to another node; its events go there.
-    #[error("the device was handed off to another node")]
+    /// The device's shard is moving to another node; its events go there.
+    #[error("the device's shard is moving to another node")]
     HandedOff,
+    /// In a cluster: no node could take the event in time (its shard's owner is
+    /// unreachable, or the shard is between owners for longer than the bound).
+    #[error("the device's owner cannot take events now")]
+    Unroutable,
 }
 
 /// The bound on accepted, unprocessed events. The count lives in the
@@ -51,7 +55,7 @@ impl Admission {
     }
 
     /// Admits `n` events at once, or none of them.
-    fn try_acquire_many(&self, n: usize) -> bool {
+    pub(crate) fn try_acquire_many(&self, n: usize) -> bool {
         let n = i64::try_from(n).unwrap_or(i64::MAX);
         if self.pending.inc_by(n) > self.max - n {
             self.pending.dec_by(n);
@@ -178,9 +182,54 @@ impl Directory {
         Ok(moved)
     }
 
+    /// Admits `n` events at once or none (MAX_PENDING_EVENTS); each admitted event is then
+    /// pushed with [`Directory::push_admitted`] or given back with [`Directory::unadmit`].
+    pub(crate) fn admit(&self, n: usize) -> bool {
+        self.admission.try_acquire_many(n)
+    }
+
+    /// Gives back the admission of `n` events that were not pushed.
+    pub(crate) fn unadmit(&self, n: usize) {
+        for _ in 0..n {
+            self.admission.release();
+        }
+    }
+
+    /// Closes the slots of the devices `moving` selects: events already queued are still
+    /// processed, later pushes are refused ([`SubmitError::HandedOff`]). Answers the
+    /// closed slots, and the device actors of those devices that are still stopping after
+    /// an eviction (their windows are not deposited yet).
+    pub(crate) fn close_where(
+        &self,
+        moving: impl Fn(&str) -> bool,
+    ) -> (Vec<Arc<Slot>>, Vec<ActorCell>) {
+        let slots: Vec<Arc<Slot>> = self
+            .slots
+            .0
+            .iter()
+            .filter(|e| moving(e.key()))
+            .map(|e| e.value().clone())
+            .collect();
+        for slot in &slots {
+            slot.close_for_handoff();
+        }
+        let stopping = self
+            .slots
+            .1
+            .iter()
+            .filter(|e| moving(e.key()))
+            .map(|e| e.value().clone())
+            .collect();
+        (slots, stopping)
+    }
+
     /// Queues an event whose admission is already counted; on an error the admission is
     /// released.
-    fn push_admitted(&self, device_id: &str, mut event: Event) -> Result<(), SubmitError> {
+    pub(crate) fn push_admitted(
+        &self,
+        device_id: &str,
+        mut event: Event,
+    ) -> Result<(), SubmitError> {
         // At most a few rounds: a closed slot is removed before we look again.
         loop {
             let existing = self.slots.0.get(device_id).map(|s| s.value().clone());
@@ -223,7 +272,8 @@ impl Directory {
         self.admission.pending()
     }
 
-    /// The live slot of a device.
+    /// Test only: the live slot of a device.
+    #[cfg(test)]
     pub(crate) fn slot(&self, device_id: &str) -> Option<Arc<Slot>> {
         self.slots.0.get(device_id).map(|s| s.value().clone())
     }
@@ -253,18 +303,6 @@ impl Directory {
             }
         }
         stopped
-    }
-
-    /// The device's evicted actor, if it is still stopping (and has not yet deposited
-    /// its window with the writer).
-    pub(crate) fn stopping(&self, device_id: &str) -> Option<ActorCell> {
-        self.slots.stopping(device_id)
-    }
-
-    /// Test only: records `actor` as the device's evicted actor, still stopping.
-    #[cfg(test)]
-    pub(crate) fn retiring(&self, device_id: &str, actor: ActorCell) {
-        self.slots.1.insert(Arc::from(device_id), actor);
     }
 
     /// Removes a handed-off slot, so that the device's next local event (once this node

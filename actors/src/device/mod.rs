@@ -15,10 +15,8 @@ mod supervisor;
 #[cfg(test)]
 mod tests;
 
-pub use actor::{BoxFuture, DeviceActor, DeviceArgs, DeviceContext, DeviceMsg, Predecessor};
+pub use actor::{BoxFuture, DeviceActor, DeviceArgs, DeviceContext, DeviceMsg};
 pub(crate) use directory::SlotMap;
 pub use directory::{Admission, Directory, SubmitError};
-#[cfg(test)]
-pub(crate) use slot::Closed;
 pub use slot::Slot;
 pub use supervisor::{DeviceSupervisor, SupervisorArgs, SupervisorMsg};

@@ -26,16 +26,19 @@ pub enum RejectReason {
     ShuttingDown,
     /// No valid token, or one that may not write this device (401, 403).
     Unauthorized,
+    /// In a cluster: the shard's owner could not take the event in time (503).
+    Unroutable,
 }
 
 impl RejectReason {
     /// Every reason, for pre-creating the series.
-    pub const ALL: [RejectReason; 5] = [
+    pub const ALL: [RejectReason; 6] = [
         RejectReason::Invalid,
         RejectReason::TooLarge,
         RejectReason::Overloaded,
         RejectReason::ShuttingDown,
         RejectReason::Unauthorized,
+        RejectReason::Unroutable,
     ];
 }
 
@@ -47,6 +50,7 @@ impl EncodeLabelValue for RejectReason {
             RejectReason::Overloaded => "overloaded",
             RejectReason::ShuttingDown => "shutting_down",
             RejectReason::Unauthorized => "unauthorized",
+            RejectReason::Unroutable => "unroutable",
         })
     }
 }
@@ -113,7 +117,7 @@ impl EncodeLabelValue for Direction {
     }
 }
 
-/// Labels of `device_handoffs_total`.
+/// Labels of `shard_handoffs_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DirectionLabel {
     /// Which way.
@@ -137,7 +141,7 @@ mod tests {
                 .inc();
         }
         for direction in [Direction::In, Direction::Out] {
-            m.device_handoffs
+            m.shard_handoffs
                 .get_or_create(&DirectionLabel { direction })
                 .inc();
         }
@@ -147,8 +151,8 @@ mod tests {
             r#"forward_failures_total{reason="timeout"} 1"#,
             r#"forward_failures_total{reason="unreachable"} 1"#,
             r#"forward_failures_total{reason="rejected"} 1"#,
-            r#"device_handoffs_total{direction="in"} 1"#,
-            r#"device_handoffs_total{direction="out"} 1"#,
+            r#"shard_handoffs_total{direction="in"} 1"#,
+            r#"shard_handoffs_total{direction="out"} 1"#,
         ] {
             assert!(text.lines().any(|l| l == series), "{series} in:\n{text}");
         }

@@ -58,8 +58,8 @@ pub struct Metrics {
     pub events_processed: Counter,
     /// Events whose processing panicked their device actor.
     pub events_failed: Counter,
-    /// Events that reached their device a second time (a re-routed forward) and were
-    /// processed once.
+    /// Events of forwarded batches that arrived again under a key already taken (a
+    /// retry after a lost answer), answered without being queued twice.
     pub events_duplicate: Counter,
     /// Accepted, not yet processed. Also the admission counter.
     pub pending_events: Gauge,
@@ -93,8 +93,10 @@ pub struct Metrics {
     pub forward_failures: Family<ForwardFailureLabel, Counter>,
     /// Latency of one forwarded batch, until the owner's acknowledgement.
     pub forward_batch_duration_seconds: Histogram,
-    /// Device windows moved between nodes, by direction.
-    pub device_handoffs: Family<DirectionLabel, Counter>,
+    /// Shards moved between nodes, by direction.
+    pub shard_handoffs: Family<DirectionLabel, Counter>,
+    /// Shards this node owns.
+    pub cluster_shards_owned: Gauge,
     /// Requests to the internal listener with a missing or wrong CLUSTER_TOKEN.
     pub cluster_unauthorized: Counter,
     /// Forwarded batches that arrived after their sender had given up on them (late
@@ -119,7 +121,7 @@ impl Metrics {
             events_rejected: register(r, "events_rejected", "Events refused, by reason", Family::default()),
             events_processed: register(r, "events_processed", "Events processed by device actors", Counter::default()),
             events_failed: register(r, "events_failed", "Events whose processing crashed their device actor", Counter::default()),
-            events_duplicate: register(r, "events_duplicate", "Events that reached their device twice (a re-routed forward) and were processed once", Counter::default()),
+            events_duplicate: register(r, "events_duplicate", "Events of forwarded batches received again under a key already taken (a retry), not queued twice", Counter::default()),
             pending_events: register(r, "pending_events", "Events accepted and not yet processed", Gauge::default()),
             device_actors: register(r, "device_actors", "Live device actors", Gauge::default()),
             actor_restarts: register(r, "actor_restarts", "Device actors restarted by the supervisor after a failure", Counter::default()),
@@ -136,7 +138,8 @@ impl Metrics {
             forwarded_events_received: register(r, "forwarded_events_received", "Events received from other nodes and queued here", Counter::default()),
             forward_failures: register(r, "forward_failures", "Forwarded batches that failed, by reason (their events were re-routed)", Family::default()),
             forward_batch_duration_seconds: register(r, "forward_batch_duration_seconds", "Latency of one forwarded batch until the owner's acknowledgement", Histogram::new(STORE_BUCKETS)),
-            device_handoffs: register(r, "device_handoffs", "Device windows moved between nodes, by direction", Family::default()),
+            shard_handoffs: register(r, "shard_handoffs", "Shards moved between nodes, by direction", Family::default()),
+            cluster_shards_owned: register(r, "cluster_shards_owned", "Shards this node owns (0 on a single node)", Gauge::default()),
             cluster_unauthorized: register(r, "cluster_unauthorized", "Internal requests with a missing or wrong CLUSTER_TOKEN", Counter::default()),
             forwarded_batches_expired: register(r, "forwarded_batches_expired", "Forwarded batches that arrived after their sender had given up on them (refused; re-routed)", Counter::default()),
             anomaly_stream_entries: register(r, "anomaly_stream_entries", "Entries appended to the anomalies stream", Counter::default()),
@@ -150,7 +153,7 @@ impl Metrics {
                 .inc_by(0);
         }
         for direction in [Direction::In, Direction::Out] {
-            m.device_handoffs
+            m.shard_handoffs
                 .get_or_create(&DirectionLabel { direction })
                 .inc_by(0);
         }

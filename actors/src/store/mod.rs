@@ -76,15 +76,28 @@ pub struct StreamRecord {
     pub analysis: Bytes,
 }
 
+/// How a cluster fences its writes: which shard and epoch a device's keys are written
+/// under, and what to do when the table refused them. Implemented by the cluster's
+/// ownership state.
+pub trait Fence: Send + Sync {
+    /// This node's id in the table.
+    fn owner(&self) -> &str;
+    /// The shard of `device` and the epoch under which this node owns it; `None` when it
+    /// does not own it (the write is dropped: the shard's owner has the window).
+    fn lease(&self, device: &str) -> Option<(u32, u64)>;
+    /// The table refused writes of these shards: another node owns them now.
+    fn lost(&self, shards: &[u32]);
+}
+
 /// One device's keys, written together.
 #[derive(Debug, Clone)]
 pub struct DeviceWrite {
+    /// The device.
+    pub device: Arc<str>,
     /// `analysis:{id}` and its JSON.
     pub analysis: (String, Bytes),
     /// `window:{id}`, and its snapshot bytes (see [`WindowSnapshot`]) on a checkpoint.
     pub window: (String, Option<Bytes>),
-    /// The window's version, which guards conditional writes (see [`Version`]).
-    pub version: u64,
 }
 
 impl DeviceWrite {
@@ -136,7 +149,7 @@ pub enum Store {
 }
 
 impl Store {
-    /// Whether writes are conditional on the window's sequence number (a cluster).
+    /// Whether writes are fenced by shard (a cluster).
     pub fn is_guarded(&self) -> bool {
         matches!(self, Store::Redis(s) if s.is_guarded())
     }

@@ -19,7 +19,7 @@
 //! `rediss://` connects over rustls (see [`super::tls`]).
 
 use super::tls::{self, RedisTls};
-use super::{DeviceWrite, StoreError, StreamEntry, StreamId, StreamRecord, ANOMALY_STREAM};
+use super::{DeviceWrite, Fence, StoreError, StreamEntry, StreamId, StreamRecord, ANOMALY_STREAM};
 use bb8_redis::bb8::{self, ManageConnection, Pool, PooledConnection};
 use bb8_redis::redis::{self, aio::MultiplexedConnection, ConnectionAddr, IntoConnectionInfo};
 use bytes::Bytes;
@@ -92,29 +92,27 @@ impl ManageConnection for Manager {
     }
 }
 
-/// A device's analysis (and, on a checkpoint, its window) set only when the stored
-/// window is not newer: its version (big-endian bytes 4..11 of an `IW2` value) is not
-/// greater than the write's (ARGV[4], 8 bytes big-endian). An empty ARGV[2] leaves the
-/// window as it is. The bytes are compared one by one: Lua's string comparison stops at
-/// a NUL byte, and its numbers are doubles, not exact past 2^53.
-const GUARDED_SET: &str = r#"
-local function newer(stored, version)
-  for i = 1, 8 do
-    local x, y = string.byte(stored, i + 3), string.byte(version, i)
-    if x ~= y then return x > y end
+/// The writes of many shards, each group applied only while the table still gives the
+/// shard to this node under the epoch it wrote with (see `cluster::table`): one script
+/// per chunk of a flush, not one per device.
+/// KEYS: the shard table, then every key written, in order. ARGV: expiry in ms, this
+/// node's id, then per group: shard, epoch, number of keys, then the keys' values.
+/// Answers the shards whose writes were refused.
+const FENCED_SET: &str = r#"
+local ki, ai, refused = 2, 3, {}
+while ai <= #ARGV do
+  local s, e, n = ARGV[ai], ARGV[ai + 1], tonumber(ARGV[ai + 2])
+  ai = ai + 3
+  if redis.call('HGET', KEYS[1], s) == e .. ' ' .. ARGV[2] then
+    for j = 0, n - 1 do
+      redis.call('SET', KEYS[ki + j], ARGV[ai + j], 'PX', ARGV[1])
+    end
+  else
+    table.insert(refused, s)
   end
-  return false
+  ki, ai = ki + n, ai + n
 end
-local stored = redis.call('GET', KEYS[2])
-if stored and #stored >= 11 and string.sub(stored, 1, 3) == 'IW2'
-   and newer(stored, ARGV[4]) then
-  return 0
-end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
-if #ARGV[2] > 0 then
-  redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
-end
-return 1
+return refused
 "#;
 
 /// Appends a stream entry unless an append of the same uid ran already (a flush that
@@ -138,9 +136,9 @@ pub struct RedisStore {
     pool: Pool<Manager>,
     last_connect_error: LastConnectError,
     timeout: Duration,
-    /// In a cluster: writes are conditional on the stored window's sequence number.
-    guarded: bool,
-    script_sha: Arc<str>,
+    /// In a cluster: writes are fenced by their shard's epoch.
+    fence: Option<Arc<dyn Fence>>,
+    fenced_set: Arc<redis::Script>,
     append_sha: Arc<str>,
 }
 
@@ -149,7 +147,7 @@ impl std::fmt::Debug for RedisStore {
         f.debug_struct("RedisStore")
             .field("state", &self.pool.state())
             .field("timeout", &self.timeout)
-            .field("guarded", &self.guarded)
+            .field("fenced", &self.fence.is_some())
             .finish()
     }
 }
@@ -192,22 +190,54 @@ impl RedisStore {
             pool,
             last_connect_error,
             timeout,
-            guarded: false,
-            script_sha: Arc::from(redis::Script::new(GUARDED_SET).get_hash()),
+            fence: None,
+            fenced_set: Arc::new(redis::Script::new(FENCED_SET)),
             append_sha: Arc::from(redis::Script::new(APPEND_ONCE).get_hash()),
         })
     }
 
-    /// Conditional writes (a cluster): a node that lost a device, and still holds an
-    /// older window of it, can never overwrite the newer window of the device's owner.
-    pub fn guarded(mut self) -> Self {
-        self.guarded = true;
+    /// Fenced writes (a cluster): a device's keys are written only while this node owns
+    /// its shard under the epoch it holds, so a node that lost a shard (paused, cut off)
+    /// can never overwrite what the shard's new owner wrote.
+    pub fn fenced(mut self, fence: Arc<dyn Fence>) -> Self {
+        self.fence = Some(fence);
         self
     }
 
-    /// Whether writes are conditional.
+    /// Whether writes are fenced.
     pub fn is_guarded(&self) -> bool {
-        self.guarded
+        self.fence.is_some()
+    }
+
+    /// Runs a Lua script (EVALSHA, loading it on a miss) under the deadline.
+    pub async fn eval<T: redis::FromRedisValue>(
+        &self,
+        script: &redis::Script,
+        keys: &[&str],
+        args: &[&str],
+    ) -> Result<T, StoreError> {
+        self.with_conn(|mut conn| async move {
+            let mut invocation = script.prepare_invoke();
+            for k in keys {
+                invocation.key(*k);
+            }
+            for a in args {
+                invocation.arg(*a);
+            }
+            invocation.invoke_async(&mut conn).await
+        })
+        .await
+    }
+
+    /// `DEL key`.
+    pub async fn del(&self, key: &str) -> Result<(), StoreError> {
+        self.with_conn(|mut conn| async move {
+            redis::cmd("DEL")
+                .arg(key)
+                .query_async::<()>(&mut conn)
+                .await
+        })
+        .await
     }
 
     /// Runs `op` on a pooled connection under the deadline; marks the connection broken
@@ -246,60 +276,56 @@ impl RedisStore {
         }
     }
 
-    /// Every device's analysis (and window, on a checkpoint) with `PX ttl`, pipelined, chunks in parallel;
-    /// conditional on the sequence number when [`RedisStore::guarded`].
+    /// Every device's analysis (and window, on a checkpoint) with `PX ttl`, pipelined,
+    /// chunks in parallel; fenced by shard when [`RedisStore::fenced`].
     pub async fn write(&self, writes: Vec<DeviceWrite>, ttl: Duration) -> Result<(), StoreError> {
         let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
         let mut chunks = JoinSet::new();
-        let mut writes = writes.into_iter().peekable();
-        while writes.peek().is_some() {
-            let mut pipe = redis::pipe();
-            if self.guarded {
-                // Idempotent, and cheap next to a chunk: EVALSHA below never misses.
-                pipe.cmd("SCRIPT").arg("LOAD").arg(GUARDED_SET).ignore();
-            }
-            let mut keys = 0;
-            for w in writes.by_ref() {
-                keys += w.keys();
-                let ((akey, analysis), (wkey, window)) = (w.analysis, w.window);
-                if self.guarded {
-                    let window = window.unwrap_or_default();
-                    pipe.cmd("EVALSHA")
-                        .arg(&*self.script_sha)
-                        .arg(2)
-                        .arg(akey)
-                        .arg(wkey)
-                        .arg(&analysis[..])
-                        .arg(&window[..])
-                        .arg(ttl_ms)
-                        .arg(&w.version.to_be_bytes()[..])
-                        .ignore();
-                } else {
-                    let window = window.map(|bytes| (wkey, bytes));
-                    for (key, value) in std::iter::once((akey, analysis)).chain(window) {
-                        pipe.cmd("SET")
-                            .arg(key)
-                            .arg(&value[..])
-                            .arg("PX")
-                            .arg(ttl_ms)
-                            .ignore();
+        match &self.fence {
+            None => {
+                let mut writes = writes.into_iter().peekable();
+                while writes.peek().is_some() {
+                    let mut pipe = redis::pipe();
+                    let mut keys = 0;
+                    for w in writes.by_ref() {
+                        keys += w.keys();
+                        let window = w.window.1.map(|bytes| (w.window.0, bytes));
+                        for (key, value) in std::iter::once(w.analysis).chain(window) {
+                            pipe.cmd("SET")
+                                .arg(key)
+                                .arg(&value[..])
+                                .arg("PX")
+                                .arg(ttl_ms)
+                                .ignore();
+                        }
+                        if keys >= PIPELINE_CHUNK {
+                            break;
+                        }
                     }
-                }
-                if keys >= PIPELINE_CHUNK {
-                    break;
+                    let store = self.clone();
+                    chunks.spawn(async move {
+                        store
+                            .with_conn(
+                                |mut conn| async move { pipe.query_async::<()>(&mut conn).await },
+                            )
+                            .await
+                            .map(|()| Vec::new())
+                    });
                 }
             }
-            let store = self.clone();
-            chunks.spawn(async move {
-                store
-                    .with_conn(|mut conn| async move { pipe.query_async::<()>(&mut conn).await })
-                    .await
-            });
+            Some(fence) => {
+                for chunk in fenced_chunks(&**fence, writes) {
+                    let store = self.clone();
+                    let owner = fence.owner().to_string();
+                    chunks.spawn(async move { store.write_fenced(chunk, &owner, ttl_ms).await });
+                }
+            }
         }
         let mut first_error = None;
+        let mut refused = Vec::new();
         while let Some(joined) = chunks.join_next().await {
             match joined {
-                Ok(Ok(())) => {}
+                Ok(Ok(shards)) => refused.extend(shards),
                 Ok(Err(e)) => {
                     first_error.get_or_insert(e);
                 }
@@ -308,7 +334,52 @@ impl RedisStore {
                 }
             }
         }
+        if let (Some(fence), false) = (&self.fence, refused.is_empty()) {
+            fence.lost(&refused);
+        }
         first_error.map_or(Ok(()), Err)
+    }
+
+    /// One chunk of fenced writes ([`FENCED_SET`]); answers the shards refused.
+    async fn write_fenced(
+        &self,
+        groups: Vec<FencedGroup>,
+        owner: &str,
+        ttl_ms: u64,
+    ) -> Result<Vec<u32>, StoreError> {
+        let ttl = ttl_ms.to_string();
+        let mut keys: Vec<String> = vec![crate::cluster::table::SHARDS_KEY.to_string()];
+        let mut args: Vec<Vec<u8>> = vec![ttl.into_bytes(), owner.as_bytes().to_vec()];
+        for g in groups {
+            let mut n = 0;
+            let mut values = Vec::new();
+            for w in g.writes {
+                let window = w.window.1.map(|bytes| (w.window.0, bytes));
+                for (key, value) in std::iter::once(w.analysis).chain(window) {
+                    keys.push(key);
+                    values.push(value.to_vec());
+                    n += 1;
+                }
+            }
+            args.push(g.shard.to_string().into_bytes());
+            args.push(g.epoch.to_string().into_bytes());
+            args.push(n.to_string().into_bytes());
+            args.extend(values);
+        }
+        let script = self.fenced_set.clone();
+        let refused: Vec<String> = self
+            .with_conn(|mut conn| async move {
+                let mut invocation = script.prepare_invoke();
+                for k in &keys {
+                    invocation.key(k);
+                }
+                for a in &args {
+                    invocation.arg(&a[..]);
+                }
+                invocation.invoke_async(&mut conn).await
+            })
+            .await?;
+        Ok(refused.iter().filter_map(|s| s.parse().ok()).collect())
     }
 
     /// `XADD anomalies MAXLEN ~ maxlen * …` per entry, once per uid (see [`APPEND_ONCE`]),
@@ -400,6 +471,45 @@ impl RedisStore {
         )
         .await
     }
+}
+
+/// The writes of one shard under one epoch.
+struct FencedGroup {
+    shard: u32,
+    epoch: u64,
+    writes: Vec<DeviceWrite>,
+}
+
+/// Groups writes by shard (dropping those of shards this node no longer owns: the shard's
+/// new owner has their windows) and cuts the groups into chunks of about
+/// [`PIPELINE_CHUNK`] keys, a group never split.
+fn fenced_chunks(fence: &dyn Fence, writes: Vec<DeviceWrite>) -> Vec<Vec<FencedGroup>> {
+    let mut by_shard: std::collections::BTreeMap<(u32, u64), Vec<DeviceWrite>> =
+        std::collections::BTreeMap::new();
+    for w in writes {
+        if let Some(lease) = fence.lease(&w.device) {
+            by_shard.entry(lease).or_default().push(w);
+        }
+    }
+    let mut chunks = Vec::new();
+    let mut chunk = Vec::new();
+    let mut keys = 0;
+    for ((shard, epoch), writes) in by_shard {
+        keys += writes.iter().map(DeviceWrite::keys).sum::<usize>();
+        chunk.push(FencedGroup {
+            shard,
+            epoch,
+            writes,
+        });
+        if keys >= PIPELINE_CHUNK {
+            chunks.push(std::mem::take(&mut chunk));
+            keys = 0;
+        }
+    }
+    if !chunk.is_empty() {
+        chunks.push(chunk);
+    }
+    chunks
 }
 
 /// A raw `XRANGE` entry as a record; entries written by something else are skipped.

@@ -87,6 +87,10 @@ pub struct WriterState {
     last_contact: Instant,
     last_purge: Instant,
     drain_waiters: Vec<RpcReplyPort<()>>,
+    /// Flushes started so far; the one in flight, if any, is number `flushes`.
+    flushes: u64,
+    /// Barriers, each with the flush whose success answers it.
+    barriers: Vec<(u64, RpcReplyPort<()>)>,
     /// Whether the store has been contacted yet (the first contact is logged as such).
     contacted: bool,
 }
@@ -107,9 +111,9 @@ pub enum WriterMsg {
         Arc<str>,
         RpcReplyPort<Result<Option<WindowSnapshot>, StoreError>>,
     ),
-    /// The device moves to another node: its final window, when this node has one that
-    /// is not yet in the store.
-    Release(Arc<str>, RpcReplyPort<Option<WindowSnapshot>>),
+    /// A shard moves to another node: answered once every result deposited before this
+    /// message is in the store (a flush that started after it has succeeded).
+    Barrier(RpcReplyPort<()>),
     /// Shutdown: flush everything now, answer when nothing is pending.
     Drain(RpcReplyPort<()>),
 }
@@ -157,6 +161,7 @@ impl WriterState {
         }
         let batch = Arc::new(self.inbox.take());
         let anomalies = self.inbox.take_anomalies();
+        self.flushes += 1;
         self.inflight = Some(batch.clone());
         self.inflight_anomalies = anomalies.len();
         let (store, ttl, myself) = (self.store.clone(), self.ttl, myself.clone());
@@ -242,6 +247,19 @@ impl WriterState {
         });
     }
 
+    /// Answers the barriers that the flush just completed covers.
+    fn answer_barriers(&mut self, completed: u64) {
+        let (done, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.barriers)
+            .into_iter()
+            .partition(|(target, _)| *target <= completed);
+        self.barriers = waiting;
+        for (_, reply) in done {
+            if !reply.is_closed() {
+                let _ = reply.send(());
+            }
+        }
+    }
+
     fn answer_drain_if_done(&mut self) {
         if self.inflight.is_none() && self.inbox.is_empty() {
             for waiter in self.drain_waiters.drain(..) {
@@ -273,7 +291,7 @@ fn encode(batch: &Batch) -> Result<Vec<DeviceWrite>, serde_json::Error> {
                         )
                     }),
                 ),
-                version: record.version,
+                device: device.clone(),
             })
         })
         .collect()
@@ -311,6 +329,8 @@ impl Actor for WriterActor {
             last_contact: now.checked_sub(STORE_PROBE_EVERY).unwrap_or(now),
             last_purge: now,
             drain_waiters: Vec::new(),
+            flushes: 0,
+            barriers: Vec::new(),
             contacted: up,
         })
     }
@@ -349,6 +369,8 @@ impl Actor for WriterActor {
                     .observe(elapsed.as_secs_f64());
                 match result {
                     Ok(keys) => {
+                        let completed = state.flushes;
+                        state.answer_barriers(completed);
                         state.metrics.store_flushes.inc();
                         state.metrics.store_keys_written.inc_by(keys as u64);
                         state.backoff = STORE_MIN_BACKOFF;
@@ -368,7 +390,7 @@ impl Actor for WriterActor {
                         state.set_up(Err(&e));
                     }
                 }
-                if !state.drain_waiters.is_empty() {
+                if !state.drain_waiters.is_empty() || !state.barriers.is_empty() {
                     state.maybe_flush(&myself, now);
                 }
                 state.pending_gauge();
@@ -395,12 +417,22 @@ impl Actor for WriterActor {
                 // the inbox, in the flight it was taken into, or already in the store.
                 state.answer_window(device, reply);
             }
-            WriterMsg::Release(device, reply) => {
-                // Only what is in memory: a window already in the store is read there by
-                // the new owner itself. The unflushed result still gets flushed: in a
-                // cluster writes are conditional, and the new owner's incarnation
-                // outranks this one, so it can never overwrite the new owner's.
-                let _ = reply.send(state.in_memory(&device));
+            WriterMsg::Barrier(reply) => {
+                // Everything deposited so far is in the inbox (the next flush takes it) or
+                // in the flight under way (nothing left in the inbox: that flight is
+                // enough).
+                let target = if state.inbox.is_empty() {
+                    state.flushes
+                } else {
+                    state.flushes + 1
+                };
+                if state.inflight.is_none() && state.inbox.is_empty() {
+                    let _ = reply.send(());
+                } else {
+                    state.barriers.push((target, reply));
+                    state.retry_at = None;
+                    state.maybe_flush(&myself, Instant::now());
+                }
             }
             WriterMsg::Drain(reply) => {
                 state.drain_waiters.push(reply);

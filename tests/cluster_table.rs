@@ -1,0 +1,223 @@
+//! The shard table in a real redis-server: claims are exclusive, a dead member's shards
+//! are taken only after its lease, a node that lost a shard can write nothing of it, and
+//! the start-up checks that refuse a node (another shard count, an advertised address
+//! that reaches another process) with exit code 2.
+
+mod common;
+
+use actors::cluster::shards::shard_of;
+use actors::cluster::{Ownership, Table, TableError};
+use actors::store::{analysis_key, window_key, DeviceWrite, Fence, RedisStore};
+use common::{free_port, Redis, Service};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+const SHARDS: u32 = 8;
+
+fn pool(redis: &Redis) -> RedisStore {
+    RedisStore::new(&redis.url(), 2, Duration::from_secs(2)).expect("pool")
+}
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+fn table(redis: &Redis, id: &str, lease: Duration) -> Table {
+    Table::new(pool(redis), Arc::from(id), SHARDS, lease)
+}
+
+fn write(device: &str, marker: &str) -> DeviceWrite {
+    DeviceWrite {
+        device: device.into(),
+        analysis: (
+            analysis_key(device),
+            bytes::Bytes::from(format!("{{\"m\":\"{marker}\"}}")),
+        ),
+        window: (window_key(device), None),
+    }
+}
+
+#[tokio::test]
+async fn claims_are_exclusive_and_a_dead_member_s_shards_wait_for_its_lease() {
+    let redis = Redis::start();
+    let lease = Duration::from_millis(600);
+    let a = table(&redis, "127.0.0.1:1#a", lease);
+    let b = table(&redis, "127.0.0.1:2#b", lease);
+    a.beat(addr(1), false, 0).await.expect("a registers");
+    let beat = b.beat(addr(2), false, 0).await.expect("b registers");
+    assert_eq!(beat.members.len(), 2);
+    let all: Vec<(u32, u64)> = (0..SHARDS).map(|s| (s, 0)).collect();
+    let taken = a.claim(&all).await.expect("claim");
+    assert_eq!(taken.len(), SHARDS as usize);
+    assert!(taken.iter().all(|(_, epoch)| *epoch == 1));
+    // A live owner keeps its shards: the same claim by b takes nothing.
+    assert!(b.claim(&all).await.expect("claim").is_empty());
+    // a stops beating; b does. Before a's lease runs out, nothing moves.
+    tokio::time::sleep(lease / 3).await;
+    b.beat(addr(2), false, 0).await.expect("beat");
+    assert!(b.claim(&all).await.expect("claim").is_empty());
+    tokio::time::sleep(lease).await;
+    let beat = b.beat(addr(2), false, 0).await.expect("beat");
+    assert_eq!(beat.members.len(), 1, "a's heartbeat expired");
+    let taken = b.claim(&all).await.expect("claim");
+    assert_eq!(taken.len(), SHARDS as usize);
+    assert!(taken.iter().all(|(_, epoch)| *epoch == 2), "{taken:?}");
+    let (_, entries) = b.read().await.expect("read");
+    assert!(entries
+        .iter()
+        .all(|e| e.as_ref().is_some_and(|e| &*e.owner == "127.0.0.1:2#b")));
+}
+
+#[tokio::test]
+async fn a_node_that_passed_or_lost_a_shard_can_write_nothing_of_it() {
+    let redis = Redis::start();
+    let lease = Duration::from_secs(10);
+    let (a_id, b_id) = ("127.0.0.1:1#a", "127.0.0.1:2#b");
+    let (a, b) = (table(&redis, a_id, lease), table(&redis, b_id, lease));
+    a.beat(addr(1), false, 0).await.expect("beat");
+    b.beat(addr(2), false, 0).await.expect("beat");
+    let all: Vec<(u32, u64)> = (0..SHARDS).map(|s| (s, 0)).collect();
+    let claimed = a.claim(&all).await.expect("claim");
+    // a's view, which fences a's store.
+    let a_view = Arc::new(Ownership::new(Arc::from(a_id), SHARDS));
+    a_view.claimed(&claimed);
+    let a_store = pool(&redis).fenced(a_view.clone());
+    let ttl = Duration::from_secs(60);
+    a_store
+        .write(vec![write("g", "a-1")], ttl)
+        .await
+        .expect("write");
+    assert_eq!(
+        redis.cli(&["GET", "analysis:g"]).as_deref(),
+        Some(r#"{"m":"a-1"}"#)
+    );
+    // The shard of g moves to b in the table (as a handoff of a's would, but a's view
+    // is not told: a node paused or cut off at that moment).
+    let s = shard_of("g", SHARDS);
+    let passed = a.pass(&[(s, 1, Arc::from(b_id))]).await.expect("pass");
+    assert_eq!(passed, vec![s]);
+    a_store
+        .write(vec![write("g", "a-stale")], ttl)
+        .await
+        .expect("write");
+    assert_eq!(
+        redis.cli(&["GET", "analysis:g"]).as_deref(),
+        Some(r#"{"m":"a-1"}"#),
+        "a's late write is refused"
+    );
+    assert_eq!(
+        a_view.take_lost(),
+        vec![s],
+        "a learns that it lost the shard"
+    );
+    assert_eq!(a_view.lease("g"), None);
+    // Another device of a shard a still owns is written as before.
+    let other = (0..100)
+        .map(|i| format!("o{i}"))
+        .find(|d| shard_of(d, SHARDS) != s)
+        .expect("a device of another shard");
+    a_store
+        .write(vec![write(&other, "a-2")], ttl)
+        .await
+        .expect("write");
+    assert_eq!(
+        redis.cli(&["GET", &analysis_key(&other)]).as_deref(),
+        Some(r#"{"m":"a-2"}"#)
+    );
+    // b, the new owner, writes g under epoch 2.
+    let b_view = Arc::new(Ownership::new(Arc::from(b_id), SHARDS));
+    let (_, entries) = b.read().await.expect("read");
+    let (adopted, _) = b_view.apply(&entries);
+    assert_eq!(adopted, vec![s]);
+    pool(&redis)
+        .fenced(b_view)
+        .write(vec![write("g", "b-1")], ttl)
+        .await
+        .expect("write");
+    assert_eq!(
+        redis.cli(&["GET", "analysis:g"]).as_deref(),
+        Some(r#"{"m":"b-1"}"#)
+    );
+    // Passing a shard to a member that is not live does nothing.
+    assert!(a
+        .pass(&[(s, 2, Arc::from("127.0.0.1:9#gone"))])
+        .await
+        .expect("pass")
+        .is_empty());
+}
+
+#[tokio::test]
+async fn a_table_of_another_shard_count_is_refused_and_a_node_with_it_exits_2() {
+    let redis = Redis::start();
+    let lease = Duration::from_secs(5);
+    table(&redis, "127.0.0.1:1#a", lease)
+        .beat(addr(1), false, 0)
+        .await
+        .expect("the first node sets the shard count");
+    let other = Table::new(pool(&redis), Arc::from("127.0.0.1:2#b"), 16, lease);
+    match other.beat(addr(2), false, 0).await {
+        Err(TableError::Mismatch { shards, ours, .. }) => {
+            assert_eq!((shards.as_str(), ours), ("8", 16));
+        }
+        other => panic!("expected a mismatch, got {other:?}"),
+    }
+    // An unknown format: refused the same way.
+    redis.cli(&["HSET", "{iot}:meta", "format", "99"]);
+    assert!(matches!(
+        table(&redis, "127.0.0.1:3#c", lease)
+            .beat(addr(3), false, 0)
+            .await,
+        Err(TableError::Mismatch { .. })
+    ));
+    redis.cli(&["HSET", "{iot}:meta", "format", "1"]);
+    // The binary with CLUSTER_SHARDS=16 against this table: exit 2, naming the setting.
+    let me = addr(free_port()).to_string();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_iot-processor"))
+        .env_clear()
+        .env("LISTEN_ADDR", "127.0.0.1:0")
+        .env("REDIS_URL", redis.url())
+        .env("CLUSTER_ADVERTISE_ADDR", &me)
+        .env("CLUSTER_LISTEN_ADDR", &me)
+        .env("CLUSTER_TOKEN", "t")
+        .env("CLUSTER_SHARDS", "16")
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("CLUSTER_SHARDS") && err.contains("8 shards"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn an_advertised_address_that_reaches_another_node_is_refused_at_start_up() {
+    let redis = Redis::start();
+    let first = addr(free_port()).to_string();
+    let _running = Service::start(&[
+        ("REDIS_URL", &redis.url()),
+        ("CLUSTER_ADVERTISE_ADDR", &first),
+        ("CLUSTER_LISTEN_ADDR", &first),
+        ("CLUSTER_TOKEN", "t"),
+    ]);
+    // Two nodes on one host: the second listens elsewhere but advertises the first's
+    // internal address (a copied setting, or the default port taken).
+    let own = addr(free_port()).to_string();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_iot-processor"))
+        .env_clear()
+        .env("LISTEN_ADDR", "127.0.0.1:0")
+        .env("REDIS_URL", redis.url())
+        .env("CLUSTER_ADVERTISE_ADDR", &first)
+        .env("CLUSTER_LISTEN_ADDR", &own)
+        .env("CLUSTER_TOKEN", "t")
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(&format!("CLUSTER_ADVERTISE_ADDR {first}"))
+            && err.contains(&format!("CLUSTER_LISTEN_ADDR {own}")),
+        "both addresses named: {err}"
+    );
+}

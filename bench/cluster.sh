@@ -1,32 +1,47 @@
 #!/usr/bin/env bash
-# Scale-out benchmark: one node against two clustered nodes on this machine, same load,
-# alternating within one run. Starts a redis-server, one standalone node, a second
-# standalone node (the control: two processes, no forwarding) and a two-node cluster,
-# all on free loopback ports, and prints a Markdown table.
+# Scale-out benchmark: one node against a three-node cluster on this machine, same load,
+# alternating within one run. Starts a redis-server, one standalone node, two more
+# standalone nodes (with the first, the control "trio": three processes, no forwarding)
+# and a three-node cluster (node-a, node-b, node-c: shards in Redis, peers found through
+# their heartbeats), all on free loopback ports, and prints a Markdown table.
 #
 # Usage: bench/cluster.sh [--write] [SECONDS_PER_RUN]   (default 10)
 #   --write, or WRITE_RESULTS=1: also replace the tracked bench/cluster-results.md;
 #     otherwise the table goes to cluster-results.md in the run's log folder.
 #   ROUNDS (default 3): rounds of every measurement; the order of the setups rotates.
-#   READY_TIMEOUT (default 30): seconds to wait for a process to become ready.
+#   READY_TIMEOUT (default 30): seconds to wait for a process to become ready (and for
+#     the cluster's shards to be spread over its three nodes).
 #   QUIET_TIMEOUT (default 300): before each run, wait up to this many seconds until other
 #     programs use less than 0.15 of a core (0: do not wait); each run reports their share.
 # Every process logs to its own file in one folder (printed at the end); when one dies or
 # does not get ready, or a load run fails, the script stops and shows that log's tail.
 #
+# Before measuring it waits until every node answers /ready, every cluster node counts 3
+# members and the cluster's shards are spread: cluster_shards_owned summed over the three
+# nodes is CLUSTER_SHARDS (256) and each owns some (then, for at most READY_TIMEOUT more,
+# until the counts differ by at most one; a cluster that does not get there is reported).
 # Each round measures, in rotating order:
-#   max throughput (closed loop, 64 connections, 1000 devices) of one node, of two
-#   standalone nodes (load spread over both) and of the two-node cluster (load spread
-#   over both public ports, so about half of the events are forwarded);
-#   a fixed 10 000 req/s on one node and spread over the cluster (latency);
+#   max throughput (closed loop, 64 connections, 1000 devices) of one node, of the three
+#   standalone nodes (load spread over the three) and of the cluster (load spread over
+#   its three public ports, so about two thirds of the events are forwarded);
+#   a fixed 10 000 req/s on one node and spread over the cluster (latency, CPU and Redis
+#   cost per event at the same load);
 #   event → visible at 1 000 req/s on one node and on the cluster, where each probe posts
-#   to one node and reads /analyze from the other.
-# CPU is read from /proc/PID/stat (the service processes) and from Redis' INFO cpu, before
-# and after each run; forwarding from each node's /metrics.
+#   to one node and reads /analyze from the next.
+# Per setup the table shows req/s (one event per request), the ratio to one node, p99,
+# service CPU µs per event (/proc/PID/stat of the setup's nodes), Redis CPU µs per event
+# (INFO cpu), Redis SETs and EVALSHAs per event (INFO commandstats, which counts the SETs
+# a script makes too) and the forwarded share (events_forwarded_total / accepted), all
+# read before and after each run. Derived, paired per round, against issue #22's targets:
+#   3 clustered / 1 node at saturation (≥ 0.7);
+#   Redis CPU per event, cluster / one node, at 10 000 req/s (≤ 1.2);
+#   extra service CPU per forwarded event, (CPU/event cluster − 1 node) / forwarded
+#   share, sender and receiver together (≤ 5 µs), at saturation and at 10 000 req/s; and
+#   against the trio (forwarding alone, without the cost of more processes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-usage() { sed -n '7,15s/^# \{0,1\}//p' "$0"; }
+usage() { sed -n '8,17s/^# \{0,1\}//p' "$0"; }
 . bench/args.sh
 bench_args "$@"
 SECS=${POSITIONAL[0]:-10}
@@ -40,41 +55,43 @@ if [ "$WRITE" = 1 ]; then OUT=bench/cluster-results.md; else OUT=$BENCH_LOGS/clu
 
 build_release --workspace --bins
 BIN=target/release
+SHARDS=256 # CLUSTER_SHARDS, given to every cluster node
 
-read -r P_REDIS P_ONE P_SOLO P_A P_AI P_B P_BI <<<"$(free_ports 7)"
-ONE=127.0.0.1:$P_ONE   # the single node (also the first of the standalone pair)
-SOLO=127.0.0.1:$P_SOLO # the second standalone node
-A=127.0.0.1:$P_A B=127.0.0.1:$P_B
-A_INT=127.0.0.1:$P_AI B_INT=127.0.0.1:$P_BI
+# Public addresses of every node; internal (cluster) addresses of the cluster's.
+declare -A PID LOG ADDR INT
+read -r P_REDIS P_ONE P_S2 P_S3 P_A P_AI P_B P_BI P_C P_CI <<<"$(free_ports 10)"
+ADDR[one]=127.0.0.1:$P_ONE # the single node (also the first of the standalone trio)
+ADDR[solo-2]=127.0.0.1:$P_S2 ADDR[solo-3]=127.0.0.1:$P_S3
+ADDR[node-a]=127.0.0.1:$P_A ADDR[node-b]=127.0.0.1:$P_B ADDR[node-c]=127.0.0.1:$P_C
+INT[node-a]=127.0.0.1:$P_AI INT[node-b]=127.0.0.1:$P_BI INT[node-c]=127.0.0.1:$P_CI
+ALL_NODES=(one solo-2 solo-3 node-a node-b node-c)
+CLUSTER=(node-a node-b node-c)
+CL_ADDRS=("${ADDR[node-a]}" "${ADDR[node-b]}" "${ADDR[node-c]}")
 REDIS_LOG=$BENCH_LOGS/redis.log
-echo "bench: one node $ONE, second standalone $SOLO, cluster $A + $B (internal $A_INT, $B_INT), redis 127.0.0.1:$P_REDIS; logs in $BENCH_LOGS" >&2
+echo "bench: one node ${ADDR[one]}, standalone ${ADDR[solo-2]} ${ADDR[solo-3]}, cluster ${CL_ADDRS[*]} (internal ${INT[node-a]} ${INT[node-b]} ${INT[node-c]}), redis 127.0.0.1:$P_REDIS; logs in $BENCH_LOGS" >&2
 
 start redis "$REDIS_LOG" \
   redis-server --port "$P_REDIS" --bind 127.0.0.1 --save '' --appendonly no
 REDIS_PID=$LAST_PID
 wait_ready redis "$REDIS_PID" "$REDIS_LOG" redis_ok "$P_REDIS"
 
-# Standalone nodes use Redis database 0, the cluster database 1 (its conditional writes
-# must not meet the standalone nodes' windows of the same devices).
-declare -A PID LOG ADDR
-start_node() { # NAME PUBLIC-ADDR DB [VAR=VALUE…]
-  local name=$1 addr=$2 db=$3
-  shift 3
+# Standalone nodes use Redis database 0, the cluster database 1 (its fenced writes and
+# shard table must not meet the standalone nodes' windows of the same devices).
+start_node() { # NAME DB [VAR=VALUE…]
+  local name=$1 db=$2
+  shift 2
   LOG[$name]=$BENCH_LOGS/$name.log
-  start "$name" "${LOG[$name]}" env LISTEN_ADDR="$addr" REDIS_URL="redis://127.0.0.1:$P_REDIS/$db" \
+  start "$name" "${LOG[$name]}" env LISTEN_ADDR="${ADDR[$name]}" REDIS_URL="redis://127.0.0.1:$P_REDIS/$db" \
     RUST_LOG=warn "$@" "$BIN/iot-processor"
   PID[$name]=$LAST_PID
 }
 TOKEN=$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')
-start_node one "$ONE" 0
-start_node solo "$SOLO" 0
-for node in a b; do
-  if [ $node = a ]; then pub=$A int=$A_INT; else pub=$B int=$B_INT; fi
-  start_node "node-$node" "$pub" 1 CLUSTER_PEERS="$A_INT,$B_INT" CLUSTER_ADVERTISE_ADDR="$int" \
-    CLUSTER_LISTEN_ADDR="$int" CLUSTER_TOKEN="$TOKEN"
+for name in one solo-2 solo-3; do start_node "$name" 0; done
+for name in "${CLUSTER[@]}"; do
+  start_node "$name" 1 CLUSTER_ADVERTISE_ADDR="${INT[$name]}" CLUSTER_LISTEN_ADDR="${INT[$name]}" \
+    CLUSTER_TOKEN="$TOKEN" CLUSTER_SHARDS="$SHARDS"
 done
-ADDR[one]=$ONE ADDR[solo]=$SOLO ADDR[node-a]=$A ADDR[node-b]=$B
-for name in one solo node-a node-b; do
+for name in "${ALL_NODES[@]}"; do
   wait_ready "$name" "${PID[$name]}" "${LOG[$name]}" http_ok "http://${ADDR[$name]}/ready"
 done
 
@@ -90,12 +107,56 @@ metric() {
   done
   echo "$sum"
 }
+# by_label NAME ADDR…: a family's non-zero samples summed over the nodes per label set,
+# on one line ("{reason="unroutable"} 3, …"; "0" when every sample is zero).
+by_label() {
+  local name=$1 addr
+  shift
+  for addr in "$@"; do curl -sf --max-time 5 "http://$addr/metrics" || true; done |
+    awk -v m="$name" 'index($1, m "{") == 1 {s[substr($1, length(m) + 1)] += $NF}
+      END {out = ""; for (k in s) if (s[k] != 0) out = out (out == "" ? "" : ", ") k " " s[k]; print (out == "" ? 0 : out)}'
+}
 log_of() {
   local name
   for name in "${!ADDR[@]}"; do [ "${ADDR[$name]}" = "$1" ] && echo "${LOG[$name]}"; done
 }
-two_members() { [ "$(metric cluster_members "$A")" = 2 ] && [ "$(metric cluster_members "$B")" = 2 ]; }
-wait_ready "cluster (2 members on both nodes)" "${PID[node-a]}" "${LOG[node-a]}" two_members
+# shards_owned: cluster_shards_owned of node-a, node-b and node-c, space-separated.
+shards_owned() {
+  local addr out=()
+  for addr in "${CL_ADDRS[@]}"; do out+=("$(metric cluster_shards_owned "$addr")"); done
+  echo "${out[*]}"
+}
+# spread: every cluster node counts 3 members, the shards owned sum to SHARDS and each
+# node owns some.
+spread() {
+  local addr n sum=0
+  for addr in "${CL_ADDRS[@]}"; do [ "$(metric cluster_members "$addr")" = 3 ] || return 1; done
+  for n in $(shards_owned); do
+    ((n > 0)) || return 1
+    sum=$((sum + n))
+  done
+  ((sum == SHARDS))
+}
+# balanced: spread, and the counts differ by at most one (as the shard assignment promises).
+balanced() {
+  spread || return 1
+  local counts
+  read -ra counts <<<"$(shards_owned)"
+  (($(printf '%s\n' "${counts[@]}" | sort -n | tail -1) - $(printf '%s\n' "${counts[@]}" | sort -n | head -1) <= 1))
+}
+wait_ready "cluster (3 members on every node, $SHARDS shards spread over the three)" \
+  "${PID[node-a]}" "${LOG[node-a]}" spread
+SHARDS_SPREAD=$(shards_owned) SPREAD_AT=$SECONDS
+until balanced; do
+  if ((SECONDS - SPREAD_AT >= READY_TIMEOUT)); then
+    echo "bench: the cluster's shards are not balanced after ${READY_TIMEOUT}s: $(shards_owned) (node-a node-b node-c); measuring anyway" >&2
+    break
+  fi
+  sleep 0.2
+done
+SHARDS_START=$(shards_owned)
+HANDOFFS_START=$(metric shard_handoffs_total "${CL_ADDRS[@]}")
+echo "bench: cluster ready; shards owned (node-a node-b node-c): $SHARDS_SPREAD when first spread, $SHARDS_START at the start; $HANDOFFS_START shard handoffs (in + out) so far" >&2
 
 cpu_ticks() { # PID…: user + system ticks, summed
   local pid sum=0
@@ -154,11 +215,12 @@ loadtest() {
     echo "bench: loadtest $* failed; its report:" >&2
     echo "${LOADTEST_JSON:-(none)}" >&2
     show_log "$log"
-    for name in one solo node-a node-b; do show_log "${LOG[$name]}"; done
+    for name in "${ALL_NODES[@]}"; do show_log "${LOG[$name]}"; done
     fail "load run failed"
   fi
 }
 json() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)" <<<"$LOADTEST_JSON"; }
+
 
 # drained ADDR…: nothing pending on any of the nodes (so a run's events are processed
 # before the next one starts).
@@ -166,7 +228,7 @@ drained() { [ "$(metric pending_events "$@")" = 0 ]; }
 
 # setup NAME: the nodes (names) of a setup and the URL list the load goes to.
 declare -A NODES
-NODES[one]="one" NODES[pair]="one solo" NODES[cluster]="node-a node-b"
+NODES[one]="one" NODES[trio]="one solo-2 solo-3" NODES[cluster]="${CLUSTER[*]}"
 urls() {
   local name list=""
   for name in ${NODES[$1]}; do list+="http://${ADDR[$name]}/metric,"; done
@@ -174,12 +236,14 @@ urls() {
 }
 
 # measure SETUP LOADTEST-ARGS…: one SECS-second run against SETUP; sets R (an associative
-# array): rps ok failed p50 p95 p99 max cpu (service µs per request), redis (Redis CPU µs
-# per request), sets and evals (Redis SETs and EVALSHAs per request), fwd (forwarded share),
+# array): rps ok failed p50 p95 p99 max cpu (service µs per event), redis (Redis CPU µs
+# per event), sets and evals (Redis SETs and EVALSHAs per event), fwd (forwarded share),
 # batch (forwarded events per forwarded request), csw (context switches of the service
-# processes per request), others (cores
-# other programs used meanwhile), vis50 vis99 vismax (event → visible, when probed).
+# processes per event), others (cores other programs used meanwhile), why (the failed
+# requests by status or error, "" when none), vis50 vis99 vismax (event → visible, when
+# probed). One request is one event (POST /metric).
 declare -A R
+FAILURES=() # every run's failed requests, "SETUP ARGS: by status / error"
 measure() {
   local setup=$1 pids=() addrs=() name t0 t1 r0 r1 s0 s1 e0 e1 acc0 acc1 fw0 fw1 fb0 fb1 x0 x1 b0 b1 o0 o1
   shift
@@ -217,6 +281,8 @@ measure() {
   R[batch]=$(py "f'{($fw1 - $fw0) / ($fb1 - $fb0):.1f}' if $fb1 > $fb0 else '–'")
   # Cores used by other programs meanwhile (noise).
   R[others]=$(py "f'{max(0, ($b1 - $b0) - ($o1 - $o0)) / $TICK / $(json "d['duration_s']"):.2f}'")
+  R[why]=$(json "', '.join([f'{k}: {v}' for k, v in d['failures']['by_status'].items()] + [f'{k}: {v}' for k, v in d['failures']['by_error'].items()])")
+  if [ -n "${R[why]}" ]; then FAILURES+=("$setup ${*:-(max)}: ${R[why]}"); fi
   if [ "$(json "'visibility_ms' in d")" = True ]; then
     read -r 'R[vis50]' 'R[vis99]' 'R[vismax]' <<<"$(json "f\"{d['visibility_ms']['p50']:.3f} {d['visibility_ms']['p99']:.3f} {d['visibility_ms']['max']:.3f}\"")"
   fi
@@ -237,10 +303,10 @@ med() { # KEY.FIELD: the median over the rounds
 list() { echo "${ALL[$1]% }"; } # KEY.FIELD: every round's value
 
 # Warm-up: the first event of each device starts its actor, which restores its window
-# (and, in the cluster, asks the other node to release it first). Measured separately,
-# so the rounds compare steady states.
+# from Redis (in the cluster on the shard's owner, after a forward when it arrived at
+# another node). Measured separately, so the rounds compare steady states.
 declare -A WARM
-for setup in one pair cluster; do
+for setup in one trio cluster; do
   quiet
   loadtest "$(urls "$setup")" 1 64 60s --devices 1000 --requests 1000 --sequential
   WARM[$setup]=$(json "f\"{d['duration_s'] * 1000:.0f} ms, p99 {d['latency_ms']['p99']:.3f} ms, max {d['latency_ms']['max']:.3f} ms\"")
@@ -251,97 +317,121 @@ for setup in one pair cluster; do
   done
   echo "   warm-up $setup (1000 devices, one event each): ${WARM[$setup]}" >&2
 done
-sleep 1 # the visibility devices' handoffs follow their 200
-HANDOFFS_WARM=$(metric device_handoffs_total "$A" "$B")
+HANDOFFS_WARM=$(metric shard_handoffs_total "${CL_ADDRS[@]}")
 
-SETUPS=(one pair cluster)
+SETUPS=(one trio cluster)
 for round in $(seq 1 "$ROUNDS"); do
   echo "== round $round of $ROUNDS" >&2
   # Rotate the order so no setup always runs first (or right after another).
   for i in 0 1 2; do
     setup=${SETUPS[$(((i + round - 1) % 3))]}
     measure "$setup"
-    keep "max.$setup" rps cpu csw redis sets evals fwd batch failed ok others
-    echo "   max $setup: ${R[rps]} req/s, ${R[cpu]} µs CPU/request, Redis ${R[redis]} µs/request, forwarded ${R[fwd]} (${R[batch]} per forward), failed ${R[failed]}, others ${R[others]} cores" >&2
+    keep "max.$setup" rps p99 cpu csw redis sets evals fwd batch failed ok others
+    echo "   max $setup: ${R[rps]} req/s, p99 ${R[p99]} ms, ${R[cpu]} µs CPU/event, Redis ${R[redis]} µs/event (SET ${R[sets]}, EVALSHA ${R[evals]}), forwarded ${R[fwd]} (${R[batch]} per forward), failed ${R[failed]}${R[why]:+ (${R[why]})}, others ${R[others]} cores" >&2
   done
   order=(one cluster)
   if ((round % 2 == 0)); then order=(cluster one); fi
   for setup in "${order[@]}"; do
     measure "$setup" --rate 10000
-    keep "fixed.$setup" rps cpu csw redis fwd batch failed ok p50 p95 p99 max others
-    echo "   10 000 req/s $setup: p50 ${R[p50]} p99 ${R[p99]} max ${R[max]} ms, failed ${R[failed]}, ${R[cpu]} µs CPU/request, others ${R[others]} cores" >&2
+    keep "fixed.$setup" rps cpu csw redis sets evals fwd batch failed ok p50 p95 p99 max others
+    echo "   10 000 req/s $setup: p50 ${R[p50]} p99 ${R[p99]} max ${R[max]} ms, failed ${R[failed]}${R[why]:+ (${R[why]})}, ${R[cpu]} µs CPU/event, Redis ${R[redis]} µs/event, forwarded ${R[fwd]}, others ${R[others]} cores" >&2
     measure "$setup" --rate 1000 --visibility-probes 200
     keep "vis.$setup" vis50 vis99 vismax failed others
-    echo "   visible $setup: p50 ${R[vis50]} p99 ${R[vis99]} max ${R[vismax]} ms, others ${R[others]} cores" >&2
+    echo "   visible $setup: p50 ${R[vis50]} p99 ${R[vis99]} max ${R[vismax]} ms, failed ${R[failed]}, others ${R[others]} cores" >&2
   done
 done
 
 # Derived, per round (paired), then the median.
-read -ra ONE_RPS <<<"$(list max.one.rps)"
-read -ra CL_RPS <<<"$(list max.cluster.rps)"
-read -ra ONE_CPU <<<"$(list max.one.cpu)"
-read -ra PAIR_CPU <<<"$(list max.pair.cpu)"
-read -ra CL_CPU <<<"$(list max.cluster.cpu)"
-read -ra CL_FWD <<<"$(list max.cluster.fwd)"
-ratio=() extra=() extra_pair=()
-for i in "${!ONE_RPS[@]}"; do
-  ratio+=("$(py "f'{${CL_RPS[$i]} / ${ONE_RPS[$i]}:.2f}'")")
-  extra+=("$(py "f'{(${CL_CPU[$i]} - ${ONE_CPU[$i]}) / max(${CL_FWD[$i]}, 1e-9):.2f}'")")
-  extra_pair+=("$(py "f'{(${CL_CPU[$i]} - ${PAIR_CPU[$i]}) / max(${CL_FWD[$i]}, 1e-9):.2f}'")")
-done
+# per_round EXPR KEY…: EXPR (Python, in a, b, c: the keys' values of a round) for every
+# round, space-separated; e.g. per_round 'a / b' max.cluster.rps max.one.rps.
+per_round() {
+  local expr=$1 out=() i k args
+  shift
+  local -a cols=() first vals
+  for k in "$@"; do cols+=("$(list "$k")"); done
+  read -ra first <<<"${cols[0]}"
+  for i in "${!first[@]}"; do
+    args=""
+    for k in "${!cols[@]}"; do
+      read -ra vals <<<"${cols[$k]}"
+      args+="${vals[$i]},"
+    done
+    out+=("$(py "(lambda a, b=0, c=0: f'{$expr:.2f}')($args)")")
+  done
+  echo "${out[*]}"
+}
+ALL[max.one.ratio]=$(per_round 'a / b' max.one.rps max.one.rps)
+ALL[max.trio.ratio]=$(per_round 'a / b' max.trio.rps max.one.rps)
+ALL[max.cluster.ratio]=$(per_round 'a / b' max.cluster.rps max.one.rps)
+ALL[d.redis_fixed]=$(per_round 'a / max(b, 1e-9)' fixed.cluster.redis fixed.one.redis)
+ALL[d.redis_max]=$(per_round 'a / max(b, 1e-9)' max.cluster.redis max.one.redis)
+ALL[d.extra_max]=$(per_round '(a - b) / max(c, 1e-9)' max.cluster.cpu max.one.cpu max.cluster.fwd)
+ALL[d.extra_fixed]=$(per_round '(a - b) / max(c, 1e-9)' fixed.cluster.cpu fixed.one.cpu fixed.cluster.fwd)
+ALL[d.extra_trio]=$(per_round '(a - b) / max(c, 1e-9)' max.cluster.cpu max.trio.cpu max.cluster.fwd)
+# verdict VALUE OP TARGET: "meets" or "misses" issue #22's target.
+verdict() { if [ "$(py "$1 $2 $3")" = True ]; then echo "meets $2 $3"; else echo "MISSES $2 $3"; fi; }
 
 # Anything that went wrong in the cluster, from its own counters and logs.
-FWD_FAIL=$(metric forward_failures_total "$A" "$B")
-DUPS=$(metric events_duplicate_total "$A" "$B")
-HANDOFFS=$(($(metric device_handoffs_total "$A" "$B") - HANDOFFS_WARM))
-ACTORS_A=$(metric device_actors "$A") ACTORS_B=$(metric device_actors "$B")
-ACCEPTED=$(metric events_accepted_total "$A" "$B")
-PROCESSED=$(metric events_processed_total "$A" "$B")
-REJECTED=$(metric events_rejected_total "$A" "$B" "$ONE" "$SOLO")
-LOG_LINES=$(cat "${LOG[node-a]}" "${LOG[node-b]}" "${LOG[one]}" "${LOG[solo]}" | grep -c . || true)
+FWD_FAIL=$(by_label forward_failures_total "${CL_ADDRS[@]}")
+DUPS=$(metric events_duplicate_total "${CL_ADDRS[@]}")
+EXPIRED=$(metric forwarded_batches_expired_total "${CL_ADDRS[@]}")
+HANDOFFS_END=$(metric shard_handoffs_total "${CL_ADDRS[@]}")
+SHARDS_END=$(shards_owned)
+MEMBERS_END=$(for addr in "${CL_ADDRS[@]}"; do metric cluster_members "$addr"; done | paste -sd ' ')
+ACTORS=$(for addr in "${CL_ADDRS[@]}"; do metric device_actors "$addr"; done | paste -sd ' ')
+ACCEPTED=$(metric events_accepted_total "${CL_ADDRS[@]}")
+PROCESSED=$(metric events_processed_total "${CL_ADDRS[@]}")
+FORWARDED=$(metric events_forwarded_total "${CL_ADDRS[@]}")
+RECEIVED=$(metric forwarded_events_received_total "${CL_ADDRS[@]}")
+REJECTED_CL=$(by_label events_rejected_total "${CL_ADDRS[@]}")
+REJECTED_SOLO=$(by_label events_rejected_total "${ADDR[one]}" "${ADDR[solo-2]}" "${ADDR[solo-3]}")
+FAILED_TEXT=$(if ((${#FAILURES[@]})); then printf '%s; ' "${FAILURES[@]}" | sed 's/; $//'; else echo none; fi)
+LOG_LINES=$(for name in "${ALL_NODES[@]}"; do cat "${LOG[$name]}"; done | grep -c . || true)
 
 row() { # LABEL KEY: a max-throughput row
-  echo "| $1 | **$(med "$2.rps")** ($(list "$2.rps")) | $(med "$2.cpu") ($(list "$2.cpu")) | $(med "$2.csw") | $(med "$2.redis") | $(med "$2.sets") / $(med "$2.evals") | $(med "$2.fwd") | $(med "$2.batch") | $(list "$2.failed") | $(list "$2.others") |"
+  echo "| $1 | **$(med "$2.rps")** ($(list "$2.rps")) | $(med "$2.ratio") ($(list "$2.ratio")) | $(med "$2.p99") | $(med "$2.cpu") ($(list "$2.cpu")) | $(med "$2.csw") | $(med "$2.redis") ($(list "$2.redis")) | $(med "$2.sets") / $(med "$2.evals") | $(med "$2.fwd") | $(med "$2.batch") | $(list "$2.failed") | $(list "$2.others") |"
 }
 fixed() { # LABEL KEY
-  echo "| $1 | $(med "$2.rps") | $(med "$2.p50") | $(med "$2.p95") | **$(med "$2.p99")** ($(list "$2.p99")) | $(med "$2.max") | $(list "$2.failed") | $(med "$2.cpu") | $(med "$2.csw") | $(med "$2.fwd") | $(med "$2.batch") | $(list "$2.others") |"
+  echo "| $1 | $(med "$2.rps") | $(med "$2.p50") | $(med "$2.p95") | **$(med "$2.p99")** ($(list "$2.p99")) | $(med "$2.max") | $(list "$2.failed") | $(med "$2.cpu") ($(list "$2.cpu")) | $(med "$2.csw") | **$(med "$2.redis")** ($(list "$2.redis")) | $(med "$2.sets") / $(med "$2.evals") | $(med "$2.fwd") | $(med "$2.batch") | $(list "$2.others") |"
 }
 vis() { # LABEL KEY
   echo "| $1 | $(med "$2.vis50") | **$(med "$2.vis99")** ($(list "$2.vis99")) | $(med "$2.vismax") | $(list "$2.others") |"
 }
+dmed() { med "d.$1"; } # the median of a derived value
 {
-  echo "Max throughput, closed loop, 64 connections, 1000 devices, ${SECS} s per run, median of $ROUNDS rounds (each round's value in brackets):"
+  echo "Max throughput, closed loop, 64 connections, 1000 devices, ${SECS} s per run, median of $ROUNDS rounds (each round's value in brackets); one event per request:"
   echo
-  echo "| setup | req/s | service CPU µs/request | context switches/request | Redis CPU µs/request | Redis SET / EVALSHA per request | forwarded share | events per forward | failed | others' cores |"
-  echo "|---|---|---|---|---|---|---|---|---|---|"
-  row "1 node" max.one
-  row "2 standalone nodes (no forwarding; control)" max.pair
-  row "2 clustered nodes" max.cluster
-  echo
-  echo "- two clustered / one: **$(median "${ratio[@]}")** (${ratio[*]})"
-  echo "- extra CPU per forwarded event, (CPU/event 2 clustered − 1 node) / forwarded share: **$(median "${extra[@]}") µs** (${extra[*]})"
-  echo "- the same against 2 standalone nodes (forwarding alone, without the cost of a second process): **$(median "${extra_pair[@]}") µs** (${extra_pair[*]})"
-  echo "- events/s per core (service + Redis CPU): 1 node $(py "f'{1e6 / ($(med max.one.cpu) + $(med max.one.redis)):.0f}'"), 2 clustered $(py "f'{1e6 / ($(med max.cluster.cpu) + $(med max.cluster.redis)):.0f}'"); Redis alone would fill its one core at $(py "f'{1e6 / $(med max.one.redis):.0f}'") events/s with SETs, $(py "f'{1e6 / $(med max.cluster.redis):.0f}'") with the cluster's EVALSHA"
-  echo
-  echo "Fixed rates (64 connections, 1000 devices; the cluster's load spread over both nodes), latency in ms:"
-  echo
-  echo "| 10 000 req/s | req/s | p50 | p95 | p99 | max | failed | service CPU µs/request | context switches/request | forwarded share | events per forward | others' cores |"
+  echo "| setup | req/s | ratio to 1 node | p99 ms | service CPU µs/event | context switches/event | Redis CPU µs/event | Redis SET / EVALSHA per event | forwarded share | events per forward | failed | others' cores |"
   echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
-  fixed "1 node" fixed.one
-  fixed "2 clustered nodes" fixed.cluster
+  row "1 node" max.one
+  row "3 standalone nodes (no forwarding; control)" max.trio
+  row "3 clustered nodes" max.cluster
   echo
-  echo "Warm-up (first event of each of 1000 devices, sequential, 64 connections): 1 node ${WARM[one]}; 2 standalone ${WARM[pair]}; 2 clustered ${WARM[cluster]}."
+  echo "Fixed rate (64 connections, 1000 devices; the cluster's load spread over its three nodes), latency in ms:"
+  echo
+  echo "| 10 000 req/s | req/s | p50 | p95 | p99 | max | failed | service CPU µs/event | context switches/event | Redis CPU µs/event | Redis SET / EVALSHA per event | forwarded share | events per forward | others' cores |"
+  echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+  fixed "1 node" fixed.one
+  fixed "3 clustered nodes" fixed.cluster
+  echo
+  echo "- 3 clustered / 1 node at saturation: **$(med max.cluster.ratio)** ($(list max.cluster.ratio)); $(verdict "$(med max.cluster.ratio)" '>=' 0.7)"
+  echo "- Redis CPU per event, cluster / one node, at 10 000 req/s: **$(dmed redis_fixed)** ($(list d.redis_fixed)); $(verdict "$(dmed redis_fixed)" '<=' 1.2); at saturation $(dmed redis_max) ($(list d.redis_max))"
+  echo "- extra service CPU per forwarded event (sender and receiver together), (CPU/event 3 clustered − 1 node) / forwarded share: at saturation **$(dmed extra_max) µs** ($(list d.extra_max)), $(verdict "$(dmed extra_max)" '<=' 5); at 10 000 req/s **$(dmed extra_fixed) µs** ($(list d.extra_fixed)), $(verdict "$(dmed extra_fixed)" '<=' 5)"
+  echo "- the same against 3 standalone nodes at saturation (forwarding alone, without the cost of more processes): $(dmed extra_trio) µs ($(list d.extra_trio))"
+  echo "- events/s per core (service + Redis CPU) at saturation: 1 node $(py "f'{1e6 / ($(med max.one.cpu) + $(med max.one.redis)):.0f}'"), 3 clustered $(py "f'{1e6 / ($(med max.cluster.cpu) + $(med max.cluster.redis)):.0f}'"); Redis alone would fill its one core at $(py "f'{1e6 / max($(med max.one.redis), 1e-9):.0f}'") events/s with one node's commands, $(py "f'{1e6 / max($(med max.cluster.redis), 1e-9):.0f}'") with the cluster's"
+  echo
+  echo "Warm-up (first event of each of 1000 devices, sequential, 64 connections): 1 node ${WARM[one]}; 3 standalone ${WARM[trio]}; 3 clustered ${WARM[cluster]}."
   echo
   echo "| event → visible at 1 000 req/s, 200 probes | p50 ms | p99 ms | max ms | others' cores |"
   echo "|---|---|---|---|---|"
   vis "1 node" vis.one
-  vis "2 clustered nodes (read from the other node)" vis.cluster
+  vis "3 clustered nodes (read from the next node)" vis.cluster
   echo
-  echo "Cluster totals: accepted $ACCEPTED, processed $PROCESSED, forward failures $FWD_FAIL, duplicates $DUPS, device handoffs (in + out) $HANDOFFS_WARM during the warm-up and $HANDOFFS after it, device actors $ACTORS_A + $ACTORS_B; events rejected on all nodes $REJECTED; log lines (RUST_LOG=warn) $LOG_LINES. \"others' cores\": CPU used meanwhile by programs other than the nodes, Redis and the load generator (each round)."
+  echo "Cluster: shards owned (node-a node-b node-c) $SHARDS_SPREAD when first spread, $SHARDS_START at the start, $SHARDS_END at the end; members at the end $MEMBERS_END; shard handoffs (in + out) $HANDOFFS_START until balanced, $((HANDOFFS_WARM - HANDOFFS_START)) during the warm-up and $((HANDOFFS_END - HANDOFFS_WARM)) after it. Totals: accepted $ACCEPTED, processed $PROCESSED, forwarded $FORWARDED, received $RECEIVED, forward failures $FWD_FAIL, duplicates $DUPS, expired batches $EXPIRED, device actors $ACTORS; events rejected: cluster $REJECTED_CL, standalone $REJECTED_SOLO; failed requests $FAILED_TEXT; log lines (RUST_LOG=warn) $LOG_LINES. \"others' cores\": CPU used meanwhile by programs other than the nodes, Redis and the load generator (each round)."
   echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(date -u +%Y-%m-%d); seconds per run: $SECS; rounds: $ROUNDS"
 } | tee "$OUT"
 if [ "$LOG_LINES" != 0 ]; then
   echo "bench: the nodes logged warnings or errors:" >&2
-  for name in one solo node-a node-b; do [ -s "${LOG[$name]}" ] && show_log "${LOG[$name]}"; done
+  for name in "${ALL_NODES[@]}"; do [ -s "${LOG[$name]}" ] && show_log "${LOG[$name]}"; done
 fi
 echo "bench: results written to $OUT" >&2

@@ -449,3 +449,83 @@ fn signal(pid: u32, which: &str) {
         .status()
         .expect("kill");
 }
+
+/// Every node owns some shards and together exactly all of them: one owner per shard.
+async fn shards_spread(nodes: &[Node]) -> Option<Vec<f64>> {
+    let mut owned = Vec::new();
+    for n in nodes.iter().filter(|n| n.svc.is_some()) {
+        owned.push(n.svc().metric("cluster_shards_owned").await?);
+    }
+    (owned.iter().sum::<f64>() == 256.0 && owned.iter().all(|o| *o > 0.0)).then_some(owned)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_frozen_then_restarted_empty_the_cluster_re_forms_without_a_crash() {
+    let _one = ONE_CLUSTER.lock().await;
+    let mut redis = Redis::start();
+    let (nodes, _) = start_together(&redis, 3).await;
+    let public = publics(&nodes);
+    for addr in &public {
+        ready(*addr).await;
+    }
+    eventually(SOON, "the shards spread", || shards_spread(&nodes)).await;
+    let event = |rps: u32| format!(r#"{{"device_id":"r-1","cpu":0.5,"rps":{rps}}}"#);
+    for (i, addr) in public.iter().enumerate() {
+        assert_eq!(
+            common::post(*addr, "/metric", &event(i as u32))
+                .await
+                .status,
+            200
+        );
+    }
+
+    // Redis stops answering for 10 s (SIGSTOP). No node can renew its lease: once it has
+    // run out, events get 503 with Retry-After instead of being accepted without an owner.
+    redis.signal("-STOP");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let r = common::post(public[0], "/metric", &event(7)).await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(r.header("retry-after").is_some());
+    assert_eq!(get(public[1], "/ready").await.status, 503);
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    redis.signal("-CONT");
+    // Every heartbeat key expired meanwhile: the nodes renew them, keep their shards,
+    // and serve again.
+    for addr in &public {
+        ready(*addr).await;
+    }
+    let owned = eventually(SOON, "the shards spread again", || shards_spread(&nodes)).await;
+    eprintln!("after the freeze: {owned:?}");
+    for (i, addr) in public.iter().enumerate() {
+        let r = common::post(*addr, "/metric", &event(10 + i as u32)).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    eventually(SOON, "six samples", || async {
+        let r = get(public[2], "/analyze?device_id=r-1").await;
+        (r.status == 200 && r.json()["samples"] == 6).then_some(())
+    })
+    .await;
+
+    // Redis restarts empty: the table, the heartbeats and the windows are gone. The nodes
+    // re-register, claim the shards again (one owner each), and nobody crashes.
+    let port = redis.port;
+    redis.kill();
+    let _redis = Redis::start_on(port);
+    for addr in &public {
+        ready(*addr).await;
+    }
+    let owned = eventually(SOON, "the table rebuilt", || shards_spread(&nodes)).await;
+    eprintln!("after the restart: {owned:?}");
+    for addr in &public {
+        let r = common::post(*addr, "/metric", &event(20)).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    eventually(SOON, "the device served again", || async {
+        let r = get(public[0], "/analyze?device_id=r-1").await;
+        (r.status == 200 && r.json()["samples"].as_u64() >= Some(3)).then_some(())
+    })
+    .await;
+    for n in &nodes {
+        assert!(get(n.svc().addr, "/health").await.status == 200, "alive");
+    }
+}

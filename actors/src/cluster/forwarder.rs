@@ -59,8 +59,9 @@ pub struct ForwarderArgs {
 }
 
 /// The answer to one [`ForwarderMsg::Forward`]: the positions (among the sender's own
-/// events) that the owner did not take.
-pub type Ack = Result<Vec<usize>, ForwardError>;
+/// events) that the peer did not take, each with whether it was because the peer does not
+/// own the event's shard (then the sender routes it again).
+pub type Ack = Result<Vec<(usize, bool)>, ForwardError>;
 
 /// Messages of a forwarder.
 pub enum ForwarderMsg {
@@ -126,9 +127,9 @@ impl ForwarderState {
                     let mine = result.as_ref().map(|refused| {
                         refused
                             .iter()
-                            .map(|p| *p as usize)
-                            .filter(|p| (offset..offset + n).contains(p))
-                            .map(|p| p - offset)
+                            .map(|p| ((p & !wire::MOVED) as usize, p & wire::MOVED != 0))
+                            .filter(|(p, _)| (offset..offset + n).contains(p))
+                            .map(|(p, moved)| (p - offset, moved))
                             .collect()
                     });
                     offset += n;

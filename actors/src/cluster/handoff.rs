@@ -31,6 +31,15 @@ use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 use tokio::time::Instant;
 
+/// A shard without a live owner, as one round saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(super) enum Vacancy {
+    /// No entry in the table.
+    Free(u32),
+    /// Owned by a member whose heartbeat has expired.
+    Absent(Arc<str>),
+}
+
 /// Rounds never follow each other closer than this, however often they are kicked.
 const MIN_ROUND_GAP: Duration = Duration::from_millis(10);
 
@@ -56,6 +65,7 @@ impl Cluster {
             tokio::select! {
                 _ = ticker.tick() => {}
                 _ = self.kick.notified() => {}
+                _ = self.ownership.round_wanted() => {}
                 _ = stopped.changed() => return,
             }
             tokio::time::sleep_until(last + MIN_ROUND_GAP).await;
@@ -147,24 +157,47 @@ impl Cluster {
             .collect()
     }
 
-    /// Takes the shards this node should own that have no live owner.
+    /// Claims shards. First those this node holds that the table has no entry for
+    /// (Redis restarted empty: the holder keeps them, its epoch continues). Then those it
+    /// should own that have no entry, or whose owner is absent from the members, when the
+    /// same was true in its previous round too: when Redis comes back after an outage
+    /// longer than the lease every heartbeat key has expired, and when it comes back
+    /// empty every entry is gone; each node gets a round to renew its heartbeat and
+    /// reclaim what it holds before anyone takes it.
     async fn claim_free(self: &Arc<Self>, members: &[Member]) -> Result<(), TableError> {
-        if self.is_leaving() {
-            return Ok(());
-        }
         let live: HashSet<&str> = members.iter().map(|m| &*m.id).collect();
-        let me = self.me().clone();
-        let desired = self.desired(members);
         let owners = self.ownership.owners();
-        let wanted: Vec<(u32, u64)> = desired
+        let vacant: HashSet<Vacancy> = owners
             .iter()
-            .zip(owners)
             .enumerate()
-            .filter(|(_, (d, owner))| {
-                d.as_deref() == Some(&*me) && owner.as_deref().is_none_or(|o| !live.contains(o))
+            .filter_map(|(s, o)| match o {
+                None => Some(Vacancy::Free(s as u32)),
+                Some(o) if !live.contains(&**o) => Some(Vacancy::Absent(o.clone())),
+                Some(_) => None,
             })
-            .map(|(s, _)| (s as u32, self.ownership.state(s as u32).epoch))
             .collect();
+        let before = std::mem::replace(
+            &mut *self.vacant.lock().unwrap_or_else(PoisonError::into_inner),
+            vacant,
+        );
+        let mut wanted = self.ownership.orphans();
+        if !self.is_leaving() {
+            let me = self.me().clone();
+            let desired = self.desired(members);
+            for (s, (d, owner)) in desired.iter().zip(&owners).enumerate() {
+                let s = s as u32;
+                if d.as_deref() != Some(&*me) || wanted.iter().any(|(w, _)| *w == s) {
+                    continue;
+                }
+                let was_vacant = match owner {
+                    None => before.contains(&Vacancy::Free(s)),
+                    Some(o) => !live.contains(&**o) && before.contains(&Vacancy::Absent(o.clone())),
+                };
+                if was_vacant {
+                    wanted.push((s, self.ownership.state(s).epoch));
+                }
+            }
+        }
         if wanted.is_empty() {
             return Ok(());
         }

@@ -177,6 +177,8 @@ pub struct Cluster {
     moving: AtomicBool,
     /// The table's version as last read (0: read it at the next heartbeat).
     version: AtomicU64,
+    /// Shards without a live owner at the last heartbeat round.
+    vacant: Mutex<std::collections::HashSet<handoff::Vacancy>>,
 }
 
 impl Cluster {
@@ -215,6 +217,7 @@ impl Cluster {
             members: Arc::new(Mutex::new(Vec::new())),
             moving: AtomicBool::new(false),
             version: AtomicU64::new(0),
+            vacant: Mutex::new(Default::default()),
         })
     }
 
@@ -319,12 +322,13 @@ impl Cluster {
         Some(winner)
     }
 
-    /// Sends events to `peer` through its forwarder; answers the positions not taken.
+    /// Sends events to `peer` through its forwarder; answers the positions not taken
+    /// (and whether because they belong elsewhere).
     async fn forward(
         self: &Arc<Self>,
         peer: SocketAddr,
         events: Vec<(Arc<str>, Event)>,
-    ) -> Result<Vec<usize>, ForwardError> {
+    ) -> Result<Vec<(usize, bool)>, ForwardError> {
         let Some(forwarder) = self.forwarder(peer).await else {
             return Err(ForwardError::Unreachable("no forwarder".into()));
         };
@@ -363,54 +367,57 @@ impl Cluster {
 
     /// Takes one shard's events (in order): queued here while this node owns the shard,
     /// else forwarded to the owner the table names; waits while the shard is moving or
-    /// has no reachable owner, up to the route deadline. Answers the positions not taken.
+    /// has no reachable owner, up to the route deadline. Answers the positions not taken,
+    /// each with whether it was because they belong to another node.
     ///
     /// `received`: the events were forwarded here, and this node's last rejoin as of
-    /// their arrival. They are acted on (queued or passed on) only while this node's
-    /// lease holds and it has not lapsed since: once it has, their sender may have given
-    /// up on this node and sent them elsewhere, so they are refused.
+    /// their arrival. They are never forwarded again (two nodes whose copies of the table
+    /// disagree for a moment would send them back and forth): those of a shard another
+    /// node owns are answered as moved, and their sender routes them again. And they are
+    /// acted on only while this node's lease holds and has not lapsed since they arrived:
+    /// once it has, their sender may have given up on this node and sent them elsewhere,
+    /// so they are refused.
     async fn submit_shard(
         self: &Arc<Self>,
         shard: u32,
         events: Positioned,
         received: Option<u64>,
-    ) -> Vec<usize> {
+    ) -> Vec<(usize, bool)> {
         let deadline = Instant::now() + self.config.route_deadline();
         let mut changed = self.ownership.subscribe();
-        let all = || events.iter().map(|e| e.0).collect::<Vec<_>>();
+        let all = |moved: bool| events.iter().map(|e| (e.0, moved)).collect::<Vec<_>>();
         loop {
             if let Some(rejoined) = received {
                 if self.ownership.rejoined_at() != rejoined {
-                    return all();
-                }
-                if !self.ownership.lease_valid() {
-                    self.kick();
-                    if Instant::now() >= deadline {
-                        return all();
-                    }
-                    let _ = tokio::time::timeout(WAIT_STEP, changed.changed()).await;
-                    continue;
+                    return all(false);
                 }
             }
+            let lease_ok = received.is_none() || self.ownership.lease_valid();
             match self.ownership.route(shard, || self.push_local(&events)) {
                 Ok(Ok(())) => return Vec::new(),
-                Ok(Err(_)) => return events.iter().map(|e| e.0).collect(),
-                Err(Route::Remote(peer)) => {
+                Ok(Err(_)) => return all(false),
+                Err(Route::Remote(_)) if received.is_some() && lease_ok => return all(true),
+                Err(Route::Remote(peer)) if received.is_none() => {
                     let part = events.iter().map(|(_, d, e)| (d.clone(), *e)).collect();
                     match self.forward(peer, part).await {
-                        Ok(refused) => return refused.into_iter().map(|i| events[i].0).collect(),
-                        Err(ForwardError::Overloaded) => {
-                            return events.iter().map(|e| e.0).collect()
+                        // Not the owner any more (its table is newer than ours): read the
+                        // table and route again.
+                        Ok(refused) if !refused.is_empty() && refused.iter().all(|r| r.1) => {
+                            self.kick()
                         }
+                        Ok(refused) => {
+                            return refused.into_iter().map(|(i, m)| (events[i].0, m)).collect()
+                        }
+                        Err(ForwardError::Overloaded) => return all(false),
                         // Unreachable, or timed out while the table moved the shard:
                         // the table decides where the events go now.
                         Err(_) => self.kick(),
                     }
                 }
-                Err(Route::Local | Route::Wait) => self.kick(),
+                Err(_) => self.kick(),
             }
             if Instant::now() >= deadline {
-                return events.iter().map(|e| e.0).collect();
+                return all(false);
             }
             let _ = tokio::time::timeout(WAIT_STEP, changed.changed()).await;
         }
@@ -443,9 +450,12 @@ impl Cluster {
         events: Vec<(Arc<str>, Event)>,
     ) -> Result<Vec<usize>, SubmitError> {
         let total = events.len();
-        let refused = self
+        let refused: Vec<usize> = self
             .take_positioned(events.into_iter().enumerate(), None)
-            .await;
+            .await
+            .into_iter()
+            .map(|(i, _)| i)
+            .collect();
         if total > 0 && refused.len() == total {
             return Err(SubmitError::Overloaded);
         }
@@ -456,7 +466,7 @@ impl Cluster {
         self: &Arc<Self>,
         events: impl Iterator<Item = (usize, (Arc<str>, Event))>,
         received: Option<u64>,
-    ) -> Vec<usize> {
+    ) -> Vec<(usize, bool)> {
         let mut by_shard: BTreeMap<u32, Positioned> = BTreeMap::new();
         for (i, (device, event)) in events {
             by_shard
@@ -470,7 +480,7 @@ impl Cluster {
                 .map(|(shard, part)| self.submit_shard(shard, part, received)),
         )
         .await;
-        let mut refused: Vec<usize> = parts.into_iter().flatten().collect();
+        let mut refused: Vec<(usize, bool)> = parts.into_iter().flatten().collect();
         refused.sort_unstable();
         refused
     }
@@ -522,7 +532,7 @@ impl Cluster {
                     .take_positioned(events.into_iter().enumerate(), Some(rejoined))
                     .await
                     .into_iter()
-                    .map(|p| p as u32)
+                    .map(|(p, moved)| p as u32 | if moved { wire::MOVED } else { 0 })
                     .collect();
                 self.metrics
                     .forwarded_events_received

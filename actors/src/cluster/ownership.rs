@@ -84,6 +84,8 @@ pub struct Ownership {
     /// (0: none). Batches forwarded before it may have been given up on by their senders
     /// (who saw this node's heartbeat expire) and sent elsewhere: they are refused.
     rejoined_at: AtomicU64,
+    /// Asks the heartbeat loop for a round now.
+    round: tokio::sync::Notify,
 }
 
 impl Ownership {
@@ -107,6 +109,7 @@ impl Ownership {
             changed: watch::channel(0).0,
             lost: Mutex::new(Vec::new()),
             rejoined_at: AtomicU64::new(0),
+            round: tokio::sync::Notify::new(),
         }
     }
 
@@ -150,6 +153,16 @@ impl Ownership {
             self.rejoined_at.store(unix_millis(), Ordering::Release);
         }
         self.notify();
+    }
+
+    /// Asks the heartbeat loop for a round now.
+    pub fn want_round(&self) {
+        self.round.notify_one();
+    }
+
+    /// Resolves when a round is wanted.
+    pub async fn round_wanted(&self) {
+        self.round.notified().await;
     }
 
     /// When this node last renewed a lapsed lease (wall-clock ms; 0: never).
@@ -215,6 +228,9 @@ impl Ownership {
                 }
                 // A handoff of ours under way: it settles the shard itself.
                 _ if state.local == Local::Moving => {}
+                // No entry while this node holds the shard: Redis lost the table. The
+                // shard stays here, and this node claims it again (see the heartbeat).
+                None if state.local == Local::Active => state.owner = None,
                 other => {
                     if state.local == Local::Active {
                         state.local = Local::No;
@@ -229,6 +245,17 @@ impl Ownership {
             self.notify();
         }
         (adopted, lost)
+    }
+
+    /// Shards this node holds that the table has no entry for (Redis lost it), with
+    /// their epochs: this node claims them again first.
+    pub fn orphans(&self) -> Vec<(u32, u64)> {
+        (0..self.shards)
+            .filter_map(|s| {
+                let state = self.lock(s);
+                (state.local == Local::Active && state.owner.is_none()).then_some((s, state.epoch))
+            })
+            .collect()
     }
 
     /// Records shards this node has just claimed, with their epochs.
@@ -301,6 +328,11 @@ impl Fence for Ownership {
         let s = self.shard(device);
         let state = self.lock(s);
         (state.local != Local::No).then_some((s, state.epoch))
+    }
+
+    fn orphaned(&self, shards: &[u32]) {
+        tracing::warn!(shards = shards.len(), "the cluster table has no entry for shards this node holds (Redis restarted empty?); claiming them again");
+        self.want_round();
     }
 
     fn lost(&self, shards: &[u32]) {
@@ -383,6 +415,21 @@ mod tests {
         // The next read agrees.
         o.apply(&vec![entry("10.0.0.2:8081#b", 6)]);
         assert_eq!(o.state(0).local, Local::No);
+    }
+
+    #[tokio::test]
+    async fn a_held_shard_missing_from_the_table_stays_and_is_an_orphan() {
+        let me = "10.0.0.1:8081#a";
+        let o = Ownership::new(Arc::from(me), 2);
+        o.apply(&vec![entry(me, 4), entry("10.0.0.2:8081#b", 1)]);
+        o.renew_lease(Instant::now() + std::time::Duration::from_secs(5));
+        let (adopted, lost) = o.apply(&vec![None, None]);
+        assert!(adopted.is_empty() && lost.is_empty());
+        assert_eq!(o.orphans(), vec![(0, 4)]);
+        assert_eq!(o.route(0, || 1), Ok(1), "still admitted here");
+        o.claimed(&[(0, 5)]);
+        assert!(o.orphans().is_empty());
+        assert_eq!(o.lease("x").is_some(), o.shard("x") == 0);
     }
 
     #[tokio::test]

@@ -78,8 +78,12 @@ pub fn decode(mut body: Bytes) -> Result<Vec<(Arc<str>, Event)>, WireError> {
     Ok(events)
 }
 
+/// Set in a position of the answer: the event was not taken because the receiving node
+/// does not own its shard (the sender routes it again), rather than refused.
+pub const MOVED: u32 = 1 << 31;
+
 /// The answer to a forwarded batch: the positions of the events that were not taken
-/// (u32 LE each); empty when every event was.
+/// (u32 LE each, [`MOVED`] set when they belong elsewhere); empty when every event was.
 pub fn encode_refused(positions: &[u32]) -> Bytes {
     let mut out = BytesMut::with_capacity(positions.len() * 4);
     for p in positions {

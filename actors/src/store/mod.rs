@@ -87,6 +87,9 @@ pub trait Fence: Send + Sync {
     fn lease(&self, device: &str) -> Option<(u32, u64)>;
     /// The table refused writes of these shards: another node owns them now.
     fn lost(&self, shards: &[u32]);
+    /// The table has no entry for these shards (Redis restarted empty): this node, which
+    /// holds them, should claim them again.
+    fn orphaned(&self, shards: &[u32]);
 }
 
 /// One device's keys, written together.
@@ -134,6 +137,10 @@ pub enum StoreError {
         /// Why it did not decode.
         source: SnapshotError,
     },
+    /// In a cluster: the table has no entry for shards this node holds (Redis lost it);
+    /// their results are kept until this node has claimed them again.
+    #[error("the cluster table has no entry for {0} shards this node holds")]
+    Unowned(usize),
     /// A result could not be serialised.
     #[error("encoding a result: {0}")]
     Encode(#[from] serde_json::Error),

@@ -97,18 +97,23 @@ impl ManageConnection for Manager {
 /// per chunk of a flush, not one per device.
 /// KEYS: the shard table, then every key written, in order. ARGV: expiry in ms, this
 /// node's id, then per group: shard, epoch, number of keys, then the keys' values.
-/// Answers the shards whose writes were refused.
+/// Answers the shards whose writes were refused: another node owns them (`s`), or the
+/// table has no entry for them (`-(s + 1)`: Redis lost the table; the holder claims them
+/// again).
 const FENCED_SET: &str = r#"
 local ki, ai, refused = 2, 3, {}
 while ai <= #ARGV do
   local s, e, n = ARGV[ai], ARGV[ai + 1], tonumber(ARGV[ai + 2])
   ai = ai + 3
-  if redis.call('HGET', KEYS[1], s) == e .. ' ' .. ARGV[2] then
+  local cur = redis.call('HGET', KEYS[1], s)
+  if cur == e .. ' ' .. ARGV[2] then
     for j = 0, n - 1 do
       redis.call('SET', KEYS[ki + j], ARGV[ai + j], 'PX', ARGV[1])
     end
-  else
+  elseif cur then
     table.insert(refused, s)
+  else
+    table.insert(refused, -(tonumber(s) + 1))
   end
   ki, ai = ki + n, ai + n
 end
@@ -309,7 +314,7 @@ impl RedisStore {
                                 |mut conn| async move { pipe.query_async::<()>(&mut conn).await },
                             )
                             .await
-                            .map(|()| Vec::new())
+                            .map(|()| Vec::<i64>::new())
                     });
                 }
             }
@@ -334,8 +339,25 @@ impl RedisStore {
                 }
             }
         }
-        if let (Some(fence), false) = (&self.fence, refused.is_empty()) {
-            fence.lost(&refused);
+        if let Some(fence) = &self.fence {
+            let taken: Vec<u32> = refused
+                .iter()
+                .filter_map(|s| u32::try_from(*s).ok())
+                .collect();
+            let missing: Vec<u32> = refused
+                .iter()
+                .filter(|s| **s < 0)
+                .filter_map(|s| u32::try_from(-s - 1).ok())
+                .collect();
+            if !taken.is_empty() {
+                fence.lost(&taken);
+            }
+            if !missing.is_empty() {
+                // Redis lost the table: the results stay in the writer and are written
+                // once this node has claimed the shards again.
+                fence.orphaned(&missing);
+                first_error.get_or_insert(StoreError::Unowned(missing.len()));
+            }
         }
         first_error.map_or(Ok(()), Err)
     }
@@ -346,7 +368,7 @@ impl RedisStore {
         groups: Vec<FencedGroup>,
         owner: &str,
         ttl_ms: u64,
-    ) -> Result<Vec<u32>, StoreError> {
+    ) -> Result<Vec<i64>, StoreError> {
         let ttl = ttl_ms.to_string();
         let mut keys: Vec<String> = vec![crate::cluster::table::SHARDS_KEY.to_string()];
         let mut args: Vec<Vec<u8>> = vec![ttl.into_bytes(), owner.as_bytes().to_vec()];
@@ -367,7 +389,7 @@ impl RedisStore {
             args.extend(values);
         }
         let script = self.fenced_set.clone();
-        let refused: Vec<String> = self
+        let refused: Vec<redis::Value> = self
             .with_conn(|mut conn| async move {
                 let mut invocation = script.prepare_invoke();
                 for k in &keys {
@@ -379,7 +401,14 @@ impl RedisStore {
                 invocation.invoke_async(&mut conn).await
             })
             .await?;
-        Ok(refused.iter().filter_map(|s| s.parse().ok()).collect())
+        Ok(refused
+            .iter()
+            .filter_map(|v| match v {
+                redis::Value::Int(i) => Some(*i),
+                redis::Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
+                _ => None,
+            })
+            .collect())
     }
 
     /// `XADD anomalies MAXLEN ~ maxlen * …` per entry, once per uid (see [`APPEND_ONCE`]),

@@ -387,7 +387,10 @@ impl Actor for WriterActor {
                         }
                         state.retry_at = Some(now + state.backoff);
                         state.backoff = (state.backoff * 2).min(STORE_MAX_BACKOFF);
-                        state.set_up(Err(&e));
+                        // Redis answered; only the table has to be rebuilt.
+                        if !matches!(e, StoreError::Unowned(_)) {
+                            state.set_up(Err(&e));
+                        }
                     }
                 }
                 if !state.drain_waiters.is_empty() || !state.barriers.is_empty() {

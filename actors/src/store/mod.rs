@@ -15,6 +15,7 @@
 //!   when its actor stops), with the same expiry.
 
 mod embedded;
+mod fenced;
 mod inbox;
 mod redis;
 mod snapshot;
@@ -141,6 +142,9 @@ pub enum StoreError {
     /// their results are kept until this node has claimed them again.
     #[error("the cluster table has no entry for {0} shards this node holds")]
     Unowned(usize),
+    /// In a cluster: the shard table kept changing during a flush's transaction.
+    #[error("the cluster table changed during every try of the flush")]
+    Contended,
     /// A result could not be serialised.
     #[error("encoding a result: {0}")]
     Encode(#[from] serde_json::Error),

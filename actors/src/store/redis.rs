@@ -18,6 +18,7 @@
 //!
 //! `rediss://` connects over rustls (see [`super::tls`]).
 
+use super::fenced::FencedWriter;
 use super::tls::{self, RedisTls};
 use super::{DeviceWrite, Fence, StoreError, StreamEntry, StreamId, StreamRecord, ANOMALY_STREAM};
 use bb8_redis::bb8::{self, ManageConnection, Pool, PooledConnection};
@@ -92,34 +93,6 @@ impl ManageConnection for Manager {
     }
 }
 
-/// The writes of many shards, each group applied only while the table still gives the
-/// shard to this node under the epoch it wrote with (see `cluster::table`): one script
-/// per chunk of a flush, not one per device.
-/// KEYS: the shard table, then every key written, in order. ARGV: expiry in ms, this
-/// node's id, then per group: shard, epoch, number of keys, then the keys' values.
-/// Answers the shards whose writes were refused: another node owns them (`s`), or the
-/// table has no entry for them (`-(s + 1)`: Redis lost the table; the holder claims them
-/// again).
-const FENCED_SET: &str = r#"
-local ki, ai, refused = 2, 3, {}
-while ai <= #ARGV do
-  local s, e, n = ARGV[ai], ARGV[ai + 1], tonumber(ARGV[ai + 2])
-  ai = ai + 3
-  local cur = redis.call('HGET', KEYS[1], s)
-  if cur == e .. ' ' .. ARGV[2] then
-    for j = 0, n - 1 do
-      redis.call('SET', KEYS[ki + j], ARGV[ai + j], 'PX', ARGV[1])
-    end
-  elseif cur then
-    table.insert(refused, s)
-  else
-    table.insert(refused, -(tonumber(s) + 1))
-  end
-  ki, ai = ki + n, ai + n
-end
-return refused
-"#;
-
 /// Appends a stream entry unless an append of the same uid ran already (a flush that
 /// timed out on the client may still reach Redis and run: its retry must not append
 /// twice). KEYS: the stream, the uid's marker; ARGV: maxlen, device, signal, analysis,
@@ -143,7 +116,8 @@ pub struct RedisStore {
     timeout: Duration,
     /// In a cluster: writes are fenced by their shard's epoch.
     fence: Option<Arc<dyn Fence>>,
-    fenced_set: Arc<redis::Script>,
+    /// The fenced writes' transaction, on a connection of its own.
+    fenced: Arc<FencedWriter>,
     append_sha: Arc<str>,
 }
 
@@ -181,6 +155,7 @@ impl RedisStore {
         } else {
             redis::Client::open(info)?
         };
+        let fenced = Arc::new(FencedWriter::new(client.clone(), timeout));
         let last_connect_error = LastConnectError::default();
         let manager = Manager {
             client,
@@ -196,7 +171,7 @@ impl RedisStore {
             last_connect_error,
             timeout,
             fence: None,
-            fenced_set: Arc::new(redis::Script::new(FENCED_SET)),
+            fenced,
             append_sha: Arc::from(redis::Script::new(APPEND_ONCE).get_hash()),
         })
     }
@@ -314,23 +289,15 @@ impl RedisStore {
                                 |mut conn| async move { pipe.query_async::<()>(&mut conn).await },
                             )
                             .await
-                            .map(|()| Vec::<i64>::new())
                     });
                 }
             }
-            Some(fence) => {
-                for chunk in fenced_chunks(&**fence, writes) {
-                    let store = self.clone();
-                    let owner = fence.owner().to_string();
-                    chunks.spawn(async move { store.write_fenced(chunk, &owner, ttl_ms).await });
-                }
-            }
+            Some(fence) => return self.fenced.write(&**fence, writes, ttl_ms).await,
         }
         let mut first_error = None;
-        let mut refused = Vec::new();
         while let Some(joined) = chunks.join_next().await {
             match joined {
-                Ok(Ok(shards)) => refused.extend(shards),
+                Ok(Ok(())) => {}
                 Ok(Err(e)) => {
                     first_error.get_or_insert(e);
                 }
@@ -339,76 +306,7 @@ impl RedisStore {
                 }
             }
         }
-        if let Some(fence) = &self.fence {
-            let taken: Vec<u32> = refused
-                .iter()
-                .filter_map(|s| u32::try_from(*s).ok())
-                .collect();
-            let missing: Vec<u32> = refused
-                .iter()
-                .filter(|s| **s < 0)
-                .filter_map(|s| u32::try_from(-s - 1).ok())
-                .collect();
-            if !taken.is_empty() {
-                fence.lost(&taken);
-            }
-            if !missing.is_empty() {
-                // Redis lost the table: the results stay in the writer and are written
-                // once this node has claimed the shards again.
-                fence.orphaned(&missing);
-                first_error.get_or_insert(StoreError::Unowned(missing.len()));
-            }
-        }
         first_error.map_or(Ok(()), Err)
-    }
-
-    /// One chunk of fenced writes ([`FENCED_SET`]); answers the shards refused.
-    async fn write_fenced(
-        &self,
-        groups: Vec<FencedGroup>,
-        owner: &str,
-        ttl_ms: u64,
-    ) -> Result<Vec<i64>, StoreError> {
-        let ttl = ttl_ms.to_string();
-        let mut keys: Vec<String> = vec![crate::cluster::table::SHARDS_KEY.to_string()];
-        let mut args: Vec<Vec<u8>> = vec![ttl.into_bytes(), owner.as_bytes().to_vec()];
-        for g in groups {
-            let mut n = 0;
-            let mut values = Vec::new();
-            for w in g.writes {
-                let window = w.window.1.map(|bytes| (w.window.0, bytes));
-                for (key, value) in std::iter::once(w.analysis).chain(window) {
-                    keys.push(key);
-                    values.push(value.to_vec());
-                    n += 1;
-                }
-            }
-            args.push(g.shard.to_string().into_bytes());
-            args.push(g.epoch.to_string().into_bytes());
-            args.push(n.to_string().into_bytes());
-            args.extend(values);
-        }
-        let script = self.fenced_set.clone();
-        let refused: Vec<redis::Value> = self
-            .with_conn(|mut conn| async move {
-                let mut invocation = script.prepare_invoke();
-                for k in &keys {
-                    invocation.key(k);
-                }
-                for a in &args {
-                    invocation.arg(&a[..]);
-                }
-                invocation.invoke_async(&mut conn).await
-            })
-            .await?;
-        Ok(refused
-            .iter()
-            .filter_map(|v| match v {
-                redis::Value::Int(i) => Some(*i),
-                redis::Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
-                _ => None,
-            })
-            .collect())
     }
 
     /// `XADD anomalies MAXLEN ~ maxlen * …` per entry, once per uid (see [`APPEND_ONCE`]),
@@ -500,45 +398,6 @@ impl RedisStore {
         )
         .await
     }
-}
-
-/// The writes of one shard under one epoch.
-struct FencedGroup {
-    shard: u32,
-    epoch: u64,
-    writes: Vec<DeviceWrite>,
-}
-
-/// Groups writes by shard (dropping those of shards this node no longer owns: the shard's
-/// new owner has their windows) and cuts the groups into chunks of about
-/// [`PIPELINE_CHUNK`] keys, a group never split.
-fn fenced_chunks(fence: &dyn Fence, writes: Vec<DeviceWrite>) -> Vec<Vec<FencedGroup>> {
-    let mut by_shard: std::collections::BTreeMap<(u32, u64), Vec<DeviceWrite>> =
-        std::collections::BTreeMap::new();
-    for w in writes {
-        if let Some(lease) = fence.lease(&w.device) {
-            by_shard.entry(lease).or_default().push(w);
-        }
-    }
-    let mut chunks = Vec::new();
-    let mut chunk = Vec::new();
-    let mut keys = 0;
-    for ((shard, epoch), writes) in by_shard {
-        keys += writes.iter().map(DeviceWrite::keys).sum::<usize>();
-        chunk.push(FencedGroup {
-            shard,
-            epoch,
-            writes,
-        });
-        if keys >= PIPELINE_CHUNK {
-            chunks.push(std::mem::take(&mut chunk));
-            keys = 0;
-        }
-    }
-    if !chunk.is_empty() {
-        chunks.push(chunk);
-    }
-    chunks
 }
 
 /// A raw `XRANGE` entry as a record; entries written by something else are skipped.

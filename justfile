@@ -43,7 +43,7 @@ cluster nodes="3":
 bench seconds="10":
     bench/run.sh {{seconds}}
 
-# Scale-out benchmark: one node against two clustered nodes (starts redis-server and the nodes itself).
+# Scale-out benchmark: one node against a three-node cluster and three standalone nodes (starts redis-server and the nodes itself).
 bench-cluster seconds="10":
     bench/cluster.sh {{seconds}}
 

@@ -38,6 +38,24 @@ fn write(device: &str, marker: &str) -> DeviceWrite {
     }
 }
 
+/// Runs the binary as a cluster member that must refuse to start: exit code 2; answers
+/// what it printed on stderr.
+fn refused_member(redis: &Redis, advertise: &str, listen: &str, extra: &[(&str, &str)]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_iot-processor"))
+        .env_clear()
+        .env("LISTEN_ADDR", "127.0.0.1:0")
+        .env("REDIS_URL", redis.url())
+        .env("CLUSTER_ADVERTISE_ADDR", advertise)
+        .env("CLUSTER_LISTEN_ADDR", listen)
+        .env("CLUSTER_TOKEN", "t")
+        .envs(extra.iter().copied())
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    err
+}
+
 #[tokio::test]
 async fn claims_are_exclusive_and_a_dead_member_s_shards_wait_for_its_lease() {
     let redis = Redis::start();
@@ -173,18 +191,7 @@ async fn a_table_of_another_shard_count_is_refused_and_a_node_with_it_exits_2() 
     redis.cli(&["HSET", "{iot}:meta", "format", "1"]);
     // The binary with CLUSTER_SHARDS=16 against this table: exit 2, naming the setting.
     let me = addr(free_port()).to_string();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_iot-processor"))
-        .env_clear()
-        .env("LISTEN_ADDR", "127.0.0.1:0")
-        .env("REDIS_URL", redis.url())
-        .env("CLUSTER_ADVERTISE_ADDR", &me)
-        .env("CLUSTER_LISTEN_ADDR", &me)
-        .env("CLUSTER_TOKEN", "t")
-        .env("CLUSTER_SHARDS", "16")
-        .output()
-        .expect("run");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    let err = refused_member(&redis, &me, &me, &[("CLUSTER_SHARDS", "16")]);
     assert!(
         err.contains("CLUSTER_SHARDS") && err.contains("8 shards"),
         "{err}"
@@ -204,17 +211,7 @@ async fn an_advertised_address_that_reaches_another_node_is_refused_at_start_up(
     // Two nodes on one host: the second listens elsewhere but advertises the first's
     // internal address (a copied setting, or the default port taken).
     let own = addr(free_port()).to_string();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_iot-processor"))
-        .env_clear()
-        .env("LISTEN_ADDR", "127.0.0.1:0")
-        .env("REDIS_URL", redis.url())
-        .env("CLUSTER_ADVERTISE_ADDR", &first)
-        .env("CLUSTER_LISTEN_ADDR", &own)
-        .env("CLUSTER_TOKEN", "t")
-        .output()
-        .expect("run");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    let err = refused_member(&redis, &first, &own, &[]);
     assert!(
         err.contains(&format!("CLUSTER_ADVERTISE_ADDR {first}"))
             && err.contains(&format!("CLUSTER_LISTEN_ADDR {own}")),

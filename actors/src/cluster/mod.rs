@@ -9,6 +9,9 @@
 //! - [`handoff`]: the heartbeat round: register, read the table, take free shards, hand
 //!   shards to their desired owners (stop admitting, drain, write, pass with epoch + 1).
 //! - [`forwarder`]: one actor per peer, batching events with idempotency keys.
+//! - [`transport`]: how nodes talk (implemented over HTTP by the binary), its errors, the
+//!   batches' idempotency keys.
+//! - `received`: batches forwarded here, taken once per key.
 //! - [`wire`]: the binary body of a forwarded batch and of its answer.
 //!
 //! [`Cluster`] ties them together: [`Cluster::submit`] and [`Cluster::submit_batch`]
@@ -20,101 +23,31 @@
 pub mod forwarder;
 pub mod handoff;
 pub mod ownership;
+mod received;
 pub mod shards;
 pub mod table;
+pub mod transport;
 pub mod wire;
 
 pub use ownership::{Local, Ownership, Route};
 pub use table::{Member, Table, TableError};
+pub use transport::{BatchId, ForwardError, Transport};
 
-use crate::device::{BoxFuture, Directory, SubmitError};
+use crate::device::{Directory, SubmitError};
 use crate::event::Event;
-use crate::metrics::{ForwardFailure, Metrics};
+use crate::metrics::Metrics;
 use crate::store::WriterMsg;
-use bytes::Bytes;
 use dashmap::DashMap;
 use forwarder::{Forwarder, ForwarderArgs, ForwarderMsg};
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorRef};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
-
-/// Why a call to a peer did not succeed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ForwardError {
-    /// No answer within CLUSTER_FORWARD_TIMEOUT.
-    #[error("no answer within the forward timeout")]
-    Timeout,
-    /// Could not connect, or the connection broke.
-    #[error("unreachable: {0}")]
-    Unreachable(String),
-    /// The peer refused the request (status code).
-    #[error("refused with status {0}")]
-    Rejected(u16),
-    /// The peer is at MAX_PENDING_EVENTS: the events were not accepted (a client gets
-    /// 503 and retries).
-    #[error("the owner is overloaded")]
-    Overloaded,
-}
-
-impl ForwardError {
-    /// The failure reason for metrics; `None` for an overload (not a failure of the peer).
-    pub fn failure(&self) -> Option<ForwardFailure> {
-        match self {
-            ForwardError::Timeout => Some(ForwardFailure::Timeout),
-            ForwardError::Unreachable(_) => Some(ForwardFailure::Unreachable),
-            ForwardError::Rejected(_) => Some(ForwardFailure::Rejected),
-            ForwardError::Overloaded => None,
-        }
-    }
-}
-
-/// A forwarded batch's idempotency key: the sending node's incarnation and its sequence
-/// number there.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct BatchId(pub u64, pub u64);
-
-impl std::fmt::Display for BatchId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:x}-{:x}", self.0, self.1)
-    }
-}
-
-impl std::str::FromStr for BatchId {
-    type Err = ();
-
-    fn from_str(s: &str) -> Result<Self, ()> {
-        let (a, b) = s.split_once('-').ok_or(())?;
-        Ok(Self(
-            u64::from_str_radix(a, 16).map_err(|_| ())?,
-            u64::from_str_radix(b, 16).map_err(|_| ())?,
-        ))
-    }
-}
-
-/// How nodes talk to each other (HTTP in the binary). Each call is bounded by the
-/// forward timeout.
-pub trait Transport: Send + Sync + 'static {
-    /// Sends an encoded batch ([`wire`]) under its idempotency key; answers the
-    /// positions the peer did not take (empty: all queued there).
-    fn send_events(
-        &self,
-        peer: SocketAddr,
-        id: BatchId,
-        body: Bytes,
-    ) -> BoxFuture<Result<Vec<u32>, ForwardError>>;
-    /// Asks a node for its id (the start-up check that the advertised address reaches
-    /// this very process).
-    fn ping(&self, peer: SocketAddr) -> BoxFuture<Result<String, ForwardError>>;
-    /// Tells a peer that the table changed for it (a shard was passed to it): it reads
-    /// the table now instead of at its next heartbeat.
-    fn kick(&self, peer: SocketAddr) -> BoxFuture<Result<(), ForwardError>>;
-}
 
 /// The cluster settings, validated.
 #[derive(Debug, Clone)]
@@ -142,13 +75,6 @@ impl ClusterConfig {
 /// How often a waiting event looks at the table again.
 const WAIT_STEP: Duration = Duration::from_millis(25);
 
-/// Answers given to forwarded batches, by key, for as long as a repeat can come.
-#[derive(Default)]
-struct Received {
-    answers: HashMap<BatchId, watch::Receiver<Option<Vec<u32>>>>,
-    order: VecDeque<(Instant, BatchId)>,
-}
-
 /// Events with their positions in the request and their devices.
 type Positioned = Vec<(usize, Arc<str>, Event)>;
 
@@ -164,7 +90,7 @@ pub struct Cluster {
     forwarders: DashMap<SocketAddr, ActorRef<ForwarderMsg>>,
     incarnation: u64,
     sequence: Arc<AtomicU64>,
-    received: Mutex<Received>,
+    received: Mutex<received::Received>,
     /// The first heartbeat has registered this node.
     registered: AtomicBool,
     leaving: AtomicBool,
@@ -209,7 +135,7 @@ impl Cluster {
             forwarders: DashMap::new(),
             incarnation,
             sequence: Arc::new(AtomicU64::new(0)),
-            received: Mutex::new(Received::default()),
+            received: Mutex::new(received::Received::default()),
             registered: AtomicBool::new(false),
             leaving: AtomicBool::new(false),
             kick: Notify::new(),
@@ -484,81 +410,7 @@ impl Cluster {
         refused.sort_unstable();
         refused
     }
-
-    /// Accepts a batch forwarded by another node under its idempotency key: a repeat of a
-    /// key gets the first answer (waiting for it if the first is still being taken), and
-    /// queues nothing again. A batch sent (`sent_ms`, the sender's clock) before this
-    /// node last renewed a lapsed lease is refused whole. The answer lists the positions
-    /// not taken.
-    pub async fn receive(
-        self: &Arc<Self>,
-        id: BatchId,
-        sent_ms: u64,
-        events: Vec<(Arc<str>, Event)>,
-    ) -> Vec<u32> {
-        let count = events.len() as u64;
-        let rejoined = self.ownership.rejoined_at();
-        if sent_ms < rejoined {
-            return (0..count as u32).collect();
-        }
-        let first = {
-            let mut received = self.received.lock().unwrap_or_else(PoisonError::into_inner);
-            self.expire_received(&mut received);
-            match received.answers.get(&id) {
-                Some(answer) => Err(answer.clone()),
-                None => {
-                    let (tx, rx) = watch::channel(None);
-                    received.answers.insert(id, rx);
-                    received.order.push_back((Instant::now(), id));
-                    Ok(tx)
-                }
-            }
-        };
-        match first {
-            Err(mut answer) => {
-                self.metrics.events_duplicate.inc_by(count);
-                loop {
-                    if let Some(refused) = answer.borrow_and_update().clone() {
-                        return refused;
-                    }
-                    if answer.changed().await.is_err() {
-                        // The first delivery's task is gone: nothing of it was answered.
-                        return (0..count as u32).collect();
-                    }
-                }
-            }
-            Ok(tx) => {
-                let refused: Vec<u32> = self
-                    .take_positioned(events.into_iter().enumerate(), Some(rejoined))
-                    .await
-                    .into_iter()
-                    .map(|(p, moved)| p as u32 | if moved { wire::MOVED } else { 0 })
-                    .collect();
-                self.metrics
-                    .forwarded_events_received
-                    .inc_by(count - refused.len() as u64);
-                let _ = tx.send(Some(refused.clone()));
-                refused
-            }
-        }
-    }
-
-    /// Forgets answers older than any repeat of their batch can be.
-    fn expire_received(&self, received: &mut Received) {
-        let keep = self.config.route_deadline() * 2 + self.config.forward_timeout;
-        let now = Instant::now();
-        while let Some((at, id)) = received.order.front().copied() {
-            if now.duration_since(at) < keep && received.order.len() < MAX_REMEMBERED {
-                break;
-            }
-            received.order.pop_front();
-            received.answers.remove(&id);
-        }
-    }
 }
-
-/// Forwarded batches whose answers are remembered at most.
-const MAX_REMEMBERED: usize = 200_000;
 
 #[cfg(test)]
 mod tests {

@@ -87,10 +87,11 @@ impl FencedWriter {
         if let Some(conn) = slot {
             return Ok(conn.clone());
         }
-        let conn = tokio::time::timeout(self.timeout, self.client.get_multiplexed_async_connection())
-            .await
-            .map_err(|_| StoreError::Timeout(self.timeout))?
-            .map_err(StoreError::Connect)?;
+        let conn =
+            tokio::time::timeout(self.timeout, self.client.get_multiplexed_async_connection())
+                .await
+                .map_err(|_| StoreError::Timeout(self.timeout))?
+                .map_err(StoreError::Connect)?;
         *slot = Some(conn.clone());
         Ok(conn)
     }
@@ -133,8 +134,8 @@ impl FencedWriter {
                     Some(e) if *e == format!("{} {owner}", g.epoch) => {
                         for w in &g.writes {
                             let window = w.window.1.as_ref().map(|bytes| (&w.window.0, bytes));
-                            for (key, value) in std::iter::once((&w.analysis.0, &w.analysis.1))
-                                .chain(window)
+                            for (key, value) in
+                                std::iter::once((&w.analysis.0, &w.analysis.1)).chain(window)
                             {
                                 tx.cmd("SET")
                                     .arg(key)

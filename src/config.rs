@@ -1,7 +1,8 @@
 //! Every setting of the service: its flag, environment variable, default and meaning.
 //!
-//! Parsed once at start-up; invalid values stop start-up with clap's message, which
-//! names the flag and the variable. Library code never reads the environment.
+//! Parsed once at start-up; an invalid value stops start-up (exit 2) with a message naming
+//! the setting as it was given: its environment variable, or its flag. Library code never
+//! reads the environment.
 
 use actors::store::{ClientIdentity, RedisTls, TlsError};
 use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
@@ -239,11 +240,22 @@ pub enum ConfigError {
         heartbeat: Duration,
     },
     /// A window must be checkpointed before its key expires and before its actor is
-    /// evicted.
-    #[error("WINDOW_CHECKPOINT_INTERVAL ({interval:?}) must be shorter than RESULT_TTL and DEVICE_IDLE_TIMEOUT: a stored window would expire between checkpoints, or an actor be evicted before its trailing checkpoint")]
+    /// evicted. Names first the setting that was changed (WINDOW_CHECKPOINT_INTERVAL
+    /// unless it is at its default), then the one it conflicts with.
+    #[error("{setting} ({}) must be {} {other} ({}): {why}", humantime::format_duration(*value), if *shorter { "shorter than" } else { "longer than" }, humantime::format_duration(*other_value))]
     CheckpointInterval {
-        /// The interval set.
-        interval: Duration,
+        /// The setting at fault.
+        setting: &'static str,
+        /// Its value.
+        value: Duration,
+        /// Whether it must be shorter than the other (else longer).
+        shorter: bool,
+        /// The setting it conflicts with.
+        other: &'static str,
+        /// That one's value.
+        other_value: Duration,
+        /// What would go wrong.
+        why: &'static str,
     },
     /// Internal requests must be authenticated.
     #[error("CLUSTER_ADVERTISE_ADDR is set but CLUSTER_TOKEN is not (or is empty): internal requests must carry a shared secret")]
@@ -251,11 +263,15 @@ pub enum ConfigError {
 }
 
 impl Config {
-    /// Parses the command line and the environment (exiting with clap's message on an
-    /// invalid value), and describes the effective settings for the start-up line.
+    /// Parses the command line and the environment (exiting 2 with a message naming the
+    /// setting on an invalid value), and describes the effective settings for the
+    /// start-up line.
     pub fn load() -> (Self, String) {
         let command = Self::command();
-        let matches = command.clone().get_matches();
+        let matches = command
+            .clone()
+            .try_get_matches()
+            .unwrap_or_else(|e| exit(&command, std::env::args_os(), e));
         let config = Self::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
         (config, effective(&command, &matches))
     }
@@ -269,10 +285,7 @@ impl Config {
                 _ => return Err(ConfigError::RedisUrl("")),
             }
         }
-        let interval = self.window_checkpoint_interval;
-        if interval >= self.result_ttl || interval >= self.device_idle_timeout {
-            return Err(ConfigError::CheckpointInterval { interval });
-        }
+        self.check_checkpoint_interval()?;
         let tls = self
             .redis_url
             .as_deref()
@@ -329,6 +342,54 @@ impl Config {
             lease,
             forward_timeout: self.cluster_forward_timeout,
         }))
+    }
+
+    /// WINDOW_CHECKPOINT_INTERVAL must be shorter than RESULT_TTL and DEVICE_IDLE_TIMEOUT.
+    fn check_checkpoint_interval(&self) -> Result<(), ConfigError> {
+        let interval = self.window_checkpoint_interval;
+        let default_interval = Self::command()
+            .get_arguments()
+            .find(|a| a.get_id() == "window_checkpoint_interval")
+            .and_then(|a| a.get_default_values().first()?.to_str().map(parse_duration))
+            .and_then(Result::ok);
+        // Blame the interval only when it was changed: otherwise the other setting was.
+        let interval_changed = default_interval != Some(interval);
+        for (other, other_value, why) in [
+            (
+                "RESULT_TTL",
+                self.result_ttl,
+                "a stored window would expire between checkpoints",
+            ),
+            (
+                "DEVICE_IDLE_TIMEOUT",
+                self.device_idle_timeout,
+                "an idle actor would be evicted before its trailing checkpoint",
+            ),
+        ] {
+            if interval < other_value {
+                continue;
+            }
+            return Err(if interval_changed {
+                ConfigError::CheckpointInterval {
+                    setting: "WINDOW_CHECKPOINT_INTERVAL",
+                    value: interval,
+                    shorter: true,
+                    other,
+                    other_value,
+                    why,
+                }
+            } else {
+                ConfigError::CheckpointInterval {
+                    setting: other,
+                    value: other_value,
+                    shorter: false,
+                    other: "WINDOW_CHECKPOINT_INTERVAL",
+                    other_value: interval,
+                    why,
+                }
+            });
+        }
+        Ok(())
     }
 
     /// Settings that are accepted but no longer do anything, for a warning at start-up.
@@ -411,6 +472,75 @@ impl From<&Config> for actors::SystemConfig {
             anomaly_stream_maxlen: c.anomaly_stream_maxlen as usize,
         }
     }
+}
+
+/// Exits with clap's error `e`, or, for an invalid value that came from an environment
+/// variable, with one line naming the variable (clap names only the flag, which the user
+/// never typed): `error: invalid value '0' for WINDOW_SIZE (--window-size): …`. Exit code 2
+/// either way (0 for `--help` and `--version`).
+fn exit<I, T>(command: &clap::Command, args: I, e: clap::Error) -> !
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    match from_environment(command, args, &e) {
+        Some(message) => {
+            eprintln!("error: {message}");
+            std::process::exit(2)
+        }
+        None => e.exit(),
+    }
+}
+
+/// The message for `e` naming the environment variable its value came from; `None` when
+/// the value was given as a flag (or `e` is not about a value).
+fn from_environment<I, T>(command: &clap::Command, args: I, e: &clap::Error) -> Option<String>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    use clap::parser::ValueSource;
+    if !matches!(
+        e.kind(),
+        ErrorKind::ValueValidation | ErrorKind::InvalidValue
+    ) {
+        return None;
+    }
+    let Some(ContextValue::String(shown)) = e.get(ContextKind::InvalidArg) else {
+        return None;
+    };
+    // Built, as clap's message shows it (an unbuilt argument cannot be displayed).
+    let mut built = command.clone();
+    built.build();
+    let arg = built.get_arguments().find(|a| a.to_string() == *shown)?;
+    let env = arg.get_env()?.to_string_lossy();
+    // Where the value came from, by clap's own precedence (flag over variable): the same
+    // command with every value taken as it is, so that nothing can fail to parse.
+    let raw = built
+        .clone()
+        .mut_args(|a| a.value_parser(clap::builder::ValueParser::os_string()))
+        .try_get_matches_from(args)
+        .ok()?;
+    if raw.value_source(arg.get_id().as_str()) != Some(ValueSource::EnvVariable) {
+        return None;
+    }
+    let flag = arg
+        .get_long()
+        .map(|l| format!(" (--{l})"))
+        .unwrap_or_default();
+    let value = match e.get(ContextKind::InvalidValue) {
+        Some(ContextValue::String(v)) if !arg.is_hide_env_values_set() => format!(" '{v}'"),
+        _ => String::new(),
+    };
+    let why = match (std::error::Error::source(e), e.get(ContextKind::ValidValue)) {
+        (Some(source), _) => format!(": {source}"),
+        (None, Some(ContextValue::Strings(valid))) => {
+            format!(": expected one of {}", valid.join(", "))
+        }
+        _ => String::new(),
+    };
+    Some(format!("invalid value{value} for {env}{flag}{why}"))
 }
 
 /// Every setting as `ENV=value`, defaults included; secrets (the settings clap hides in
@@ -678,6 +808,33 @@ mod tests {
         ] {
             let err = check(args).expect_err("refused").to_string();
             assert!(err.contains("WINDOW_CHECKPOINT_INTERVAL"), "{err}");
+        }
+        // The setting that was changed comes first, then the one it conflicts with.
+        for (args, expected) in [
+            (
+                &["--window-checkpoint-interval", "5m"][..],
+                "WINDOW_CHECKPOINT_INTERVAL (5m) must be shorter than RESULT_TTL (5m): ",
+            ),
+            (
+                &["--device-idle-timeout", "1s"][..],
+                "DEVICE_IDLE_TIMEOUT (1s) must be longer than WINDOW_CHECKPOINT_INTERVAL (1s): ",
+            ),
+            (
+                &["--result-ttl", "1s"][..],
+                "RESULT_TTL (1s) must be longer than WINDOW_CHECKPOINT_INTERVAL (1s): ",
+            ),
+            (
+                &[
+                    "--window-checkpoint-interval",
+                    "3s",
+                    "--device-idle-timeout",
+                    "2s",
+                ][..],
+                "WINDOW_CHECKPOINT_INTERVAL (3s) must be shorter than DEVICE_IDLE_TIMEOUT (2s): ",
+            ),
+        ] {
+            let err = check(args).expect_err("refused").to_string();
+            assert!(err.starts_with(expected), "{err}");
         }
     }
 

@@ -460,6 +460,67 @@ async fn invalid_configuration_stops_start_up_naming_the_setting() {
     }
 }
 
+/// The binary with only `env` (and a free listen port) set: its exit code and stderr.
+fn run_with(env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_iot-processor"))
+        .env_clear()
+        .env("LISTEN_ADDR", "127.0.0.1:0")
+        .envs(env.iter().copied())
+        .output()
+        .expect("run");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_setting_from_the_environment_is_named_by_its_variable() {
+    for (env, expected) in [
+        (
+            ("WINDOW_SIZE", "0"),
+            "error: invalid value '0' for WINDOW_SIZE (--window-size): 0 is not in 1..=100000\n",
+        ),
+        (
+            ("RESULT_TTL", "10ms"),
+            "error: invalid value '10ms' for RESULT_TTL (--result-ttl): must be at least 1s\n",
+        ),
+        (
+            ("LOG_FORMAT", "xml"),
+            "error: invalid value 'xml' for LOG_FORMAT (--log-format): expected one of text, json\n",
+        ),
+    ] {
+        let (code, err) = run_with(&[env]);
+        assert_eq!(code, Some(2), "{env:?}: {err}");
+        assert_eq!(err, expected, "{env:?}");
+    }
+    // A flag is named as the flag, by clap.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_iot-processor"))
+        .env_clear()
+        .args(["--window-size", "0"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("invalid value '0' for '--window-size <WINDOW_SIZE>'"),
+        "{err}"
+    );
+}
+
+#[test]
+fn conflicting_settings_name_the_one_set_and_the_one_it_conflicts_with() {
+    let (code, err) = run_with(&[("DEVICE_IDLE_TIMEOUT", "1s")]);
+    assert_eq!(code, Some(2), "{err}");
+    // After the start-up line: the settings are checked once logging is up.
+    assert!(
+        err.lines().any(|l| l.starts_with(
+            "error: DEVICE_IDLE_TIMEOUT (1s) must be longer than WINDOW_CHECKPOINT_INTERVAL (1s): "
+        )),
+        "{err}"
+    );
+}
+
 #[tokio::test]
 async fn start_up_logs_the_version_and_every_setting_without_secrets() {
     let port = common::free_port();

@@ -44,15 +44,14 @@ fn token_command() -> Option<i32> {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() {
     if let Some(code) = token_command() {
         std::process::exit(code);
     }
     let (config, settings) = Config::load();
     if let Err(e) = logging::init(config.log_format) {
         // Like clap's own errors for every other setting: a message naming it, exit 2.
-        eprintln!("error: {e}");
-        std::process::exit(2);
+        fail(CONFIGURATION, &e);
     }
     tracing::info!(version = env!("CARGO_PKG_VERSION"), %settings, "starting");
     // From here on SIGTERM means a graceful shutdown (not the default action), even before
@@ -60,12 +59,22 @@ async fn main() -> anyhow::Result<()> {
     let terminated = shutdown::signal();
     let app = match App::start(config).await {
         Ok(app) => app,
-        Err(StartError::Setting(e)) => {
-            eprintln!("error: {e}");
-            std::process::exit(2);
-        }
-        Err(StartError::Failed(e)) => return Err(e),
+        Err(StartError::Setting(e)) => fail(CONFIGURATION, &e),
+        // The cause chain on one line ("LISTEN_ADDR: cannot listen on …: Address in use"),
+        // never a backtrace: these are expected failures, not bugs.
+        Err(StartError::Failed(e)) => fail(RUNTIME, &format_args!("{e:#}")),
     };
     app.run(terminated).await;
-    Ok(())
+}
+
+/// Exit code of a setting that is invalid, inconsistent or names an unusable file
+/// (clap's own code for an invalid value).
+const CONFIGURATION: i32 = 2;
+/// Exit code of any other failure (a listen address in use, …).
+const RUNTIME: i32 = 1;
+
+/// Prints `error: <message>` on one line of stderr and exits with `code`.
+fn fail(code: i32, message: &dyn std::fmt::Display) -> ! {
+    eprintln!("error: {message}");
+    std::process::exit(code)
 }

@@ -521,6 +521,39 @@ fn conflicting_settings_name_the_one_set_and_the_one_it_conflicts_with() {
     );
 }
 
+#[test]
+fn an_address_in_use_stops_start_up_with_one_line_and_exit_1_without_a_backtrace() {
+    let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let embedded = [("LISTEN_ADDR", addr.as_str())];
+    // A cluster member binds its internal listener before it needs Redis to answer.
+    let member = [
+        ("CLUSTER_LISTEN_ADDR", addr.as_str()),
+        ("CLUSTER_ADVERTISE_ADDR", addr.as_str()),
+        ("REDIS_URL", "redis://127.0.0.1:1/"),
+        ("CLUSTER_TOKEN", "t"),
+    ];
+    for (env, setting) in [
+        (&embedded[..], "LISTEN_ADDR"),
+        (&member[..], "CLUSTER_LISTEN_ADDR"),
+    ] {
+        let (code, err) =
+            run_with(&[env, &[("RUST_BACKTRACE", "1"), ("LOG_FORMAT", "json")]].concat());
+        assert_eq!(code, Some(1), "{err}");
+        // Every other line is a JSON log line.
+        let plain: Vec<&str> = err
+            .lines()
+            .filter(|l| serde_json::from_str::<Value>(l).is_err())
+            .collect();
+        assert_eq!(plain.len(), 1, "{err}");
+        assert!(
+            plain[0].starts_with(&format!("error: {setting}: cannot listen on {addr}: ")),
+            "{err}"
+        );
+        assert!(!err.to_lowercase().contains("backtrace"), "{err}");
+    }
+}
+
 #[tokio::test]
 async fn start_up_logs_the_version_and_every_setting_without_secrets() {
     let port = common::free_port();

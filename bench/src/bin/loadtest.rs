@@ -506,9 +506,10 @@ async fn resolve(url: &str) -> anyhow::Result<Target> {
     let authority = uri.authority().context("URL needs host:port")?.clone();
     let port = authority.port_u16().unwrap_or(80);
     let addr = tokio::net::lookup_host((authority.host(), port))
-        .await?
+        .await
+        .with_context(|| format!("cannot resolve {}", authority.host()))?
         .next()
-        .context("host does not resolve")?;
+        .with_context(|| format!("{} does not resolve", authority.host()))?;
     let path = match uri.path() {
         "" | "/" => "/metric".to_string(),
         p => p.to_string(),
@@ -520,13 +521,29 @@ async fn resolve(url: &str) -> anyhow::Result<Target> {
     })
 }
 
-fn main() -> anyhow::Result<()> {
+/// Exit codes as the service's: 2 for an invalid argument (clap's), 1 for a run that
+/// failed or fell short of `--min-success`, with one `error: …` line and no backtrace
+/// (these are expected outcomes, not bugs).
+fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let outcome = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.threads.max(1))
         .enable_all()
-        .build()?;
-    runtime.block_on(run(args))
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|runtime| runtime.block_on(run(args)));
+    match outcome {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{}", error_line(&e));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// `error: ` and the cause chain on one line.
+fn error_line(e: &anyhow::Error) -> String {
+    format!("error: {e:#}").replace('\n', " ")
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
@@ -656,6 +673,27 @@ async fn run(args: Args) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_run_is_one_error_line_with_its_causes() {
+        let shortfall = report::Shortfall::BelowMinimum {
+            success_rate: 0.0,
+            min_success: 95.0,
+            failed: 40,
+            total: 40,
+        };
+        assert_eq!(
+            error_line(&shortfall.into()),
+            "error: success rate 0.000% is below --min-success 95% (40 of 40 requests failed)"
+        );
+        let refused =
+            anyhow::Error::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused))
+                .context("resolving http://x/metric");
+        assert_eq!(
+            error_line(&refused),
+            "error: resolving http://x/metric: connection refused"
+        );
+    }
 
     #[test]
     fn durations_accept_the_originals_plain_seconds() {

@@ -392,6 +392,21 @@ impl Config {
         Ok(())
     }
 
+    /// Settings that work but not as set, one warning line each for the start-up log:
+    /// MAX_BATCH_EVENTS above MAX_PENDING_EVENTS is capped at it (a batch is admitted
+    /// whole, so a larger one never would be).
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.max_batch_events > self.max_pending_events {
+            out.push(format!(
+                "MAX_BATCH_EVENTS ({}) is above MAX_PENDING_EVENTS ({pending}): a batch is admitted whole, so batches hold at most {pending} events (more get 413)",
+                self.max_batch_events,
+                pending = self.max_pending_events,
+            ));
+        }
+        out
+    }
+
     /// Settings that are accepted but no longer do anything, for a warning at start-up.
     pub fn deprecated(&self) -> Vec<&'static str> {
         let mut out = Vec::new();
@@ -790,6 +805,18 @@ mod tests {
                 "{env} is neither in manifests/configmap.yaml (set or commented) nor set in manifests/app.yaml"
             );
         }
+    }
+
+    #[test]
+    fn a_batch_limit_above_the_pending_bound_is_warned_about_with_the_effective_value() {
+        assert!(parse(&[]).expect("defaults").warnings().is_empty());
+        let equal = ["--max-batch-events", "100", "--max-pending-events", "100"];
+        assert!(parse(&equal).expect("valid").warnings().is_empty());
+        let above = ["--max-batch-events", "200", "--max-pending-events", "100"];
+        assert_eq!(
+            parse(&above).expect("valid").warnings(),
+            ["MAX_BATCH_EVENTS (200) is above MAX_PENDING_EVENTS (100): a batch is admitted whole, so batches hold at most 100 events (more get 413)"]
+        );
     }
 
     #[test]

@@ -54,6 +54,9 @@ async fn main() {
         fail(CONFIGURATION, &e);
     }
     tracing::info!(version = env!("CARGO_PKG_VERSION"), %settings, "starting");
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
+    }
     // From here on SIGTERM means a graceful shutdown (not the default action), even before
     // the server first looks at it.
     let terminated = shutdown::signal();

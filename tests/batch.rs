@@ -522,3 +522,22 @@ async fn a_batch_in_flight_at_sigterm_is_stored_whole_or_refused_whole() {
         assert_eq!(stored, vec![None; 5], "refused: nothing stored");
     }
 }
+
+#[test]
+fn a_batch_limit_above_the_pending_bound_is_warned_about_at_start_up() {
+    let mut svc = Service::start(&[("MAX_BATCH_EVENTS", "200"), ("MAX_PENDING_EVENTS", "100")]);
+    let warning = svc
+        .wait_log(SOON, |v| {
+            v["level"] == "WARN"
+                && v["message"].as_str().is_some_and(|m| {
+                    m.starts_with("MAX_BATCH_EVENTS (200) is above MAX_PENDING_EVENTS (100)")
+                })
+        })
+        .expect("a warning naming both settings");
+    assert!(
+        warning["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("at most 100 events")),
+        "{warning}"
+    );
+}

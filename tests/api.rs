@@ -424,6 +424,24 @@ async fn sigterm_with_a_request_still_open_at_the_deadline_says_so() {
     drop(stream);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timestamp_without_an_offset_is_refused_saying_so() {
+    let svc = InProcess::start(&[]).await;
+    let r = post(
+        svc.addr,
+        "/metric",
+        r#"{"device_id":"d","cpu":0.5,"rps":1,"timestamp":"2024-01-15T10:30:00"}"#,
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.json()["field"], "timestamp");
+    let error = r.json()["error"].as_str().expect("error").to_string();
+    assert!(
+        error.starts_with("timestamp needs an offset such as Z or +02:00"),
+        "{error}"
+    );
+}
+
 #[tokio::test]
 async fn invalid_configuration_stops_start_up_naming_the_setting() {
     for (env, expected) in [

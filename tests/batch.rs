@@ -541,3 +541,18 @@ fn a_batch_limit_above_the_pending_bound_is_warned_about_at_start_up() {
         "{warning}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ndjson_whose_newlines_were_stripped_is_refused_with_a_hint_at_data_binary() {
+    let svc = InProcess::start(&[]).await;
+    // What `curl -d @events.ndjson` sends: the lines run together.
+    let event = r#"{"device_id":"d","cpu":0.5,"rps":1}"#;
+    let r = post(svc.addr, "/metric/batch", &event.repeat(3)).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    let error = r.json()["error"].as_str().expect("error").to_string();
+    assert!(
+        error.contains("one event per line") && error.contains("--data-binary"),
+        "{error}"
+    );
+    assert_eq!(r.json()["field"], Value::Null);
+}

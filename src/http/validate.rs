@@ -140,10 +140,15 @@ fn timestamp(raw: &RawValue) -> Result<DateTime<Utc>, ApiError> {
     DateTime::parse_from_rfc3339(&text)
         .map(|t| t.with_timezone(&Utc))
         .map_err(|e| {
-            ApiError::invalid(
-                "timestamp",
-                format!("timestamp must be RFC 3339 (e.g. 2024-01-15T10:30:00Z): {e}"),
-            )
+            // A local time is valid RFC 3339 but for its offset: say that, rather than
+            // chrono's "premature end of input".
+            let message = if text.parse::<chrono::NaiveDateTime>().is_ok() {
+                "timestamp needs an offset such as Z or +02:00 (e.g. 2024-01-15T10:30:00Z)"
+                    .to_string()
+            } else {
+                format!("timestamp must be RFC 3339 (e.g. 2024-01-15T10:30:00Z): {e}")
+            };
+            ApiError::invalid("timestamp", message)
         })
 }
 
@@ -208,17 +213,42 @@ pub fn batch(
             .collect());
     }
     let mut items = Vec::new();
-    for line in body.split(|&b| b == b'\n') {
-        if line.iter().all(u8::is_ascii_whitespace) {
-            continue;
-        }
+    let mut lines = body
+        .split(|&b| b == b'\n')
+        .filter(|line| !line.iter().all(u8::is_ascii_whitespace))
+        .peekable();
+    while let Some(line) = lines.next() {
         let i = items.len();
         if i == max_events {
             return Err(BatchError::TooMany);
         }
-        items.push((i, decode(line, stamp(i), "event")));
+        let item = decode(line, stamp(i), "event");
+        if item.is_err() && several_values(line) {
+            let error = ApiError::bad_body(SEVERAL_ON_ONE_LINE);
+            // The whole body on one line: its newlines were stripped on the way.
+            if i == 0 && lines.peek().is_none() {
+                return Err(BatchError::Malformed(error));
+            }
+            items.push((i, Err(error)));
+            continue;
+        }
+        items.push((i, item));
     }
     Ok(items)
+}
+
+/// The refusal of an NDJSON line holding more than one JSON value; `curl -d @file` sends
+/// a file so, as it strips newlines.
+const SEVERAL_ON_ONE_LINE: &str = "several JSON values on one line: NDJSON needs one event per line (curl -d strips newlines; send files with --data-binary)";
+
+/// Whether `line` starts with two JSON values one after the other (`{…}{…}`).
+fn several_values(line: &[u8]) -> bool {
+    serde_json::Deserializer::from_slice(line)
+        .into_iter::<serde::de::IgnoredAny>()
+        .take(2)
+        .filter(Result::is_ok)
+        .count()
+        == 2
 }
 
 #[cfg(test)]
@@ -351,6 +381,49 @@ mod tests {
         for body in [array(4), lines(4)] {
             assert_eq!(batch(body.as_bytes(), now(), 3), Err(BatchError::TooMany));
         }
+    }
+
+    #[test]
+    fn a_timestamp_without_an_offset_is_told_so() {
+        for local in ["2024-01-15T10:30:00", "2024-01-15T10:30:00.250"] {
+            let body = format!(r#"{{"device_id":"a","cpu":0,"rps":0,"timestamp":"{local}"}}"#);
+            let err = event(body.as_bytes(), now()).expect_err(local);
+            assert_eq!(err.field, Some("timestamp"));
+            assert_eq!(
+                err.message,
+                "timestamp needs an offset such as Z or +02:00 (e.g. 2024-01-15T10:30:00Z)"
+            );
+        }
+        let err = event(
+            br#"{"device_id":"a","cpu":0,"rps":0,"timestamp":"yesterday"}"#,
+            now(),
+        )
+        .expect_err("not a time");
+        assert!(
+            err.message.starts_with("timestamp must be RFC 3339"),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn ndjson_on_one_line_hints_at_data_binary() {
+        let event = r#"{"device_id":"a","cpu":0.5,"rps":1}"#;
+        // The whole body on one line (curl -d @file): refused whole.
+        let stripped = format!("{event}{event} {event}");
+        let Err(BatchError::Malformed(err)) = batch(stripped.as_bytes(), now(), 10) else {
+            panic!("refused as a whole");
+        };
+        assert!(err.message.contains("--data-binary"), "{err:?}");
+        assert_eq!(err.field, None);
+        // One such line among others: that line's error.
+        let mixed = format!("{event}\n{event}{event}\n{{\"device_id\":\n");
+        let items = batch(mixed.as_bytes(), now(), 10).expect("a batch");
+        assert!(items[0].1.is_ok());
+        let second = items[1].1.as_ref().expect_err("two on one line");
+        assert!(second.message.contains("--data-binary"), "{second:?}");
+        // A line that is merely malformed gets no such hint.
+        let third = items[2].1.as_ref().expect_err("truncated");
+        assert!(!third.message.contains("--data-binary"), "{third:?}");
     }
 
     #[test]

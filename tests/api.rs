@@ -442,6 +442,45 @@ async fn a_timestamp_without_an_offset_is_refused_saying_so() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deep_nesting_in_an_ignored_field_is_refused_naming_the_limit() {
+    let svc = InProcess::start(&[]).await;
+    let deep = |levels: usize| {
+        format!(
+            r#"{{"device_id":"d","cpu":0.5,"rps":1,"extra":{}0{}}}"#,
+            "[".repeat(levels),
+            "]".repeat(levels)
+        )
+    };
+    let r = post(svc.addr, "/metric", &deep(32_000)).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.json()["field"], Value::Null);
+    let error = r.json()["error"].as_str().expect("error").to_string();
+    assert!(
+        error.starts_with("JSON nested deeper than 64 levels"),
+        "{error}"
+    );
+    // Within the limit, the field is ignored as any other.
+    let r = post(svc.addr, "/metric", &deep(10)).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    // In a batch, the deep event is refused and the other accepted.
+    let body = format!("{}\n{}\n", deep(1_000), deep(1));
+    let r = post(svc.addr, "/metric/batch", &body).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let answer = r.json();
+    assert_eq!(
+        (answer["accepted"].as_u64(), answer["rejected"].as_u64()),
+        (Some(1), Some(1))
+    );
+    assert_eq!(answer["errors"][0]["index"], 0);
+    assert!(
+        answer["errors"][0]["error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("JSON nested deeper than 64 levels")),
+        "{answer}"
+    );
+}
+
 #[tokio::test]
 async fn invalid_configuration_stops_start_up_naming_the_setting() {
     for (env, expected) in [

@@ -8,23 +8,159 @@
 use super::errors::ApiError;
 use actors::event::Event;
 use chrono::{DateTime, Utc};
-use serde::Deserialize;
+use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 use std::borrow::Cow;
+use std::fmt;
 
 /// Longest device id, in bytes.
 pub const MAX_DEVICE_ID_BYTES: usize = 128;
 
-#[derive(Deserialize)]
+/// Deepest nesting of arrays and objects in an event, where the event's own object is
+/// level one. Deeper JSON is refused (400), also in a field the service ignores: skipping
+/// it would cost nothing on the stack (serde_json skips iteratively), but a client
+/// sending it has a bug worth hearing about, and the rule is then the same everywhere.
+pub const MAX_NESTING: usize = 64;
+
+/// The start of the message for JSON nested deeper than [`MAX_NESTING`].
+const TOO_DEEP: &str = "JSON nested deeper than";
+
+/// An event's known fields as raw JSON text; every other field is skipped, its nesting
+/// checked (the one place depth is bounded: the known fields must be scalars, so a
+/// nested value there is refused by their type rules).
 struct WireEvent<'a> {
-    #[serde(borrow, default)]
     device_id: Option<&'a RawValue>,
-    #[serde(borrow, default)]
     cpu: Option<&'a RawValue>,
-    #[serde(borrow, default)]
     rps: Option<&'a RawValue>,
-    #[serde(borrow, default)]
     timestamp: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+#[serde(field_identifier, rename_all = "snake_case")]
+enum Field {
+    DeviceId,
+    Cpu,
+    Rps,
+    Timestamp,
+    #[serde(other)]
+    Other,
+}
+
+impl<'de> Deserialize<'de> for WireEvent<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_map(WireEventVisitor)
+    }
+}
+
+struct WireEventVisitor;
+
+impl<'de> Visitor<'de> for WireEventVisitor {
+    type Value = WireEvent<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an event object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        // Each slot: `Some` once the field was seen (`Some(None)`: given as null).
+        let (mut device_id, mut cpu, mut rps, mut timestamp) = (None, None, None, None);
+        while let Some(key) = map.next_key::<Field>()? {
+            let (slot, name) = match key {
+                Field::DeviceId => (&mut device_id, "device_id"),
+                Field::Cpu => (&mut cpu, "cpu"),
+                Field::Rps => (&mut rps, "rps"),
+                Field::Timestamp => (&mut timestamp, "timestamp"),
+                Field::Other => {
+                    map.next_value_seed(Nested { depth: 2 })?;
+                    continue;
+                }
+            };
+            if slot.is_some() {
+                return Err(de::Error::duplicate_field(name));
+            }
+            *slot = Some(map.next_value::<Option<&'de RawValue>>()?);
+        }
+        Ok(WireEvent {
+            device_id: device_id.flatten(),
+            cpu: cpu.flatten(),
+            rps: rps.flatten(),
+            timestamp: timestamp.flatten(),
+        })
+    }
+}
+
+/// Skips a value whose arrays and objects would be at `depth`, refusing it when that is
+/// beyond [`MAX_NESTING`].
+#[derive(Clone, Copy)]
+struct Nested {
+    depth: usize,
+}
+
+impl Nested {
+    /// The elements of a container at this depth, or the error when it is one too deep.
+    fn inside<E: de::Error>(self) -> Result<Self, E> {
+        if self.depth > MAX_NESTING {
+            return Err(E::custom(format_args!("{TOO_DEEP} {MAX_NESTING} levels")));
+        }
+        Ok(Self {
+            depth: self.depth + 1,
+        })
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for Nested {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Nested {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let inside = self.inside()?;
+        while seq.next_element_seed(inside)?.is_some() {}
+        Ok(())
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let inside = self.inside()?;
+        while map.next_key::<IgnoredAny>()?.is_some() {
+            map.next_value_seed(inside)?;
+        }
+        Ok(())
+    }
 }
 
 /// Checks a device id against the documented rules (docs/api.md): 1-128 bytes, no
@@ -156,6 +292,9 @@ fn timestamp(raw: &RawValue) -> Result<DateTime<Utc>, ApiError> {
 fn body_error(e: serde_json::Error) -> Option<ApiError> {
     use serde_json::error::Category;
     let text = e.to_string();
+    if text.starts_with(TOO_DEEP) {
+        return Some(ApiError::bad_body(text));
+    }
     for field in ["device_id", "cpu", "rps", "timestamp"] {
         if text.starts_with(&format!("duplicate field `{field}`")) {
             return Some(ApiError::invalid(
@@ -526,6 +665,52 @@ mod tests {
                     .as_u16(),
                 400
             );
+        }
+
+        #[test]
+        fn deep_nesting_in_an_ignored_field_is_refused_naming_the_limit() {
+            let nested = |levels: usize| {
+                format!(
+                    r#"{{"device_id":"a","cpu":0,"rps":0,"extra":{}1{}}}"#,
+                    "[".repeat(levels),
+                    "]".repeat(levels)
+                )
+            };
+            let object = |levels: usize| {
+                format!(
+                    r#"{{"device_id":"a","cpu":0,"rps":0,"extra":{}1{}}}"#,
+                    r#"{"k":"#.repeat(levels),
+                    "}".repeat(levels)
+                )
+            };
+            // The event's own object is level 1.
+            for body in [nested(MAX_NESTING - 1), object(MAX_NESTING - 1)] {
+                assert!(event(body.as_bytes(), now()).is_ok(), "{body}");
+            }
+            for body in [
+                nested(MAX_NESTING),
+                object(MAX_NESTING),
+                nested(32_000),
+                object(100_000),
+            ] {
+                let err = event(body.as_bytes(), now()).expect_err("too deep");
+                assert_eq!((err.status.as_u16(), err.field), (400, None));
+                assert!(
+                    err.message.starts_with("JSON nested deeper than 64 levels"),
+                    "{}",
+                    err.message
+                );
+            }
+            // In a batch too, in either form.
+            let deep = nested(32_000);
+            for body in [format!("[{deep}]"), format!("{deep}\n")] {
+                let items = batch(body.as_bytes(), now(), 10).expect("a batch");
+                let err = items[0].1.as_ref().expect_err("too deep");
+                assert!(
+                    err.message.starts_with("JSON nested deeper than"),
+                    "{err:?}"
+                );
+            }
         }
 
         #[test]

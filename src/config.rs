@@ -5,7 +5,7 @@
 //! reads the environment.
 
 use actors::store::{ClientIdentity, RedisTls, TlsError};
-use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -20,8 +20,16 @@ pub enum LogFormat {
 }
 
 /// iot-stream-processor: per-device rolling-window anomaly detection over HTTP.
+///
+/// Without a command: runs the service with the settings below. `token add` creates a
+/// client token for AUTH_TOKENS_FILE.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "iot-processor", version, about)]
+#[command(
+    name = "iot-processor",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
 pub struct Config {
     /// Address the HTTP server listens on.
     #[arg(long, env = "LISTEN_ADDR", default_value = "0.0.0.0:8080")]
@@ -188,6 +196,37 @@ pub struct Config {
     /// the same owner while the table names it).
     #[arg(long, env = "CLUSTER_FORWARD_TIMEOUT", default_value = "1s", value_parser = parse_positive_duration)]
     pub cluster_forward_timeout: Duration,
+
+    /// A command to run instead of the service (none: run the service).
+    #[command(subcommand)]
+    pub subcommand: Option<Command>,
+}
+
+/// What `iot-processor` can do besides running the service.
+#[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
+pub enum Command {
+    /// Client tokens for AUTH_TOKENS_FILE.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+/// `iot-processor token …`.
+#[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
+pub enum TokenCommand {
+    /// Creates a client token and prints it with its line for AUTH_TOKENS_FILE.
+    ///
+    /// Prints four lines: a heading, the token (shown once; the client sends it as
+    /// 'Authorization: Bearer <token>'), a heading, and the line to append to
+    /// AUTH_TOKENS_FILE, which holds only the token's digest. Exits 2 on an invalid
+    /// argument.
+    Add {
+        /// The client's name, in the file and in the logs (no spaces or '#').
+        name: String,
+        /// Device-id prefix the client may touch, or '*' for any device.
+        prefix: String,
+        /// rw, w (post events) or r (read analyses and the anomaly stream).
+        mode: String,
+    },
 }
 
 /// A setting, or a combination of settings, that cannot work.
@@ -267,7 +306,15 @@ impl Config {
     /// setting on an invalid value), and describes the effective settings for the
     /// start-up line.
     pub fn load() -> (Self, String) {
-        let command = Self::command();
+        let mut command = Self::command();
+        // A command (`token add`) does not read the service's settings: an invalid one in
+        // the environment must not stop it.
+        if std::env::args_os()
+            .nth(1)
+            .is_some_and(|first| command.find_subcommand(&first).is_some())
+        {
+            command = command.mut_args(|a| a.env(None));
+        }
         let matches = command
             .clone()
             .try_get_matches()
@@ -655,6 +702,23 @@ mod tests {
         assert_eq!(c.cluster_heartbeat_interval, Duration::from_millis(500));
         assert_eq!(c.cluster_lease, Duration::from_secs(2));
         assert!(c.deprecated().is_empty());
+        assert_eq!(c.subcommand, None);
+    }
+
+    #[test]
+    fn token_add_is_a_subcommand_that_takes_no_setting() {
+        let c = parse(&["token", "add", "gw", "*", "rw"]).expect("parses");
+        assert_eq!(
+            c.subcommand,
+            Some(Command::Token(TokenCommand::Add {
+                name: "gw".into(),
+                prefix: "*".into(),
+                mode: "rw".into(),
+            }))
+        );
+        let err = parse(&["--window-size", "3", "token", "add", "gw", "*", "rw"])
+            .expect_err("settings do not apply to a command");
+        assert_eq!(err.kind(), clap::error::ErrorKind::ArgumentConflict);
     }
 
     #[test]

@@ -3,7 +3,10 @@
 //! `token add` command.
 #![forbid(unsafe_code)]
 
-use iot_stream_processor::{auth, config::Config, logging, shutdown, App, StartError};
+use clap::error::ErrorKind;
+use clap::CommandFactory;
+use iot_stream_processor::config::{Command, Config, TokenCommand};
+use iot_stream_processor::{auth, logging, shutdown, App, StartError};
 
 /// glibc malloc showed up in profiles as lock contention between worker threads (and
 /// musl's allocator, used by the container build, is slower still).
@@ -11,21 +14,8 @@ use iot_stream_processor::{auth, config::Config, logging, shutdown, App, StartEr
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// `iot-processor token add NAME PREFIX MODE`: prints a new token and its line for
-/// AUTH_TOKENS_FILE, then exits; `None` when the arguments are not that command.
-fn token_command() -> Option<i32> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.first().map(String::as_str) != Some("token") {
-        return None;
-    }
-    let usage = "usage: iot-processor token add NAME PREFIX MODE   (PREFIX: device-id prefix or '*'; MODE: rw, w or r)";
-    let [_, add, name, prefix, mode] = &args[..] else {
-        eprintln!("{usage}");
-        return Some(2);
-    };
-    if add != "add" {
-        eprintln!("{usage}");
-        return Some(2);
-    }
+/// AUTH_TOKENS_FILE; the exit code.
+fn token_add(name: &str, prefix: &str, mode: &str) -> i32 {
     match auth::new_token_line(name, prefix, mode) {
         Ok((token, line)) => {
             println!(
@@ -34,21 +24,29 @@ fn token_command() -> Option<i32> {
             println!("{token}");
             println!("line for AUTH_TOKENS_FILE:");
             println!("{line}");
-            Some(0)
+            0
         }
         Err(e) => {
-            eprintln!("error: {e}\n{usage}");
-            Some(2)
+            // As clap reports an invalid argument: the message, the usage, exit 2.
+            let mut command = Config::command();
+            command.build();
+            match command
+                .find_subcommand_mut("token")
+                .and_then(|token| token.find_subcommand_mut("add"))
+            {
+                Some(add) => add.error(ErrorKind::ValueValidation, e).exit(),
+                None => fail(CONFIGURATION, &e),
+            }
         }
     }
 }
 
 #[tokio::main]
 async fn main() {
-    if let Some(code) = token_command() {
-        std::process::exit(code);
-    }
     let (config, settings) = Config::load();
+    if let Some(Command::Token(TokenCommand::Add { name, prefix, mode })) = &config.subcommand {
+        std::process::exit(token_add(name, prefix, mode));
+    }
     if let Err(e) = logging::init(config.log_format) {
         // Like clap's own errors for every other setting: a message naming it, exit 2.
         fail(CONFIGURATION, &e);

@@ -31,6 +31,54 @@ fn token_add(name: &str, prefix: &str, mode: &str) -> (String, String) {
     (lines[1].to_string(), lines[3].to_string())
 }
 
+#[test]
+fn token_add_is_a_subcommand_listed_in_the_help() {
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_iot-processor"))
+            .env_clear()
+            .args(args)
+            .output()
+            .expect("run");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        (out.status.code(), text)
+    };
+    let (code, help) = run(&["--help"]);
+    assert_eq!(code, Some(0));
+    assert!(help.contains("iot-processor <COMMAND>"), "{help}");
+    assert!(
+        help.lines().any(|l| l.trim_start().starts_with("token ")),
+        "{help}"
+    );
+    let (code, help) = run(&["token", "--help"]);
+    assert_eq!(code, Some(0), "{help}");
+    assert!(
+        help.lines().any(|l| l.trim_start().starts_with("add ")),
+        "{help}"
+    );
+    let (code, help) = run(&["token", "add", "--help"]);
+    assert_eq!(code, Some(0), "{help}");
+    assert!(
+        help.contains("Usage: iot-processor token add <NAME> <PREFIX> <MODE>"),
+        "{help}"
+    );
+    // The service's settings are not read: an invalid one does not stop the command.
+    let out = Command::new(env!("CARGO_BIN_EXE_iot-processor"))
+        .env_clear()
+        .env("WINDOW_SIZE", "0")
+        .args(["token", "add", "gw", "*", "r"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(0));
+    // A missing argument: the usage, exit 2.
+    let out = Command::new(env!("CARGO_BIN_EXE_iot-processor"))
+        .args(["token", "add", "gw"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Usage: iot-processor token add"), "{err}");
+}
+
 struct TokenFile {
     dir: PathBuf,
 }

@@ -4,17 +4,12 @@
 pub mod client;
 pub mod server;
 
+pub use actors::cluster::ownership::unix_millis;
+
 /// Carries `Bearer <CLUSTER_TOKEN>`.
 pub const TOKEN_HEADER: hyper::header::HeaderName = hyper::header::AUTHORIZATION;
 /// A forwarded batch's idempotency key (`<incarnation>-<sequence>`, hex).
 pub const BATCH_HEADER: &str = "x-cluster-batch";
-
-/// Milliseconds since the Unix epoch (0 if the clock is before it).
-pub fn unix_millis() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
 
 /// The internal routes.
 pub mod paths {

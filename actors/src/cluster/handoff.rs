@@ -64,7 +64,6 @@ impl Cluster {
         loop {
             tokio::select! {
                 _ = ticker.tick() => {}
-                _ = self.kick.notified() => {}
                 _ = self.ownership.round_wanted() => {}
                 _ = stopped.changed() => return,
             }
@@ -118,8 +117,9 @@ impl Cluster {
         self.publish(&beat.members);
         *self.members.lock().unwrap_or_else(PoisonError::into_inner) = beat.members.clone();
         self.registered.store(true, Ordering::Release);
-        self.claim_free(&beat.members).await?;
-        self.start_moves(&beat.members);
+        let desired = self.desired(&beat.members);
+        self.claim_free(&beat.members, &desired).await?;
+        self.start_moves(&desired);
         Ok(())
     }
 
@@ -164,7 +164,11 @@ impl Cluster {
     /// longer than the lease every heartbeat key has expired, and when it comes back
     /// empty every entry is gone; each node gets a round to renew its heartbeat and
     /// reclaim what it holds before anyone takes it.
-    async fn claim_free(self: &Arc<Self>, members: &[Member]) -> Result<(), TableError> {
+    async fn claim_free(
+        self: &Arc<Self>,
+        members: &[Member],
+        desired: &[Option<Arc<str>>],
+    ) -> Result<(), TableError> {
         let live: HashSet<&str> = members.iter().map(|m| &*m.id).collect();
         let owners = self.ownership.owners();
         let vacant: HashSet<Vacancy> = owners
@@ -183,7 +187,6 @@ impl Cluster {
         let mut wanted = self.ownership.orphans();
         if !self.is_leaving() {
             let me = self.me().clone();
-            let desired = self.desired(members);
             for (s, (d, owner)) in desired.iter().zip(&owners).enumerate() {
                 let s = s as u32;
                 if d.as_deref() != Some(&*me) || wanted.iter().any(|(w, _)| *w == s) {
@@ -216,8 +219,7 @@ impl Cluster {
 
     /// Starts handing off the shards whose desired owner is another live member, unless
     /// a handoff is under way already.
-    fn start_moves(self: &Arc<Self>, members: &[Member]) {
-        let desired = self.desired(members);
+    fn start_moves(self: &Arc<Self>, desired: &[Option<Arc<str>>]) {
         let me = self.me().clone();
         let moves: Vec<(u32, Arc<str>)> = self
             .ownership

@@ -46,7 +46,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 /// The cluster settings, validated.
@@ -75,6 +75,17 @@ impl ClusterConfig {
 /// How often a waiting event looks at the table again.
 const WAIT_STEP: Duration = Duration::from_millis(25);
 
+/// Why an event was not taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refused {
+    /// An owner's MAX_PENDING_EVENTS.
+    Overloaded,
+    /// No owner could take it within the route deadline.
+    Unroutable,
+    /// Forwarded here, but its shard is another node's: its sender routes it again.
+    Moved,
+}
+
 /// Events with their positions in the request and their devices.
 type Positioned = Vec<(usize, Arc<str>, Event)>;
 
@@ -94,8 +105,6 @@ pub struct Cluster {
     /// The first heartbeat has registered this node.
     registered: AtomicBool,
     leaving: AtomicBool,
-    /// Wakes the heartbeat loop for a round now.
-    kick: Notify,
     stop: watch::Sender<bool>,
     /// Live members as of the last heartbeat.
     members: Arc<Mutex<Vec<Member>>>,
@@ -138,7 +147,6 @@ impl Cluster {
             received: Mutex::new(received::Received::default()),
             registered: AtomicBool::new(false),
             leaving: AtomicBool::new(false),
-            kick: Notify::new(),
             stop: watch::channel(false).0,
             members: Arc::new(Mutex::new(Vec::new())),
             moving: AtomicBool::new(false),
@@ -150,16 +158,6 @@ impl Cluster {
     /// This node's id.
     pub fn me(&self) -> &Arc<str> {
         self.ownership.me()
-    }
-
-    /// The ownership state (the store's fence).
-    pub fn ownership(&self) -> &Arc<Ownership> {
-        &self.ownership
-    }
-
-    /// Ready: registered in the table, and not leaving.
-    pub fn is_ready(&self) -> bool {
-        self.registered.load(Ordering::Acquire) && !self.is_leaving()
     }
 
     /// Whether the first heartbeat has registered this node.
@@ -176,7 +174,7 @@ impl Cluster {
     /// to its desired owner among the others. Forwarded events are still taken.
     pub fn leave(&self) {
         self.leaving.store(true, Ordering::Release);
-        self.kick.notify_one();
+        self.kick();
     }
 
     /// Resolves once this node owns no shard any more, or no other member could take
@@ -197,7 +195,7 @@ impl Cluster {
 
     /// A round of the heartbeat now (a peer passed a shard here).
     pub fn kick(&self) {
-        self.kick.notify_one();
+        self.ownership.want_round();
     }
 
     /// Stops the heartbeat loop.
@@ -308,21 +306,24 @@ impl Cluster {
         shard: u32,
         events: Positioned,
         received: Option<u64>,
-    ) -> Vec<(usize, bool)> {
+    ) -> Vec<(usize, Refused)> {
         let deadline = Instant::now() + self.config.route_deadline();
         let mut changed = self.ownership.subscribe();
-        let all = |moved: bool| events.iter().map(|e| (e.0, moved)).collect::<Vec<_>>();
+        let all = |why: Refused| events.iter().map(|e| (e.0, why)).collect::<Vec<_>>();
         loop {
             if let Some(rejoined) = received {
                 if self.ownership.rejoined_at() != rejoined {
-                    return all(false);
+                    return all(Refused::Unroutable);
                 }
             }
             let lease_ok = received.is_none() || self.ownership.lease_valid();
             match self.ownership.route(shard, || self.push_local(&events)) {
                 Ok(Ok(())) => return Vec::new(),
-                Ok(Err(_)) => return all(false),
-                Err(Route::Remote(_)) if received.is_some() && lease_ok => return all(true),
+                Ok(Err(SubmitError::Overloaded)) => return all(Refused::Overloaded),
+                Ok(Err(_)) => return all(Refused::Unroutable),
+                Err(Route::Remote(_)) if received.is_some() && lease_ok => {
+                    return all(Refused::Moved)
+                }
                 Err(Route::Remote(peer)) if received.is_none() => {
                     let part = events.iter().map(|(_, d, e)| (d.clone(), *e)).collect();
                     match self.forward(peer, part).await {
@@ -331,10 +332,14 @@ impl Cluster {
                         Ok(refused) if !refused.is_empty() && refused.iter().all(|r| r.1) => {
                             self.kick()
                         }
+                        // The owner could not take them (its bound, or no owner in time).
                         Ok(refused) => {
-                            return refused.into_iter().map(|(i, m)| (events[i].0, m)).collect()
+                            return refused
+                                .into_iter()
+                                .map(|(i, _)| (events[i].0, Refused::Overloaded))
+                                .collect()
                         }
-                        Err(ForwardError::Overloaded) => return all(false),
+                        Err(ForwardError::Overloaded) => return all(Refused::Overloaded),
                         // Unreachable, or timed out while the table moved the shard:
                         // the table decides where the events go now.
                         Err(_) => self.kick(),
@@ -343,7 +348,7 @@ impl Cluster {
                 Err(_) => self.kick(),
             }
             if Instant::now() >= deadline {
-                return all(false);
+                return all(Refused::Unroutable);
             }
             let _ = tokio::time::timeout(WAIT_STEP, changed.changed()).await;
         }
@@ -356,12 +361,10 @@ impl Cluster {
         let refused = self
             .submit_shard(shard, vec![(0, Arc::from(device), event)], None)
             .await;
-        if refused.is_empty() {
-            Ok(())
-        } else if self.directory.pending() > 0 && self.ownership.route(shard, || ()).is_ok() {
-            Err(SubmitError::Overloaded)
-        } else {
-            Err(SubmitError::Unroutable)
+        match refused.first() {
+            None => Ok(()),
+            Some((_, Refused::Overloaded)) => Err(SubmitError::Overloaded),
+            Some(_) => Err(SubmitError::Unroutable),
         }
     }
 
@@ -392,7 +395,7 @@ impl Cluster {
         self: &Arc<Self>,
         events: impl Iterator<Item = (usize, (Arc<str>, Event))>,
         received: Option<u64>,
-    ) -> Vec<(usize, bool)> {
+    ) -> Vec<(usize, Refused)> {
         let mut by_shard: BTreeMap<u32, Positioned> = BTreeMap::new();
         for (i, (device, event)) in events {
             by_shard
@@ -406,8 +409,8 @@ impl Cluster {
                 .map(|(shard, part)| self.submit_shard(shard, part, received)),
         )
         .await;
-        let mut refused: Vec<(usize, bool)> = parts.into_iter().flatten().collect();
-        refused.sort_unstable();
+        let mut refused: Vec<(usize, Refused)> = parts.into_iter().flatten().collect();
+        refused.sort_unstable_by_key(|r| r.0);
         refused
     }
 }

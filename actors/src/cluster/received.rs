@@ -1,7 +1,7 @@
 //! The receiving side of forwarding: batches other nodes send here, taken once per
 //! idempotency key.
 
-use super::{wire, BatchId, Cluster};
+use super::{wire, BatchId, Cluster, Refused};
 use crate::event::Event;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, PoisonError};
@@ -63,7 +63,14 @@ impl Cluster {
                     .take_positioned(events.into_iter().enumerate(), Some(rejoined))
                     .await
                     .into_iter()
-                    .map(|(p, moved)| p as u32 | if moved { wire::MOVED } else { 0 })
+                    .map(|(p, why)| {
+                        p as u32
+                            | if why == Refused::Moved {
+                                wire::MOVED
+                            } else {
+                                0
+                            }
+                    })
                     .collect();
                 self.metrics
                     .forwarded_events_received

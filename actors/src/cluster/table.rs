@@ -260,11 +260,6 @@ impl Table {
         }
     }
 
-    /// This node's id.
-    pub fn me(&self) -> &Arc<str> {
-        &self.me
-    }
-
     /// Renews this node's heartbeat (`addr`, leaving or not) and reads the members, and
     /// the table when its version is not `known`.
     pub async fn beat(

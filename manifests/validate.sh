@@ -95,7 +95,7 @@ done
 echo "ok   Prometheus scraped the service: $result"
 
 step "shell scripts (shellcheck)"
-shellcheck manifests/deploy.sh manifests/build-image.sh manifests/validate.sh bench/run.sh bench/cluster.sh bench/soak.sh bench/overload.sh scripts/test.sh scripts/cluster.sh scripts/contract.sh .ci/run
+shellcheck manifests/deploy.sh manifests/build-image.sh manifests/validate.sh bench/run.sh bench/cluster.sh bench/ingest-log.sh bench/soak.sh bench/overload.sh scripts/test.sh scripts/cluster.sh scripts/contract.sh .ci/run
 echo "ok"
 
 step "Containerfile (hadolint)"

@@ -4,9 +4,10 @@
 
 use crate::auth::Auth;
 use crate::cluster::client::HttpTransport;
-use crate::config::Config;
+use crate::config::{Config, Switch};
 use crate::http;
 use actors::cluster::{Cluster, ClusterConfig, Ownership, Table, TableError, Transport};
+use actors::ingest::{Ingest, IngestLog, LogSettings, RedisLog};
 use actors::store::{EmbeddedStore, RedisStore, Store};
 use actors::tuning::STORE_OP_TIMEOUT;
 use actors::{ShutdownReport, System};
@@ -42,6 +43,7 @@ pub struct App {
     addr: SocketAddr,
     system: Arc<System>,
     cluster: Option<Arc<Cluster>>,
+    log: Option<Arc<IngestLog>>,
     state: http::AppState,
     listener: TcpListener,
     stop_internal: watch::Sender<bool>,
@@ -129,6 +131,9 @@ impl App {
             _ => None,
         };
 
+        let log = start_log(&config, &system, cluster.is_some());
+        let ingest = Ingest::new(system.directory().clone(), cluster.clone(), log.clone());
+
         let listener = TcpListener::bind(config.listen_addr)
             .await
             .with_context(|| format!("LISTEN_ADDR: cannot listen on {}", config.listen_addr))?;
@@ -148,6 +153,7 @@ impl App {
         });
         let state = http::AppState::new(
             system.clone(),
+            ingest,
             cluster.clone(),
             auth,
             feed,
@@ -166,6 +172,7 @@ impl App {
             addr,
             system,
             cluster,
+            log,
             state,
             listener,
             stop_internal,
@@ -185,6 +192,7 @@ impl App {
             config,
             system,
             cluster,
+            log,
             state,
             listener,
             stop_internal,
@@ -231,6 +239,12 @@ impl App {
         }
         let _ = stop_feed.send(true);
         let report = system.shutdown(deadline).await;
+        if let Some(log) = &log {
+            // Every window is stored now: trim what a restart would only skip.
+            if report.store_flushed {
+                log.close().await;
+            }
+        }
         if let Some(cluster) = &cluster {
             // Whatever this node still owns (it was the last member) is taken at once
             // by the next node that starts, instead of after the lease.
@@ -249,6 +263,31 @@ impl App {
         }
         report
     }
+}
+
+/// Starts the ingest log when it is on and can be: a single node on Redis.
+fn start_log(config: &Config, system: &System, clustered: bool) -> Option<Arc<IngestLog>> {
+    let Store::Redis(redis) = system.store() else {
+        tracing::info!("the embedded store has no ingest log: a crash loses the events accepted since their windows' last checkpoint");
+        return None;
+    };
+    if config.ingest_log == Switch::Off {
+        tracing::info!("INGEST_LOG=off: events are accepted while Redis is unreachable; a crash loses up to WINDOW_CHECKPOINT_INTERVAL of them");
+        return None;
+    }
+    if clustered {
+        tracing::warn!("the ingest log is not available in a cluster yet: a crashed node loses the events it accepted since their windows' last checkpoint (docs/cluster.md)");
+        return None;
+    }
+    tracing::info!(stream = %config.ingest_log_key, maxlen = config.ingest_log_maxlen, "ingest log on: events are answered once they are in Redis, and replayed after a crash");
+    Some(IngestLog::start(
+        RedisLog::new(redis.clone(), config.ingest_log_key.clone()),
+        LogSettings {
+            maxlen: config.ingest_log_maxlen as usize,
+        },
+        system.directory().clone(),
+        system.metrics().clone(),
+    ))
 }
 
 /// A random incarnation: tells this process apart from earlier ones at the same address.

@@ -10,6 +10,15 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// A feature that is on or off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Switch {
+    /// On.
+    On,
+    /// Off.
+    Off,
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -109,6 +118,24 @@ pub struct Config {
     /// anomalies waiting for it during a store outage; 0 turns the stream off.
     #[arg(long, env = "ANOMALY_STREAM_MAXLEN", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(0..=100_000_000))]
     pub anomaly_stream_maxlen: u64,
+
+    /// The ingest log (with REDIS_URL, on a single node): every accepted event is
+    /// appended to a Redis stream before it is answered, so a crash loses nothing
+    /// answered 200; while Redis is unreachable, events are refused (503). `off`: events
+    /// are accepted during an outage, and a crash loses up to WINDOW_CHECKPOINT_INTERVAL
+    /// of them.
+    #[arg(long, env = "INGEST_LOG", value_enum, default_value_t = Switch::On)]
+    pub ingest_log: Switch,
+
+    /// The ingest log's Redis stream.
+    #[arg(long, env = "INGEST_LOG_KEY", default_value = "ingest-log", value_parser = parse_key)]
+    pub ingest_log_key: String,
+
+    /// Entries the ingest log keeps at most (XADD MAXLEN ~): a bound for when checkpoints
+    /// stall; dropping entries that checkpoints do not cover yet is counted
+    /// (ingest_log_overruns_total) and alerted on.
+    #[arg(long, env = "INGEST_LOG_MAXLEN", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1_000..=100_000_000))]
+    pub ingest_log_maxlen: u64,
 
     /// Open GET /anomalies/stream connections at most; beyond it 503.
     #[arg(long, env = "MAX_STREAM_CLIENTS", default_value_t = 100, value_parser = clap::value_parser!(u32).range(0..=100_000))]
@@ -649,6 +676,13 @@ fn parse_ttl(s: &str) -> Result<Duration, String> {
         return Err("must be at least 1s".into());
     }
     Ok(d)
+}
+
+fn parse_key(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.len() > 256 || s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("a Redis key of 1 to 256 characters without spaces".into());
+    }
+    Ok(s.to_string())
 }
 
 fn parse_signal(s: &str) -> Result<actors::analytics::Signal, String> {

@@ -42,11 +42,12 @@ async fn results_are_stored_under_the_original_keys_with_ttl() {
             .expect("pttl");
         assert!(ttl > 80_000 && ttl <= 90_000, "{key} PTTL {ttl}");
     }
-    // IW2 + the version (8 bytes) + the newest event's timestamp (12) + two readings of 16:
+    // IW3 + the version (8 bytes) + the log position (20) + the newest event's timestamp
+    // (12) + two readings of 16:
     // at once when both results went out in one flush, else by the trailing checkpoint
     // (WINDOW_CHECKPOINT_INTERVAL, 1 s) when the first flush carried the first one alone.
     eventually(SOON, "the window with both readings", || async {
-        (redis.cli(&["STRLEN", "window:r-1"]).as_deref() == Some("55")).then_some(())
+        (redis.cli(&["STRLEN", "window:r-1"]).as_deref() == Some("75")).then_some(())
     })
     .await;
     assert_eq!(
@@ -86,9 +87,11 @@ async fn many_events_of_one_device_within_a_flush_coalesce_into_few_writes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outage_degrades_and_recovers_without_losing_the_newest_results() {
+    // Accepting events during an outage is the trade-off of INGEST_LOG=off (with the
+    // log on they get 503: tests/ingest_log.rs).
     let mut redis = Redis::start();
     let port = redis.port;
-    let svc = InProcess::start(&[("REDIS_URL", &redis.url())]).await;
+    let svc = InProcess::start(&[("INGEST_LOG", "off"), ("REDIS_URL", &redis.url())]).await;
     assert_eq!(post_event(svc.addr, "o-1", 0.5, 1.0).await.status, 200);
     stored_samples(&redis, "o-1", 1).await;
     assert_eq!(get(svc.addr, "/ready").await.status, 200);
@@ -198,8 +201,14 @@ async fn a_window_survives_a_service_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_redis_at_start_up_is_not_fatal() {
+    // Accepting events during an outage is the trade-off of INGEST_LOG=off (with the
+    // log on they get 503: tests/ingest_log.rs).
     let port = common::free_port();
-    let svc = InProcess::start(&[("REDIS_URL", &format!("redis://127.0.0.1:{port}/"))]).await;
+    let svc = InProcess::start(&[
+        ("INGEST_LOG", "off"),
+        ("REDIS_URL", &format!("redis://127.0.0.1:{port}/")),
+    ])
+    .await;
     assert_eq!(get(svc.addr, "/health").await.status, 200);
     let r = get(svc.addr, "/ready").await;
     assert_eq!(r.status, 503);
@@ -234,8 +243,10 @@ async fn an_unreachable_redis_at_start_up_is_not_fatal() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hanging_redis_is_detected_by_deadlines_and_recovered_from() {
+    // Accepting events during an outage is the trade-off of INGEST_LOG=off (with the
+    // log on they get 503: tests/ingest_log.rs).
     let redis = Redis::start();
-    let svc = InProcess::start(&[("REDIS_URL", &redis.url())]).await;
+    let svc = InProcess::start(&[("INGEST_LOG", "off"), ("REDIS_URL", &redis.url())]).await;
     assert_eq!(post_event(svc.addr, "h-1", 0.5, 1.0).await.status, 200);
     stored_samples(&redis, "h-1", 1).await;
 
@@ -274,8 +285,11 @@ async fn a_hanging_redis_is_detected_by_deadlines_and_recovered_from() {
 
 #[tokio::test]
 async fn sigterm_with_redis_down_says_how_many_results_were_not_stored() {
+    // Accepting events during an outage is the trade-off of INGEST_LOG=off (with the
+    // log on they get 503: tests/ingest_log.rs).
     let port = common::free_port();
     let svc = Service::start(&[
+        ("INGEST_LOG", "off"),
         ("REDIS_URL", &format!("redis://127.0.0.1:{port}/")),
         ("SHUTDOWN_TIMEOUT", "2s"),
     ]);
@@ -301,8 +315,14 @@ async fn sigterm_with_redis_down_says_how_many_results_were_not_stored() {
 
 #[tokio::test]
 async fn sigterm_while_redis_hangs_says_how_many_events_were_not_processed() {
+    // Accepting events during an outage is the trade-off of INGEST_LOG=off (with the
+    // log on they get 503: tests/ingest_log.rs).
     let redis = Redis::start();
-    let svc = Service::start(&[("REDIS_URL", &redis.url()), ("SHUTDOWN_TIMEOUT", "100ms")]);
+    let svc = Service::start(&[
+        ("INGEST_LOG", "off"),
+        ("REDIS_URL", &redis.url()),
+        ("SHUTDOWN_TIMEOUT", "100ms"),
+    ]);
     // A hanging Redis: the new device's actor waits for its window (up to three attempts
     // of WINDOW_RESTORE_TIMEOUT) far past the shutdown deadline, its events still queued.
     redis.signal("-STOP");

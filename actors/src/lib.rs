@@ -5,11 +5,15 @@
 //! - [`analytics`]: the rolling window and z-score rule; pure and synchronous.
 //! - [`cluster`]: scale-out: ownership, membership, forwarding and handoff between nodes.
 //! - [`event`]: a validated event and the analysis that results from it.
+//! - [`ingest`]: the way in for events: local or cluster, through the ingest log (a Redis
+//!   stream) when it is on, and its replay at start.
 //! - [`device`]: the device directory the front end submits to, the per-device queue
 //!   (slot), the device actor and its supervisor.
 //! - [`store`]: the store seam (embedded or Redis, plain or TLS) and the writer actor that
 //!   coalesces results and flushes them pipelined.
 //! - [`metrics`]: the typed Prometheus families and the actor that owns the registry.
+//! - [`position`]: positions in the ingest log, and the pins that keep its entries until
+//!   a stored checkpoint covers them.
 //! - [`system`]: starts the actor tree, and drains it on shutdown.
 //! - [`tuning`]: the fixed deadlines and periods (those that are not settings).
 //!
@@ -26,7 +30,9 @@ pub mod analytics;
 pub mod cluster;
 pub mod device;
 pub mod event;
+pub mod ingest;
 pub mod metrics;
+pub mod position;
 pub mod store;
 pub mod system;
 pub mod tuning;

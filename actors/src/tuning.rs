@@ -45,3 +45,20 @@ pub const EVENTS_PER_TURN: usize = 256;
 
 /// Delay before a device actor that failed to start is spawned again.
 pub const RESPAWN_DELAY: Duration = Duration::from_millis(100);
+
+/// Events in one ingest-log entry at most: a group commit takes waiting requests up to
+/// this many (a request is never split, so one large batch may exceed it).
+pub const LOG_MAX_ENTRY_EVENTS: usize = 8192;
+
+/// How often an unreachable ingest log is probed (and a failed replay retried).
+pub const LOG_PROBE_EVERY: Duration = Duration::from_millis(250);
+
+/// How often the ingest log is trimmed below the entries checkpoints do not cover yet.
+pub const LOG_TRIM_EVERY: Duration = Duration::from_secs(1);
+
+/// Entries read per round trip when the ingest log is replayed.
+pub const LOG_REPLAY_CHUNK: usize = 512;
+
+/// How long an ingest-log append whose answer was lost waits for Redis to say whether it
+/// was written, before its requests are answered 503.
+pub const LOG_RESOLVE_WAIT: Duration = Duration::from_secs(1);

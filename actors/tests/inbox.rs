@@ -1,10 +1,12 @@
 //! The writer's inbox as device actors and the writer use it: newest result per device,
 //! checkpoints never lost to coalescing, failed flushes put back without undoing newer
-//! results, and the early-flush signal at FLUSH_EARLY_AT devices.
+//! results, the ingest-log entries a checkpoint covers kept pinned until it is stored, and
+//! the early-flush signal at FLUSH_EARLY_AT devices.
 
 use actors::analytics::{AnomalyRule, Window};
 use actors::event::{Analysis, Event};
-use actors::store::{Inbox, Record};
+use actors::position::{Held, Pins, Position};
+use actors::store::{Inbox, Record, StreamId};
 use actors::tuning::FLUSH_EARLY_AT;
 use chrono::{TimeZone, Utc};
 use std::sync::Arc;
@@ -31,7 +33,37 @@ fn record(device: &str, rps: &[f64], version: u64, checkpoint: bool) -> Record {
         window: Arc::new(window),
         version,
         checkpoint,
+        position: Position::default(),
+        held: Held::default(),
     }
+}
+
+#[test]
+fn log_entries_a_checkpoint_covers_stay_pinned_until_its_batch_is_dropped() {
+    let pins = Pins::default();
+    let inbox = Inbox::default();
+    let (first, second) = (pins.pin(StreamId(1, 0)), pins.pin(StreamId(2, 0)));
+    let mut held = Held::default();
+    held.hold(&first);
+    let mut checkpoint = record("a", &[1.0], 1, true);
+    checkpoint.held = held;
+    drop(first);
+    assert!(!inbox.put(checkpoint));
+    // A newer result replaces the checkpoint and inherits both its flag and its pins.
+    let mut newer = record("a", &[1.0, 2.0], 2, false);
+    newer.held.hold(&second);
+    drop(second);
+    assert!(!inbox.put(newer));
+    assert_eq!(pins.oldest(), Some(StreamId(1, 0)));
+    // A flush that failed puts its batch back: still pinned.
+    let batch = inbox.take();
+    inbox.restore(batch);
+    assert_eq!(pins.len(), 2);
+    // A flush that succeeded drops the batch: the log may be trimmed past both.
+    let batch = inbox.take();
+    assert!(batch["a"].checkpoint);
+    drop(batch);
+    assert!(pins.is_empty());
 }
 
 #[test]

@@ -170,6 +170,7 @@ pub async fn post(state: &AppState, req: Request<Incoming>) -> Response<Body> {
                     (RejectReason::ShuttingDown, SHUTTING_DOWN)
                 }
                 SubmitError::Unroutable => (RejectReason::Unroutable, super::ingest::UNROUTABLE),
+                SubmitError::NotDurable => (RejectReason::NotDurable, super::ingest::NOT_DURABLE),
             };
             count(reason, valid);
             let rejected = valid + errors.len();

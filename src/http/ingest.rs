@@ -91,8 +91,16 @@ async fn accept(
             RejectReason::Unroutable,
             ApiError::status(StatusCode::SERVICE_UNAVAILABLE, UNROUTABLE),
         ),
+        Err(SubmitError::NotDurable) => refused(
+            RejectReason::NotDurable,
+            ApiError::status(StatusCode::SERVICE_UNAVAILABLE, NOT_DURABLE),
+        ),
     }
 }
+
+/// The message of a refusal when the ingest log cannot be written.
+pub(super) const NOT_DURABLE: &str =
+    "the ingest log (Redis) cannot be written, so the event would not survive a crash; nothing was accepted; retry shortly";
 
 /// The message of a refusal when no node could take the event in time (a cluster).
 pub(super) const UNROUTABLE: &str =

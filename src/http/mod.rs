@@ -27,6 +27,7 @@ use crate::auth::{Auth, Client, Denied, Mode};
 use actors::cluster::Cluster;
 use actors::device::SubmitError;
 use actors::event::Event;
+use actors::ingest::Ingest;
 use actors::System;
 use errors::ApiError;
 use request_log::RequestLog;
@@ -63,6 +64,7 @@ pub struct AppState {
 
 struct Inner {
     system: Arc<System>,
+    ingest: Ingest,
     cluster: Option<Arc<Cluster>>,
     auth: Option<Arc<Auth>>,
     feed: Option<Arc<AnomalyFeed>>,
@@ -78,9 +80,10 @@ struct Inner {
 }
 
 impl AppState {
-    /// State over a running actor system.
+    /// State over a running actor system, taking events through `ingest`.
     pub fn new(
         system: Arc<System>,
+        ingest: Ingest,
         cluster: Option<Arc<Cluster>>,
         auth: Option<Arc<Auth>>,
         feed: Option<Arc<AnomalyFeed>>,
@@ -90,6 +93,7 @@ impl AppState {
         Self {
             inner: Arc::new(Inner {
                 system,
+                ingest,
                 cluster,
                 auth,
                 feed,
@@ -188,39 +192,21 @@ impl AppState {
         error
     }
 
-    /// Accepts an event: on a single node into the directory; in a cluster routed to the
-    /// device's owner, answered once the owner has queued it.
+    /// Accepts an event (see [`Ingest::submit`]).
     async fn submit(&self, device_id: &str, event: Event) -> Result<(), SubmitError> {
-        match self.cluster() {
-            None => self.system().directory().submit(device_id, event),
-            Some(cluster) => cluster.submit(device_id, event).await,
-        }
+        self.inner.ingest.submit(device_id, event).await
     }
 
-    /// Accepts the events of a batch, in order per device: all of them or (`Overloaded`)
-    /// none on a single node; in a cluster each owner's part is all or nothing, and the
-    /// answer lists the positions of events whose owner was overloaded.
+    /// Accepts the events of a batch (see [`Ingest::submit_batch`]).
     async fn submit_batch(
         &self,
         events: Vec<(std::borrow::Cow<'_, str>, Event)>,
     ) -> Result<Vec<usize>, SubmitError> {
-        match self.cluster() {
-            None => {
-                let directory = self.system().directory();
-                // Only a cluster moves devices away; should one be, it stays here.
-                for (device, event) in directory.submit_many(events.into_iter())? {
-                    directory.submit_regardless(&device, event)?;
-                }
-                Ok(Vec::new())
-            }
-            Some(cluster) => {
-                let events = events
-                    .into_iter()
-                    .map(|(d, e)| (Arc::<str>::from(d.as_ref()), e))
-                    .collect();
-                cluster.submit_batch(events).await
-            }
-        }
+        self.inner.ingest.submit_batch(events).await
+    }
+
+    fn ingest(&self) -> &Ingest {
+        &self.inner.ingest
     }
 
     /// From now on `/ready` answers 503, no event is accepted, and in a cluster the node

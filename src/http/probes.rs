@@ -1,5 +1,6 @@
 //! `GET /health` (liveness: the process answers) and `GET /ready` (readiness: the store
-//! answers, the actors run, and shutdown has not begun).
+//! answers, the actors run, the ingest log is replayed and writable, and shutdown has not
+//! begun).
 
 use super::errors::{json, Body};
 use super::AppState;
@@ -17,6 +18,8 @@ struct Health {
 struct Checks {
     store: &'static str,
     actors: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ingest_log: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     cluster: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -57,13 +60,28 @@ pub fn ready(state: &AppState) -> Response<Body> {
             "joining"
         }
     });
+    // With the ingest log: ready once the start-up replay is done and the log writable.
+    let ingest_log = state.ingest().log().map(|log| {
+        if !log.is_replayed() {
+            "replaying"
+        } else if log.is_ready() {
+            "ok"
+        } else {
+            "unwritable"
+        }
+    });
     let checks = Checks {
         store: if store_ok { "ok" } else { "unreachable" },
         actors: if actors_ok { "ok" } else { "stopped" },
+        ingest_log,
         cluster,
         shutdown: stopping.then_some("in progress"),
     };
-    let ready = store_ok && actors_ok && !stopping && cluster.is_none_or(|c| c == "ok");
+    let ready = store_ok
+        && actors_ok
+        && !stopping
+        && cluster.is_none_or(|c| c == "ok")
+        && ingest_log.is_none_or(|l| l == "ok");
     json(
         if ready {
             StatusCode::OK

@@ -279,7 +279,7 @@ impl Cluster {
             return Err(SubmitError::Overloaded);
         }
         for (i, (_, device, event)) in events.iter().enumerate() {
-            if let Err(e) = self.directory.push_admitted(device, *event) {
+            if let Err(e) = self.directory.push_admitted(device, (*event).into()) {
                 // Only Unavailable (the very end of shutdown) is possible while the
                 // shard is active here: the events before this one are queued.
                 self.directory.unadmit(events.len() - i - 1);

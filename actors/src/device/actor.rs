@@ -6,10 +6,12 @@
 //! continue the window instead of starting it over.
 
 use super::directory::SlotMap;
+use super::slot::Queued;
 use super::{Admission, Slot};
 use crate::analytics::{AnomalyRule, Signal, Window};
 use crate::event::{Analysis, Event};
 use crate::metrics::{Metrics, MetricsMsg};
+use crate::position::{Held, Position};
 use crate::store::{Inbox, Record, WriterMsg};
 use crate::store::{Version, WindowSnapshot};
 use crate::tuning::{EVENTS_PER_TURN, RESTORE_ATTEMPTS, RESTORE_RETRY_DELAY};
@@ -90,6 +92,12 @@ pub struct DeviceState {
     unsaved: Option<Analysis>,
     /// A [`DeviceMsg::Checkpoint`] is on its way.
     checkpoint_timer: bool,
+    /// The ingest-log position of the newest event in the window: logged events at or
+    /// below it are in the window already (a replay skips them).
+    position: Position,
+    /// The log entries of the events since the last checkpoint, kept from being trimmed
+    /// until a checkpoint holding them is deposited.
+    held: Held,
 }
 
 /// Messages of a device actor.
@@ -106,6 +114,22 @@ pub enum DeviceMsg {
 }
 
 impl DeviceState {
+    /// Takes a queued event into the window, unless it is a logged event the window has
+    /// seen (a replay after a crash: its checkpoint holds it already).
+    fn take(&mut self, queued: Queued) {
+        if let Some(logged) = &queued.logged {
+            if logged.position <= self.position {
+                return;
+            }
+            self.position = logged.position;
+            self.held.hold(&logged.pin);
+            if logged.replayed {
+                self.ctx.metrics.ingest_log_replayed.inc();
+            }
+        }
+        self.process(queued.event);
+    }
+
     fn process(&mut self, event: Event) {
         let ctx = &*self.ctx;
         #[cfg(test)]
@@ -136,13 +160,15 @@ impl DeviceState {
         let checkpoint = self
             .checkpointed_at
             .is_none_or(|t| now.duration_since(t) >= ctx.checkpoint_interval);
-        if checkpoint {
+        let held = if checkpoint {
             self.checkpointed_at = Some(now);
             self.unsaved = None;
+            std::mem::take(&mut self.held)
         } else {
             self.unsaved = Some(analysis.clone());
-        }
-        self.deposit(analysis, checkpoint);
+            Held::default()
+        };
+        self.deposit(analysis, checkpoint, held);
         ctx.metrics.events_processed.inc();
     }
 
@@ -152,7 +178,8 @@ impl DeviceState {
         self.checkpoint_timer = false;
         if let Some(analysis) = self.unsaved.take() {
             self.checkpointed_at = Some(Instant::now());
-            self.deposit(analysis, true);
+            let held = std::mem::take(&mut self.held);
+            self.deposit(analysis, true, held);
         }
     }
 
@@ -169,12 +196,15 @@ impl DeviceState {
         });
     }
 
-    fn deposit(&self, analysis: Analysis, checkpoint: bool) {
+    /// Hands a result to the writer; a checkpoint carries the log entries it covers.
+    fn deposit(&self, analysis: Analysis, checkpoint: bool, held: Held) {
         let record = Record {
             analysis,
             window: self.window.clone(),
             version: self.version,
             checkpoint,
+            position: self.position,
+            held,
         };
         if self.ctx.inbox.put(record) {
             let _ = self.ctx.writer.cast(WriterMsg::Flush);
@@ -185,11 +215,11 @@ impl DeviceState {
     /// remain, so one busy device cannot hold a worker thread.
     fn drain(&mut self, myself: &ActorRef<DeviceMsg>) {
         for _ in 0..EVENTS_PER_TURN {
-            let Some(event) = self.slot.next() else {
+            let Some(queued) = self.slot.next() else {
                 self.schedule_checkpoint(myself);
                 return;
             };
-            self.process(event);
+            self.take(queued);
             self.slot.finish_event();
             self.ctx.admission.release();
         }
@@ -203,6 +233,7 @@ impl DeviceState {
             snapshot.readings().iter().copied(),
         ));
         self.version = Version::next_incarnation(Some(snapshot.version()));
+        self.position = snapshot.position();
     }
 
     /// Restores the device's window through this node's writer: its unflushed result,
@@ -272,6 +303,8 @@ impl Actor for DeviceActor {
             checkpointed_at: None,
             unsaved: None,
             checkpoint_timer: false,
+            position: Position::default(),
+            held: Held::default(),
             slot: args.slot,
             ctx: args.ctx,
         })

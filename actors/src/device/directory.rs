@@ -6,7 +6,7 @@
 //! number of accepted-but-unprocessed events is bounded, because ractor mailboxes are
 //! not.
 
-use super::slot::Closed;
+use super::slot::{Closed, Queued};
 use super::{Slot, SupervisorMsg};
 use crate::event::Event;
 use dashmap::mapref::entry::Entry;
@@ -31,6 +31,10 @@ pub enum SubmitError {
     /// unreachable, or the shard is between owners for longer than the bound).
     #[error("the device's owner cannot take events now")]
     Unroutable,
+    /// The ingest log is on and cannot be written (Redis unreachable, or the log is
+    /// still being replayed at start-up): the event would not survive a crash.
+    #[error("the ingest log cannot be written")]
+    NotDurable,
 }
 
 /// The bound on accepted, unprocessed events. The count lives in the
@@ -140,7 +144,7 @@ impl Directory {
         if !self.admission.try_acquire() {
             return Err(SubmitError::Overloaded);
         }
-        self.push_admitted(device_id, event)
+        self.push_admitted(device_id, event.into())
     }
 
     /// Accepts `event` even past MAX_PENDING_EVENTS: for the rest of a batch that is
@@ -148,7 +152,7 @@ impl Directory {
     /// was taken). Fails only when the actor system is stopping.
     pub fn submit_regardless(&self, device_id: &str, event: Event) -> Result<(), SubmitError> {
         self.admission.pending.inc();
-        self.push_admitted(device_id, event)
+        self.push_admitted(device_id, event.into())
     }
 
     /// Accepts all of `events` or none (then `Overloaded`): a batch that does not fit
@@ -165,7 +169,7 @@ impl Directory {
         }
         let mut moved = Vec::new();
         for (i, (device, event)) in events.enumerate() {
-            match self.push_admitted(device.as_ref(), event) {
+            match self.push_admitted(device.as_ref(), event.into()) {
                 Ok(()) => {}
                 Err(SubmitError::HandedOff) => moved.push((device, event)),
                 Err(e) => {
@@ -186,6 +190,14 @@ impl Directory {
     /// pushed with [`Directory::push_admitted`] or given back with [`Directory::unadmit`].
     pub(crate) fn admit(&self, n: usize) -> bool {
         self.admission.try_acquire_many(n)
+    }
+
+    /// Counts `n` events as admitted even past MAX_PENDING_EVENTS (a replay of the ingest
+    /// log: those events were accepted before).
+    pub(crate) fn admit_regardless(&self, n: usize) {
+        self.admission
+            .pending
+            .inc_by(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     /// Gives back the admission of `n` events that were not pushed.
@@ -228,7 +240,7 @@ impl Directory {
     pub(crate) fn push_admitted(
         &self,
         device_id: &str,
-        mut event: Event,
+        mut event: Queued,
     ) -> Result<(), SubmitError> {
         // At most a few rounds: a closed slot is removed before we look again.
         loop {

@@ -18,5 +18,5 @@ mod tests;
 pub use actor::{BoxFuture, DeviceActor, DeviceArgs, DeviceContext, DeviceMsg};
 pub(crate) use directory::SlotMap;
 pub use directory::{Admission, Directory, SubmitError};
-pub use slot::Slot;
+pub use slot::{Queued, Slot};
 pub use supervisor::{DeviceSupervisor, SupervisorArgs, SupervisorMsg};

@@ -6,6 +6,7 @@
 
 use super::DeviceMsg;
 use crate::event::Event;
+use crate::position::Logged;
 use ractor::ActorRef;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,6 +23,25 @@ pub enum Closed {
     HandedOff,
 }
 
+/// An accepted event waiting in its device's queue: with its place in the ingest log when
+/// the log is on.
+#[derive(Debug, Clone)]
+pub struct Queued {
+    /// The event.
+    pub event: Event,
+    /// Where the ingest log holds it (`None`: no log).
+    pub logged: Option<Logged>,
+}
+
+impl From<Event> for Queued {
+    fn from(event: Event) -> Self {
+        Self {
+            event,
+            logged: None,
+        }
+    }
+}
+
 /// The queue and lifecycle flags of one device.
 #[derive(Debug)]
 pub struct Slot {
@@ -34,7 +54,7 @@ pub struct Slot {
 
 #[derive(Debug)]
 struct SlotInner {
-    queue: VecDeque<Event>,
+    queue: VecDeque<Queued>,
     /// The actor has been told (or will find out on start) that the queue is non-empty.
     scheduled: bool,
     /// No push is accepted any more: evicted (the front end makes a new slot) or handed
@@ -47,7 +67,7 @@ struct SlotInner {
 impl Slot {
     /// A new slot holding its first event. It starts scheduled: the actor that the
     /// supervisor spawns for it drains the queue when it starts.
-    pub(crate) fn new(device_id: Arc<str>, first: Event) -> Arc<Self> {
+    pub(crate) fn new(device_id: Arc<str>, first: Queued) -> Arc<Self> {
         Arc::new(Self {
             device_id,
             inner: Mutex::new(SlotInner {
@@ -73,7 +93,7 @@ impl Slot {
 
     /// Queues an event, waking the actor if it was idle. Gives the event back, with the
     /// reason, when the slot is closed.
-    pub(crate) fn push(&self, event: Event) -> Result<(), (Event, Closed)> {
+    pub(crate) fn push(&self, event: Queued) -> Result<(), (Queued, Closed)> {
         let wake = {
             let mut inner = self.lock();
             if let Some(closed) = inner.closed {
@@ -105,7 +125,7 @@ impl Slot {
 
     /// The next event to process, or `None` when the queue is empty, in which case the
     /// slot becomes unscheduled and the next push wakes the actor.
-    pub(crate) fn next(&self) -> Option<Event> {
+    pub(crate) fn next(&self) -> Option<Queued> {
         let mut inner = self.lock();
         match inner.queue.pop_front() {
             Some(event) => {

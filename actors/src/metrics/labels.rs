@@ -28,17 +28,20 @@ pub enum RejectReason {
     Unauthorized,
     /// In a cluster: the shard's owner could not take the event in time (503).
     Unroutable,
+    /// The ingest log could not be written (503).
+    NotDurable,
 }
 
 impl RejectReason {
     /// Every reason, for pre-creating the series.
-    pub const ALL: [RejectReason; 6] = [
+    pub const ALL: [RejectReason; 7] = [
         RejectReason::Invalid,
         RejectReason::TooLarge,
         RejectReason::Overloaded,
         RejectReason::ShuttingDown,
         RejectReason::Unauthorized,
         RejectReason::Unroutable,
+        RejectReason::NotDurable,
     ];
 }
 
@@ -51,6 +54,7 @@ impl EncodeLabelValue for RejectReason {
             RejectReason::ShuttingDown => "shutting_down",
             RejectReason::Unauthorized => "unauthorized",
             RejectReason::Unroutable => "unroutable",
+            RejectReason::NotDurable => "not_durable",
         })
     }
 }

@@ -107,6 +107,23 @@ pub struct Metrics {
     /// Anomalies dropped before reaching the stream (the oldest, when the queue during
     /// an outage passed ANOMALY_STREAM_MAXLEN).
     pub anomaly_stream_dropped: Counter,
+    /// Entries appended to the ingest log (each holds the events of one group commit).
+    pub ingest_log_appends: Counter,
+    /// Appends to the ingest log that failed (their requests were answered 503).
+    pub ingest_log_append_failures: Counter,
+    /// Latency of one ingest-log append.
+    pub ingest_log_append_duration_seconds: Histogram,
+    /// Events replayed from the ingest log into windows that had not seen them.
+    pub ingest_log_replayed: Counter,
+    /// Ingest-log entries skipped at replay because they did not decode.
+    pub ingest_log_undecodable: Counter,
+    /// Ingest-log entries not yet covered by stored checkpoints (never trimmed).
+    pub ingest_log_uncovered_entries: Gauge,
+    /// Entries in the ingest log's stream, as of the last trim.
+    pub ingest_log_length: Gauge,
+    /// Trims that found entries still needed gone (INGEST_LOG_MAXLEN reached, or Redis
+    /// lost them).
+    pub ingest_log_overruns: Counter,
     /// `process_*`, refreshed at each scrape.
     pub process: ProcessMetrics,
 }
@@ -144,6 +161,14 @@ impl Metrics {
             forwarded_batches_expired: register(r, "forwarded_batches_expired", "Forwarded batches that arrived after their sender had given up on them (refused; re-routed)", Counter::default()),
             anomaly_stream_entries: register(r, "anomaly_stream_entries", "Entries appended to the anomalies stream", Counter::default()),
             anomaly_stream_dropped: register(r, "anomaly_stream_dropped", "Anomalies dropped before reaching the stream (oldest first, past ANOMALY_STREAM_MAXLEN during an outage)", Counter::default()),
+            ingest_log_appends: register(r, "ingest_log_appends", "Entries appended to the ingest log (one per group commit)", Counter::default()),
+            ingest_log_append_failures: register(r, "ingest_log_append_failures", "Ingest-log appends that failed (their requests were answered 503)", Counter::default()),
+            ingest_log_append_duration_seconds: register(r, "ingest_log_append_duration_seconds", "Latency of one ingest-log append", Histogram::new(STORE_BUCKETS)),
+            ingest_log_replayed: register(r, "ingest_log_replayed", "Events replayed from the ingest log into windows that had not seen them", Counter::default()),
+            ingest_log_undecodable: register(r, "ingest_log_undecodable", "Ingest-log entries skipped at replay because they did not decode", Counter::default()),
+            ingest_log_uncovered_entries: register(r, "ingest_log_uncovered_entries", "Ingest-log entries not yet covered by stored checkpoints", Gauge::default()),
+            ingest_log_length: register(r, "ingest_log_length", "Entries in the ingest log's stream as of the last trim", Gauge::default()),
+            ingest_log_overruns: register(r, "ingest_log_overruns", "Trims that found ingest-log entries gone before a checkpoint covered them", Counter::default()),
             process: ProcessMetrics::register(r),
         };
         m.cluster_members.set(1);

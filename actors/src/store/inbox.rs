@@ -13,6 +13,7 @@
 use super::WindowSnapshot;
 use crate::analytics::{Signal, Window};
 use crate::event::Analysis;
+use crate::position::{Held, Position};
 use crate::tuning::FLUSH_EARLY_AT;
 use bytes::Bytes;
 use prometheus_client::metrics::counter::Counter;
@@ -33,12 +34,22 @@ pub struct Record {
     /// WINDOW_CHECKPOINT_INTERVAL). A result that replaces a checkpoint in the inbox
     /// inherits the flag, so coalescing never skips a checkpoint.
     pub checkpoint: bool,
+    /// The ingest-log position of the newest event the window holds.
+    pub position: Position,
+    /// The log entries this checkpoint covers: kept untrimmed until it is stored (a
+    /// result that replaces it in the inbox takes them over).
+    pub held: Held,
 }
 
 impl Record {
     /// The window as persisted.
     pub fn snapshot(&self) -> WindowSnapshot {
-        WindowSnapshot::of(&self.window, self.analysis.event_timestamp, self.version)
+        WindowSnapshot::of(
+            &self.window,
+            self.analysis.event_timestamp,
+            self.version,
+            self.position,
+        )
     }
 }
 
@@ -164,9 +175,12 @@ impl Inbox {
         match results.entry(record.analysis.device_id.clone()) {
             // A late deposit of an older incarnation (an actor that finished stopping
             // after its successor started) never replaces a newer result.
-            Entry::Occupied(older) if older.get().version > record.version => {}
+            Entry::Occupied(mut older) if older.get().version > record.version => {
+                older.get_mut().held.merge(record.held);
+            }
             Entry::Occupied(mut older) => {
                 record.checkpoint |= older.get().checkpoint;
+                record.held.merge(std::mem::take(&mut older.get_mut().held));
                 older.insert(record);
             }
             Entry::Vacant(slot) => {
@@ -188,7 +202,11 @@ impl Inbox {
         let mut results = self.lock();
         for (device, record) in batch {
             match results.entry(device) {
-                Entry::Occupied(mut newer) => newer.get_mut().checkpoint |= record.checkpoint,
+                Entry::Occupied(mut newer) => {
+                    let newer = newer.get_mut();
+                    newer.checkpoint |= record.checkpoint;
+                    newer.held.merge(record.held);
+                }
                 Entry::Vacant(slot) => {
                     slot.insert(record);
                 }

@@ -222,7 +222,7 @@ impl RedisStore {
 
     /// Runs `op` on a pooled connection under the deadline; marks the connection broken
     /// when it fails so the pool replaces it.
-    async fn with_conn<T, F, Fut>(&self, op: F) -> Result<T, StoreError>
+    pub(crate) async fn with_conn<T, F, Fut>(&self, op: F) -> Result<T, StoreError>
     where
         F: FnOnce(MultiplexedConnection) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,

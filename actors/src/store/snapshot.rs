@@ -1,28 +1,31 @@
 //! The persisted form of a device's window under `window:{device_id}`.
 //!
-//! Binary rather than JSON: it is written with every flushed result, so at full load it
-//! is the largest value the service produces, and formatting 100 floats as text cost
-//! more CPU than all the analytics together. The format is `IW2`; the window's version
-//! (u64 big-endian, see [`Version`]);
+//! Binary rather than JSON: it is written with every checkpoint, so at full load it is
+//! the largest value the service produces, and formatting 100 floats as text cost more
+//! CPU than all the analytics together. The format is `IW3`; the window's version (u64
+//! big-endian, see [`Version`]); the ingest-log position of the newest event the window
+//! holds (u64 LE milliseconds, u64 LE sequence, u32 LE index; all zero without a log);
 //! the newest event's timestamp (i64 LE seconds and u32 LE nanoseconds since the Unix
 //! epoch); then each reading, oldest first, as two little-endian f64 (rps, cpu): exact,
-//! and 16 bytes a reading (a default window is 823 bytes).
+//! and 16 bytes a reading (a default window is 843 bytes).
 //!
-//! - The version lets a cluster's store writes be conditional: a node that was cut off
-//!   and still holds an older window never overwrites a newer one (the check runs in
-//!   Redis, on the big-endian bytes at offset 3).
-//! - The newest event's identity (its timestamp and the newest reading) lets a device
-//!   actor recognise a forwarded event that reaches it twice (a forward that timed out
-//!   after the owner had queued it, then re-routed).
+//! - The version orders two windows of one device: a restore takes the newer of this
+//!   node's unflushed window and the store's.
+//! - The position says which logged events the window has seen: a replay of the log
+//!   skips them (see [`crate::position`]).
 //!
-//! `IW1` (readings only), written by earlier versions, is still read.
+//! `IW2` (no position) and `IW1` (readings only), written by earlier versions, are still
+//! read.
 
 use crate::analytics::Window;
 use crate::event::Event;
+use crate::position::Position;
+use crate::store::StreamId;
 use bytes::{BufMut, Bytes, BytesMut};
 use chrono::{DateTime, Utc};
 
-const MAGIC: &[u8; 3] = b"IW2";
+const MAGIC: &[u8; 3] = b"IW3";
+const MAGIC_V2: &[u8; 3] = b"IW2";
 
 /// How a window's version is made: the incarnation of the device's actor in the high 24
 /// bits (every actor that starts for the device, on any node, counts one more than the
@@ -52,7 +55,9 @@ const MAGIC_V1: &[u8; 3] = b"IW1";
 
 /// A stored window could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("not a window (expected IW2, a timestamp and 16-byte readings, got {len} bytes)")]
+#[error(
+    "not a window (expected IW3, a position, a timestamp and 16-byte readings, got {len} bytes)"
+)]
 pub struct SnapshotError {
     len: usize,
 }
@@ -63,6 +68,7 @@ pub struct WindowSnapshot {
     readings: Vec<(f64, f64)>,
     last_event: Option<DateTime<Utc>>,
     version: u64,
+    position: Position,
 }
 
 impl WindowSnapshot {
@@ -73,12 +79,29 @@ impl WindowSnapshot {
             readings,
             last_event,
             version,
+            position: Position::default(),
         }
     }
 
+    /// The same, having seen the ingest log up to `position`.
+    pub fn at(mut self, position: Position) -> Self {
+        self.position = position;
+        self
+    }
+
     /// A copy of a live window's readings.
-    pub fn of(window: &Window, last_event: DateTime<Utc>, version: u64) -> Self {
-        Self::new(window.readings().collect(), Some(last_event), version)
+    pub fn of(
+        window: &Window,
+        last_event: DateTime<Utc>,
+        version: u64,
+        position: Position,
+    ) -> Self {
+        Self::new(window.readings().collect(), Some(last_event), version).at(position)
+    }
+
+    /// The newest logged event the window holds (none without a log).
+    pub fn position(&self) -> Position {
+        self.position
     }
 
     /// The window's version (see [`Version`]).
@@ -106,10 +129,14 @@ impl WindowSnapshot {
         readings: impl ExactSizeIterator<Item = (f64, f64)>,
         last_event: Option<DateTime<Utc>>,
         version: u64,
+        position: Position,
     ) -> Bytes {
-        let mut out = BytesMut::with_capacity(MAGIC.len() + 20 + 16 * readings.len());
+        let mut out = BytesMut::with_capacity(MAGIC.len() + 40 + 16 * readings.len());
         out.put_slice(MAGIC);
         out.put_u64(version);
+        out.put_u64_le(position.entry.0);
+        out.put_u64_le(position.entry.1);
+        out.put_u32_le(position.index);
         // No timestamp is stored as i64::MIN seconds (never a real event's).
         out.put_i64_le(last_event.map_or(i64::MIN, |t| t.timestamp()));
         out.put_u32_le(last_event.map_or(0, |t| t.timestamp_subsec_nanos()));
@@ -122,34 +149,39 @@ impl WindowSnapshot {
 
     /// These bytes again.
     pub fn to_bytes(&self) -> Bytes {
-        Self::encode(self.readings.iter().copied(), self.last_event, self.version)
+        Self::encode(
+            self.readings.iter().copied(),
+            self.last_event,
+            self.version,
+            self.position,
+        )
     }
 
     /// Parses stored bytes.
     pub fn decode(bytes: &[u8]) -> Result<Self, SnapshotError> {
-        let bad = SnapshotError { len: bytes.len() };
-        let (body, last_event, version) = if let Some(rest) = bytes.strip_prefix(MAGIC) {
-            if rest.len() < 20 {
-                return Err(bad);
-            }
-            let (version, rest) = rest.split_at(8);
-            let version = u64::from_be_bytes(version.try_into().map_err(|_| bad.clone())?);
-            let (stamp, body) = rest.split_at(12);
-            let secs = i64::from_le_bytes(stamp[..8].try_into().map_err(|_| bad.clone())?);
-            let nanos = u32::from_le_bytes(stamp[8..].try_into().map_err(|_| bad.clone())?);
-            let last = if secs == i64::MIN {
-                None
-            } else {
-                Some(DateTime::from_timestamp(secs, nanos).ok_or(bad.clone())?)
+        let bad = || SnapshotError { len: bytes.len() };
+        let (body, last_event, version, position) = if let Some(rest) = bytes.strip_prefix(MAGIC) {
+            let (version, rest) = split_u64(rest, u64::from_be_bytes).ok_or_else(bad)?;
+            let (ms, rest) = split_u64(rest, u64::from_le_bytes).ok_or_else(bad)?;
+            let (seq, rest) = split_u64(rest, u64::from_le_bytes).ok_or_else(bad)?;
+            let (index, rest) = rest.split_first_chunk::<4>().ok_or_else(bad)?;
+            let position = Position {
+                entry: StreamId(ms, seq),
+                index: u32::from_le_bytes(*index),
             };
-            (body, last, version)
+            let (last, body) = timestamp(rest).ok_or_else(bad)?;
+            (body, last, version, position)
+        } else if let Some(rest) = bytes.strip_prefix(MAGIC_V2) {
+            let (version, rest) = split_u64(rest, u64::from_be_bytes).ok_or_else(bad)?;
+            let (last, body) = timestamp(rest).ok_or_else(bad)?;
+            (body, last, version, Position::default())
         } else {
-            let body = bytes.strip_prefix(MAGIC_V1).ok_or(bad.clone())?;
+            let body = bytes.strip_prefix(MAGIC_V1).ok_or_else(bad)?;
             // Without a count, the readings held are the best lower bound.
-            (body, None, (body.len() / 16) as u64)
+            (body, None, (body.len() / 16) as u64, Position::default())
         };
         if body.len() % 16 != 0 {
-            return Err(bad);
+            return Err(bad());
         }
         let readings = body
             .chunks_exact(16)
@@ -162,8 +194,29 @@ impl WindowSnapshot {
             readings,
             last_event,
             version,
+            position,
         })
     }
+}
+
+/// A u64 off the front of `bytes`, read with `read`.
+fn split_u64(bytes: &[u8], read: fn([u8; 8]) -> u64) -> Option<(u64, &[u8])> {
+    let (head, rest) = bytes.split_first_chunk::<8>()?;
+    Some((read(*head), rest))
+}
+
+/// The newest event's timestamp (`None` when none was stored) off the front of `bytes`.
+#[allow(clippy::type_complexity)]
+fn timestamp(bytes: &[u8]) -> Option<(Option<DateTime<Utc>>, &[u8])> {
+    let (secs, rest) = split_u64(bytes, u64::from_le_bytes)?;
+    let (nanos, rest) = rest.split_first_chunk::<4>()?;
+    let secs = secs as i64;
+    // No timestamp is stored as i64::MIN seconds (never a real event's).
+    if secs == i64::MIN {
+        return Some((None, rest));
+    }
+    let last = DateTime::from_timestamp(secs, u32::from_le_bytes(*nanos))?;
+    Some((Some(last), rest))
 }
 
 fn f64_le(bytes: &[u8]) -> f64 {
@@ -184,10 +237,13 @@ mod tests {
                 vec![(0.1, 0.2), (1e9 + 0.5, 1.0), (f64::MAX, 0.0)],
                 last,
                 u64::MAX - 7,
-            );
+            )
+            .at(Position {
+                entry: StreamId(1_700_000_000_123, 4),
+                index: 77,
+            });
             let bytes = s.to_bytes();
-            assert_eq!(bytes.len(), 3 + 8 + 12 + 48);
-            // Redis compares the sequence as big-endian bytes at offset 3.
+            assert_eq!(bytes.len(), 3 + 8 + 20 + 12 + 48);
             assert_eq!(&bytes[3..11], &(u64::MAX - 7).to_be_bytes());
             assert_eq!(WindowSnapshot::decode(&bytes), Ok(s));
         }
@@ -214,6 +270,21 @@ mod tests {
 
     #[test]
     fn windows_of_earlier_versions_still_read() {
+        // IW2: the version, the timestamp, the readings; no position.
+        let mut v2 = b"IW2".to_vec();
+        v2.extend(9u64.to_be_bytes());
+        v2.extend(1_700_000_000i64.to_le_bytes());
+        v2.extend(5u32.to_le_bytes());
+        v2.extend(2.5f64.to_le_bytes());
+        v2.extend(0.25f64.to_le_bytes());
+        let s = WindowSnapshot::decode(&v2).expect("v2");
+        assert_eq!(s.readings(), &[(2.5, 0.25)]);
+        assert_eq!(s.version(), 9);
+        assert_eq!(s.position(), Position::default());
+        assert_eq!(
+            s.last_event().map(|e| e.timestamp),
+            DateTime::from_timestamp(1_700_000_000, 5)
+        );
         assert_eq!(
             WindowSnapshot::decode(b"IW1"),
             Ok(WindowSnapshot::default())
@@ -232,5 +303,8 @@ mod tests {
         assert!(WindowSnapshot::decode(br#"{"rps":[1]}"#).is_err());
         assert!(WindowSnapshot::decode(b"IW1\x00\x01").is_err());
         assert!(WindowSnapshot::decode(b"IW2\x00\x01").is_err());
+        assert!(WindowSnapshot::decode(b"IW3\x00\x01").is_err());
+        // A position cut short.
+        assert!(WindowSnapshot::decode(&[&b"IW3"[..], &[0; 8 + 19]].concat()).is_err());
     }
 }

@@ -288,6 +288,7 @@ fn encode(batch: &Batch) -> Result<Vec<DeviceWrite>, serde_json::Error> {
                             record.window.readings(),
                             Some(record.analysis.event_timestamp),
                             record.version,
+                            record.position,
                         )
                     }),
                 ),

@@ -1,0 +1,432 @@
+//! The ingest log: accepted events are appended to a Redis stream before they are
+//! answered, so a crash loses nothing that was acknowledged.
+//!
+//! One task appends (group commit): it takes every request waiting, writes them as one
+//! entry, and only when Redis has answered queues the events at their devices, in entry
+//! order, each with its [`Position`], and answers the requests. An idle service pays one
+//! round trip per request; a busy one shares it among everything that arrived meanwhile.
+//! Because one task queues the events in log order, each device processes its events in
+//! log order, so a window's position says exactly which logged events it holds.
+//!
+//! - Admission (MAX_PENDING_EVENTS) is taken before the append: an event in the log is
+//!   never refused afterwards.
+//! - An append that failed before it reached Redis (no connection) is answered 503. One
+//!   whose answer was lost (timeout, broken connection) may have been written: the task
+//!   reads the stream's newest entry, whose nonce says whether it was. If Redis does not
+//!   answer within [`LOG_RESOLVE_WAIT`], the requests are answered 503 and the entry, if
+//!   Redis turns out to hold it, is deleted before anything else is appended. So a
+//!   request is answered 200 exactly when its events are in the log, and its events stay
+//!   in the log only if it was.
+//! - While Redis is unreachable, new requests are refused at once (503) and the task
+//!   probes until it answers again.
+//! - At start the task replays the log (see [`super::replay`]) before it appends any new
+//!   event: requests wait for it (refused with 503 if Redis does not answer), and
+//!   `/ready` says not ready until it is done.
+//! - A second task trims the log below the oldest entry a stored checkpoint does not
+//!   cover yet ([`Pins`]), about once a second; the stream's MAXLEN (INGEST_LOG_MAXLEN)
+//!   bounds it if checkpoints stall, and entries it drops that were still needed are
+//!   counted (`ingest_log_overruns_total`).
+
+use super::redis_log::RedisLog;
+use super::replay;
+use crate::cluster::wire;
+use crate::device::{Directory, Queued, SubmitError};
+use crate::event::Event;
+use crate::metrics::Metrics;
+use crate::position::{Logged, Pins, Position};
+use crate::store::{StoreError, StreamId};
+use crate::tuning::{LOG_MAX_ENTRY_EVENTS, LOG_PROBE_EVERY, LOG_RESOLVE_WAIT, LOG_TRIM_EVERY};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+
+/// The log's settings (the stream is the [`RedisLog`]'s).
+#[derive(Debug, Clone)]
+pub struct LogSettings {
+    /// INGEST_LOG_MAXLEN: entries kept at most.
+    pub maxlen: usize,
+}
+
+/// Events waiting to be appended, with whom to answer.
+struct Append {
+    events: Vec<(Arc<str>, Event)>,
+    reply: oneshot::Sender<Result<(), SubmitError>>,
+}
+
+/// What the handle and the tasks share.
+struct Shared {
+    /// The start-up replay is done: new events are taken.
+    replayed: AtomicBool,
+    /// Redis did not answer the last append: new events are refused until it does.
+    down: AtomicBool,
+    /// The newest entry appended or replayed (what to trim to when nothing is pinned).
+    newest: Mutex<Option<StreamId>>,
+}
+
+/// The ingest log of this node; cheap to share (`Arc`).
+pub struct IngestLog {
+    tx: mpsc::UnboundedSender<Append>,
+    directory: Directory,
+    shared: Arc<Shared>,
+    log: RedisLog,
+    pins: Pins,
+    metrics: Metrics,
+    stop: watch::Sender<bool>,
+}
+
+impl IngestLog {
+    /// Starts the appender (which replays the log first) and the trimmer.
+    pub fn start(
+        log: RedisLog,
+        settings: LogSettings,
+        directory: Directory,
+        metrics: Metrics,
+    ) -> Arc<Self> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared {
+            replayed: AtomicBool::new(false),
+            down: AtomicBool::new(false),
+            newest: Mutex::new(None),
+        });
+        let pins = Pins::default();
+        let stop = watch::channel(false).0;
+        let appender = Appender {
+            rx,
+            log: log.clone(),
+            maxlen: settings.maxlen,
+            directory: directory.clone(),
+            pins: pins.clone(),
+            metrics: metrics.clone(),
+            shared: shared.clone(),
+            nonce: (nonce_base(), 0),
+        };
+        tokio::spawn(appender.run());
+        let this = Arc::new(Self {
+            tx,
+            directory,
+            shared,
+            log,
+            pins,
+            metrics,
+            stop,
+        });
+        tokio::spawn(trimmer(this.clone()));
+        this
+    }
+
+    /// Whether the start-up replay is done.
+    pub fn is_replayed(&self) -> bool {
+        self.shared.replayed.load(Ordering::Acquire)
+    }
+
+    /// Whether the start-up replay is done and Redis answered the last append.
+    pub fn is_ready(&self) -> bool {
+        self.shared.replayed.load(Ordering::Acquire) && !self.shared.down.load(Ordering::Acquire)
+    }
+
+    /// Appends `events` (all or none), then queues them at their devices: `Ok` once they
+    /// are in the log. `Overloaded` past MAX_PENDING_EVENTS, `NotDurable` when the log
+    /// cannot be written (Redis unreachable).
+    pub async fn append(&self, events: Vec<(Arc<str>, Event)>) -> Result<(), SubmitError> {
+        // During the start-up replay requests wait their turn (they are appended after
+        // it); while Redis does not answer they are refused at once.
+        if self.shared.down.load(Ordering::Acquire) {
+            return Err(SubmitError::NotDurable);
+        }
+        let n = events.len();
+        if !self.directory.admit(n) {
+            return Err(SubmitError::Overloaded);
+        }
+        let (reply, answer) = oneshot::channel();
+        if self.tx.send(Append { events, reply }).is_err() {
+            self.directory.unadmit(n);
+            return Err(SubmitError::Unavailable);
+        }
+        // The appender answers every request it takes; a dropped reply means it is gone
+        // (the runtime is shutting down), and so are the events.
+        answer.await.unwrap_or(Err(SubmitError::Unavailable))
+    }
+
+    /// Trims the log once more and stops the trimmer (at shutdown, once every window is
+    /// stored: a restart then replays nothing it does not need).
+    pub async fn close(&self) {
+        self.stop.send_replace(true);
+        trim_once(self).await;
+    }
+}
+
+/// A nonce prefix distinct across processes and restarts.
+fn nonce_base() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    nanos ^ (u64::from(std::process::id()) << 48)
+}
+
+/// The appending task's state.
+struct Appender {
+    rx: mpsc::UnboundedReceiver<Append>,
+    log: RedisLog,
+    maxlen: usize,
+    directory: Directory,
+    pins: Pins,
+    metrics: Metrics,
+    shared: Arc<Shared>,
+    nonce: (u64, u64),
+}
+
+/// How an append ended.
+enum Outcome {
+    /// In the log, as this entry.
+    Appended(StreamId),
+    /// Not in the log.
+    Failed(StoreError),
+    /// Unknown after [`LOG_RESOLVE_WAIT`]: answered 503, and the entry (the nonce's) is
+    /// withdrawn from the log if it turns out to be there.
+    Unsettled(Vec<u8>),
+}
+
+impl Appender {
+    async fn run(mut self) {
+        self.replay().await;
+        loop {
+            if self.shared.down.load(Ordering::Acquire) {
+                self.refuse_waiting();
+                self.probe().await;
+                continue;
+            }
+            let Some(first) = self.rx.recv().await else {
+                return;
+            };
+            let group = self.gather(first);
+            let outcome = self.commit(&group).await;
+            let unsettled = match &outcome {
+                Outcome::Unsettled(nonce) => Some(nonce.clone()),
+                _ => None,
+            };
+            self.settle(group, outcome);
+            if let Some(nonce) = unsettled {
+                self.withdraw(&nonce).await;
+            }
+        }
+    }
+
+    /// Replays the log, retrying until Redis answers; then new events are taken.
+    async fn replay(&mut self) {
+        loop {
+            match replay::run(&self.log, &self.directory, &self.pins, &self.metrics).await {
+                Ok(newest) => {
+                    *lock(&self.shared.newest) = newest;
+                    self.shared.down.store(false, Ordering::Release);
+                    self.shared.replayed.store(true, Ordering::Release);
+                    return;
+                }
+                Err(e) => {
+                    if !self.shared.down.swap(true, Ordering::AcqRel) {
+                        tracing::warn!(error = %e, stream = self.log.key(), "ingest log replay failed; retrying (events are refused until Redis answers)");
+                    }
+                    self.refuse_waiting();
+                    tokio::time::sleep(LOG_PROBE_EVERY).await;
+                }
+            }
+        }
+    }
+
+    /// The first request and every one waiting behind it, up to an entry's bound.
+    fn gather(&mut self, first: Append) -> Vec<Append> {
+        let mut events = first.events.len();
+        let mut group = vec![first];
+        while events < LOG_MAX_ENTRY_EVENTS {
+            match self.rx.try_recv() {
+                Ok(next) => {
+                    events += next.events.len();
+                    group.push(next);
+                }
+                Err(_) => break,
+            }
+        }
+        group
+    }
+
+    /// Writes the group as one entry; settles a lost answer by reading the log back.
+    async fn commit(&mut self, group: &[Append]) -> Outcome {
+        self.nonce.1 += 1;
+        let nonce = [self.nonce.0.to_le_bytes(), self.nonce.1.to_le_bytes()].concat();
+        let events: Vec<(&str, &Event)> = group
+            .iter()
+            .flat_map(|a| a.events.iter().map(|(d, e)| (&**d, e)))
+            .collect();
+        let body = wire::encode(events.into_iter());
+        let started = Instant::now();
+        let result = self.log.append(self.maxlen, &nonce, &body).await;
+        self.metrics
+            .ingest_log_append_duration_seconds
+            .observe(started.elapsed().as_secs_f64());
+        match result {
+            Ok(id) => Outcome::Appended(id),
+            Err(e) if never_sent(&e) => Outcome::Failed(e),
+            Err(e) => {
+                tracing::debug!(error = %e, "ingest log append unanswered; reading the log to see whether it was written");
+                self.shared.down.store(true, Ordering::Release);
+                tokio::time::timeout(LOG_RESOLVE_WAIT, self.resolve(&nonce, e))
+                    .await
+                    .unwrap_or(Outcome::Unsettled(nonce))
+            }
+        }
+    }
+
+    /// Removes the entry with `nonce` if the log holds it after all (its requests were
+    /// answered 503, and their clients send the events again); waits until Redis
+    /// answers, appending nothing meanwhile.
+    async fn withdraw(&self, nonce: &[u8]) {
+        loop {
+            let removed = match self.log.last().await {
+                Ok(Some((id, Some(found)))) if found == nonce => self.log.delete(id).await,
+                Ok(_) => return,
+                Err(e) => Err(e),
+            };
+            match removed {
+                Ok(()) => {
+                    tracing::info!(stream = self.log.key(), "an append answered 503 had reached the log after all; its entry was removed");
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "ingest log still unreachable");
+                    tokio::time::sleep(LOG_PROBE_EVERY).await;
+                }
+            }
+        }
+    }
+
+    /// Whether the entry with `nonce` is the log's newest (nothing else appends to this
+    /// stream): asked until Redis answers.
+    async fn resolve(&self, nonce: &[u8], cause: StoreError) -> Outcome {
+        loop {
+            match self.log.last().await {
+                Ok(Some((id, Some(found)))) if found == nonce => return Outcome::Appended(id),
+                Ok(_) => return Outcome::Failed(cause),
+                Err(e) => {
+                    tracing::debug!(error = %e, "ingest log still unreachable");
+                    tokio::time::sleep(LOG_PROBE_EVERY).await;
+                }
+            }
+        }
+    }
+
+    /// Queues a written group's events at their devices in entry order and answers it;
+    /// answers a failed one 503.
+    fn settle(&self, group: Vec<Append>, outcome: Outcome) {
+        match &outcome {
+            &Outcome::Appended(id) => {
+                self.shared.down.store(false, Ordering::Release);
+                *lock(&self.shared.newest) = Some(id);
+                let pin = self.pins.pin(id);
+                self.metrics.ingest_log_appends.inc();
+                let mut index = 0;
+                for append in group {
+                    for (device, event) in append.events {
+                        let logged = Logged {
+                            position: Position { entry: id, index },
+                            pin: pin.clone(),
+                            replayed: false,
+                        };
+                        index += 1;
+                        // Only the end of shutdown refuses here; the event is in the log
+                        // and the next start replays it.
+                        let _ = self.directory.push_admitted(
+                            &device,
+                            Queued {
+                                event,
+                                logged: Some(logged),
+                            },
+                        );
+                    }
+                    let _ = append.reply.send(Ok(()));
+                }
+                self.metrics
+                    .ingest_log_uncovered_entries
+                    .set(self.pins.len() as i64);
+            }
+            Outcome::Failed(_) | Outcome::Unsettled(_) => {
+                self.metrics.ingest_log_append_failures.inc();
+                let error = match &outcome {
+                    Outcome::Failed(e) => e.to_string(),
+                    _ => "no answer from Redis".to_string(),
+                };
+                if !self.shared.down.swap(true, Ordering::AcqRel) {
+                    tracing::warn!(stream = self.log.key(), %error, "ingest log unwritable; new events are refused (503) until Redis answers");
+                }
+                for append in group {
+                    self.directory.unadmit(append.events.len());
+                    let _ = append.reply.send(Err(SubmitError::NotDurable));
+                }
+            }
+        }
+    }
+
+    /// Refuses the requests that were already waiting when Redis stopped answering.
+    fn refuse_waiting(&mut self) {
+        while let Ok(append) = self.rx.try_recv() {
+            self.directory.unadmit(append.events.len());
+            let _ = append.reply.send(Err(SubmitError::NotDurable));
+        }
+    }
+
+    /// Waits until Redis answers again.
+    async fn probe(&mut self) {
+        tokio::time::sleep(LOG_PROBE_EVERY).await;
+        if self.log.last().await.is_ok() {
+            self.shared.down.store(false, Ordering::Release);
+            tracing::info!(stream = self.log.key(), "ingest log writable again");
+        }
+    }
+}
+
+/// Whether a failed append certainly did not reach Redis (or was refused by it).
+fn never_sent(e: &StoreError) -> bool {
+    match e {
+        StoreError::Connect(_) => true,
+        StoreError::Redis(e) => matches!(e.kind(), bb8_redis::redis::ErrorKind::Server(_)),
+        _ => false,
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Trims the log about once a second until stopped.
+async fn trimmer(log: Arc<IngestLog>) {
+    let mut stop = log.stop.subscribe();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(LOG_TRIM_EVERY) => {}
+            _ = stop.changed() => return,
+        }
+        trim_once(&log).await;
+    }
+}
+
+/// Trims below the oldest pinned entry (or past the newest when nothing is pinned), and
+/// reports entries MAXLEN dropped while they were still needed.
+async fn trim_once(log: &IngestLog) {
+    let oldest = log.pins.oldest();
+    let newest = *lock(&log.shared.newest);
+    let Some(min) = oldest.or(newest.map(|StreamId(ms, seq)| StreamId(ms, seq + 1))) else {
+        return;
+    };
+    match log.log.trim(min).await {
+        Ok((len, first)) => {
+            log.metrics.ingest_log_length.set(len as i64);
+            log.metrics
+                .ingest_log_uncovered_entries
+                .set(log.pins.len() as i64);
+            if let Some(oldest) = oldest.filter(|o| first.is_none_or(|f| f > *o)) {
+                log.metrics.ingest_log_overruns.inc();
+                tracing::error!(stream = log.log.key(), oldest_needed = %oldest, first = ?first, "ingest log entries were dropped before a checkpoint covered them (INGEST_LOG_MAXLEN reached, or Redis lost data): a crash now would lose events");
+            }
+        }
+        Err(e) => tracing::debug!(error = %e, "ingest log trim failed"),
+    }
+}

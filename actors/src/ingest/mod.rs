@@ -1,0 +1,90 @@
+//! The way in for events: [`Ingest`] takes a request's events and answers once they are
+//! accepted, so that the HTTP front end only decodes, authorises and answers.
+//!
+//! Accepted means: on a single node, queued at the device's actor, and with the ingest
+//! log on ([`IngestLog`]) written to the log first; in a cluster, queued at the shard's
+//! owner (see [`crate::cluster`]).
+
+mod log;
+mod redis_log;
+mod replay;
+
+pub use log::{IngestLog, LogSettings};
+pub use redis_log::RedisLog;
+
+use crate::cluster::Cluster;
+use crate::device::{Directory, SubmitError};
+use crate::event::Event;
+use std::borrow::Cow;
+use std::sync::Arc;
+
+/// Where the front end hands events over; cheap to clone.
+#[derive(Clone)]
+pub struct Ingest {
+    directory: Directory,
+    cluster: Option<Arc<Cluster>>,
+    log: Option<Arc<IngestLog>>,
+}
+
+impl Ingest {
+    /// Events go to `directory` (through `log` when it is on), or to their owners through
+    /// `cluster`.
+    pub fn new(
+        directory: Directory,
+        cluster: Option<Arc<Cluster>>,
+        log: Option<Arc<IngestLog>>,
+    ) -> Self {
+        Self {
+            directory,
+            cluster,
+            log,
+        }
+    }
+
+    /// The ingest log, when it is on.
+    pub fn log(&self) -> Option<&Arc<IngestLog>> {
+        self.log.as_ref()
+    }
+
+    /// Whether new events can be accepted durably (always without a log).
+    pub fn is_ready(&self) -> bool {
+        self.log.as_ref().is_none_or(|l| l.is_ready())
+    }
+
+    /// Accepts one event; `Ok` once it is queued at its owner (and logged, with the log).
+    pub async fn submit(&self, device_id: &str, event: Event) -> Result<(), SubmitError> {
+        match (&self.cluster, &self.log) {
+            (Some(cluster), _) => cluster.submit(device_id, event).await,
+            (None, Some(log)) => log.append(vec![(Arc::from(device_id), event)]).await,
+            (None, None) => self.directory.submit(device_id, event),
+        }
+    }
+
+    /// Accepts the events of a batch, in order per device: all of them or (`Overloaded`,
+    /// `NotDurable`) none on a single node; in a cluster each owner's part is all or
+    /// nothing, and the answer lists the positions (in the request) of events whose owner
+    /// was overloaded.
+    pub async fn submit_batch(
+        &self,
+        events: Vec<(Cow<'_, str>, Event)>,
+    ) -> Result<Vec<usize>, SubmitError> {
+        match (&self.cluster, &self.log) {
+            (Some(cluster), _) => cluster.submit_batch(owned(events)).await,
+            (None, Some(log)) => log.append(owned(events)).await.map(|()| Vec::new()),
+            (None, None) => {
+                // Only a cluster moves devices away; should one be, it stays here.
+                for (device, event) in self.directory.submit_many(events.into_iter())? {
+                    self.directory.submit_regardless(&device, event)?;
+                }
+                Ok(Vec::new())
+            }
+        }
+    }
+}
+
+fn owned(events: Vec<(Cow<'_, str>, Event)>) -> Vec<(Arc<str>, Event)> {
+    events
+        .into_iter()
+        .map(|(d, e)| (Arc::<str>::from(d.as_ref()), e))
+        .collect()
+}

@@ -213,11 +213,9 @@ async fn internal_requests_without_the_token_get_401_are_counted_and_queue_nothi
     let redis = Redis::start();
     let node = start_node(&redis.url(), internal_addr(), "right-token");
     ready(node.svc().addr).await;
-    let body = "IE1";
     for auth in ["Authorization: Bearer wrong-token\r\n", ""] {
         let request = format!(
-            "POST /cluster/events HTTP/1.1\r\nHost: t\r\nConnection: close\r\nX-Cluster-Batch: 1-1\r\n{auth}Content-Length: {}\r\n\r\n{body}",
-            body.len()
+            "GET /cluster/stream HTTP/1.1\r\nHost: t\r\nConnection: upgrade, close\r\nUpgrade: iot-cluster-stream/1\r\n{auth}\r\n"
         );
         assert_eq!(raw(node.internal, request.as_bytes()).await.status, 401);
     }

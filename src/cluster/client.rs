@@ -1,9 +1,11 @@
-//! The forwarding client: [`Transport`] over pooled keep-alive HTTP/1.1 connections to
-//! the peers' internal listeners, every call under CLUSTER_FORWARD_TIMEOUT and carrying
-//! CLUSTER_TOKEN.
+//! The forwarding client: [`Transport`] to the peers' internal listeners, every call
+//! under CLUSTER_FORWARD_TIMEOUT and carrying CLUSTER_TOKEN. Forwarded batches go over
+//! one persistent stream per peer ([`super::link`]); the rare calls (`ping`, `kick`) are
+//! plain HTTP/1.1 requests on pooled connections.
 
-use super::{paths, BATCH_HEADER, TOKEN_HEADER};
-use actors::cluster::{wire, BatchId, ForwardError, Transport};
+use super::link::Links;
+use super::{frame, paths, TOKEN_HEADER};
+use actors::cluster::{BatchId, ForwardError, Transport};
 use actors::device::BoxFuture;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -13,15 +15,17 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
-/// Idle pooled connections per peer: enough for the forwarder's batches in flight.
-const IDLE_PER_PEER: usize = 8;
+/// Idle pooled connections per peer: pings and kicks are rare.
+const IDLE_PER_PEER: usize = 1;
 
 /// HTTP transport to the other nodes; cheap to clone.
 #[derive(Clone)]
 pub struct HttpTransport {
     client: Client<HttpConnector, Full<Bytes>>,
+    links: Arc<Links>,
     token: HeaderValue,
     timeout: Duration,
 }
@@ -40,6 +44,7 @@ impl HttpTransport {
         token.set_sensitive(true);
         Ok(Self {
             client,
+            links: Arc::new(Links::new(token.clone(), timeout)),
             token,
             timeout,
         })
@@ -50,18 +55,13 @@ impl HttpTransport {
         &self,
         method: Method,
         peer: SocketAddr,
-        path_and_query: &str,
-        batch: Option<BatchId>,
+        path: &str,
         body: Bytes,
     ) -> Result<(StatusCode, Bytes), ForwardError> {
-        let mut request = Request::builder()
+        let request = Request::builder()
             .method(method)
-            .uri(format!("http://{peer}{path_and_query}"))
-            .header(TOKEN_HEADER, self.token.clone());
-        if let Some(id) = batch {
-            request = request.header(BATCH_HEADER, id.to_string());
-        }
-        let request = request
+            .uri(format!("http://{peer}{path}"))
+            .header(TOKEN_HEADER, self.token.clone())
             .header(CONTENT_TYPE, "application/octet-stream")
             .body(Full::new(body))
             .map_err(|e| ForwardError::Unreachable(e.to_string()))?;
@@ -86,14 +86,6 @@ impl HttpTransport {
     }
 }
 
-fn refused(status: StatusCode) -> ForwardError {
-    if status == StatusCode::SERVICE_UNAVAILABLE {
-        ForwardError::Overloaded
-    } else {
-        ForwardError::Rejected(status.as_u16())
-    }
-}
-
 impl Transport for HttpTransport {
     fn send_events(
         &self,
@@ -101,28 +93,20 @@ impl Transport for HttpTransport {
         id: BatchId,
         body: Bytes,
     ) -> BoxFuture<Result<Vec<u32>, ForwardError>> {
-        let this = self.clone();
-        Box::pin(async move {
-            // Past this instant the sender has given up on the batch: a copy that reaches
-            // the owner later, e.g. retransmitted after a network partition heals, must
-            // not be queued. (A retry under the same key is sent with a new deadline.)
-            let sent = super::unix_millis();
-            let deadline = sent + this.timeout.as_millis() as u64;
-            let path = format!("{}?sent={sent}&deadline={deadline}", paths::EVENTS);
-            match this.call(Method::POST, peer, &path, Some(id), body).await? {
-                (StatusCode::OK, body) => {
-                    wire::decode_refused(body).map_err(|_| ForwardError::Rejected(200))
-                }
-                (status, _) => Err(refused(status)),
-            }
-        })
+        let links = self.links.clone();
+        // Past the deadline the sender has given up on the batch: a copy that reaches the
+        // owner later, e.g. retransmitted after a network partition heals, must not be
+        // queued. (A retry under the same key is sent with a new deadline.)
+        let sent = super::unix_millis();
+        let frame = frame::encode_batch(id, sent, sent + self.timeout.as_millis() as u64, &body);
+        Box::pin(async move { links.send(peer, id, frame).await })
     }
 
     fn ping(&self, peer: SocketAddr) -> BoxFuture<Result<String, ForwardError>> {
         let this = self.clone();
         Box::pin(async move {
             match this
-                .call(Method::GET, peer, paths::PING, None, Bytes::new())
+                .call(Method::GET, peer, paths::PING, Bytes::new())
                 .await?
             {
                 (StatusCode::OK, body) => {
@@ -137,7 +121,7 @@ impl Transport for HttpTransport {
         let this = self.clone();
         Box::pin(async move {
             match this
-                .call(Method::POST, peer, paths::KICK, None, Bytes::new())
+                .call(Method::POST, peer, paths::KICK, Bytes::new())
                 .await?
             {
                 (StatusCode::NO_CONTENT, _) => Ok(()),

@@ -1,20 +1,23 @@
-//! The HTTP side of scale-out: the internal listener other nodes call (`server`), and
-//! the client this node calls them with (`client`, the [`actors::cluster::Transport`]).
+//! The network side of scale-out: the internal listener other nodes call (`server`), the
+//! streams of forwarded batches it serves (`stream`), the client this node calls them
+//! with (`client`, the [`actors::cluster::Transport`]) and its streams (`link`), and the
+//! frames on those streams (`frame`).
 
 pub mod client;
+pub mod frame;
+mod link;
 pub mod server;
+mod stream;
 
 pub use actors::cluster::ownership::unix_millis;
 
 /// Carries `Bearer <CLUSTER_TOKEN>`.
 pub const TOKEN_HEADER: hyper::header::HeaderName = hyper::header::AUTHORIZATION;
-/// A forwarded batch's idempotency key (`<incarnation>-<sequence>`, hex).
-pub const BATCH_HEADER: &str = "x-cluster-batch";
 
 /// The internal routes.
 pub mod paths {
-    /// A forwarded batch of events.
-    pub const EVENTS: &str = "/cluster/events";
+    /// The stream of forwarded batches (an HTTP upgrade to [`super::frame::PROTOCOL`]).
+    pub const STREAM: &str = "/cluster/stream";
     /// A node's id.
     pub const PING: &str = "/cluster/ping";
     /// Read the table now.

@@ -2,13 +2,12 @@
 //!
 //! Every request must carry `Authorization: Bearer <CLUSTER_TOKEN>`; without it the
 //! answer is 401 and the attempt is counted (`cluster_unauthorized_total`). Routes:
-//! - `POST /cluster/events?sent=MS&deadline=MS` with `X-Cluster-Batch: <incarnation>-<seq>`: a
-//!   forwarded batch ([`actors::cluster::wire`]); 200 once every event is queued at its
-//!   owner, with the positions of the events that were not (empty body: all were); a
-//!   repeat of a key gets the first answer and queues nothing; 400 when it does not
-//!   decode or has no key, 410 when it arrives after the sender's deadline (the sender
-//!   has given up on it; nothing queued). A batch sent before this node renewed a lapsed
-//!   lease is answered as not taken (its sender may have sent it elsewhere meanwhile).
+//! - `GET /cluster/stream` with `Upgrade: iot-cluster-stream/1`: 101, and the connection
+//!   becomes a stream of forwarded batches and their answers ([`super::frame`],
+//!   [`super::stream`]). Each batch is answered once every event is queued at its owner,
+//!   with the positions of those that were not; a repeat of a key gets the first answer
+//!   and queues nothing. A batch sent before this node renewed a lapsed lease is answered
+//!   as not taken (its sender may have sent it elsewhere meanwhile).
 //! - `GET /cluster/ping`: this node's id (the start-up check of CLUSTER_ADVERTISE_ADDR).
 //! - `POST /cluster/kick`: the table changed for this node (a shard was passed to it):
 //!   it reads the table now.
@@ -16,14 +15,15 @@
 //! The port is never behind the Service or the Ingress; the NetworkPolicy opens it only
 //! between the app's own pods.
 
-use super::{paths, BATCH_HEADER, TOKEN_HEADER};
-use crate::http::query_param;
-use actors::cluster::{wire, BatchId, Cluster};
+use super::frame::{self, PROTOCOL};
+use super::{paths, TOKEN_HEADER};
+use actors::cluster::Cluster;
 use actors::metrics::Metrics;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::body::Incoming;
+use hyper::header::{CONNECTION, UPGRADE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -33,17 +33,15 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-/// Largest forwarded body: a full batch of 128-byte device ids fits many times over.
-const MAX_BODY: usize = 64 * 1024 * 1024;
-
 struct Internal {
     cluster: Arc<Cluster>,
     metrics: Metrics,
     token: Vec<u8>,
+    stop: watch::Receiver<bool>,
 }
 
 /// Serves the internal listener until `stop` turns true; open connections then finish
-/// their request in flight.
+/// their request in flight, and streams the batches they have read.
 pub async fn serve(
     listener: TcpListener,
     cluster: Arc<Cluster>,
@@ -55,6 +53,7 @@ pub async fn serve(
         cluster,
         metrics,
         token: format!("Bearer {token}").into_bytes(),
+        stop: stop.clone(),
     });
     loop {
         let accepted = tokio::select! {
@@ -75,9 +74,11 @@ pub async fn serve(
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let internal = internal.clone();
-                async move { Ok::<_, Infallible>(internal.handle(req).await) }
+                async move { Ok::<_, Infallible>(internal.handle(req)) }
             });
-            let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+            let conn = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
             tokio::pin!(conn);
             tokio::select! {
                 _ = conn.as_mut() => {}
@@ -102,7 +103,7 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 }
 
 impl Internal {
-    async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    fn handle(self: &Arc<Self>, req: Request<Incoming>) -> Response<Full<Bytes>> {
         let authorized = req
             .headers()
             .get(TOKEN_HEADER)
@@ -117,47 +118,45 @@ impl Internal {
                 self.cluster.kick();
                 answer(StatusCode::NO_CONTENT, "")
             }
-            (&Method::POST, paths::EVENTS) => self.events(req).await,
+            (&Method::GET, paths::STREAM) => self.upgrade(req),
             _ => answer(StatusCode::NOT_FOUND, "no such internal route"),
         }
     }
 
-    async fn events(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
-        let deadline = query_param(req.uri(), "deadline").and_then(|v| v.parse::<u64>().ok());
-        let sent = query_param(req.uri(), "sent").and_then(|v| v.parse::<u64>().ok());
-        let id: Option<BatchId> = req
+    /// Switches the connection to a stream of forwarded batches.
+    fn upgrade(self: &Arc<Self>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let asked = req
             .headers()
-            .get(BATCH_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok());
-        let (Some(id), Some(sent)) = (id, sent) else {
+            .get(UPGRADE)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(PROTOCOL.as_bytes()));
+        if !asked {
             return answer(
                 StatusCode::BAD_REQUEST,
-                "a forwarded batch needs X-Cluster-Batch and ?sent=",
+                format!("{} needs Upgrade: {PROTOCOL}", paths::STREAM),
             );
-        };
-        let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-            Ok(body) => body.to_bytes(),
-            Err(e) => return answer(StatusCode::BAD_REQUEST, e.to_string()),
-        };
-        let events = match wire::decode(body) {
-            Ok(events) => events,
-            Err(e) => return answer(StatusCode::BAD_REQUEST, e.to_string()),
-        };
-        // The sender stopped waiting (and its client was told so): taking the events now
-        // would count them twice once the client sends them again. Clocks of pods agree
-        // to well within a forward timeout.
-        if deadline.is_some_and(|d| super::unix_millis() > d) {
-            self.metrics.forwarded_batches_expired.inc();
-            return answer(StatusCode::GONE, "the sender gave up on this batch");
         }
-        // Taken to its end even if the sender hangs up: its retry (same key) gets this
-        // answer.
-        let cluster = self.cluster.clone();
-        match tokio::spawn(async move { cluster.receive(id, sent, events).await }).await {
-            Ok(refused) => answer(StatusCode::OK, wire::encode_refused(&refused)),
-            Err(_) => answer(StatusCode::INTERNAL_SERVER_ERROR, "taking the batch failed"),
-        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            let tcp = match hyper::upgrade::on(req).await {
+                Ok(upgraded) => frame::into_tcp(upgraded),
+                Err(e) => Err(std::io::Error::other(e)),
+            };
+            match tcp {
+                Ok((tcp, early)) => {
+                    let (cluster, metrics) = (this.cluster.clone(), this.metrics.clone());
+                    super::stream::serve(tcp, early, cluster, metrics, this.stop.clone()).await;
+                }
+                Err(e) => tracing::debug!(error = %e, "cluster stream upgrade failed"),
+            }
+        });
+        let mut response = answer(StatusCode::SWITCHING_PROTOCOLS, "");
+        let headers = response.headers_mut();
+        headers.insert(
+            CONNECTION,
+            hyper::header::HeaderValue::from_static("upgrade"),
+        );
+        headers.insert(UPGRADE, hyper::header::HeaderValue::from_static(PROTOCOL));
+        response
     }
 }
 

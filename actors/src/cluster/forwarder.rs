@@ -1,11 +1,11 @@
 //! The forwarder: one actor per peer that batches events for the devices that peer owns
-//! and sends them over the pooled connection, answering each sender when the owner has
-//! acknowledged (queued) its events.
+//! and sends them over the transport (in the binary, one persistent stream per peer),
+//! answering each sender when the owner has acknowledged (queued) its events.
 //!
 //! Batching has a size and a time bound: events gather for [`LINGER`] after the first
-//! one (or until [`MAX_BATCH_EVENTS`] are waiting), then go out in one request; at most
-//! [`MAX_IN_FLIGHT`] requests are on the wire per peer, and beyond that events gather
-//! until one returns. A request costs about the same whatever it carries, so the linger
+//! one (or until [`MAX_BATCH_EVENTS`] are waiting), then go out as one batch; at most
+//! [`MAX_IN_FLIGHT`] batches are on the wire per peer, and beyond that events gather
+//! until one returns. A batch costs about the same whatever it carries, so the linger
 //! buys its millisecond back many times over at load.
 //!
 //! Each batch carries an idempotency key, this node's incarnation and a sequence number
@@ -33,7 +33,7 @@ pub const MAX_IN_FLIGHT: usize = 4;
 pub const LINGER: Duration = Duration::from_millis(1);
 /// Pause before a batch is sent again.
 const RETRY_PAUSE: Duration = Duration::from_millis(20);
-/// Events in one forwarded request at most.
+/// Events in one forwarded batch at most.
 pub const MAX_BATCH_EVENTS: usize = 4096;
 
 /// The forwarder of one peer (configuration only).

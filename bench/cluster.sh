@@ -30,7 +30,7 @@
 #   to one node and reads /analyze from the next.
 # Per setup the table shows req/s (one event per request), the ratio to one node, p99,
 # service CPU µs per event (/proc/PID/stat of the setup's nodes), Redis CPU µs per event
-# (INFO cpu), Redis SETs and EVALSHAs per event (INFO commandstats, which counts the SETs
+# (INFO cpu), Redis SETs and commands of any kind per event (INFO commandstats, which counts the SETs
 # a script makes too) and the forwarded share (events_forwarded_total / accepted), all
 # read before and after each run. Derived, paired per round, against issue #22's targets:
 #   3 clustered / 1 node at saturation (≥ 0.7);
@@ -171,10 +171,30 @@ ctx_switches() {
 }
 redis_cpu() { timeout 5 redis-cli -p "$P_REDIS" info cpu | tr -d '\r' |
   awk -F: '$1 == "used_cpu_sys" || $1 == "used_cpu_user" {s += $2} END {print s}'; }
-# redis_calls: "SETS EVALSHAS" executed so far (Redis counts the SETs a script makes too).
+# redis_calls: "SETS COMMANDS" executed so far (Redis counts the commands a script or a
+# transaction runs too); the whole INFO commandstats goes to $CMDSTATS.
+CMDSTATS=$BENCH_LOGS/commandstats.now
 redis_calls() {
-  timeout 5 redis-cli -p "$P_REDIS" info commandstats | tr -d '\r' |
-    awk -F'[=:,]' '$1 == "cmdstat_set" {s = $3} $1 == "cmdstat_evalsha" {e = $3} END {print s + 0, e + 0}'
+  timeout 5 redis-cli -p "$P_REDIS" info commandstats | tr -d '\r' | tee "$CMDSTATS" |
+    awk -F'[=:,]' '$1 == "cmdstat_set" {s = $3} $1 ~ /^cmdstat_/ {a += $3} END {print s + 0, a + 0}'
+}
+# cmdstats_delta BEFORE AFTER EVENTS: per command, calls and Redis µs per event.
+cmdstats_delta() {
+  python3 - "$@" <<'PY'
+import re, sys
+def read(path):
+    out = {}
+    for line in open(path):
+        m = re.match(r"cmdstat_(\w+):calls=(\d+),usec=(\d+)", line)
+        if m:
+            out[m[1]] = (int(m[2]), int(m[3]))
+    return out
+a, b, n = read(sys.argv[1]), read(sys.argv[2]), max(int(sys.argv[3]), 1)
+rows = [(k, (v[0] - a.get(k, (0, 0))[0]) / n, (v[1] - a.get(k, (0, 0))[1]) / n) for k, v in b.items()]
+for k, calls, usec in sorted(rows, key=lambda r: -r[2]):
+    if calls > 0:
+        print(f"{k:12} {calls:8.3f} calls/event {usec:7.3f} µs/event")
+PY
 }
 TICK=$(getconf CLK_TCK)
 busy_ticks() { awk '$1 == "cpu" {print $2 + $3 + $4 + $7 + $8 + $9; exit}' /proc/stat; }
@@ -237,7 +257,7 @@ urls() {
 
 # measure SETUP LOADTEST-ARGS…: one SECS-second run against SETUP; sets R (an associative
 # array): rps ok failed p50 p95 p99 max cpu (service µs per event), redis (Redis CPU µs
-# per event), sets and evals (Redis SETs and EVALSHAs per event), fwd (forwarded share),
+# per event), sets and cmds (Redis SETs and commands of any kind per event), fwd (forwarded share),
 # batch (forwarded events per forwarded request), csw (context switches of the service
 # processes per event), others (cores other programs used meanwhile), why (the failed
 # requests by status or error, "" when none), vis50 vis99 vismax (event → visible, when
@@ -257,6 +277,7 @@ measure() {
   fb0=$(metric forward_batch_duration_seconds_count "${addrs[@]}")
   quiet
   read -r s0 e0 <<<"$(redis_calls)"
+  cp "$CMDSTATS" "$CMDSTATS.before"
   r0=$(redis_cpu) t0=$(cpu_ticks "${pids[@]}") x0=$(ctx_switches "${pids[@]}")
   b0=$(busy_ticks) o0=$(own_ticks)
   loadtest "$(urls "$setup")" 1 64 "${SECS}s" --devices 1000 "$@"
@@ -276,7 +297,8 @@ measure() {
   R[csw]=$(py "f'{($x1 - $x0) / $ok:.2f}'")
   R[redis]=$(py "f'{($r1 - $r0) * 1e6 / $ok:.2f}'")
   R[sets]=$(py "f'{($s1 - $s0) / $ok:.3f}'")
-  R[evals]=$(py "f'{($e1 - $e0) / $ok:.3f}'")
+  R[cmds]=$(py "f'{($e1 - $e0) / $ok:.3f}'")
+  { echo "$setup ${*:-(max)}:"; cmdstats_delta "$CMDSTATS.before" "$CMDSTATS" "$ok"; } >>"$BENCH_LOGS/commandstats.txt"
   R[fwd]=$(py "f'{($fw1 - $fw0) / max($acc1 - $acc0, 1):.3f}'")
   R[batch]=$(py "f'{($fw1 - $fw0) / ($fb1 - $fb0):.1f}' if $fb1 > $fb0 else '–'")
   # Cores used by other programs meanwhile (noise).
@@ -326,14 +348,14 @@ for round in $(seq 1 "$ROUNDS"); do
   for i in 0 1 2; do
     setup=${SETUPS[$(((i + round - 1) % 3))]}
     measure "$setup"
-    keep "max.$setup" rps p99 cpu csw redis sets evals fwd batch failed ok others
-    echo "   max $setup: ${R[rps]} req/s, p99 ${R[p99]} ms, ${R[cpu]} µs CPU/event, Redis ${R[redis]} µs/event (SET ${R[sets]}, EVALSHA ${R[evals]}), forwarded ${R[fwd]} (${R[batch]} per forward), failed ${R[failed]}${R[why]:+ (${R[why]})}, others ${R[others]} cores" >&2
+    keep "max.$setup" rps p99 cpu csw redis sets cmds fwd batch failed ok others
+    echo "   max $setup: ${R[rps]} req/s, p99 ${R[p99]} ms, ${R[cpu]} µs CPU/event, Redis ${R[redis]} µs/event (SET ${R[sets]}, commands ${R[cmds]}), forwarded ${R[fwd]} (${R[batch]} per forward), failed ${R[failed]}${R[why]:+ (${R[why]})}, others ${R[others]} cores" >&2
   done
   order=(one cluster)
   if ((round % 2 == 0)); then order=(cluster one); fi
   for setup in "${order[@]}"; do
     measure "$setup" --rate 10000
-    keep "fixed.$setup" rps cpu csw redis sets evals fwd batch failed ok p50 p95 p99 max others
+    keep "fixed.$setup" rps cpu csw redis sets cmds fwd batch failed ok p50 p95 p99 max others
     echo "   10 000 req/s $setup: p50 ${R[p50]} p99 ${R[p99]} max ${R[max]} ms, failed ${R[failed]}${R[why]:+ (${R[why]})}, ${R[cpu]} µs CPU/event, Redis ${R[redis]} µs/event, forwarded ${R[fwd]}, others ${R[others]} cores" >&2
     measure "$setup" --rate 1000 --visibility-probes 200
     keep "vis.$setup" vis50 vis99 vismax failed others
@@ -389,10 +411,10 @@ FAILED_TEXT=$(if ((${#FAILURES[@]})); then printf '%s; ' "${FAILURES[@]}" | sed 
 LOG_LINES=$(for name in "${ALL_NODES[@]}"; do cat "${LOG[$name]}"; done | grep -c . || true)
 
 row() { # LABEL KEY: a max-throughput row
-  echo "| $1 | **$(med "$2.rps")** ($(list "$2.rps")) | $(med "$2.ratio") ($(list "$2.ratio")) | $(med "$2.p99") | $(med "$2.cpu") ($(list "$2.cpu")) | $(med "$2.csw") | $(med "$2.redis") ($(list "$2.redis")) | $(med "$2.sets") / $(med "$2.evals") | $(med "$2.fwd") | $(med "$2.batch") | $(list "$2.failed") | $(list "$2.others") |"
+  echo "| $1 | **$(med "$2.rps")** ($(list "$2.rps")) | $(med "$2.ratio") ($(list "$2.ratio")) | $(med "$2.p99") | $(med "$2.cpu") ($(list "$2.cpu")) | $(med "$2.csw") | $(med "$2.redis") ($(list "$2.redis")) | $(med "$2.sets") / $(med "$2.cmds") | $(med "$2.fwd") | $(med "$2.batch") | $(list "$2.failed") | $(list "$2.others") |"
 }
 fixed() { # LABEL KEY
-  echo "| $1 | $(med "$2.rps") | $(med "$2.p50") | $(med "$2.p95") | **$(med "$2.p99")** ($(list "$2.p99")) | $(med "$2.max") | $(list "$2.failed") | $(med "$2.cpu") ($(list "$2.cpu")) | $(med "$2.csw") | **$(med "$2.redis")** ($(list "$2.redis")) | $(med "$2.sets") / $(med "$2.evals") | $(med "$2.fwd") | $(med "$2.batch") | $(list "$2.others") |"
+  echo "| $1 | $(med "$2.rps") | $(med "$2.p50") | $(med "$2.p95") | **$(med "$2.p99")** ($(list "$2.p99")) | $(med "$2.max") | $(list "$2.failed") | $(med "$2.cpu") ($(list "$2.cpu")) | $(med "$2.csw") | **$(med "$2.redis")** ($(list "$2.redis")) | $(med "$2.sets") / $(med "$2.cmds") | $(med "$2.fwd") | $(med "$2.batch") | $(list "$2.others") |"
 }
 vis() { # LABEL KEY
   echo "| $1 | $(med "$2.vis50") | **$(med "$2.vis99")** ($(list "$2.vis99")) | $(med "$2.vismax") | $(list "$2.others") |"
@@ -401,7 +423,7 @@ dmed() { med "d.$1"; } # the median of a derived value
 {
   echo "Max throughput, closed loop, 64 connections, 1000 devices, ${SECS} s per run, median of $ROUNDS rounds (each round's value in brackets); one event per request:"
   echo
-  echo "| setup | req/s | ratio to 1 node | p99 ms | service CPU µs/event | context switches/event | Redis CPU µs/event | Redis SET / EVALSHA per event | forwarded share | events per forward | failed | others' cores |"
+  echo "| setup | req/s | ratio to 1 node | p99 ms | service CPU µs/event | context switches/event | Redis CPU µs/event | Redis SET / all commands per event | forwarded share | events per forward | failed | others' cores |"
   echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
   row "1 node" max.one
   row "3 standalone nodes (no forwarding; control)" max.trio
@@ -409,7 +431,7 @@ dmed() { med "d.$1"; } # the median of a derived value
   echo
   echo "Fixed rate (64 connections, 1000 devices; the cluster's load spread over its three nodes), latency in ms:"
   echo
-  echo "| 10 000 req/s | req/s | p50 | p95 | p99 | max | failed | service CPU µs/event | context switches/event | Redis CPU µs/event | Redis SET / EVALSHA per event | forwarded share | events per forward | others' cores |"
+  echo "| 10 000 req/s | req/s | p50 | p95 | p99 | max | failed | service CPU µs/event | context switches/event | Redis CPU µs/event | Redis SET / all commands per event | forwarded share | events per forward | others' cores |"
   echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
   fixed "1 node" fixed.one
   fixed "3 clustered nodes" fixed.cluster

@@ -83,8 +83,9 @@ scenario() {
       read -r r p s d f _ <<<"$RESULT"
       [ "$f" = 0 ] || fail "$name: $f failed requests on the $mode node" "$BENCH_LOGS/service-$mode.log"
       rps[$mode]+="$r "; p99[$mode]+="$p "; svc[$mode]+="$s "; red[$mode]+="$d "
+      [ "$mode" = off ] || RESULT_ON=$RESULT
     done
-    echo "   $name round $round: on ${rps[on]##* } … off ${rps[off]##* }" >&2
+    echo "   $name round $round: on $RESULT_ON … off $RESULT" >&2
   done
   for mode in on off; do
     # shellcheck disable=SC2086

@@ -9,7 +9,7 @@ use crate::http;
 use actors::cluster::{Cluster, ClusterConfig, Ownership, Table, TableError, Transport};
 use actors::ingest::{Ingest, IngestLog, LogSettings, RedisLog};
 use actors::store::{EmbeddedStore, RedisStore, Store};
-use actors::tuning::STORE_OP_TIMEOUT;
+use actors::tuning::{LOG_POOL_SIZE, STORE_OP_TIMEOUT};
 use actors::{ShutdownReport, System};
 use anyhow::Context;
 use prometheus_client::registry::Registry;
@@ -131,7 +131,7 @@ impl App {
             _ => None,
         };
 
-        let log = start_log(&config, &system, cluster.is_some());
+        let log = start_log(&config, &system, cluster.is_some())?;
         let ingest = Ingest::new(system.directory().clone(), cluster.clone(), log.clone());
 
         let listener = TcpListener::bind(config.listen_addr)
@@ -266,28 +266,38 @@ impl App {
 }
 
 /// Starts the ingest log when it is on and can be: a single node on Redis.
-fn start_log(config: &Config, system: &System, clustered: bool) -> Option<Arc<IngestLog>> {
+fn start_log(
+    config: &Config,
+    system: &System,
+    clustered: bool,
+) -> anyhow::Result<Option<Arc<IngestLog>>> {
     let Store::Redis(redis) = system.store() else {
         tracing::info!("the embedded store has no ingest log: a crash loses the events accepted since their windows' last checkpoint");
-        return None;
+        return Ok(None);
     };
     if config.ingest_log == Switch::Off {
         tracing::info!("INGEST_LOG=off: events are accepted while Redis is unreachable; a crash loses up to WINDOW_CHECKPOINT_INTERVAL of them");
-        return None;
+        return Ok(None);
     }
     if clustered {
         tracing::warn!("the ingest log is not available in a cluster yet: a crashed node loses the events it accepted since their windows' last checkpoint (docs/cluster.md)");
-        return None;
+        return Ok(None);
     }
     tracing::info!(stream = %config.ingest_log_key, maxlen = config.ingest_log_maxlen, "ingest log on: events are answered once they are in Redis, and replayed after a crash");
-    Some(IngestLog::start(
-        RedisLog::new(redis.clone(), config.ingest_log_key.clone()),
+    let log = IngestLog::start(
+        // The appender's own connections: its round trips are the requests' latency.
+        RedisLog::new(
+            redis.with_own_pool(LOG_POOL_SIZE),
+            config.ingest_log_key.clone(),
+        ),
         LogSettings {
             maxlen: config.ingest_log_maxlen as usize,
         },
         system.directory().clone(),
         system.metrics().clone(),
-    ))
+    )
+    .context("starting the ingest log's thread")?;
+    Ok(Some(log))
 }
 
 /// A random incarnation: tells this process apart from earlier ones at the same address.

@@ -62,3 +62,29 @@ pub const LOG_REPLAY_CHUNK: usize = 512;
 /// How long an ingest-log append whose answer was lost waits for Redis to say whether it
 /// was written, before its requests are answered 503.
 pub const LOG_RESOLVE_WAIT: Duration = Duration::from_secs(1);
+
+/// How long a small ingest-log group waits after the previous append started, at a
+/// moderate arrival rate: an entry then holds several requests (Redis pays per round
+/// trip, not per event), for at most this much more latency. Tokio's timers tick in
+/// milliseconds.
+pub const LOG_COMMIT_GAP: Duration = Duration::from_millis(1);
+
+/// A group of fewer events than this may wait for [`LOG_COMMIT_GAP`]; a larger one is
+/// appended at once.
+pub const LOG_LINGER_BELOW: usize = 16;
+
+/// The arrival rates (events per millisecond) at which a small group waits: below, a wait
+/// gathers nothing (a quiet service, one client sending request after request); above,
+/// groups are large anyway and a closed-loop load would only be slowed.
+pub const LOG_LINGER_RATE: std::ops::RangeInclusive<f64> = 4.0..=24.0;
+
+/// The arrival rate is averaged over about this many appends.
+pub const LOG_RATE_SMOOTHING: f64 = 8.0;
+
+/// The shortest interval the arrival rate is measured over (milliseconds), so that two
+/// appends in quick succession do not read as a burst.
+pub const LOG_RATE_FLOOR_MS: f64 = 0.1;
+
+/// Connections of the ingest log's own pool: the appender uses one at a time, the
+/// trimmer another.
+pub const LOG_POOL_SIZE: u32 = 2;

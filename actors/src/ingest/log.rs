@@ -4,7 +4,8 @@
 //! One task appends (group commit): it takes every request waiting, writes them as one
 //! entry, and only when Redis has answered queues the events at their devices, in entry
 //! order, each with its [`Position`], and answers the requests. An idle service pays one
-//! round trip per request; a busy one shares it among everything that arrived meanwhile.
+//! round trip per request; a busy one shares it among everything that arrived meanwhile,
+//! and small groups are at most one per [`LOG_COMMIT_GAP`].
 //! Because one task queues the events in log order, each device processes its events in
 //! log order, so a window's position says exactly which logged events it holds.
 //!
@@ -35,7 +36,10 @@ use crate::event::Event;
 use crate::metrics::Metrics;
 use crate::position::{Logged, Pins, Position};
 use crate::store::{StoreError, StreamId};
-use crate::tuning::{LOG_MAX_ENTRY_EVENTS, LOG_PROBE_EVERY, LOG_RESOLVE_WAIT, LOG_TRIM_EVERY};
+use crate::tuning::{
+    LOG_COMMIT_GAP, LOG_LINGER_BELOW, LOG_LINGER_RATE, LOG_MAX_ENTRY_EVENTS, LOG_PROBE_EVERY,
+    LOG_RATE_FLOOR_MS, LOG_RATE_SMOOTHING, LOG_RESOLVE_WAIT, LOG_TRIM_EVERY,
+};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -76,13 +80,14 @@ pub struct IngestLog {
 }
 
 impl IngestLog {
-    /// Starts the appender (which replays the log first) and the trimmer.
+    /// Starts the appender (which replays the log first) on a thread of its own, and the
+    /// trimmer. `log`'s connections should be its own (see `RedisStore::with_own_pool`).
     pub fn start(
         log: RedisLog,
         settings: LogSettings,
         directory: Directory,
         metrics: Metrics,
-    ) -> Arc<Self> {
+    ) -> std::io::Result<Arc<Self>> {
         let (tx, rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             replayed: AtomicBool::new(false),
@@ -100,8 +105,18 @@ impl IngestLog {
             metrics: metrics.clone(),
             shared: shared.clone(),
             nonce: (nonce_base(), 0),
+            last_commit: None,
+            rate: 0.0,
         };
-        tokio::spawn(appender.run());
+        // The appender runs on a thread and runtime of its own, with the log's own
+        // connections: every request's latency is its round trips, which must not wait
+        // behind the HTTP and actor tasks of the main runtime.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        std::thread::Builder::new()
+            .name("ingest-log".into())
+            .spawn(move || runtime.block_on(appender.run()))?;
         let this = Arc::new(Self {
             tx,
             directory,
@@ -112,7 +127,7 @@ impl IngestLog {
             stop,
         });
         tokio::spawn(trimmer(this.clone()));
-        this
+        Ok(this)
     }
 
     /// Whether the start-up replay is done.
@@ -174,6 +189,10 @@ struct Appender {
     metrics: Metrics,
     shared: Arc<Shared>,
     nonce: (u64, u64),
+    /// When the last append started.
+    last_commit: Option<Instant>,
+    /// Events arriving per millisecond, averaged over recent appends.
+    rate: f64,
 }
 
 /// How an append ended.
@@ -185,6 +204,11 @@ enum Outcome {
     /// Unknown after [`LOG_RESOLVE_WAIT`]: answered 503, and the entry (the nonce's) is
     /// withdrawn from the log if it turns out to be there.
     Unsettled(Vec<u8>),
+}
+
+/// How many events a group of requests holds.
+fn group_size(group: &[Append]) -> usize {
+    group.iter().map(|a| a.events.len()).sum()
 }
 
 impl Appender {
@@ -199,7 +223,11 @@ impl Appender {
             let Some(first) = self.rx.recv().await else {
                 return;
             };
-            let group = self.gather(first);
+            let mut group = vec![first];
+            self.gather(&mut group);
+            self.observe(&group);
+            self.linger(&mut group).await;
+            self.last_commit = Some(Instant::now());
             let outcome = self.commit(&group).await;
             let unsettled = match &outcome {
                 Outcome::Unsettled(nonce) => Some(nonce.clone()),
@@ -233,10 +261,9 @@ impl Appender {
         }
     }
 
-    /// The first request and every one waiting behind it, up to an entry's bound.
-    fn gather(&mut self, first: Append) -> Vec<Append> {
-        let mut events = first.events.len();
-        let mut group = vec![first];
+    /// Adds every request waiting to `group`, up to an entry's bound.
+    fn gather(&mut self, group: &mut Vec<Append>) {
+        let mut events = group_size(group);
         while events < LOG_MAX_ENTRY_EVENTS {
             match self.rx.try_recv() {
                 Ok(next) => {
@@ -246,7 +273,34 @@ impl Appender {
                 Err(_) => break,
             }
         }
-        group
+    }
+
+    /// Updates the arrival rate with what arrived since the last append started.
+    fn observe(&mut self, group: &[Append]) {
+        if let Some(last) = self.last_commit {
+            let ms = last.elapsed().as_secs_f64() * 1e3;
+            let sample = group_size(group) as f64 / ms.max(LOG_RATE_FLOOR_MS);
+            self.rate += (sample - self.rate) / LOG_RATE_SMOOTHING;
+        }
+    }
+
+    /// At a moderate arrival rate ([`LOG_LINGER_RATE`]) a small group right after the
+    /// previous append waits until [`LOG_COMMIT_GAP`] after it, gathering what arrives
+    /// meanwhile: an entry then holds several requests instead of one or two (each append
+    /// costs Redis a round trip). Below that rate (a quiet service, a client sending one
+    /// request after another) a wait would gather nothing and only add latency; above it
+    /// appends are full anyway, and under a closed-loop load, where every client waits on
+    /// an append, a pause would only idle them.
+    async fn linger(&mut self, group: &mut Vec<Append>) {
+        let moderate = LOG_LINGER_RATE.contains(&self.rate);
+        let small = group_size(group) < LOG_LINGER_BELOW;
+        if let Some(last) = self.last_commit.filter(|_| moderate && small) {
+            let due = last + LOG_COMMIT_GAP;
+            if Instant::now() < due {
+                tokio::time::sleep_until(due).await;
+                self.gather(group);
+            }
+        }
     }
 
     /// Writes the group as one entry; settles a lost answer by reading the log back.

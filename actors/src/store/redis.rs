@@ -112,6 +112,8 @@ const APPENDED_UID_TTL_MS: u64 = 600_000;
 #[derive(Clone)]
 pub struct RedisStore {
     pool: Pool<Manager>,
+    /// Dials the pool's connections (kept for pools of its own).
+    manager: Arc<Manager>,
     last_connect_error: LastConnectError,
     timeout: Duration,
     /// In a cluster: writes are fenced by their shard's epoch.
@@ -129,6 +131,16 @@ impl std::fmt::Debug for RedisStore {
             .field("fenced", &self.fence.is_some())
             .finish()
     }
+}
+
+/// A pool that dials lazily, checks a connection's broken flag on check-out, and gives
+/// up on a check-out after `timeout`.
+fn pool(manager: Manager, pool_size: u32, timeout: Duration) -> Pool<Manager> {
+    bb8::Pool::builder()
+        .max_size(pool_size.max(1))
+        .test_on_check_out(true)
+        .connection_timeout(timeout)
+        .build_unchecked(manager)
 }
 
 impl RedisStore {
@@ -161,19 +173,25 @@ impl RedisStore {
             client,
             last_connect_error: last_connect_error.clone(),
         };
-        let pool = bb8::Pool::builder()
-            .max_size(pool_size.max(1))
-            .test_on_check_out(true)
-            .connection_timeout(timeout)
-            .build_unchecked(manager);
         Ok(Self {
-            pool,
+            pool: pool(manager.clone(), pool_size, timeout),
+            manager: Arc::new(manager),
             last_connect_error,
             timeout,
             fence: None,
             fenced,
             append_sha: Arc::from(redis::Script::new(APPEND_ONCE).get_hash()),
         })
+    }
+
+    /// The same store on a pool of its own, whose connections are dialled (and driven) on
+    /// the runtime that first uses them: a task on a runtime of its own then does not
+    /// wait behind the main runtime's tasks for its replies.
+    pub fn with_own_pool(&self, pool_size: u32) -> Self {
+        Self {
+            pool: pool(Manager::clone(&self.manager), pool_size, self.timeout),
+            ..self.clone()
+        }
     }
 
     /// Fenced writes (a cluster): a device's keys are written only while this node owns

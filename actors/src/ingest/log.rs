@@ -2,10 +2,14 @@
 //! answered, so a crash loses nothing that was acknowledged.
 //!
 //! One task appends (group commit): it takes every request waiting, writes them as one
-//! entry, and only when Redis has answered queues the events at their devices, in entry
-//! order, each with its [`Position`], and answers the requests. An idle service pays one
-//! round trip per request; a busy one shares it among everything that arrived meanwhile,
-//! and small groups are at most one per [`LOG_COMMIT_GAP`].
+//! entry, and only when Redis has answered hands the entry to the settler, which queues
+//! the events at their devices, in entry order, each with its [`Position`], and answers
+//! the requests. An idle service pays one round trip per request; a busy one shares it
+//! among everything that arrived meanwhile, and small groups are at most one per
+//! [`LOG_COMMIT_GAP`]. The appender runs on a thread of its own (its round trips must
+//! not wait behind the HTTP and actor tasks); the settler runs beside the actors, so
+//! that queueing an event wakes its actor on the same runtime and the appender is
+//! already writing the next entry meanwhile.
 //! Because one task queues the events in log order, each device processes its events in
 //! log order, so a window's position says exactly which logged events it holds.
 //!
@@ -58,6 +62,13 @@ struct Append {
     reply: oneshot::Sender<Result<(), SubmitError>>,
 }
 
+/// An entry written: its requests, to be queued and answered by the settler.
+struct Written {
+    group: Vec<Append>,
+    entry: StreamId,
+    pin: Arc<crate::position::Pin>,
+}
+
 /// What the handle and the tasks share.
 struct Shared {
     /// The start-up replay is done: new events are taken.
@@ -96,8 +107,11 @@ impl IngestLog {
         });
         let pins = Pins::default();
         let stop = watch::channel(false).0;
+        let (settle, written) = mpsc::unbounded_channel();
+        tokio::spawn(settler(written, directory.clone()));
         let appender = Appender {
             rx,
+            settle,
             log: log.clone(),
             maxlen: settings.maxlen,
             directory: directory.clone(),
@@ -182,6 +196,7 @@ fn nonce_base() -> u64 {
 /// The appending task's state.
 struct Appender {
     rx: mpsc::UnboundedReceiver<Append>,
+    settle: mpsc::UnboundedSender<Written>,
     log: RedisLog,
     maxlen: usize,
     directory: Directory,
@@ -368,39 +383,21 @@ impl Appender {
         }
     }
 
-    /// Queues a written group's events at their devices in entry order and answers it;
+    /// Hands a written group to the settler (which queues its events and answers it);
     /// answers a failed one 503.
     fn settle(&self, group: Vec<Append>, outcome: Outcome) {
         match &outcome {
-            &Outcome::Appended(id) => {
+            &Outcome::Appended(entry) => {
                 self.shared.down.store(false, Ordering::Release);
-                *lock(&self.shared.newest) = Some(id);
-                let pin = self.pins.pin(id);
+                *lock(&self.shared.newest) = Some(entry);
+                let pin = self.pins.pin(entry);
                 self.metrics.ingest_log_appends.inc();
-                let mut index = 0;
-                for append in group {
-                    for (device, event) in append.events {
-                        let logged = Logged {
-                            position: Position { entry: id, index },
-                            pin: pin.clone(),
-                            replayed: false,
-                        };
-                        index += 1;
-                        // Only the end of shutdown refuses here; the event is in the log
-                        // and the next start replays it.
-                        let _ = self.directory.push_admitted(
-                            &device,
-                            Queued {
-                                event,
-                                logged: Some(logged),
-                            },
-                        );
-                    }
-                    let _ = append.reply.send(Ok(()));
-                }
                 self.metrics
                     .ingest_log_uncovered_entries
                     .set(self.pins.len() as i64);
+                // The settler ends only with the runtime; the events are in the log and
+                // the next start replays them.
+                let _ = self.settle.send(Written { group, entry, pin });
             }
             Outcome::Failed(_) | Outcome::Unsettled(_) => {
                 self.metrics.ingest_log_append_failures.inc();
@@ -433,6 +430,34 @@ impl Appender {
         if self.log.last().await.is_ok() {
             self.shared.down.store(false, Ordering::Release);
             tracing::info!(stream = self.log.key(), "ingest log writable again");
+        }
+    }
+}
+
+/// Queues each written entry's events at their devices, in entry order, and answers its
+/// requests.
+async fn settler(mut written: mpsc::UnboundedReceiver<Written>, directory: Directory) {
+    while let Some(Written { group, entry, pin }) = written.recv().await {
+        let mut index = 0;
+        for append in group {
+            for (device, event) in append.events {
+                let logged = Logged {
+                    position: Position { entry, index },
+                    pin: pin.clone(),
+                    replayed: false,
+                };
+                index += 1;
+                // Only the end of shutdown refuses here; the event is in the log and the
+                // next start replays it.
+                let _ = directory.push_admitted(
+                    &device,
+                    Queued {
+                        event,
+                        logged: Some(logged),
+                    },
+                );
+            }
+            let _ = append.reply.send(Ok(()));
         }
     }
 }

@@ -115,6 +115,7 @@ impl App {
                 .context("starting the actor system")?,
         );
 
+        let log = start_log(&config, &system, ownership.as_deref())?;
         let (stop_internal, internal_stopped) = watch::channel(false);
         let cluster = match (cluster_config, ownership) {
             (Some(cluster_config), Some(ownership)) => Some(
@@ -124,6 +125,7 @@ impl App {
                     ownership,
                     incarnation,
                     &system,
+                    log.clone(),
                     internal_stopped,
                 )
                 .await?,
@@ -131,7 +133,6 @@ impl App {
             _ => None,
         };
 
-        let log = start_log(&config, &system, cluster.is_some())?;
         let ingest = Ingest::new(system.directory().clone(), cluster.clone(), log.clone());
 
         let listener = TcpListener::bind(config.listen_addr)
@@ -265,11 +266,12 @@ impl App {
     }
 }
 
-/// Starts the ingest log when it is on and can be: a single node on Redis.
+/// Starts the ingest log when it is on and can be (on Redis): on a single node its
+/// stream is INGEST_LOG_KEY; in a cluster each node appends to a stream of its own.
 fn start_log(
     config: &Config,
     system: &System,
-    clustered: bool,
+    ownership: Option<&Ownership>,
 ) -> anyhow::Result<Option<Arc<IngestLog>>> {
     let Store::Redis(redis) = system.store() else {
         tracing::info!("the embedded store has no ingest log: a crash loses the events accepted since their windows' last checkpoint");
@@ -279,19 +281,17 @@ fn start_log(
         tracing::info!("INGEST_LOG=off: events are accepted while Redis is unreachable; a crash loses up to WINDOW_CHECKPOINT_INTERVAL of them");
         return Ok(None);
     }
-    if clustered {
-        tracing::warn!("the ingest log is not available in a cluster yet: a crashed node loses the events it accepted since their windows' last checkpoint (docs/cluster.md)");
-        return Ok(None);
-    }
-    tracing::info!(stream = %config.ingest_log_key, maxlen = config.ingest_log_maxlen, "ingest log on: events are answered once they are in Redis, and replayed after a crash");
+    let stream = match ownership {
+        Some(o) => Cluster::stream_key(&config.ingest_log_key, o.me(), 0),
+        None => config.ingest_log_key.clone(),
+    };
+    tracing::info!(%stream, maxlen = config.ingest_log_maxlen, "ingest log on: events are answered once they are in Redis, and replayed after a crash");
     let log = IngestLog::start(
         // The appender's own connections: its round trips are the requests' latency.
-        RedisLog::new(
-            redis.with_own_pool(LOG_POOL_SIZE),
-            config.ingest_log_key.clone(),
-        ),
+        RedisLog::new(redis.with_own_pool(LOG_POOL_SIZE), stream),
         LogSettings {
             maxlen: config.ingest_log_maxlen as usize,
+            shards: ownership.map_or(0, Ownership::shards),
         },
         system.directory().clone(),
         system.metrics().clone(),
@@ -327,6 +327,7 @@ async fn start_cluster(
     ownership: Arc<Ownership>,
     incarnation: u64,
     system: &Arc<System>,
+    log: Option<Arc<IngestLog>>,
     internal_stopped: watch::Receiver<bool>,
 ) -> Result<Arc<Cluster>, StartError> {
     let Store::Redis(redis) = system.store() else {
@@ -366,6 +367,10 @@ async fn start_cluster(
         incarnation,
         system,
     );
+    if let Some(log) = log {
+        // Before the first heartbeat, which may take shards.
+        cluster.use_log(log, config.ingest_log_key.clone(), redis.clone());
+    }
     tokio::spawn({
         let (cluster, metrics) = (cluster.clone(), system.metrics().clone());
         async move {

@@ -1,10 +1,12 @@
 //! The shard table in a real redis-server: claims are exclusive, a dead member's shards
-//! are taken only after its lease, a node that lost a shard can write nothing of it, and
+//! are taken only after its lease (with its ingest-log stream owed to their replay), a
+//! node that lost a shard can write nothing of it, streams nobody needs are collected, and
 //! the start-up checks that refuse a node (another shard count, an advertised address
 //! that reaches another process) with exit code 2.
 
 mod common;
 
+use actors::cluster::logs::Logs;
 use actors::cluster::shards::shard_of;
 use actors::cluster::{Ownership, Table, TableError};
 use actors::store::{analysis_key, window_key, DeviceWrite, Fence, RedisStore};
@@ -62,29 +64,101 @@ async fn claims_are_exclusive_and_a_dead_member_s_shards_wait_for_its_lease() {
     let lease = Duration::from_millis(600);
     let a = table(&redis, "127.0.0.1:1#a", lease);
     let b = table(&redis, "127.0.0.1:2#b", lease);
-    a.beat(addr(1), false, 0).await.expect("a registers");
-    let beat = b.beat(addr(2), false, 0).await.expect("b registers");
+    // Each appends to an ingest-log stream of its own.
+    a.beat(addr(1), false, 0, Some("log:a:0"))
+        .await
+        .expect("a registers");
+    let beat = b
+        .beat(addr(2), false, 0, Some("log:b:0"))
+        .await
+        .expect("b registers");
     assert_eq!(beat.members.len(), 2);
     let all: Vec<(u32, u64)> = (0..SHARDS).map(|s| (s, 0)).collect();
     let taken = a.claim(&all).await.expect("claim");
     assert_eq!(taken.len(), SHARDS as usize);
-    assert!(taken.iter().all(|(_, epoch)| *epoch == 1));
+    // A new cluster's shards owe no replay.
+    assert!(taken.iter().all(|c| c.epoch == 1 && c.pending.is_empty()));
     // A live owner keeps its shards: the same claim by b takes nothing.
     assert!(b.claim(&all).await.expect("claim").is_empty());
     // a stops beating; b does. Before a's lease runs out, nothing moves.
     tokio::time::sleep(lease / 3).await;
-    b.beat(addr(2), false, 0).await.expect("beat");
+    b.beat(addr(2), false, 0, Some("log:b:0"))
+        .await
+        .expect("beat");
     assert!(b.claim(&all).await.expect("claim").is_empty());
     tokio::time::sleep(lease).await;
-    let beat = b.beat(addr(2), false, 0).await.expect("beat");
+    let beat = b
+        .beat(addr(2), false, 0, Some("log:b:0"))
+        .await
+        .expect("beat");
     assert_eq!(beat.members.len(), 1, "a's heartbeat expired");
     let taken = b.claim(&all).await.expect("claim");
     assert_eq!(taken.len(), SHARDS as usize);
-    assert!(taken.iter().all(|(_, epoch)| *epoch == 2), "{taken:?}");
+    // The dead owner's stream is owed to every shard b took from it.
+    assert!(
+        taken.iter().all(|c| c.epoch == 2 && c.pending == "log:a:0"),
+        "{taken:?}"
+    );
     let (_, entries) = b.read().await.expect("read");
     assert!(entries
         .iter()
         .all(|e| e.as_ref().is_some_and(|e| &*e.owner == "127.0.0.1:2#b")));
+}
+
+#[tokio::test]
+async fn owed_replays_are_cleared_only_by_their_owner_and_unneeded_streams_are_collected() {
+    let redis = Redis::start();
+    let lease = Duration::from_millis(600);
+    let (a_id, b_id) = ("127.0.0.1:1#a", "127.0.0.1:2#b");
+    let (a, b) = (table(&redis, a_id, lease), table(&redis, b_id, lease));
+    let a_logs = Logs::new(pool(&redis), Arc::from(a_id));
+    let b_logs = Logs::new(pool(&redis), Arc::from(b_id));
+    let exists = |key: &str| redis.cli(&["EXISTS", key]).as_deref() == Some("1");
+    for key in ["log:a:0", "log:a:1", "log:b:0"] {
+        redis.cli(&["XADD", key, "*", "e1", "x"]).expect("xadd");
+    }
+    a.beat(addr(1), false, 0, Some("log:a:0"))
+        .await
+        .expect("beat");
+    b.beat(addr(2), false, 0, Some("log:b:0"))
+        .await
+        .expect("beat");
+    let all: Vec<(u32, u64)> = (0..SHARDS).map(|s| (s, 0)).collect();
+    assert_eq!(a.claim(&all).await.expect("claim").len(), SHARDS as usize);
+
+    // a's lease ran out and it takes its own shards again: epoch + 1, its stream owed,
+    // a new stream its current one.
+    let mine: Vec<(u32, u64)> = (0..SHARDS).map(|s| (s, 1)).collect();
+    let again = a_logs.reclaim(&mine, "log:a:1").await.expect("reclaim");
+    assert_eq!(again.len(), SHARDS as usize);
+    assert!(again.iter().all(|c| c.epoch == 2 && c.pending == "log:a:0"));
+    // Only the shards' owner clears what they owe, once.
+    assert!(b_logs.clear(&again).await.expect("clear").is_empty());
+    assert_eq!(
+        a_logs.clear(&again).await.expect("clear").len(),
+        SHARDS as usize
+    );
+    // a's old stream is neither current nor owed: collected; the current ones stay.
+    assert_eq!(a_logs.collect().await.expect("collect"), 1);
+    assert!(!exists("log:a:0") && exists("log:a:1") && exists("log:b:0"));
+
+    // a dies: its stream stays while it owns shards nobody has taken yet...
+    tokio::time::sleep(lease + lease / 2).await;
+    b.beat(addr(2), false, 0, Some("log:b:0"))
+        .await
+        .expect("beat");
+    assert_eq!(b_logs.collect().await.expect("collect"), 0);
+    assert!(exists("log:a:1"));
+    // ...and while b replays it; then it goes.
+    let taken = b.claim(&all).await.expect("claim");
+    assert!(taken.iter().all(|c| c.pending == "log:a:1"), "{taken:?}");
+    assert_eq!(b_logs.collect().await.expect("collect"), 0);
+    assert_eq!(
+        b_logs.clear(&taken).await.expect("clear").len(),
+        SHARDS as usize
+    );
+    assert_eq!(b_logs.collect().await.expect("collect"), 1);
+    assert!(!exists("log:a:1") && exists("log:b:0"));
 }
 
 #[tokio::test]
@@ -93,13 +167,19 @@ async fn a_node_that_passed_or_lost_a_shard_can_write_nothing_of_it() {
     let lease = Duration::from_secs(10);
     let (a_id, b_id) = ("127.0.0.1:1#a", "127.0.0.1:2#b");
     let (a, b) = (table(&redis, a_id, lease), table(&redis, b_id, lease));
-    a.beat(addr(1), false, 0).await.expect("beat");
-    b.beat(addr(2), false, 0).await.expect("beat");
+    a.beat(addr(1), false, 0, None).await.expect("beat");
+    b.beat(addr(2), false, 0, None).await.expect("beat");
     let all: Vec<(u32, u64)> = (0..SHARDS).map(|s| (s, 0)).collect();
-    let claimed = a.claim(&all).await.expect("claim");
+    let claimed: Vec<(u32, u64)> = a
+        .claim(&all)
+        .await
+        .expect("claim")
+        .iter()
+        .map(|c| (c.shard, c.epoch))
+        .collect();
     // a's view, which fences a's store.
     let a_view = Arc::new(Ownership::new(Arc::from(a_id), SHARDS));
-    a_view.claimed(&claimed);
+    a_view.claimed(&claimed, false);
     let a_store = pool(&redis).fenced(a_view.clone());
     let ttl = Duration::from_secs(60);
     a_store
@@ -182,11 +262,11 @@ async fn a_table_of_another_shard_count_is_refused_and_a_node_with_it_exits_2() 
     let redis = Redis::start();
     let lease = Duration::from_secs(5);
     table(&redis, "127.0.0.1:1#a", lease)
-        .beat(addr(1), false, 0)
+        .beat(addr(1), false, 0, None)
         .await
         .expect("the first node sets the shard count");
     let other = Table::new(pool(&redis), Arc::from("127.0.0.1:2#b"), 16, lease);
-    match other.beat(addr(2), false, 0).await {
+    match other.beat(addr(2), false, 0, None).await {
         Err(TableError::Mismatch { shards, ours, .. }) => {
             assert_eq!((shards.as_str(), ours), ("8", 16));
         }
@@ -196,7 +276,7 @@ async fn a_table_of_another_shard_count_is_refused_and_a_node_with_it_exits_2() 
     redis.cli(&["HSET", "{iot}:meta", "format", "99"]);
     assert!(matches!(
         table(&redis, "127.0.0.1:3#c", lease)
-            .beat(addr(3), false, 0)
+            .beat(addr(3), false, 0, None)
             .await,
         Err(TableError::Mismatch { .. })
     ));

@@ -7,154 +7,18 @@ mod common;
 
 use actors::cluster::wire;
 use actors::event::Event;
-use actors::store::WindowSnapshot;
+use common::durable::{load, resp, try_post_event, Unanswered};
 use common::{eventually, get, post, Redis, Service};
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-
-/// One Redis command over RESP; the raw reply.
-async fn resp(port: u16, args: &[&[u8]]) -> Vec<u8> {
-    let mut req = format!("*{}\r\n", args.len()).into_bytes();
-    for a in args {
-        req.extend(format!("${}\r\n", a.len()).bytes());
-        req.extend_from_slice(a);
-        req.extend_from_slice(b"\r\n");
-    }
-    let mut stream = TcpStream::connect(("127.0.0.1", port))
-        .await
-        .expect("connect to redis");
-    stream.write_all(&req).await.expect("write");
-    let mut reply = Vec::new();
-    let mut buf = [0u8; 65536];
-    // One reply: read until the bulk string (or the line) is complete.
-    loop {
-        let n = stream.read(&mut buf).await.expect("read");
-        reply.extend_from_slice(&buf[..n]);
-        if n == 0 || complete(&reply) {
-            return reply;
-        }
-    }
-}
-
-fn complete(reply: &[u8]) -> bool {
-    let Some(end) = reply.windows(2).position(|w| w == b"\r\n") else {
-        return false;
-    };
-    match reply.first() {
-        Some(b'$') => {
-            let len: i64 = std::str::from_utf8(&reply[1..end])
-                .ok()
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(-1);
-            len < 0 || reply.len() >= end + 2 + len as usize + 2
-        }
-        _ => true,
-    }
-}
-
-/// `GET key` as bytes (`None`: no such key).
-async fn redis_get(port: u16, key: &str) -> Option<Vec<u8>> {
-    let reply = resp(port, &[b"GET", key.as_bytes()]).await;
-    let end = reply.windows(2).position(|w| w == b"\r\n")?;
-    let len: usize = std::str::from_utf8(&reply[1..end]).ok()?.parse().ok()?;
-    Some(reply[end + 2..end + 2 + len].to_vec())
-}
-
-/// POSTs one event on a new connection; the status, or `None` when the connection
-/// failed or broke (the service was killed).
-async fn try_post_event(addr: SocketAddr, body: String) -> Option<u16> {
-    let request = format!(
-        "POST /metric HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    let attempt = async {
-        let mut stream = TcpStream::connect(addr).await.ok()?;
-        stream.write_all(request.as_bytes()).await.ok()?;
-        let mut answer = Vec::new();
-        stream.read_to_end(&mut answer).await.ok()?;
-        let text = String::from_utf8_lossy(&answer);
-        text.split(' ').nth(1)?.parse().ok()
-    };
-    tokio::time::timeout(Duration::from_secs(10), attempt)
-        .await
-        .ok()
-        .flatten()
-}
 
 async fn wait_ready(addr: SocketAddr) {
     eventually(Duration::from_secs(20), "/ready 200", || async move {
         (get(addr, "/ready").await.status == 200).then_some(())
     })
     .await;
-}
-
-/// What the clients learned about each event they sent: answered 200, or sent when the
-/// service died (no answer: it may or may not be in the log).
-#[derive(Default, Debug)]
-struct Outcomes {
-    acked: HashMap<String, Vec<f64>>,
-    unknown: HashMap<String, Vec<f64>>,
-}
-
-/// `clients` concurrent clients, each sending events of its own devices in turn (one at
-/// a time per device, as a device does) until `stop`; a client whose request gets no
-/// answer records that event as unknown and stops. Devices whose index is a multiple of
-/// 4 send the same reading with the same timestamp every time.
-async fn load(
-    addr: SocketAddr,
-    clients: usize,
-    devices_per_client: usize,
-    stop: Arc<AtomicBool>,
-) -> Outcomes {
-    let mut tasks = Vec::new();
-    for c in 0..clients {
-        let stop = stop.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut out = Outcomes::default();
-            for seq in 0u32.. {
-                for d in 0..devices_per_client {
-                    let index = c * devices_per_client + d;
-                    let device = format!("dev-{index}");
-                    let (rps, timestamp) = if index % 4 == 0 {
-                        (7.0, "2024-01-15T10:30:00Z".to_string())
-                    } else {
-                        (f64::from(seq) * 1000.0 + index as f64, chrono_now())
-                    };
-                    let body = format!(
-                        r#"{{"device_id":"{device}","rps":{rps},"cpu":0.5,"timestamp":"{timestamp}"}}"#
-                    );
-                    match try_post_event(addr, body).await {
-                        Some(200) => out.acked.entry(device).or_default().push(rps),
-                        Some(status) => panic!("{device}: status {status} before the kill"),
-                        None => {
-                            out.unknown.entry(device).or_default().push(rps);
-                            return out;
-                        }
-                    }
-                }
-                if stop.load(Ordering::Relaxed) {
-                    return out;
-                }
-            }
-            out
-        }));
-    }
-    let mut all = Outcomes::default();
-    for t in tasks {
-        let out = t.await.expect("client task");
-        all.acked.extend(out.acked);
-        all.unknown.extend(out.unknown);
-    }
-    all
-}
-
-fn chrono_now() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -170,12 +34,13 @@ async fn a_sigkilled_node_loses_no_event_it_answered_and_counts_none_twice() {
     let svc = Service::start(&env);
     wait_ready(svc.addr).await;
     let stop = Arc::new(AtomicBool::new(false));
-    let clients = tokio::spawn(load(svc.addr, 8, 5, stop.clone()));
+    let targets = Arc::new(std::sync::Mutex::new(vec![svc.addr]));
+    let clients = tokio::spawn(load(targets, 8, 5, stop.clone(), Unanswered::Stop));
     tokio::time::sleep(Duration::from_millis(1500)).await;
     drop(svc); // SIGKILL, mid-load
     stop.store(true, Ordering::Relaxed);
     let mut outcomes = clients.await.expect("clients");
-    let acked: usize = outcomes.acked.values().map(Vec::len).sum();
+    let acked = outcomes.acked_count();
     assert!(
         acked > 200,
         "the load ran before the kill: {acked} events answered"
@@ -209,37 +74,7 @@ async fn a_sigkilled_node_loses_no_event_it_answered_and_counts_none_twice() {
 
     // After a graceful stop the stored windows are exact: each holds every answered
     // event once, and of the events in flight at the kill at most once.
-    for (device, acked) in &outcomes.acked {
-        let stored = redis_get(redis.port, &format!("window:{device}"))
-            .await
-            .unwrap_or_else(|| panic!("{device}: no stored window"));
-        let window = WindowSnapshot::decode(&stored).expect("window decodes");
-        let mut seen: HashMap<u64, usize> = HashMap::new();
-        for (rps, _) in window.readings() {
-            *seen.entry(rps.to_bits()).or_default() += 1;
-        }
-        let mut expected: HashMap<u64, usize> = HashMap::new();
-        for rps in acked {
-            *expected.entry(rps.to_bits()).or_default() += 1;
-        }
-        let unknown = outcomes.unknown.get(device).cloned().unwrap_or_default();
-        for (bits, want) in &expected {
-            let got = seen.get(bits).copied().unwrap_or(0);
-            let maybe = unknown.iter().filter(|u| u.to_bits() == *bits).count();
-            assert!(
-                got >= *want && got <= want + maybe,
-                "{device}: rps {} counted {got} times, answered {want} times ({maybe} more in flight at the kill)",
-                f64::from_bits(*bits)
-            );
-        }
-        for (bits, got) in &seen {
-            assert!(
-                expected.contains_key(bits) || unknown.iter().any(|u| u.to_bits() == *bits),
-                "{device}: rps {} ({got} times) was never sent",
-                f64::from_bits(*bits)
-            );
-        }
-    }
+    outcomes.check_stored(redis.port).await;
     // A clean stop leaves nothing a restart would need.
     assert_eq!(redis.cli(&["XLEN", "ingest-log"]).as_deref(), Some("0"));
 }

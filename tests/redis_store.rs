@@ -42,12 +42,12 @@ async fn results_are_stored_under_the_original_keys_with_ttl() {
             .expect("pttl");
         assert!(ttl > 80_000 && ttl <= 90_000, "{key} PTTL {ttl}");
     }
-    // IW3 + the version (8 bytes) + the log position (20) + the newest event's timestamp
+    // IW4 + the version (8 bytes) + the log position (28) + the newest event's timestamp
     // (12) + two readings of 16:
     // at once when both results went out in one flush, else by the trailing checkpoint
     // (WINDOW_CHECKPOINT_INTERVAL, 1 s) when the first flush carried the first one alone.
     eventually(SOON, "the window with both readings", || async {
-        (redis.cli(&["STRLEN", "window:r-1"]).as_deref() == Some("75")).then_some(())
+        (redis.cli(&["STRLEN", "window:r-1"]).as_deref() == Some("83")).then_some(())
     })
     .await;
     assert_eq!(

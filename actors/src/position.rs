@@ -1,10 +1,12 @@
 //! Positions in the ingest log, and the pins that keep log entries from being trimmed
 //! while an event they hold is not yet in a stored checkpoint.
 //!
-//! A [`Position`] is an entry's stream id and the event's index in it: a window that has
-//! seen position `p` has seen every event of its device up to `p`, so a replayed event at
-//! or below the window's position is skipped (a position, not the event's content, says
-//! what a window has seen).
+//! A [`Position`] is the shard's epoch when the event was taken, its entry's stream id
+//! and the event's index in it: a window that has seen position `p` has seen every event
+//! of its device up to `p`, so a replayed event at or below the window's position is
+//! skipped (a position, not the event's content, says what a window has seen). In a
+//! cluster each owner appends to a stream of its own; the epoch, raised by every change
+//! of a shard's owner, orders positions across owners (a single node's epoch is 0).
 //!
 //! A [`Pin`] stands for one log entry; every event of the entry holds it (an `Arc`), from
 //! the append through its device's queue and window until a checkpoint holding the event
@@ -16,9 +18,12 @@ use crate::store::StreamId;
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-/// Where an event is in the ingest log: its entry and its index in the entry.
+/// Where an event is in the ingest log: its shard's epoch, its entry and its index in the
+/// entry (compared in that order).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct Position {
+    /// The epoch of the event's shard when it was taken (0 on a single node).
+    pub epoch: u64,
     /// The entry.
     pub entry: StreamId,
     /// The event's index in the entry.
@@ -26,7 +31,7 @@ pub struct Position {
 }
 
 impl Position {
-    /// Whether this is a real position (`0-0` #0 stands for "none").
+    /// Whether this is a real position (epoch 0, `0-0` #0 stands for "none").
     pub fn is_some(&self) -> bool {
         *self != Self::default()
     }
@@ -150,10 +155,17 @@ mod tests {
     #[test]
     fn positions_order_by_entry_then_index() {
         let p = |ms, seq, index| Position {
+            epoch: 0,
             entry: StreamId(ms, seq),
             index,
         };
         assert!(p(1, 0, 9) < p(1, 1, 0));
+        // A later epoch (a later owner, another stream) is newer whatever its entry.
+        let later = Position {
+            epoch: 1,
+            ..p(0, 1, 0)
+        };
+        assert!(later > p(2, 0, 0));
         assert!(p(1, 1, 0) < p(1, 1, 1));
         assert!(p(2, 0, 0) > p(1, 99, 99));
         assert!(!Position::default().is_some());

@@ -136,6 +136,11 @@ fn unreachable(e: impl std::fmt::Display) -> ForwardError {
     ForwardError::Unreachable(e.to_string())
 }
 
+/// A failure before the batch was handed to a connection.
+fn not_sent(e: impl std::fmt::Display) -> ForwardError {
+    ForwardError::NotSent(e.to_string())
+}
+
 /// The streams to every peer this node has forwarded to.
 pub struct Links {
     links: Mutex<HashMap<SocketAddr, Arc<OnceCell<Arc<Link>>>>>,
@@ -161,20 +166,20 @@ impl Links {
         let deadline = Instant::now() + self.timeout;
         let link = tokio::time::timeout_at(deadline, self.link(peer))
             .await
-            .map_err(|_| ForwardError::Timeout)??;
+            .map_err(|_| not_sent("no connection within the forward timeout"))??;
         let (reply, answer) = oneshot::channel();
         let ticket = self.tickets.fetch_add(1, Ordering::Relaxed);
         {
             let mut pending = link.pending.lock().unwrap_or_else(PoisonError::into_inner);
             let Some(map) = pending.as_mut() else {
-                return Err(unreachable("the stream closed"));
+                return Err(not_sent("the stream closed"));
             };
             map.insert(id, Waiter { ticket, reply });
         }
         let seen = link.answers.load(Ordering::Relaxed);
         if link.frames.send(frame).is_err() {
             link.forget(id, ticket);
-            return Err(unreachable("the stream closed"));
+            return Err(not_sent("the stream closed"));
         }
         match tokio::time::timeout_at(deadline, answer).await {
             Ok(Ok(answer)) => answer,
@@ -212,12 +217,12 @@ impl Links {
 
     /// Connects, asks for the upgrade with the token, and starts the stream.
     async fn dial(&self, peer: SocketAddr) -> Result<Arc<Link>, ForwardError> {
-        let tcp = TcpStream::connect(peer).await.map_err(unreachable)?;
+        let tcp = TcpStream::connect(peer).await.map_err(not_sent)?;
         let _ = tcp.set_nodelay(true);
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(tcp))
                 .await
-                .map_err(unreachable)?;
+                .map_err(not_sent)?;
         tokio::spawn(conn.with_upgrades());
         let request = Request::get(paths::STREAM)
             .header(HOST, peer.to_string())
@@ -225,13 +230,13 @@ impl Links {
             .header(CONNECTION, "upgrade")
             .header(UPGRADE, PROTOCOL)
             .body(Empty::new())
-            .map_err(unreachable)?;
-        let response = sender.send_request(request).await.map_err(unreachable)?;
+            .map_err(not_sent)?;
+        let response = sender.send_request(request).await.map_err(not_sent)?;
         if response.status() != StatusCode::SWITCHING_PROTOCOLS {
             return Err(ForwardError::Rejected(response.status().as_u16()));
         }
-        let upgraded = hyper::upgrade::on(response).await.map_err(unreachable)?;
-        let (tcp, early) = frame::into_tcp(upgraded).map_err(unreachable)?;
+        let upgraded = hyper::upgrade::on(response).await.map_err(not_sent)?;
+        let (tcp, early) = frame::into_tcp(upgraded).map_err(not_sent)?;
         Ok(Arc::new(Link::start(tcp, early)))
     }
 }

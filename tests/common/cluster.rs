@@ -155,77 +155,29 @@ pub async fn load(devices: usize, per_device: usize, targets: Targets, pause: Du
     retries
 }
 
-/// Every device, read from every node, equals the reference (within the flush lag).
+/// Every device, read from every node, equals the reference (within the flush lag: a
+/// node's answer is read again for up to 20 s while it differs).
 pub async fn all_match(nodes: &[SocketAddr], devices: usize, per_device: usize) {
-    all_match_but_one_lost(nodes, devices, per_device, |_| None).await;
-}
-
-/// [`all_match`], except that device `d` may lack one of its events when `may_lack(d)`
-/// names a range of event indices: one event, inside that range, the same on every node —
-/// what a node cut off right after acknowledging an event, before its next flush, loses
-/// (docs/cluster.md, "Guarantees"). Answers how many devices lack one.
-pub async fn all_match_but_one_lost(
-    nodes: &[SocketAddr],
-    devices: usize,
-    per_device: usize,
-    may_lack: impl Fn(usize) -> Option<std::ops::RangeInclusive<usize>>,
-) -> usize {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    // A device one event short is taken as having lost it only after this: before, the
-    // event may still be on its way (a flush, a re-routed forward).
-    let settled = std::time::Instant::now() + Duration::from_secs(2);
-    let mut lost = 0;
     for d in 0..devices {
         let events = events_of(d, per_device);
         let device = format!("dev-{d}");
-        let allowed = may_lack(d);
-        // What each node serves: `None` exact, `Some(i)` all but event i.
-        let mut served = Vec::new();
         for &addr in nodes {
             loop {
                 let reply = get(addr, &format!("/analyze?device_id={device}")).await;
                 let verdict = if reply.status != 200 {
                     Err(format!("{device}: /analyze {}", reply.status))
                 } else {
-                    let v = reply.json();
-                    match agrees(&v, &device, &events) {
-                        Ok(()) => Ok(None),
-                        Err(e) => allowed
-                            .clone()
-                            .filter(|_| std::time::Instant::now() > settled)
-                            .and_then(|mut range| {
-                                range.find(|&i| {
-                                    i < events.len() && {
-                                        let mut fewer = events.clone();
-                                        fewer.remove(i);
-                                        agrees(&v, &device, &fewer).is_ok()
-                                    }
-                                })
-                            })
-                            .map(Some)
-                            .ok_or(e),
-                    }
+                    agrees(&reply.json(), &device, &events)
                 };
                 match verdict {
-                    Ok(lacks) => {
-                        served.push((addr, lacks));
-                        break;
-                    }
+                    Ok(()) => break,
                     Err(e) if std::time::Instant::now() > deadline => panic!("{addr}: {e}"),
                     Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
                 }
             }
         }
-        assert!(
-            served.iter().all(|(_, lacks)| *lacks == served[0].1),
-            "{device}: the nodes disagree (None: exact, Some(i): without event i): {served:?}"
-        );
-        if let Some(i) = served.first().and_then(|(_, lacks)| *lacks) {
-            eprintln!("{device} lacks its event {i} of {per_device}");
-            lost += 1;
-        }
     }
-    lost
 }
 
 /// Watches `devices` on `addr` while load runs: a device's `samples` never goes back.

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod durable;
 pub mod inprocess;
 pub mod sse;
 pub mod tls;

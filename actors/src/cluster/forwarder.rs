@@ -157,11 +157,24 @@ impl Outgoing {
     async fn run(&self, batch: &[(Arc<str>, Event)]) -> Result<Vec<u32>, ForwardError> {
         let started = Instant::now();
         let body = wire::encode(batch.iter().map(|(d, e)| (&**d, e)));
+        // Whether an earlier send may have arrived: then a later "not sent" does not
+        // mean the peer never took the batch.
+        let mut maybe_delivered = false;
         loop {
-            let result = self
+            let mut result = self
                 .transport
                 .send_events(self.peer, self.id, body.clone())
                 .await;
+            if let Err(e) = &result {
+                let now = e.maybe_delivered();
+                if maybe_delivered && matches!(e, ForwardError::NotSent(_)) {
+                    let e = e.to_string();
+                    result = Err(ForwardError::Unreachable(format!(
+                        "{e}, after a send that may have arrived"
+                    )));
+                }
+                maybe_delivered |= now;
+            }
             if let Err(e) = &result {
                 if let Some(reason) = e.failure() {
                     self.metrics
@@ -172,7 +185,10 @@ impl Outgoing {
                 tracing::debug!(peer = %self.peer, error = %e, events = batch.len(), "forward failed");
                 // The peer may have queued the batch (no answer, or a connection that broke
                 // mid-request): only the same key to the same peer is safe while it lives.
-                let unknown = matches!(e, ForwardError::Timeout | ForwardError::Unreachable(_));
+                let unknown = matches!(
+                    e,
+                    ForwardError::Timeout | ForwardError::Unreachable(_) | ForwardError::NotSent(_)
+                );
                 if unknown && started.elapsed() < self.retry_for && (self.peer_alive)() {
                     tokio::time::sleep(RETRY_PAUSE).await;
                     continue;

@@ -46,6 +46,9 @@ const MIN_ROUND_GAP: Duration = Duration::from_millis(10);
 /// How often a draining shard's queues are looked at.
 const DRAIN_POLL: Duration = Duration::from_millis(1);
 
+/// Every this many rounds, ingest-log streams nobody needs are deleted.
+const COLLECT_EVERY: u64 = 10;
+
 impl Cluster {
     /// The first heartbeat: registers this node and reads the table. An error here (a
     /// table of another shard count, Redis unreachable) is for the caller to report.
@@ -92,11 +95,20 @@ impl Cluster {
         if !lost.is_empty() {
             self.drop_shards(&lost).await;
         }
+        if self.log.get().is_some() && self.ownership.lease_lapsed() {
+            self.suspend();
+        }
         let started = Instant::now();
         let leaving = self.is_leaving();
+        let stream = self.stream().map(|s| s.key().to_string());
         let beat = self
             .table
-            .beat(self.config.advertise, leaving, self.known_version())
+            .beat(
+                self.config.advertise,
+                leaving,
+                self.known_version(),
+                stream.as_deref(),
+            )
             .await?;
         // The heartbeat key lives a lease from when it arrived; admitting stops a
         // heartbeat earlier than that, counted from when it was sent.
@@ -114,9 +126,13 @@ impl Cluster {
                 self.drop_shards(&lost).await;
             }
         }
+        self.reclaim_suspended().await?;
         self.publish(&beat.members);
         *self.members.lock().unwrap_or_else(PoisonError::into_inner) = beat.members.clone();
         self.registered.store(true, Ordering::Release);
+        if self.rounds.fetch_add(1, Ordering::Relaxed) % COLLECT_EVERY == 0 {
+            self.collect_streams().await;
+        }
         let desired = self.desired(&beat.members);
         self.claim_free(&beat.members, &desired).await?;
         self.start_moves(&desired);
@@ -127,7 +143,7 @@ impl Cluster {
         self.version.load(Ordering::Acquire)
     }
 
-    fn set_version(&self, v: u64) {
+    pub(super) fn set_version(&self, v: u64) {
         self.version.store(v, Ordering::Release);
     }
 
@@ -205,12 +221,13 @@ impl Cluster {
             return Ok(());
         }
         let claimed = self.table.claim(&wanted).await?;
-        if !claimed.is_empty() {
-            tracing::info!(shards = claimed.len(), "shards taken (no live owner)");
-            self.ownership.claimed(&claimed);
+        let taken = claimed.len();
+        if taken > 0 {
+            tracing::info!(shards = taken, "shards taken (no live owner)");
+            self.adopt_claimed(claimed);
             self.publish(members);
         }
-        if claimed.len() < wanted.len() {
+        if taken < wanted.len() {
             // Someone else's claim or heartbeat came first: read the table next round.
             self.set_version(0);
         }
@@ -259,11 +276,14 @@ impl Cluster {
         if moving.is_empty() {
             return;
         }
+        // Events admitted before the move began may still be in the ingest log's
+        // appender: they are queued (or refused) before the queues are drained.
+        let appended = self.appended(moving.keys().copied()).await;
         let ownership = self.ownership.clone();
         let (slots, stopping) = self
             .directory
             .close_where(|d| moving.contains_key(&ownership.shard(d)));
-        let settled = self.stop_slots(&slots, &stopping).await && self.flush().await;
+        let settled = appended && self.stop_slots(&slots, &stopping).await && self.flush().await;
         if !settled {
             tracing::warn!(shards = moving.len(), "handoff abandoned (queues did not drain or the store did not answer in time); the shards stay here");
             for slot in &slots {
@@ -317,9 +337,25 @@ impl Cluster {
             .set(self.ownership.owned().len() as i64);
     }
 
+    /// Waits until no event of `shards` is between admission and its queue (with the
+    /// ingest log on); false after the step timeout.
+    async fn appended(&self, shards: impl Iterator<Item = u32> + Clone) -> bool {
+        let Some(log) = self.log.get() else {
+            return true;
+        };
+        let deadline = Instant::now() + self.step_timeout();
+        while shards.clone().any(|s| log.log.in_flight(s) > 0) {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(DRAIN_POLL).await;
+        }
+        true
+    }
+
     /// Waits until the closed slots' queues are processed, then stops their actors (each
     /// deposits its window as it stops), and waits for actors that were stopping already.
-    async fn stop_slots(&self, slots: &[Arc<Slot>], stopping: &[ActorCell]) -> bool {
+    pub(super) async fn stop_slots(&self, slots: &[Arc<Slot>], stopping: &[ActorCell]) -> bool {
         let deadline = Instant::now() + self.step_timeout();
         while !slots.iter().all(|s| s.is_drained()) {
             if Instant::now() >= deadline {
@@ -344,7 +380,7 @@ impl Cluster {
     }
 
     /// Every result deposited so far is in the store.
-    async fn flush(&self) -> bool {
+    pub(super) async fn flush(&self) -> bool {
         matches!(
             self.writer
                 .call(WriterMsg::Barrier, Some(self.step_timeout()))

@@ -8,6 +8,8 @@
 //!   also the store's fence.
 //! - [`handoff`]: the heartbeat round: register, read the table, take free shards, hand
 //!   shards to their desired owners (stop admitting, drain, write, pass with epoch + 1).
+//! - [`logs`]: the members' ingest-log streams in the table, and the replays a new owner
+//!   owes before it admits a shard's events (`takeover` runs them).
 //! - [`forwarder`]: one actor per peer, batching events with idempotency keys.
 //! - [`transport`]: how nodes talk (implemented over HTTP by the binary), its errors, the
 //!   batches' idempotency keys.
@@ -22,19 +24,22 @@
 
 pub mod forwarder;
 pub mod handoff;
+pub mod logs;
 pub mod ownership;
 mod received;
 pub mod shards;
 pub mod table;
+mod takeover;
 pub mod transport;
 pub mod wire;
 
 pub use ownership::{Local, Ownership, Route};
-pub use table::{Member, Table, TableError};
+pub use table::{Claimed, Member, Table, TableError};
 pub use transport::{BatchId, ForwardError, Transport};
 
 use crate::device::{Directory, SubmitError};
 use crate::event::Event;
+use crate::ingest::{settled, Appended, IngestLog, RedisLog, Tag};
 use crate::metrics::Metrics;
 use crate::store::WriterMsg;
 use dashmap::DashMap;
@@ -44,7 +49,7 @@ use ractor::{Actor, ActorRef};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -84,6 +89,18 @@ enum Refused {
     Unroutable,
     /// Forwarded here, but its shard is another node's: its sender routes it again.
     Moved,
+    /// The ingest log could not be written.
+    NotDurable,
+}
+
+/// This node's ingest log in the cluster.
+struct ClusterLog {
+    log: Arc<IngestLog>,
+    logs: logs::Logs,
+    /// INGEST_LOG_KEY: the prefix of this node's streams.
+    base: String,
+    /// The current stream's term (raised when this node was declared dead).
+    term: AtomicU64,
 }
 
 /// Events with their positions in the request and their devices.
@@ -114,6 +131,15 @@ pub struct Cluster {
     version: AtomicU64,
     /// Shards without a live owner at the last heartbeat round.
     vacant: Mutex<std::collections::HashSet<handoff::Vacancy>>,
+    /// The ingest log, when it is on.
+    log: OnceLock<ClusterLog>,
+    /// With the log on, after this node's lease ran out: the shards it suspended, to take
+    /// again with a new stream (`None`: no lapse since).
+    suspended: Mutex<Option<Vec<u32>>>,
+    /// One replay of earlier owners' streams at a time.
+    replaying: tokio::sync::Mutex<()>,
+    /// Heartbeat rounds so far.
+    rounds: AtomicU64,
 }
 
 impl Cluster {
@@ -152,7 +178,34 @@ impl Cluster {
             moving: AtomicBool::new(false),
             version: AtomicU64::new(0),
             vacant: Mutex::new(Default::default()),
+            log: OnceLock::new(),
+            suspended: Mutex::new(None),
+            replaying: tokio::sync::Mutex::new(()),
+            rounds: AtomicU64::new(0),
         })
+    }
+
+    /// The stream key of this node's `term` under the prefix `base` (INGEST_LOG_KEY).
+    pub fn stream_key(base: &str, me: &str, term: u64) -> String {
+        format!("{base}:{me}:{term}")
+    }
+
+    /// Appends the events this node admits to `log` (whose stream must be
+    /// [`Cluster::stream_key`] of term 0) before they are answered; `redis` reads the
+    /// streams of earlier owners. Set before the first heartbeat.
+    pub fn use_log(&self, log: Arc<IngestLog>, base: String, redis: crate::store::RedisStore) {
+        let logs = logs::Logs::new(redis, self.me().clone());
+        let _ = self.log.set(ClusterLog {
+            log,
+            logs,
+            base,
+            term: AtomicU64::new(0),
+        });
+    }
+
+    /// This node's current stream, when the log is on.
+    fn stream(&self) -> Option<RedisLog> {
+        self.log.get().map(|l| l.log.stream())
     }
 
     /// This node's id.
@@ -273,8 +326,18 @@ impl Cluster {
     }
 
     /// Queues a shard's events here, all or none (MAX_PENDING_EVENTS); called under the
-    /// shard's lock.
-    fn push_local(&self, events: &Positioned) -> Result<(), SubmitError> {
+    /// shard's lock. With the ingest log on they are handed to the appender instead,
+    /// tagged with the shard's epoch, and the answer comes once they are in the log.
+    fn push_local(
+        &self,
+        shard: u32,
+        epoch: u64,
+        events: &Positioned,
+    ) -> Result<Option<Appended>, SubmitError> {
+        if let Some(log) = self.log.get() {
+            let part = events.iter().map(|(_, d, e)| (d.clone(), *e)).collect();
+            return log.log.enqueue(part, Some(Tag { shard, epoch })).map(Some);
+        }
         if !self.directory.admit(events.len()) {
             return Err(SubmitError::Overloaded);
         }
@@ -286,7 +349,7 @@ impl Cluster {
                 return Err(e);
             }
         }
-        Ok(())
+        Ok(None)
     }
 
     /// Takes one shard's events (in order): queued here while this node owns the shard,
@@ -317,10 +380,24 @@ impl Cluster {
                 }
             }
             let lease_ok = received.is_none() || self.ownership.lease_valid();
-            match self.ownership.route(shard, || self.push_local(&events)) {
-                Ok(Ok(())) => return Vec::new(),
-                Ok(Err(SubmitError::Overloaded)) => return all(Refused::Overloaded),
-                Ok(Err(_)) => return all(Refused::Unroutable),
+            match self
+                .ownership
+                .route(shard, |epoch| self.push_local(shard, epoch, &events))
+            {
+                Ok(Ok(None)) => return Vec::new(),
+                Ok(Ok(Some(appended))) => {
+                    return match settled(appended).await {
+                        Ok(()) => Vec::new(),
+                        Err(e) => {
+                            tracing::debug!(shard, error = %e, "events not appended");
+                            all(refusal(e))
+                        }
+                    }
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(shard, error = %e, "events not admitted");
+                    return all(refusal(e));
+                }
                 Err(Route::Remote(_)) if received.is_some() && lease_ok => {
                     return all(Refused::Moved)
                 }
@@ -340,14 +417,21 @@ impl Cluster {
                                 .collect()
                         }
                         Err(ForwardError::Overloaded) => return all(Refused::Overloaded),
-                        // Unreachable, or timed out while the table moved the shard:
-                        // the table decides where the events go now.
+                        // With the log on, the owner may have logged them before it
+                        // failed, and its successor replays them: sent elsewhere they
+                        // could be counted twice, so they are refused.
+                        Err(e) if e.maybe_delivered() && self.log.get().is_some() => {
+                            return all(Refused::Unroutable)
+                        }
+                        // Not delivered, or timed out while the table moved the shard
+                        // (without the log): the table decides where they go now.
                         Err(_) => self.kick(),
                     }
                 }
                 Err(_) => self.kick(),
             }
             if Instant::now() >= deadline {
+                tracing::debug!(shard, "no owner took the events in time");
                 return all(Refused::Unroutable);
             }
             let _ = tokio::time::timeout(WAIT_STEP, changed.changed()).await;
@@ -364,6 +448,7 @@ impl Cluster {
         match refused.first() {
             None => Ok(()),
             Some((_, Refused::Overloaded)) => Err(SubmitError::Overloaded),
+            Some((_, Refused::NotDurable)) => Err(SubmitError::NotDurable),
             Some(_) => Err(SubmitError::Unroutable),
         }
     }
@@ -379,16 +464,17 @@ impl Cluster {
         events: Vec<(Arc<str>, Event)>,
     ) -> Result<Vec<usize>, SubmitError> {
         let total = events.len();
-        let refused: Vec<usize> = self
+        let refused = self
             .take_positioned(events.into_iter().enumerate(), None)
-            .await
-            .into_iter()
-            .map(|(i, _)| i)
-            .collect();
+            .await;
         if total > 0 && refused.len() == total {
-            return Err(SubmitError::Overloaded);
+            return Err(if refused.iter().all(|r| r.1 == Refused::NotDurable) {
+                SubmitError::NotDurable
+            } else {
+                SubmitError::Overloaded
+            });
         }
-        Ok(refused)
+        Ok(refused.into_iter().map(|(i, _)| i).collect())
     }
 
     async fn take_positioned(
@@ -412,6 +498,15 @@ impl Cluster {
         let mut refused: Vec<(usize, Refused)> = parts.into_iter().flatten().collect();
         refused.sort_unstable_by_key(|r| r.0);
         refused
+    }
+}
+
+/// Why a shard's part was refused here.
+fn refusal(e: SubmitError) -> Refused {
+    match e {
+        SubmitError::Overloaded => Refused::Overloaded,
+        SubmitError::NotDurable => Refused::NotDurable,
+        _ => Refused::Unroutable,
     }
 }
 

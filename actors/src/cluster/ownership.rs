@@ -31,6 +31,9 @@ pub enum Local {
     Active,
     /// This node owns it and is handing it off: its events wait for the new owner.
     Moving,
+    /// This node owns it and replays the ingest log of its previous owner (or its own,
+    /// after it was declared dead) before it admits its events: they wait.
+    Replaying,
 }
 
 /// One shard as this node knows it.
@@ -184,13 +187,21 @@ impl Ownership {
         self.changed.send_modify(|v| *v = v.wrapping_add(1));
     }
 
+    /// Whether this node's lease ran out since it was last renewed (it may have been
+    /// declared dead meanwhile).
+    pub fn lease_lapsed(&self) -> bool {
+        let until = self.lease_until.load(Ordering::Acquire);
+        until != 0 && self.millis(Instant::now()) >= until
+    }
+
     /// Routes an event of `shard`; when the route is [`Route::Local`], runs `admit` under
-    /// the shard's lock (the push onto the device's queue) and answers its result.
-    pub fn route<R>(&self, shard: u32, admit: impl FnOnce() -> R) -> Result<R, Route> {
+    /// the shard's lock (the push onto the device's queue, given the shard's epoch) and
+    /// answers its result.
+    pub fn route<R>(&self, shard: u32, admit: impl FnOnce(u64) -> R) -> Result<R, Route> {
         let state = self.lock(shard);
         match state.local {
-            Local::Active if self.lease_valid() => Ok(admit()),
-            Local::Active | Local::Moving => Err(Route::Wait),
+            Local::Active if self.lease_valid() => Ok(admit(state.epoch)),
+            Local::Active | Local::Moving | Local::Replaying => Err(Route::Wait),
             Local::No => Err(
                 match state
                     .owner
@@ -232,7 +243,7 @@ impl Ownership {
                 // shard stays here, and this node claims it again (see the heartbeat).
                 None if state.local == Local::Active => state.owner = None,
                 other => {
-                    if state.local == Local::Active {
+                    if matches!(state.local, Local::Active | Local::Replaying) {
                         state.local = Local::No;
                         lost.push(s);
                     }
@@ -258,15 +269,47 @@ impl Ownership {
             .collect()
     }
 
-    /// Records shards this node has just claimed, with their epochs.
-    pub fn claimed(&self, claimed: &[(u32, u64)]) {
+    /// Records shards this node has just claimed, with their epochs: active, or
+    /// replaying (events wait) when `replay`.
+    pub fn claimed(&self, claimed: &[(u32, u64)], replay: bool) {
         for (s, epoch) in claimed {
             let mut state = self.lock(*s);
             state.owner = Some(self.me.clone());
             state.epoch = *epoch;
-            state.local = Local::Active;
+            state.local = if replay {
+                Local::Replaying
+            } else {
+                Local::Active
+            };
         }
         self.notify();
+    }
+
+    /// Admits the events of replayed shards from now on (those still replaying here at
+    /// the same epoch).
+    pub fn replayed(&self, shards: &[(u32, u64)]) {
+        for (s, epoch) in shards {
+            let mut state = self.lock(*s);
+            if state.local == Local::Replaying && state.epoch == *epoch {
+                state.local = Local::Active;
+            }
+        }
+        self.notify();
+    }
+
+    /// Stops admitting every active shard (they are replayed before they are admitted
+    /// again); answers them.
+    pub fn suspend(&self) -> Vec<u32> {
+        (0..self.shards)
+            .filter(|s| {
+                let mut state = self.lock(*s);
+                let active = state.local == Local::Active;
+                if active {
+                    state.local = Local::Replaying;
+                }
+                active
+            })
+            .collect()
     }
 
     /// Starts handing off shard `s`: answers its epoch if it was active here.
@@ -372,28 +415,28 @@ mod tests {
         let me: Arc<str> = Arc::from("10.0.0.1:8081#a");
         let o = Ownership::new(me.clone(), 2);
         // Nothing known: wait.
-        assert_eq!(o.route(0, || ()), Err(Route::Wait));
+        assert_eq!(o.route(0, |_| ()), Err(Route::Wait));
         o.apply(&vec![
             entry("10.0.0.1:8081#a", 3),
             entry("10.0.0.2:8081#b", 7),
         ]);
         // Mine, but no lease yet: wait.
-        assert_eq!(o.route(0, || ()), Err(Route::Wait));
+        assert_eq!(o.route(0, |_| ()), Err(Route::Wait));
         o.renew_lease(Instant::now() + std::time::Duration::from_secs(5));
-        assert_eq!(o.route(0, || 42), Ok(42));
+        assert_eq!(o.route(0, |epoch| epoch), Ok(3));
         assert_eq!(
-            o.route(1, || ()),
+            o.route(1, |_| ()),
             Err(Route::Remote("10.0.0.2:8081".parse().expect("addr")))
         );
         assert_eq!(o.lease("x").map(|(_, e)| e).is_some(), o.shard("x") == 0);
         // Moving: events wait, writes still go out under the old epoch.
         assert_eq!(o.begin_move(0), Some(3));
-        assert_eq!(o.route(0, || ()), Err(Route::Wait));
+        assert_eq!(o.route(0, |_| ()), Err(Route::Wait));
         assert_eq!(o.state(0).local, Local::Moving);
         let to: Arc<str> = Arc::from("10.0.0.3:8081#c");
         o.end_move(0, Some(&to));
         assert_eq!(
-            o.route(0, || ()),
+            o.route(0, |_| ()),
             Err(Route::Remote("10.0.0.3:8081".parse().expect("addr")))
         );
         assert_eq!(o.state(0).epoch, 4);
@@ -426,8 +469,8 @@ mod tests {
         let (adopted, lost) = o.apply(&vec![None, None]);
         assert!(adopted.is_empty() && lost.is_empty());
         assert_eq!(o.orphans(), vec![(0, 4)]);
-        assert_eq!(o.route(0, || 1), Ok(1), "still admitted here");
-        o.claimed(&[(0, 5)]);
+        assert_eq!(o.route(0, |_| 1), Ok(1), "still admitted here");
+        o.claimed(&[(0, 5)], false);
         assert!(o.orphans().is_empty());
         assert_eq!(o.lease("x").is_some(), o.shard("x") == 0);
     }

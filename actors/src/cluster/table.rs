@@ -12,9 +12,13 @@
 //! - `{iot}:shards`: hash, shard → `"<epoch> <owner id>"`; `{iot}:version`: bumped on
 //!   every change of it, so a heartbeat reads the table only when it changed.
 //!
+//! - `{iot}:logs`, `{iot}:logcur`, `{iot}:pending`: the members' ingest-log streams and
+//!   the streams a shard's owner must replay before it admits events (see [`super::logs`]).
+//!
 //! An owner changes only by compare-and-set: [`Table::claim`] takes shards that have no
-//! owner or whose owner's key expired; [`Table::pass`] hands shards from this node to a
-//! live member. Both raise the epoch; the store's writes of a shard are accepted only
+//! owner or whose owner's key expired (and records the dead owner's streams as the
+//! shard's pending replay); [`Table::pass`] hands shards from this node to a live
+//! member. Both raise the epoch; the store's writes of a shard are accepted only
 //! under its current epoch and owner (see `store::redis`), so a node that lost a shard
 //! while paused or cut off can write nothing of it.
 
@@ -36,11 +40,19 @@ pub const MEMBER_PREFIX: &str = "{iot}:member:";
 pub const SHARDS_KEY: &str = "{iot}:shards";
 /// Key of the table's version counter.
 pub const VERSION_KEY: &str = "{iot}:version";
+/// Key of the hash of ingest-log streams (stream key → node id).
+pub const LOGS_KEY: &str = "{iot}:logs";
+/// Key of the hash of each node's current stream (node id → stream key).
+pub const LOGCUR_KEY: &str = "{iot}:logcur";
+/// Key of the hash of pending replays (shard → stream keys, space-separated).
+pub const PENDING_KEY: &str = "{iot}:pending";
 
-/// Renews this node's heartbeat, checks the meta, and returns the live members, the
-/// table's version and (when it differs from ARGV[6]) the table.
-/// KEYS: meta, members, my member key, version, shards.
-/// ARGV: my id, my member value, lease ms, shard count, format, known version, prefix.
+/// Renews this node's heartbeat (and the registration of its ingest-log stream, ARGV[8]
+/// when not empty), checks the meta, and returns the live members, the table's version
+/// and (when it differs from ARGV[6]) the table.
+/// KEYS: meta, members, my member key, version, shards, logs, logcur.
+/// ARGV: my id, my member value, lease ms, shard count, format, known version, prefix,
+/// my stream key.
 const HEARTBEAT: &str = r#"
 local fmt = redis.call('HGET', KEYS[1], 'format')
 local n = redis.call('HGET', KEYS[1], 'shards')
@@ -51,6 +63,10 @@ elseif fmt ~= ARGV[5] or n ~= ARGV[4] then
 end
 redis.call('SET', KEYS[3], ARGV[2], 'PX', ARGV[3])
 redis.call('SADD', KEYS[2], ARGV[1])
+if ARGV[8] ~= '' then
+  redis.call('HSET', KEYS[6], ARGV[8], ARGV[1])
+  redis.call('HSET', KEYS[7], ARGV[1], ARGV[8])
+end
 local live = {}
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[2])) do
   local v = redis.call('GET', ARGV[7] .. id)
@@ -69,18 +85,31 @@ return {1, live, version, redis.call('HGETALL', KEYS[5])}
 "#;
 
 /// Claims shards for ARGV[1]: each pair (shard, floor) is taken when it has no owner or
-/// its owner's heartbeat key is gone, with epoch max(current, floor) + 1. Answers the
-/// pairs (shard, epoch) taken.
-/// KEYS: shards, version. ARGV: my id, member prefix, then pairs.
+/// its owner's heartbeat key is gone, with epoch max(current, floor) + 1; the dead
+/// owner's ingest-log streams join the shard's pending replay. Answers the triples
+/// (shard, epoch, pending streams) taken.
+/// KEYS: shards, version, logs, pending. ARGV: my id, member prefix, then pairs.
 const CLAIM: &str = r#"
 local out = {}
+local streams = {}
+local function streams_of(owner)
+  if streams[owner] == nil then
+    local found = {}
+    local all = redis.call('HGETALL', KEYS[3])
+    for j = 1, #all, 2 do
+      if all[j + 1] == owner then table.insert(found, all[j]) end
+    end
+    streams[owner] = found
+  end
+  return streams[owner]
+end
 for i = 3, #ARGV, 2 do
   local cur = redis.call('HGET', KEYS[1], ARGV[i])
-  local epoch, free = 0, true
+  local epoch, free, owner = 0, true, nil
   if cur then
     local sp = string.find(cur, ' ', 1, true)
     epoch = tonumber(string.sub(cur, 1, sp - 1))
-    local owner = string.sub(cur, sp + 1)
+    owner = string.sub(cur, sp + 1)
     if owner == ARGV[1] or redis.call('EXISTS', ARGV[2] .. owner) == 1 then
       free = false
     end
@@ -90,8 +119,18 @@ for i = 3, #ARGV, 2 do
     if floor > epoch then epoch = floor end
     epoch = epoch + 1
     redis.call('HSET', KEYS[1], ARGV[i], epoch .. ' ' .. ARGV[1])
+    local pending = redis.call('HGET', KEYS[4], ARGV[i]) or ''
+    if owner then
+      for _, key in ipairs(streams_of(owner)) do
+        if not string.find(' ' .. pending .. ' ', ' ' .. key .. ' ', 1, true) then
+          if pending == '' then pending = key else pending = pending .. ' ' .. key end
+        end
+      end
+      if pending ~= '' then redis.call('HSET', KEYS[4], ARGV[i], pending) end
+    end
     table.insert(out, ARGV[i])
     table.insert(out, tostring(epoch))
+    table.insert(out, pending)
   end
 end
 if #out > 0 then redis.call('INCR', KEYS[2]) end
@@ -195,7 +234,7 @@ impl std::fmt::Debug for Table {
     }
 }
 
-fn text(v: &Value) -> Option<String> {
+pub(super) fn text(v: &Value) -> Option<String> {
     match v {
         Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
         Value::SimpleString(s) => Some(s.clone()),
@@ -204,11 +243,46 @@ fn text(v: &Value) -> Option<String> {
     }
 }
 
-fn items(v: &Value) -> Option<&[Value]> {
+pub(super) fn items(v: &Value) -> Option<&[Value]> {
     match v {
         Value::Array(a) => Some(a),
         _ => None,
     }
+}
+
+/// A shard this node has taken: its new epoch, and the ingest-log streams of its
+/// earlier owners to replay before its events are admitted (empty: none).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claimed {
+    /// The shard.
+    pub shard: u32,
+    /// Its epoch now.
+    pub epoch: u64,
+    /// Stream keys, as the table holds them (space-separated).
+    pub pending: String,
+}
+
+impl Claimed {
+    /// The stream keys to replay.
+    pub fn streams(&self) -> impl Iterator<Item = &str> {
+        self.pending.split_whitespace()
+    }
+}
+
+/// Parses triples (shard, epoch, pending) answered by a script.
+pub(super) fn claimed(answer: &Value) -> Option<Vec<Claimed>> {
+    Some(
+        items(answer)?
+            .chunks_exact(3)
+            .filter_map(|p| {
+                Some(Claimed {
+                    shard: text(&p[0])?.parse().ok()?,
+                    epoch: text(&p[1])?.parse().ok()?,
+                    pending: text(&p[2]).unwrap_or_default(),
+                })
+            })
+            .collect(),
+    )
 }
 
 /// Parses `"<ip:port> active|leaving"`.
@@ -260,13 +334,15 @@ impl Table {
         }
     }
 
-    /// Renews this node's heartbeat (`addr`, leaving or not) and reads the members, and
-    /// the table when its version is not `known`.
+    /// Renews this node's heartbeat (`addr`, leaving or not, appending to the ingest-log
+    /// stream `stream` when the log is on) and reads the members, and the table when its
+    /// version is not `known`.
     pub async fn beat(
         &self,
         addr: SocketAddr,
         leaving: bool,
         known: u64,
+        stream: Option<&str>,
     ) -> Result<Beat, TableError> {
         let my_key = format!("{MEMBER_PREFIX}{}", self.me);
         let value = format!("{addr} {}", if leaving { "leaving" } else { "active" });
@@ -275,7 +351,15 @@ impl Table {
             .redis
             .eval(
                 &self.heartbeat,
-                &[META_KEY, MEMBERS_KEY, &my_key, VERSION_KEY, SHARDS_KEY],
+                &[
+                    META_KEY,
+                    MEMBERS_KEY,
+                    &my_key,
+                    VERSION_KEY,
+                    SHARDS_KEY,
+                    LOGS_KEY,
+                    LOGCUR_KEY,
+                ],
                 &[
                     &self.me,
                     &value,
@@ -284,6 +368,7 @@ impl Table {
                     FORMAT,
                     &known.to_string(),
                     MEMBER_PREFIX,
+                    stream.unwrap_or(""),
                 ],
             )
             .await?;
@@ -339,8 +424,8 @@ impl Table {
     }
 
     /// Takes each `(shard, floor)` that has no live owner; answers those taken, with
-    /// their new epochs.
-    pub async fn claim(&self, shards: &[(u32, u64)]) -> Result<Vec<(u32, u64)>, TableError> {
+    /// their new epochs and the streams to replay before admitting their events.
+    pub async fn claim(&self, shards: &[(u32, u64)]) -> Result<Vec<Claimed>, TableError> {
         if shards.is_empty() {
             return Ok(Vec::new());
         }
@@ -352,13 +437,13 @@ impl Table {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let answer: Value = self
             .redis
-            .eval(&self.claim, &[SHARDS_KEY, VERSION_KEY], &args)
+            .eval(
+                &self.claim,
+                &[SHARDS_KEY, VERSION_KEY, LOGS_KEY, PENDING_KEY],
+                &args,
+            )
             .await?;
-        let flat = items(&answer).ok_or(TableError::Shape("claim"))?;
-        Ok(flat
-            .chunks_exact(2)
-            .filter_map(|p| Some((text(&p[0])?.parse().ok()?, text(&p[1])?.parse().ok()?)))
-            .collect())
+        claimed(&answer).ok_or(TableError::Shape("claim"))
     }
 
     /// Hands each `(shard, epoch, to)` from this node to `to`; answers the shards passed

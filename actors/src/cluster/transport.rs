@@ -12,9 +12,12 @@ pub enum ForwardError {
     /// No answer within CLUSTER_FORWARD_TIMEOUT.
     #[error("no answer within the forward timeout")]
     Timeout,
-    /// Could not connect, or the connection broke.
+    /// The connection broke after the batch was sent (it may have arrived).
     #[error("unreachable: {0}")]
     Unreachable(String),
+    /// Could not connect: the batch was not sent.
+    #[error("not sent: {0}")]
+    NotSent(String),
     /// The peer refused the request (status code).
     #[error("refused with status {0}")]
     Rejected(u16),
@@ -29,10 +32,19 @@ impl ForwardError {
     pub fn failure(&self) -> Option<ForwardFailure> {
         match self {
             ForwardError::Timeout => Some(ForwardFailure::Timeout),
-            ForwardError::Unreachable(_) => Some(ForwardFailure::Unreachable),
+            ForwardError::Unreachable(_) | ForwardError::NotSent(_) => {
+                Some(ForwardFailure::Unreachable)
+            }
             ForwardError::Rejected(_) => Some(ForwardFailure::Rejected),
             ForwardError::Overloaded => None,
         }
+    }
+}
+
+impl ForwardError {
+    /// Whether the peer may have taken the batch although no answer came.
+    pub fn maybe_delivered(&self) -> bool {
+        matches!(self, ForwardError::Timeout | ForwardError::Unreachable(_))
     }
 }
 

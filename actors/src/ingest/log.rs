@@ -32,7 +32,7 @@
 //!   bounds it if checkpoints stall, and entries it drops that were still needed are
 //!   counted (`ingest_log_overruns_total`).
 
-use super::redis_log::RedisLog;
+use super::redis_log::{encode_tags, RedisLog};
 use super::replay;
 use crate::cluster::wire;
 use crate::device::{Directory, Queued, SubmitError};
@@ -44,7 +44,7 @@ use crate::tuning::{
     LOG_COMMIT_GAP, LOG_LINGER_BELOW, LOG_LINGER_RATE, LOG_MAX_ENTRY_EVENTS, LOG_PROBE_EVERY,
     LOG_RATE_FLOOR_MS, LOG_RATE_SMOOTHING, LOG_RESOLVE_WAIT, LOG_TRIM_EVERY,
 };
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -54,12 +54,52 @@ use tokio::time::Instant;
 pub struct LogSettings {
     /// INGEST_LOG_MAXLEN: entries kept at most.
     pub maxlen: usize,
+    /// In a cluster, the shard count (events are appended with their shard's epoch);
+    /// 0 on a single node.
+    pub shards: u32,
 }
+
+/// A cluster shard's part of a request: every event of it belongs to `shard`, taken
+/// while the shard's epoch was `epoch`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tag {
+    /// The shard.
+    pub shard: u32,
+    /// Its epoch when the events were taken.
+    pub epoch: u64,
+}
+
+/// The answer to an append: `Ok` once the events are in the log and queued.
+pub type Appended = oneshot::Receiver<Result<(), SubmitError>>;
 
 /// Events waiting to be appended, with whom to answer.
 struct Append {
     events: Vec<(Arc<str>, Event)>,
+    tag: Option<Tag>,
     reply: oneshot::Sender<Result<(), SubmitError>>,
+    /// Counts the events of the shard between admission and their queues.
+    _flight: Option<Flight>,
+}
+
+/// What the appender is asked.
+enum Msg {
+    Append(Append),
+    /// Append to this stream from now on (a node that was declared dead starts a new
+    /// one; the old is sealed); answered once every earlier append is done.
+    Switch(RedisLog, oneshot::Sender<()>),
+}
+
+/// One shard's part of an append, counted from its admission until its events are
+/// queued at their devices (or refused): a handoff waits for the count to reach zero.
+struct Flight {
+    counts: Arc<[AtomicUsize]>,
+    shard: usize,
+}
+
+impl Drop for Flight {
+    fn drop(&mut self) {
+        self.counts[self.shard].fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// An entry written: its requests, to be queued and answered by the settler.
@@ -81,10 +121,13 @@ struct Shared {
 
 /// The ingest log of this node; cheap to share (`Arc`).
 pub struct IngestLog {
-    tx: mpsc::UnboundedSender<Append>,
+    tx: mpsc::UnboundedSender<Msg>,
     directory: Directory,
     shared: Arc<Shared>,
-    log: RedisLog,
+    /// The stream appended to (the trimmer's).
+    log: Mutex<RedisLog>,
+    /// Per shard (in a cluster), its parts between admission and their queues.
+    flights: Arc<[AtomicUsize]>,
     pins: Pins,
     metrics: Metrics,
     stop: watch::Sender<bool>,
@@ -113,6 +156,7 @@ impl IngestLog {
             rx,
             settle,
             log: log.clone(),
+            switch: None,
             maxlen: settings.maxlen,
             directory: directory.clone(),
             pins: pins.clone(),
@@ -135,7 +179,8 @@ impl IngestLog {
             tx,
             directory,
             shared,
-            log,
+            log: Mutex::new(log),
+            flights: (0..settings.shards).map(|_| AtomicUsize::new(0)).collect(),
             pins,
             metrics,
             stop,
@@ -158,6 +203,17 @@ impl IngestLog {
     /// are in the log. `Overloaded` past MAX_PENDING_EVENTS, `NotDurable` when the log
     /// cannot be written (Redis unreachable).
     pub async fn append(&self, events: Vec<(Arc<str>, Event)>) -> Result<(), SubmitError> {
+        settled(self.enqueue(events, None)?).await
+    }
+
+    /// Admits `events` (all or none) and hands them to the appender; the receiver
+    /// answers once they are in the log and queued. In a cluster `tag` names their shard
+    /// and its epoch, and this runs under the shard's lock (it never waits).
+    pub fn enqueue(
+        &self,
+        events: Vec<(Arc<str>, Event)>,
+        tag: Option<Tag>,
+    ) -> Result<Appended, SubmitError> {
         // During the start-up replay requests wait their turn (they are appended after
         // it); while Redis does not answer they are refused at once.
         if self.shared.down.load(Ordering::Acquire) {
@@ -167,14 +223,48 @@ impl IngestLog {
         if !self.directory.admit(n) {
             return Err(SubmitError::Overloaded);
         }
+        let flight = tag.and_then(|t| {
+            let shard = t.shard as usize;
+            let count = self.flights.get(shard)?;
+            count.fetch_add(1, Ordering::AcqRel);
+            Some(Flight {
+                counts: self.flights.clone(),
+                shard,
+            })
+        });
         let (reply, answer) = oneshot::channel();
-        if self.tx.send(Append { events, reply }).is_err() {
+        let append = Append {
+            events,
+            tag,
+            reply,
+            _flight: flight,
+        };
+        if self.tx.send(Msg::Append(append)).is_err() {
             self.directory.unadmit(n);
             return Err(SubmitError::Unavailable);
         }
-        // The appender answers every request it takes; a dropped reply means it is gone
-        // (the runtime is shutting down), and so are the events.
-        answer.await.unwrap_or(Err(SubmitError::Unavailable))
+        Ok(answer)
+    }
+
+    /// Parts of `shard` admitted and not yet queued at their devices (or refused).
+    pub fn in_flight(&self, shard: u32) -> usize {
+        self.flights
+            .get(shard as usize)
+            .map_or(0, |c| c.load(Ordering::Acquire))
+    }
+
+    /// The stream appended to.
+    pub fn stream(&self) -> RedisLog {
+        lock(&self.log).clone()
+    }
+
+    /// Appends to `log` from now on; resolves once every earlier append is done.
+    pub async fn switch(&self, log: RedisLog) {
+        *lock(&self.log) = log.clone();
+        let (done, switched) = oneshot::channel();
+        if self.tx.send(Msg::Switch(log, done)).is_ok() {
+            let _ = switched.await;
+        }
     }
 
     /// Trims the log once more and stops the trimmer (at shutdown, once every window is
@@ -183,6 +273,12 @@ impl IngestLog {
         self.stop.send_replace(true);
         trim_once(self).await;
     }
+}
+
+/// The answer to an append; a dropped reply means the appender is gone (the runtime is
+/// shutting down), and so are the events.
+pub async fn settled(answer: Appended) -> Result<(), SubmitError> {
+    answer.await.unwrap_or(Err(SubmitError::Unavailable))
 }
 
 /// A nonce prefix distinct across processes and restarts.
@@ -195,7 +291,9 @@ fn nonce_base() -> u64 {
 
 /// The appending task's state.
 struct Appender {
-    rx: mpsc::UnboundedReceiver<Append>,
+    rx: mpsc::UnboundedReceiver<Msg>,
+    /// A switch met while gathering: done after the group's append.
+    switch: Option<(RedisLog, oneshot::Sender<()>)>,
     settle: mpsc::UnboundedSender<Written>,
     log: RedisLog,
     maxlen: usize,
@@ -232,11 +330,20 @@ impl Appender {
         loop {
             if self.shared.down.load(Ordering::Acquire) {
                 self.refuse_waiting();
-                self.probe().await;
+                // A switch to a new stream (Redis answered the node that asked for it)
+                // ends the refusals.
+                if self.shared.down.load(Ordering::Acquire) {
+                    self.probe().await;
+                }
                 continue;
             }
-            let Some(first) = self.rx.recv().await else {
-                return;
+            let first = match self.rx.recv().await {
+                None => return,
+                Some(Msg::Switch(log, done)) => {
+                    self.switch_to(log, done);
+                    continue;
+                }
+                Some(Msg::Append(first)) => first,
             };
             let mut group = vec![first];
             self.gather(&mut group);
@@ -252,7 +359,22 @@ impl Appender {
             if let Some(nonce) = unsettled {
                 self.withdraw(&nonce).await;
             }
+            if let Some((log, done)) = self.switch.take() {
+                self.switch_to(log, done);
+            }
         }
+    }
+
+    /// Appends to `log` from now on.
+    fn switch_to(&mut self, log: RedisLog, done: oneshot::Sender<()>) {
+        tracing::info!(
+            from = self.log.key(),
+            to = log.key(),
+            "ingest log switched to a new stream"
+        );
+        self.log = log;
+        self.shared.down.store(false, Ordering::Release);
+        let _ = done.send(());
     }
 
     /// Replays the log, retrying until Redis answers; then new events are taken.
@@ -279,12 +401,13 @@ impl Appender {
     /// Adds every request waiting to `group`, up to an entry's bound.
     fn gather(&mut self, group: &mut Vec<Append>) {
         let mut events = group_size(group);
-        while events < LOG_MAX_ENTRY_EVENTS {
+        while events < LOG_MAX_ENTRY_EVENTS && self.switch.is_none() {
             match self.rx.try_recv() {
-                Ok(next) => {
+                Ok(Msg::Append(next)) => {
                     events += next.events.len();
                     group.push(next);
                 }
+                Ok(Msg::Switch(log, done)) => self.switch = Some((log, done)),
                 Err(_) => break,
             }
         }
@@ -318,8 +441,20 @@ impl Appender {
         }
     }
 
-    /// Writes the group as one entry; settles a lost answer by reading the log back.
+    /// Writes the group as one entry; settles a lost answer by reading the log back. An
+    /// append that certainly failed on a broken connection (one left over from before an
+    /// outage) is tried once more on a fresh one.
     async fn commit(&mut self, group: &[Append]) -> Outcome {
+        match self.commit_once(group).await {
+            Outcome::Failed(StoreError::Redis(e)) if e.is_io_error() => {
+                tracing::debug!(error = %e, "ingest log append failed on a broken connection; trying again");
+                self.commit_once(group).await
+            }
+            outcome => outcome,
+        }
+    }
+
+    async fn commit_once(&mut self, group: &[Append]) -> Outcome {
         self.nonce.1 += 1;
         let nonce = [self.nonce.0.to_le_bytes(), self.nonce.1.to_le_bytes()].concat();
         let events: Vec<(&str, &Event)> = group
@@ -327,8 +462,15 @@ impl Appender {
             .flat_map(|a| a.events.iter().map(|(d, e)| (&**d, e)))
             .collect();
         let body = wire::encode(events.into_iter());
+        let mut tags: Vec<(u32, u64)> = group
+            .iter()
+            .filter_map(|a| a.tag.map(|t| (t.shard, t.epoch)))
+            .collect();
+        tags.sort_unstable();
+        tags.dedup();
+        let tags = encode_tags(tags.into_iter());
         let started = Instant::now();
-        let result = self.log.append(self.maxlen, &nonce, &body).await;
+        let result = self.log.append(self.maxlen, &nonce, &body, &tags).await;
         self.metrics
             .ingest_log_append_duration_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -407,6 +549,8 @@ impl Appender {
                 };
                 if !self.shared.down.swap(true, Ordering::AcqRel) {
                     tracing::warn!(stream = self.log.key(), %error, "ingest log unwritable; new events are refused (503) until Redis answers");
+                } else {
+                    tracing::debug!(stream = self.log.key(), %error, "ingest log append failed");
                 }
                 for append in group {
                     self.directory.unadmit(append.events.len());
@@ -418,9 +562,17 @@ impl Appender {
 
     /// Refuses the requests that were already waiting when Redis stopped answering.
     fn refuse_waiting(&mut self) {
-        while let Ok(append) = self.rx.try_recv() {
-            self.directory.unadmit(append.events.len());
-            let _ = append.reply.send(Err(SubmitError::NotDurable));
+        while self.shared.down.load(Ordering::Acquire) {
+            let Ok(msg) = self.rx.try_recv() else {
+                return;
+            };
+            match msg {
+                Msg::Append(append) => {
+                    self.directory.unadmit(append.events.len());
+                    let _ = append.reply.send(Err(SubmitError::NotDurable));
+                }
+                Msg::Switch(log, done) => self.switch_to(log, done),
+            }
         }
     }
 
@@ -440,9 +592,14 @@ async fn settler(mut written: mpsc::UnboundedReceiver<Written>, directory: Direc
     while let Some(Written { group, entry, pin }) = written.recv().await {
         let mut index = 0;
         for append in group {
+            let epoch = append.tag.map_or(0, |t| t.epoch);
             for (device, event) in append.events {
                 let logged = Logged {
-                    position: Position { entry, index },
+                    position: Position {
+                        epoch,
+                        entry,
+                        index,
+                    },
                     pin: pin.clone(),
                     replayed: false,
                 };
@@ -495,7 +652,8 @@ async fn trim_once(log: &IngestLog) {
     let Some(min) = oldest.or(newest.map(|StreamId(ms, seq)| StreamId(ms, seq + 1))) else {
         return;
     };
-    match log.log.trim(min).await {
+    let stream = log.stream();
+    match stream.trim(min).await {
         Ok((len, first)) => {
             log.metrics.ingest_log_length.set(len as i64);
             log.metrics
@@ -503,7 +661,7 @@ async fn trim_once(log: &IngestLog) {
                 .set(log.pins.len() as i64);
             if let Some(oldest) = oldest.filter(|o| first.is_none_or(|f| f > *o)) {
                 log.metrics.ingest_log_overruns.inc();
-                tracing::error!(stream = log.log.key(), oldest_needed = %oldest, first = ?first, "ingest log entries were dropped before a checkpoint covered them (INGEST_LOG_MAXLEN reached, or Redis lost data): a crash now would lose events");
+                tracing::error!(stream = stream.key(), oldest_needed = %oldest, first = ?first, "ingest log entries were dropped before a checkpoint covered them (INGEST_LOG_MAXLEN reached, or Redis lost data): a crash now would lose events");
             }
         }
         Err(e) => tracing::debug!(error = %e, "ingest log trim failed"),

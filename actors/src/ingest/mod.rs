@@ -9,8 +9,8 @@ mod log;
 mod redis_log;
 mod replay;
 
-pub use log::{IngestLog, LogSettings};
-pub use redis_log::RedisLog;
+pub use log::{settled, Appended, IngestLog, LogSettings, Tag};
+pub use redis_log::{RawEntry, RedisLog};
 
 use crate::cluster::Cluster;
 use crate::device::{Directory, SubmitError};

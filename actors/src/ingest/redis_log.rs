@@ -1,6 +1,7 @@
 //! The ingest log's Redis commands: one stream, whose entries carry a nonce (`n`, so that
-//! an append whose answer was lost can be looked up) and the events (`e1`, the
-//! [`wire`](crate::cluster::wire) encoding).
+//! an append whose answer was lost can be looked up), the events (`e1`, the
+//! [`wire`](crate::cluster::wire) encoding) and, in a cluster, the epoch of each shard
+//! they belong to (`t`: per shard, u32 LE shard and u64 LE epoch).
 
 use crate::store::{RedisStore, StoreError, StreamId};
 use bb8_redis::redis;
@@ -10,6 +11,11 @@ use bytes::Bytes;
 const NONCE: &str = "n";
 /// The field holding an entry's events.
 const EVENTS: &str = "e1";
+/// The field holding an entry's shard epochs.
+const TAGS: &str = "t";
+/// The largest stream id: an entry with it seals the stream (every later `XADD … *`
+/// fails).
+const SEAL_ID: &str = "18446744073709551615-18446744073709551615";
 
 /// One entry read back.
 #[derive(Debug, Clone, PartialEq)]
@@ -18,6 +24,36 @@ pub struct RawEntry {
     pub id: StreamId,
     /// Its events, when it has the events field.
     pub events: Option<Bytes>,
+    /// Its shards' epochs (empty on a single node).
+    pub tags: Vec<(u32, u64)>,
+}
+
+/// Encodes shard epochs for the `t` field.
+pub fn encode_tags(tags: impl Iterator<Item = (u32, u64)>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (shard, epoch) in tags {
+        out.extend(shard.to_le_bytes());
+        out.extend(epoch.to_le_bytes());
+    }
+    out
+}
+
+/// Decodes the `t` field (`None`: not a whole number of pairs).
+pub fn decode_tags(bytes: &[u8]) -> Option<Vec<(u32, u64)>> {
+    if bytes.len() % 12 != 0 {
+        return None;
+    }
+    Some(
+        bytes
+            .chunks_exact(12)
+            .map(|c| {
+                let (shard, epoch) = c.split_at(4);
+                let shard = u32::from_le_bytes(shard.try_into().unwrap_or_default());
+                let epoch = u64::from_le_bytes(epoch.try_into().unwrap_or_default());
+                (shard, epoch)
+            })
+            .collect(),
+    )
 }
 
 /// The log stream `key` in `store`.
@@ -29,15 +65,12 @@ pub struct RedisLog {
 
 type RawEntries = Vec<(String, Vec<Vec<u8>>)>;
 
-/// The value of field `name` in an entry's flat field list.
-fn field(fields: Vec<Vec<u8>>, name: &str) -> Option<Vec<u8>> {
-    let mut it = fields.into_iter();
-    while let (Some(k), Some(v)) = (it.next(), it.next()) {
-        if k == name.as_bytes() {
-            return Some(v);
-        }
-    }
-    None
+/// Takes the value of field `name` out of an entry's flat field list.
+fn field(fields: &mut [Vec<u8>], name: &str) -> Option<Vec<u8>> {
+    fields
+        .chunks_exact_mut(2)
+        .find(|pair| pair[0] == name.as_bytes())
+        .map(|pair| std::mem::take(&mut pair[1]))
 }
 
 impl RedisLog {
@@ -46,23 +79,32 @@ impl RedisLog {
         Self { store, key }
     }
 
+    /// The stream `key` in the same store.
+    pub fn with_key(&self, key: String) -> Self {
+        Self {
+            store: self.store.clone(),
+            key,
+        }
+    }
+
     /// The stream's key.
     pub fn key(&self) -> &str {
         &self.key
     }
 
-    /// `XADD key MAXLEN ~ maxlen * n nonce e1 events`: the new entry's id.
+    /// `XADD key MAXLEN ~ maxlen * n nonce e1 events [t tags]`: the new entry's id.
     pub async fn append(
         &self,
         maxlen: usize,
         nonce: &[u8],
         events: &[u8],
+        tags: &[u8],
     ) -> Result<StreamId, StoreError> {
         let id: String = self
             .store
             .with_conn(|mut conn| async move {
-                redis::cmd("XADD")
-                    .arg(&self.key)
+                let mut cmd = redis::cmd("XADD");
+                cmd.arg(&self.key)
                     .arg("MAXLEN")
                     .arg("~")
                     .arg(maxlen)
@@ -70,9 +112,11 @@ impl RedisLog {
                     .arg(NONCE)
                     .arg(nonce)
                     .arg(EVENTS)
-                    .arg(events)
-                    .query_async(&mut conn)
-                    .await
+                    .arg(events);
+                if !tags.is_empty() {
+                    cmd.arg(TAGS).arg(tags);
+                }
+                cmd.query_async(&mut conn).await
             })
             .await?;
         StreamId::parse(&id).ok_or_else(|| bad_reply("XADD", &id))
@@ -93,9 +137,9 @@ impl RedisLog {
                     .await
             })
             .await?;
-        Ok(raw.into_iter().next().and_then(|(id, fields)| {
+        Ok(raw.into_iter().next().and_then(|(id, mut fields)| {
             let id = StreamId::parse(&id)?;
-            Some((id, field(fields, NONCE)))
+            Some((id, field(&mut fields, NONCE)))
         }))
     }
 
@@ -122,12 +166,44 @@ impl RedisLog {
         Ok(raw
             .into_iter()
             .filter_map(|(id, fields)| {
+                let (id, mut fields) = (StreamId::parse(&id)?, fields);
+                let tags = field(&mut fields, TAGS);
                 Some(RawEntry {
-                    id: StreamId::parse(&id)?,
-                    events: field(fields, EVENTS).map(Bytes::from),
+                    id,
+                    events: field(&mut fields, EVENTS).map(Bytes::from),
+                    tags: tags.as_deref().and_then(decode_tags).unwrap_or_default(),
                 })
             })
             .collect())
+    }
+
+    /// Seals the stream: adds an entry with the largest id, so that every later append
+    /// fails (a node declared dead can then acknowledge nothing more). Sealing a sealed
+    /// stream is a no-op.
+    pub async fn seal(&self) -> Result<(), StoreError> {
+        let sealed: Result<String, StoreError> = self
+            .store
+            .with_conn(|mut conn| async move {
+                redis::cmd("XADD")
+                    .arg(&self.key)
+                    .arg(SEAL_ID)
+                    .arg("sealed")
+                    .arg(1)
+                    .query_async(&mut conn)
+                    .await
+            })
+            .await;
+        match sealed {
+            Ok(_) => Ok(()),
+            // Its top is the largest id already.
+            Err(StoreError::Redis(e)) if matches!(e.kind(), redis::ErrorKind::Server(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Deletes the stream.
+    pub async fn remove(&self) -> Result<(), StoreError> {
+        self.store.del(&self.key).await
     }
 
     /// `XDEL key id`.

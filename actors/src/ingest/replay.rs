@@ -61,7 +61,11 @@ fn queue(
     directory.admit_regardless(events.len());
     for (index, (device, event)) in (0u32..).zip(events) {
         let logged = Logged {
-            position: Position { entry: id, index },
+            position: Position {
+                epoch: 0,
+                entry: id,
+                index,
+            },
             pin: pin.clone(),
             replayed: true,
         };

@@ -32,6 +32,17 @@ use std::time::Duration;
 /// fails and the writer retries it with backoff.
 const ATTEMPTS: usize = 3;
 
+/// The shards of a flush that were not written.
+#[derive(Default)]
+struct Refused {
+    /// Another node owns them now.
+    taken: Vec<u32>,
+    /// The table has no entry for them.
+    missing: Vec<u32>,
+    /// This node holds them under a newer epoch than its view's.
+    behind: Vec<u32>,
+}
+
 /// The writes of one shard under one epoch.
 struct Group {
     shard: u32,
@@ -79,6 +90,12 @@ fn is_mine(entry: &str, group: &Group, owner: &str) -> bool {
         .is_some_and(|(epoch, id)| id == owner && epoch.parse() == Ok(group.epoch))
 }
 
+/// Whether `entry` is this node's under another epoch than `group`'s: it took the shard
+/// again (after its lease ran out) and its view has not caught up yet.
+fn is_mine_later(entry: &str, owner: &str) -> bool {
+    entry.split_once(' ').is_some_and(|(_, id)| id == owner)
+}
+
 /// Writes flushes under the shard table's fence.
 pub struct FencedWriter {
     client: redis::Client,
@@ -98,7 +115,8 @@ impl FencedWriter {
 
     /// Writes what the table lets this node write; tells `fence` about shards another
     /// node owns now, and about shards the table has lost (then fails with
-    /// [`StoreError::Unowned`], so that the writer keeps those results for a retry).
+    /// [`StoreError::Unowned`], so that the writer keeps those results for a retry; the
+    /// same for shards this node holds under a newer epoch than its view's).
     pub async fn write(
         &self,
         fence: &dyn Fence,
@@ -117,7 +135,11 @@ impl FencedWriter {
             // A broken or stuck connection: dial a new one next time.
             *guard = None;
         }
-        let (taken, missing) = result?;
+        let Refused {
+            taken,
+            missing,
+            behind,
+        } = result?;
         drop(guard);
         if !taken.is_empty() {
             fence.lost(&taken);
@@ -125,6 +147,9 @@ impl FencedWriter {
         if !missing.is_empty() {
             fence.orphaned(&missing);
             return Err(StoreError::Unowned(missing.len()));
+        }
+        if !behind.is_empty() {
+            return Err(StoreError::Unowned(behind.len()));
         }
         Ok(())
     }
@@ -161,20 +186,20 @@ impl FencedWriter {
     }
 
     /// The transaction, tried again while the table changes under it. Answers the
-    /// shards another node owns and the shards the table has no entry for.
+    /// shards it did not write.
     async fn transact(
         &self,
         slot: &mut Option<Session>,
         owner: &str,
         groups: &[Group],
         ttl_ms: u64,
-    ) -> Result<(Vec<u32>, Vec<u32>), StoreError> {
+    ) -> Result<Refused, StoreError> {
         let session = self.session(slot).await?;
         for _ in 0..ATTEMPTS {
             if session.still_mine(owner, groups) {
                 let mine: Vec<&Group> = groups.iter().collect();
                 if self.commit(session, &mine, ttl_ms).await? {
-                    return Ok((Vec::new(), Vec::new()));
+                    return Ok(Refused::default());
                 }
                 // The table changed since the last transaction: check it.
                 session.checked.clear();
@@ -189,18 +214,19 @@ impl FencedWriter {
             let (version, entries): (Option<String>, Vec<Option<String>>) =
                 self.query(&check, &mut session.conn).await?;
             session.watching = None;
-            let (mut taken, mut missing, mut mine) = (Vec::new(), Vec::new(), Vec::new());
+            let (mut refused, mut mine) = (Refused::default(), Vec::new());
             for (g, entry) in groups.iter().zip(&entries) {
                 match entry {
                     Some(e) if is_mine(e, g, owner) => mine.push(g),
-                    Some(_) => taken.push(g.shard),
-                    None => missing.push(g.shard),
+                    Some(e) if is_mine_later(e, owner) => refused.behind.push(g.shard),
+                    Some(_) => refused.taken.push(g.shard),
+                    None => refused.missing.push(g.shard),
                 }
             }
             if mine.is_empty() {
                 self.query::<()>(redis::pipe().cmd("UNWATCH").ignore(), &mut session.conn)
                     .await?;
-                return Ok((taken, missing));
+                return Ok(refused);
             }
             if self.commit(session, &mine, ttl_ms).await? {
                 let checked = groups
@@ -208,7 +234,7 @@ impl FencedWriter {
                     .zip(entries)
                     .filter_map(|(g, e)| Some((g.shard, e?)));
                 session.remember(version, checked);
-                return Ok((taken, missing));
+                return Ok(refused);
             }
         }
         Err(StoreError::Contended)

@@ -2,9 +2,10 @@
 //!
 //! Binary rather than JSON: it is written with every checkpoint, so at full load it is
 //! the largest value the service produces, and formatting 100 floats as text cost more
-//! CPU than all the analytics together. The format is `IW3`; the window's version (u64
+//! CPU than all the analytics together. The format is `IW4`; the window's version (u64
 //! big-endian, see [`Version`]); the ingest-log position of the newest event the window
-//! holds (u64 LE milliseconds, u64 LE sequence, u32 LE index; all zero without a log);
+//! holds (u64 LE epoch, u64 LE milliseconds, u64 LE sequence, u32 LE index; all zero
+//! without a log);
 //! the newest event's timestamp (i64 LE seconds and u32 LE nanoseconds since the Unix
 //! epoch); then each reading, oldest first, as two little-endian f64 (rps, cpu): exact,
 //! and 16 bytes a reading (a default window is 843 bytes).
@@ -14,8 +15,8 @@
 //! - The position says which logged events the window has seen: a replay of the log
 //!   skips them (see [`crate::position`]).
 //!
-//! `IW2` (no position) and `IW1` (readings only), written by earlier versions, are still
-//! read.
+//! `IW3` (a position without an epoch), `IW2` (no position) and `IW1` (readings only),
+//! written by earlier versions, are still read.
 
 use crate::analytics::Window;
 use crate::event::Event;
@@ -24,7 +25,8 @@ use crate::store::StreamId;
 use bytes::{BufMut, Bytes, BytesMut};
 use chrono::{DateTime, Utc};
 
-const MAGIC: &[u8; 3] = b"IW3";
+const MAGIC: &[u8; 3] = b"IW4";
+const MAGIC_V3: &[u8; 3] = b"IW3";
 const MAGIC_V2: &[u8; 3] = b"IW2";
 
 /// How a window's version is made: the incarnation of the device's actor in the high 24
@@ -56,7 +58,7 @@ const MAGIC_V1: &[u8; 3] = b"IW1";
 /// A stored window could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "not a window (expected IW3, a position, a timestamp and 16-byte readings, got {len} bytes)"
+    "not a window (expected IW4, a position, a timestamp and 16-byte readings, got {len} bytes)"
 )]
 pub struct SnapshotError {
     len: usize,
@@ -131,9 +133,10 @@ impl WindowSnapshot {
         version: u64,
         position: Position,
     ) -> Bytes {
-        let mut out = BytesMut::with_capacity(MAGIC.len() + 40 + 16 * readings.len());
+        let mut out = BytesMut::with_capacity(MAGIC.len() + 48 + 16 * readings.len());
         out.put_slice(MAGIC);
         out.put_u64(version);
+        out.put_u64_le(position.epoch);
         out.put_u64_le(position.entry.0);
         out.put_u64_le(position.entry.1);
         out.put_u32_le(position.index);
@@ -160,26 +163,33 @@ impl WindowSnapshot {
     /// Parses stored bytes.
     pub fn decode(bytes: &[u8]) -> Result<Self, SnapshotError> {
         let bad = || SnapshotError { len: bytes.len() };
-        let (body, last_event, version, position) = if let Some(rest) = bytes.strip_prefix(MAGIC) {
-            let (version, rest) = split_u64(rest, u64::from_be_bytes).ok_or_else(bad)?;
-            let (ms, rest) = split_u64(rest, u64::from_le_bytes).ok_or_else(bad)?;
-            let (seq, rest) = split_u64(rest, u64::from_le_bytes).ok_or_else(bad)?;
-            let (index, rest) = rest.split_first_chunk::<4>().ok_or_else(bad)?;
-            let position = Position {
-                entry: StreamId(ms, seq),
-                index: u32::from_le_bytes(*index),
+        let current = bytes.strip_prefix(MAGIC);
+        let (body, last_event, version, position) =
+            if let Some(rest) = current.or_else(|| bytes.strip_prefix(MAGIC_V3)) {
+                let (version, rest) = split_u64(rest, u64::from_be_bytes).ok_or_else(bad)?;
+                let (epoch, rest) = match current {
+                    Some(_) => split_u64(rest, u64::from_le_bytes).ok_or_else(bad)?,
+                    None => (0, rest),
+                };
+                let (ms, rest) = split_u64(rest, u64::from_le_bytes).ok_or_else(bad)?;
+                let (seq, rest) = split_u64(rest, u64::from_le_bytes).ok_or_else(bad)?;
+                let (index, rest) = rest.split_first_chunk::<4>().ok_or_else(bad)?;
+                let position = Position {
+                    epoch,
+                    entry: StreamId(ms, seq),
+                    index: u32::from_le_bytes(*index),
+                };
+                let (last, body) = timestamp(rest).ok_or_else(bad)?;
+                (body, last, version, position)
+            } else if let Some(rest) = bytes.strip_prefix(MAGIC_V2) {
+                let (version, rest) = split_u64(rest, u64::from_be_bytes).ok_or_else(bad)?;
+                let (last, body) = timestamp(rest).ok_or_else(bad)?;
+                (body, last, version, Position::default())
+            } else {
+                let body = bytes.strip_prefix(MAGIC_V1).ok_or_else(bad)?;
+                // Without a count, the readings held are the best lower bound.
+                (body, None, (body.len() / 16) as u64, Position::default())
             };
-            let (last, body) = timestamp(rest).ok_or_else(bad)?;
-            (body, last, version, position)
-        } else if let Some(rest) = bytes.strip_prefix(MAGIC_V2) {
-            let (version, rest) = split_u64(rest, u64::from_be_bytes).ok_or_else(bad)?;
-            let (last, body) = timestamp(rest).ok_or_else(bad)?;
-            (body, last, version, Position::default())
-        } else {
-            let body = bytes.strip_prefix(MAGIC_V1).ok_or_else(bad)?;
-            // Without a count, the readings held are the best lower bound.
-            (body, None, (body.len() / 16) as u64, Position::default())
-        };
         if body.len() % 16 != 0 {
             return Err(bad());
         }
@@ -239,11 +249,12 @@ mod tests {
                 u64::MAX - 7,
             )
             .at(Position {
+                epoch: 9,
                 entry: StreamId(1_700_000_000_123, 4),
                 index: 77,
             });
             let bytes = s.to_bytes();
-            assert_eq!(bytes.len(), 3 + 8 + 20 + 12 + 48);
+            assert_eq!(bytes.len(), 3 + 8 + 28 + 12 + 48);
             assert_eq!(&bytes[3..11], &(u64::MAX - 7).to_be_bytes());
             assert_eq!(WindowSnapshot::decode(&bytes), Ok(s));
         }
@@ -270,6 +281,26 @@ mod tests {
 
     #[test]
     fn windows_of_earlier_versions_still_read() {
+        // IW3: the version, a position without an epoch, the timestamp, the readings.
+        let mut v3 = b"IW3".to_vec();
+        v3.extend(9u64.to_be_bytes());
+        v3.extend(1_700_000_000_123u64.to_le_bytes());
+        v3.extend(4u64.to_le_bytes());
+        v3.extend(77u32.to_le_bytes());
+        v3.extend(1_700_000_000i64.to_le_bytes());
+        v3.extend(5u32.to_le_bytes());
+        v3.extend(2.5f64.to_le_bytes());
+        v3.extend(0.25f64.to_le_bytes());
+        let s = WindowSnapshot::decode(&v3).expect("v3");
+        assert_eq!(s.readings(), &[(2.5, 0.25)]);
+        assert_eq!(
+            s.position(),
+            Position {
+                epoch: 0,
+                entry: StreamId(1_700_000_000_123, 4),
+                index: 77
+            }
+        );
         // IW2: the version, the timestamp, the readings; no position.
         let mut v2 = b"IW2".to_vec();
         v2.extend(9u64.to_be_bytes());
@@ -304,6 +335,8 @@ mod tests {
         assert!(WindowSnapshot::decode(b"IW1\x00\x01").is_err());
         assert!(WindowSnapshot::decode(b"IW2\x00\x01").is_err());
         assert!(WindowSnapshot::decode(b"IW3\x00\x01").is_err());
+        assert!(WindowSnapshot::decode(b"IW4\x00\x01").is_err());
+        assert!(WindowSnapshot::decode(&[&b"IW4"[..], &[0; 8 + 27]].concat()).is_err());
         // A position cut short.
         assert!(WindowSnapshot::decode(&[&b"IW3"[..], &[0; 8 + 19]].concat()).is_err());
     }

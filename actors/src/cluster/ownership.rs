@@ -476,6 +476,37 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn replaying_shards_wait_and_are_admitted_once_replayed_at_their_epoch() {
+        let me = "10.0.0.1:8081#a";
+        let o = Ownership::new(Arc::from(me), 3);
+        o.renew_lease(Instant::now() + std::time::Duration::from_secs(5));
+        o.claimed(&[(0, 4)], true);
+        o.claimed(&[(1, 2)], false);
+        assert_eq!(
+            o.route(0, |_| ()),
+            Err(Route::Wait),
+            "replaying: events wait"
+        );
+        assert_eq!(o.route(1, |epoch| epoch), Ok(2));
+        assert!(o.lease("x").is_some() || o.shard("x") == 2, "writes go out");
+        // A replay of another epoch admits nothing.
+        o.replayed(&[(0, 3)]);
+        assert_eq!(o.route(0, |_| ()), Err(Route::Wait));
+        o.replayed(&[(0, 4)]);
+        assert_eq!(o.route(0, |epoch| epoch), Ok(4));
+        // A lapse suspends every active shard: replayed again before it is admitted.
+        let mut suspended = o.suspend();
+        suspended.sort_unstable();
+        assert_eq!(suspended, vec![0, 1]);
+        assert_eq!(o.route(1, |_| ()), Err(Route::Wait));
+        assert!(o.suspend().is_empty());
+        // Taken by another node meanwhile: lost.
+        let (_, lost) = o.apply(&vec![entry("10.0.0.2:8081#b", 5), entry(me, 2), None]);
+        assert_eq!(lost, vec![0]);
+        assert_eq!(o.state(1).local, Local::Replaying);
+    }
+
+    #[tokio::test]
     async fn a_shard_taken_by_another_node_is_lost_and_refused_writes_drop_it() {
         let o = Ownership::new(Arc::from("10.0.0.1:8081#a"), 2);
         o.apply(&vec![

@@ -323,3 +323,43 @@ impl Directory {
         self.slots.unlist(slot);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ractor::{Actor, ActorProcessingErr, ActorRef};
+
+    /// An actor that does nothing: stands for a device's stopping actor.
+    struct Idle;
+
+    impl Actor for Idle {
+        type Msg = ();
+        type State = ();
+        type Arguments = ();
+
+        async fn pre_start(&self, _: ActorRef<()>, _: ()) -> Result<(), ActorProcessingErr> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stopped_actor_is_forgotten_but_a_newer_stopping_one_of_the_device_is_kept() {
+        let slots = SlotMap::default();
+        let (older, _) = Actor::spawn(None, Idle, ()).await.expect("spawn");
+        let (newer, _) = Actor::spawn(None, Idle, ()).await.expect("spawn");
+        let device: Arc<str> = Arc::from("d");
+        slots.1.insert(device.clone(), older.get_cell());
+        // A newer actor of the device starts stopping before the older one reports.
+        slots.1.insert(device.clone(), newer.get_cell());
+        slots.stopped("d", older.get_id());
+        assert_eq!(
+            slots.stopping("d").map(|a| a.get_id()),
+            Some(newer.get_id()),
+            "a new actor of the device must still wait for the newer one"
+        );
+        slots.stopped("d", newer.get_id());
+        assert!(slots.stopping("d").is_none());
+        older.stop(None);
+        newer.stop(None);
+    }
+}

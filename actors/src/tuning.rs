@@ -85,6 +85,12 @@ pub const LOG_RATE_SMOOTHING: f64 = 8.0;
 /// appends in quick succession do not read as a burst.
 pub const LOG_RATE_FLOOR_MS: f64 = 0.1;
 
+/// An ingest-log entry of this many events or more is queued at its devices by a task
+/// beside the actors rather than by the appender's thread: queueing is then cheap for the
+/// appender, which writes the next entry meanwhile, and wakes the actors on their own
+/// runtime; a small entry is queued at once, without a hop.
+pub const LOG_SETTLE_ASIDE: usize = 256;
+
 /// Connections of the ingest log's own pool: the appender uses one at a time, the
 /// trimmer another.
 pub const LOG_POOL_SIZE: u32 = 2;

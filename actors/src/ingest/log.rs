@@ -2,16 +2,17 @@
 //! answered, so a crash loses nothing that was acknowledged.
 //!
 //! One task appends (group commit): it takes every request waiting, writes them as one
-//! entry, and only when Redis has answered hands the entry to the settler, which queues
-//! the events at their devices, in entry order, each with its [`Position`], and answers
-//! the requests. An idle service pays one round trip per request; a busy one shares it
-//! among everything that arrived meanwhile, and small groups are at most one per
-//! [`LOG_COMMIT_GAP`]. The appender runs on a thread of its own (its round trips must
-//! not wait behind the HTTP and actor tasks); the settler runs beside the actors, so
-//! that queueing an event wakes its actor on the same runtime and the appender is
-//! already writing the next entry meanwhile.
-//! Because one task queues the events in log order, each device processes its events in
-//! log order, so a window's position says exactly which logged events it holds.
+//! entry, and only when Redis has answered queues the events at their devices, in entry
+//! order, each with its [`Position`], and answers the requests. An idle service pays one
+//! round trip per request; a busy one shares it among everything that arrived
+//! meanwhile, and small groups are at most one per [`LOG_COMMIT_GAP`]. The appender runs
+//! on a thread of its own (its round trips must not wait behind the HTTP and actor
+//! tasks). An entry of [`LOG_SETTLE_ASIDE`] events or more is queued by the settler, a
+//! task beside the actors, instead: queueing many events wakes their actors on their own
+//! runtime, and the appender writes the next entry meanwhile; while the settler has
+//! entries, later ones go to it too.
+//! Because the events are queued in log order, each device processes its events in log
+//! order, so a window's position says exactly which logged events it holds.
 //!
 //! - Admission (MAX_PENDING_EVENTS) is taken before the append: an event in the log is
 //!   never refused afterwards.
@@ -42,7 +43,7 @@ use crate::position::{Logged, Pins, Position};
 use crate::store::{StoreError, StreamId};
 use crate::tuning::{
     LOG_COMMIT_GAP, LOG_LINGER_BELOW, LOG_LINGER_RATE, LOG_MAX_ENTRY_EVENTS, LOG_PROBE_EVERY,
-    LOG_RATE_FLOOR_MS, LOG_RATE_SMOOTHING, LOG_RESOLVE_WAIT, LOG_TRIM_EVERY,
+    LOG_RATE_FLOOR_MS, LOG_RATE_SMOOTHING, LOG_RESOLVE_WAIT, LOG_SETTLE_ASIDE, LOG_TRIM_EVERY,
 };
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -151,10 +152,12 @@ impl IngestLog {
         let pins = Pins::default();
         let stop = watch::channel(false).0;
         let (settle, written) = mpsc::unbounded_channel();
-        tokio::spawn(settler(written, directory.clone()));
+        let settling = Arc::new(AtomicUsize::new(0));
+        tokio::spawn(settler(written, directory.clone(), settling.clone()));
         let appender = Appender {
             rx,
             settle,
+            settling,
             log: log.clone(),
             switch: None,
             maxlen: settings.maxlen,
@@ -295,6 +298,8 @@ struct Appender {
     /// A switch met while gathering: done after the group's append.
     switch: Option<(RedisLog, oneshot::Sender<()>)>,
     settle: mpsc::UnboundedSender<Written>,
+    /// Entries handed to the settler and not yet queued.
+    settling: Arc<AtomicUsize>,
     log: RedisLog,
     maxlen: usize,
     directory: Directory,
@@ -525,7 +530,8 @@ impl Appender {
         }
     }
 
-    /// Hands a written group to the settler (which queues its events and answers it);
+    /// Queues a written group's events and answers it, or hands it to the settler (a
+    /// large group, or any while the settler has earlier ones: the order must hold);
     /// answers a failed one 503.
     fn settle(&self, group: Vec<Append>, outcome: Outcome) {
         match &outcome {
@@ -537,9 +543,17 @@ impl Appender {
                 self.metrics
                     .ingest_log_uncovered_entries
                     .set(self.pins.len() as i64);
-                // The settler ends only with the runtime; the events are in the log and
-                // the next start replays them.
-                let _ = self.settle.send(Written { group, entry, pin });
+                let written = Written { group, entry, pin };
+                if group_size(&written.group) < LOG_SETTLE_ASIDE
+                    && self.settling.load(Ordering::Acquire) == 0
+                {
+                    queue_written(&self.directory, written);
+                } else {
+                    self.settling.fetch_add(1, Ordering::AcqRel);
+                    // The settler ends only with the runtime; the events are in the log
+                    // and the next start replays them.
+                    let _ = self.settle.send(written);
+                }
             }
             Outcome::Failed(_) | Outcome::Unsettled(_) => {
                 self.metrics.ingest_log_append_failures.inc();
@@ -586,36 +600,46 @@ impl Appender {
     }
 }
 
-/// Queues each written entry's events at their devices, in entry order, and answers its
+/// Queues each written entry handed to it, in entry order.
+async fn settler(
+    mut written: mpsc::UnboundedReceiver<Written>,
+    directory: Directory,
+    settling: Arc<AtomicUsize>,
+) {
+    while let Some(entry) = written.recv().await {
+        queue_written(&directory, entry);
+        settling.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Queues a written entry's events at their devices, in entry order, and answers its
 /// requests.
-async fn settler(mut written: mpsc::UnboundedReceiver<Written>, directory: Directory) {
-    while let Some(Written { group, entry, pin }) = written.recv().await {
-        let mut index = 0;
-        for append in group {
-            let epoch = append.tag.map_or(0, |t| t.epoch);
-            for (device, event) in append.events {
-                let logged = Logged {
-                    position: Position {
-                        epoch,
-                        entry,
-                        index,
-                    },
-                    pin: pin.clone(),
-                    replayed: false,
-                };
-                index += 1;
-                // Only the end of shutdown refuses here; the event is in the log and the
-                // next start replays it.
-                let _ = directory.push_admitted(
-                    &device,
-                    Queued {
-                        event,
-                        logged: Some(logged),
-                    },
-                );
-            }
-            let _ = append.reply.send(Ok(()));
+fn queue_written(directory: &Directory, Written { group, entry, pin }: Written) {
+    let mut index = 0;
+    for append in group {
+        let epoch = append.tag.map_or(0, |t| t.epoch);
+        for (device, event) in append.events {
+            let logged = Logged {
+                position: Position {
+                    epoch,
+                    entry,
+                    index,
+                },
+                pin: pin.clone(),
+                replayed: false,
+            };
+            index += 1;
+            // Only the end of shutdown refuses here; the event is in the log and the
+            // next start replays it.
+            let _ = directory.push_admitted(
+                &device,
+                Queued {
+                    event,
+                    logged: Some(logged),
+                },
+            );
         }
+        let _ = append.reply.send(Ok(()));
     }
 }
 

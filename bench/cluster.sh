@@ -86,7 +86,8 @@ start_node() { # NAME DB [VAR=VALUE…]
   PID[$name]=$LAST_PID
 }
 TOKEN=$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')
-for name in one solo-2 solo-3; do start_node "$name" 0; done
+# Each standalone node has a log stream of its own (one stream per writer).
+for name in one solo-2 solo-3; do start_node "$name" 0 INGEST_LOG_KEY="ingest-log-$name"; done
 for name in "${CLUSTER[@]}"; do
   start_node "$name" 1 CLUSTER_ADVERTISE_ADDR="${INT[$name]}" CLUSTER_LISTEN_ADDR="${INT[$name]}" \
     CLUSTER_TOKEN="$TOKEN" CLUSTER_SHARDS="$SHARDS"

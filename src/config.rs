@@ -262,7 +262,7 @@ pub enum ConfigError {
     /// Not a Redis URL this build can use (checked here rather than by clap, whose
     /// message would echo the value and with it the password).
     #[error(
-        "invalid value for '--redis-url' (REDIS_URL): expected redis://[:password@]host:port/db or rediss://…{0}"
+        "invalid value for REDIS_URL (--redis-url): expected redis://[:password@]host:port/db or rediss://…{0}"
     )]
     RedisUrl(&'static str),
     /// TLS files without TLS.

@@ -573,6 +573,19 @@ fn a_setting_from_the_environment_is_named_by_its_variable() {
 }
 
 #[test]
+fn an_invalid_redis_url_is_named_by_its_variable_first_and_never_echoed() {
+    let (code, err) = run_with(&[("REDIS_URL", "http://user:hunter2@host/")]);
+    assert_eq!(code, Some(2), "{err}");
+    // After the start-up line: the URL is checked once logging is up.
+    assert!(
+        err.lines().any(|l| l
+            == "error: invalid value for REDIS_URL (--redis-url): expected redis://[:password@]host:port/db or rediss://…"),
+        "{err}"
+    );
+    assert!(!err.contains("hunter2"), "{err}");
+}
+
+#[test]
 fn conflicting_settings_name_the_one_set_and_the_one_it_conflicts_with() {
     let (code, err) = run_with(&[("DEVICE_IDLE_TIMEOUT", "1s")]);
     assert_eq!(code, Some(2), "{err}");

@@ -151,3 +151,37 @@ fn limit_server_help_and_bad_address() {
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("invalid value 'nonsense' for '[ADDR]'"));
 }
+
+#[test]
+fn a_url_that_is_not_a_plain_http_target_exits_2_before_any_request() {
+    for url in ["ht!tp://x", "https://127.0.0.1:1/metric"] {
+        let out = loadtest(url, &["--requests", "1"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{url}: {stderr}");
+        assert!(
+            stderr.starts_with(&format!(
+                "error: invalid value '{url}' for '<URL>': bad URL {url}"
+            )),
+            "{stderr}"
+        );
+        assert!(out.stdout.is_empty(), "no run, no report");
+    }
+}
+
+#[test]
+fn a_failed_run_is_one_error_line_even_with_rust_backtrace_set() {
+    let url = format!("http://127.0.0.1:{}/metric", closed_port());
+    let out = Command::new(LOADTEST)
+        .args([url.as_str(), "1", "2", "60s", "--requests", "10"])
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .expect("run loadtest");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let errors: Vec<&str> = stderr.lines().filter(|l| !l.starts_with('[')).collect();
+    assert_eq!(
+        errors,
+        ["error: success rate 0.000% is below --min-success 95% (10 of 10 requests failed)"],
+        "{stderr}"
+    );
+}

@@ -127,8 +127,32 @@ fn split_urls(s: &str) -> Result<Vec<&str>, String> {
         .collect()
 }
 
+/// A URL list whose every entry is a plain-HTTP target with a host: checked by the parser
+/// so that a mistyped URL is an invalid argument (exit 2), not a failed run.
 fn url_list(s: &str) -> Result<String, String> {
-    split_urls(s).map(|_| s.to_string())
+    for url in split_urls(s)? {
+        check_url(url)?;
+    }
+    Ok(s.to_string())
+}
+
+/// `url` is `http://host[:port][/path]` or `host[:port][/path]`; the generator speaks
+/// plain HTTP/1.1 only.
+fn check_url(url: &str) -> Result<(), String> {
+    let uri: Uri = url.parse().map_err(|e| format!("bad URL {url}: {e}"))?;
+    if let Some(scheme) = uri.scheme_str() {
+        if scheme != "http" {
+            return Err(format!(
+                "bad URL {url}: only http:// is supported, not {scheme}://"
+            ));
+        }
+    }
+    if uri.authority().is_none() {
+        return Err(format!(
+            "bad URL {url}: it needs a host, e.g. http://127.0.0.1:8080/metric"
+        ));
+    }
+    Ok(())
 }
 
 /// Which of `targets` connection (or probe) `i` uses: round-robin.
@@ -798,5 +822,29 @@ mod tests {
         }
         let help = Args::try_parse_from(["loadtest", "--help"]).expect_err("help exits");
         assert_eq!(help.kind(), clap::error::ErrorKind::DisplayHelp);
+    }
+
+    #[test]
+    fn a_url_that_is_not_a_plain_http_target_is_an_invalid_argument() {
+        for good in [
+            "http://127.0.0.1:8080/metric",
+            "127.0.0.1:8080",
+            "http://localhost/metric,127.0.0.1:1",
+        ] {
+            assert!(Args::try_parse_from(["loadtest", good]).is_ok(), "{good}");
+        }
+        for (bad, why) in [
+            ("ht!tp://x", "bad URL ht!tp://x: "),
+            (
+                "https://127.0.0.1:1/metric",
+                "only http:// is supported, not https://",
+            ),
+            ("/metric", "it needs a host"),
+            ("http://127.0.0.1:1/metric,https://b/", "not https://"),
+        ] {
+            let err = Args::try_parse_from(["loadtest", bad]).expect_err(bad);
+            assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation, "{bad}");
+            assert!(err.to_string().contains(why), "{bad}: {err}");
+        }
     }
 }

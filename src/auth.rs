@@ -322,7 +322,8 @@ impl Auth {
     }
 
     /// Reloads on change (checked every `every`) and on SIGHUP, for as long as the
-    /// process runs.
+    /// process runs. The file is stat'ed and read on tokio's blocking pool: a slow or
+    /// hung volume (a network mount) must not stall a worker that serves requests.
     pub fn watch(self: Arc<Self>, every: Duration) {
         tokio::spawn(async move {
             let mut hangup =
@@ -338,7 +339,10 @@ impl Auth {
                         }
                     } => true,
                 };
-                self.reload(force);
+                let auth = self.clone();
+                // Waiting keeps reloads from overlapping; a panic in one (a bug) ends
+                // only that reload.
+                let _ = tokio::task::spawn_blocking(move || auth.reload(force)).await;
             }
         });
     }

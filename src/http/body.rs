@@ -3,13 +3,16 @@
 //!
 //! A gzip body is decompressed as a stream into a buffer that may grow only to the
 //! limit: the limit applies to the decompressed size, so a small body that expands
-//! without bound (a zip bomb) costs at most the limit in memory before its 413.
+//! without bound (a zip bomb) costs at most the limit in memory before its 413. The
+//! first [`INLINE_GUNZIP_BYTES`] of output are decompressed on the request's task; the
+//! rest, if any, on tokio's blocking pool, so a large batch (up to `MAX_BATCH_BYTES`,
+//! milliseconds of CPU) does not hold up the other requests of its worker thread.
 
 use super::errors::ApiError;
 use super::metrics::CloseReason;
 use super::AppState;
 use actors::metrics::RejectReason;
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::header::{CONTENT_ENCODING, CONTENT_LENGTH};
@@ -97,7 +100,7 @@ pub async fn read(
     };
     match encoding {
         Encoding::Identity => Ok(body),
-        Encoding::Gzip => gunzip(&body, limit).map_err(|e| match e {
+        Encoding::Gzip => gunzip(body, limit).await.map_err(|e| match e {
             GunzipError::TooLarge => too_large(),
             GunzipError::Corrupt(message) => (
                 RejectReason::Invalid,
@@ -113,19 +116,66 @@ enum GunzipError {
     Corrupt(String),
 }
 
+/// Output decompressed on the request's own task; beyond it the decoder moves to the
+/// blocking pool. Small enough (well under a millisecond of CPU) not to delay the other
+/// tasks of the worker, large enough that a `/metric` body (`MAX_BODY_BYTES`, 64 KiB by
+/// default) and most batches never pay for the hand-over.
+const INLINE_GUNZIP_BYTES: u64 = 256 * 1024;
+
 /// Decompresses every gzip member of `compressed`, failing as soon as the output would
-/// pass `limit`.
-fn gunzip(compressed: &[u8], limit: usize) -> Result<Bytes, GunzipError> {
-    let mut out = Vec::with_capacity((compressed.len() * 4).min(limit));
-    // One byte past the limit tells "exactly the limit" from "more".
-    flate2::read::MultiGzDecoder::new(compressed)
-        .take(limit as u64 + 1)
-        .read_to_end(&mut out)
-        .map_err(|e| GunzipError::Corrupt(e.to_string()))?;
-    if out.len() > limit {
-        return Err(GunzipError::TooLarge);
+/// pass `limit`: up to [`INLINE_GUNZIP_BYTES`] here, the rest on the blocking pool.
+async fn gunzip(compressed: Bytes, limit: usize) -> Result<Bytes, GunzipError> {
+    let mut gunzip = Gunzip::new(compressed, limit);
+    if !gunzip.step(INLINE_GUNZIP_BYTES)? {
+        gunzip = match tokio::task::spawn_blocking(move || {
+            gunzip.step(u64::MAX)?;
+            Ok(gunzip)
+        })
+        .await
+        {
+            Ok(done) => done?,
+            // A blocking task is cancelled only when the runtime shuts down, which drops
+            // this future first: an error here is the decoder's panic, passed on.
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        };
     }
-    Ok(Bytes::from(out))
+    gunzip.finish()
+}
+
+/// A gzip body being decompressed, in steps that can move between threads.
+struct Gunzip {
+    /// Stops one byte past the limit, which tells "exactly the limit" from "more".
+    decoder: std::io::Take<flate2::read::MultiGzDecoder<bytes::buf::Reader<Bytes>>>,
+    out: Vec<u8>,
+    limit: usize,
+}
+
+impl Gunzip {
+    fn new(compressed: Bytes, limit: usize) -> Self {
+        Self {
+            out: Vec::with_capacity((compressed.len() * 4).min(limit)),
+            decoder: flate2::read::MultiGzDecoder::new(compressed.reader()).take(limit as u64 + 1),
+            limit,
+        }
+    }
+
+    /// Decompresses up to `budget` more bytes; true when the output is complete (or one
+    /// byte past the limit).
+    fn step(&mut self, budget: u64) -> Result<bool, GunzipError> {
+        let before = self.out.len();
+        (&mut self.decoder)
+            .take(budget)
+            .read_to_end(&mut self.out)
+            .map_err(|e| GunzipError::Corrupt(e.to_string()))?;
+        Ok(((self.out.len() - before) as u64) < budget)
+    }
+
+    fn finish(self) -> Result<Bytes, GunzipError> {
+        if self.out.len() > self.limit {
+            return Err(GunzipError::TooLarge);
+        }
+        Ok(Bytes::from(self.out))
+    }
 }
 
 #[cfg(test)]
@@ -141,32 +191,74 @@ mod tests {
         encoder.finish().expect("finish")
     }
 
-    #[test]
-    fn gunzip_round_trips_up_to_the_limit() {
+    fn gzip_bytes(data: &[u8]) -> Bytes {
+        Bytes::from(gzip(data))
+    }
+
+    #[tokio::test]
+    async fn gunzip_round_trips_up_to_the_limit() {
         let data = b"{\"device_id\":\"a\",\"cpu\":0.5,\"rps\":1}\n".repeat(100);
-        let compressed = gzip(&data);
-        assert_eq!(gunzip(&compressed, data.len()).expect("fits"), data[..]);
+        let compressed = gzip_bytes(&data);
         assert_eq!(
-            gunzip(&compressed, data.len() - 1),
+            gunzip(compressed.clone(), data.len()).await.expect("fits"),
+            data[..]
+        );
+        assert_eq!(
+            gunzip(compressed, data.len() - 1).await,
             Err(GunzipError::TooLarge)
         );
     }
 
-    #[test]
-    fn a_zip_bomb_stops_at_the_limit() {
+    #[tokio::test]
+    async fn a_zip_bomb_stops_at_the_limit() {
         // 64 MiB of zeros compress to about 64 KiB.
-        let compressed = gzip(&vec![0u8; 64 << 20]);
+        let compressed = gzip_bytes(&vec![0u8; 64 << 20]);
         assert!(compressed.len() < 1 << 20);
-        assert_eq!(gunzip(&compressed, 1 << 20), Err(GunzipError::TooLarge));
+        assert_eq!(
+            gunzip(compressed, 1 << 20).await,
+            Err(GunzipError::TooLarge)
+        );
     }
 
-    #[test]
-    fn concatenated_members_are_one_body_and_garbage_is_refused() {
+    #[tokio::test]
+    async fn concatenated_members_are_one_body_and_garbage_is_refused() {
         let mut two = gzip(b"ab");
         two.extend(gzip(b"cd"));
-        assert_eq!(gunzip(&two, 100).expect("valid"), b"abcd"[..]);
+        assert_eq!(
+            gunzip(Bytes::from(two), 100).await.expect("valid"),
+            b"abcd"[..]
+        );
         assert!(matches!(
-            gunzip(b"not gzip at all", 100),
+            gunzip(Bytes::from_static(b"not gzip at all"), 100).await,
+            Err(GunzipError::Corrupt(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_body_larger_than_the_inline_part_is_finished_on_the_blocking_pool() {
+        let inline = INLINE_GUNZIP_BYTES as usize;
+        // Around the hand-over: just under, exactly at, just over, and far beyond it,
+        // each exactly at and one byte under the limit.
+        for size in [inline - 1, inline, inline + 1, 4 * inline + 7] {
+            let data: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+            let compressed = gzip_bytes(&data);
+            assert_eq!(
+                gunzip(compressed.clone(), size).await.expect("fits"),
+                data[..],
+                "{size}"
+            );
+            assert_eq!(
+                gunzip(compressed, size - 1).await,
+                Err(GunzipError::TooLarge),
+                "{size}"
+            );
+        }
+        // Corruption after the inline part is found on the blocking pool.
+        let mut broken = gzip(&vec![7u8; 4 * inline]);
+        let at = broken.len() - 12;
+        broken.truncate(at);
+        assert!(matches!(
+            gunzip(Bytes::from(broken), 8 * inline).await,
             Err(GunzipError::Corrupt(_))
         ));
     }

@@ -1,7 +1,9 @@
 //! `GET /analyze?device_id=ID`: the device's latest analysis, read from the store.
 
 use super::errors::{json_bytes, ApiError, Body};
-use super::{validate, AppState};
+use super::query::query_param;
+use super::state::AppState;
+use super::validate;
 use crate::auth::Mode;
 use actors::store::analysis_key;
 use hyper::{Request, Response, StatusCode};
@@ -16,7 +18,7 @@ pub async fn get<B>(state: &AppState, req: &Request<B>) -> Response<Body> {
 
 async fn analyze<B>(state: &AppState, req: &Request<B>) -> Result<Response<Body>, ApiError> {
     let client = state.authorize(req, Mode::Read)?;
-    let id = super::query_param(req.uri(), "device_id")
+    let id = query_param(req.uri(), "device_id")
         .ok_or_else(|| ApiError::invalid("device_id", "query parameter device_id is required"))?;
     validate::device_id(&id)?;
     state.authorize_device(client.as_ref(), &id, Mode::Read)?;

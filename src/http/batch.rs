@@ -2,11 +2,12 @@
 //! not. Each event is checked on its own; the valid ones are admitted together (all of
 //! them or, at MAX_PENDING_EVENTS, none), the invalid ones are listed by position.
 
+use super::body::{self, Limit};
 use super::errors::{json, ApiError, Body};
-use super::ingest::{count_rejected, shutting_down, SHUTTING_DOWN};
+use super::refusal::{count_rejected, shutting_down, NOT_DURABLE, SHUTTING_DOWN, UNROUTABLE};
 use super::request_log::Failure;
+use super::state::AppState;
 use super::validate::{self, BatchError};
-use super::{body, AppState};
 use crate::auth::Mode;
 use actors::device::SubmitError;
 use actors::metrics::{ReasonLabel, RejectReason};
@@ -59,8 +60,13 @@ pub async fn post(state: &AppState, req: Request<Incoming>) -> Response<Body> {
         Err(e) => return count_rejected(state, RejectReason::Unauthorized, e.into_response()),
     };
     let received = Utc::now();
-    let inner = &state.inner;
-    let body = match body::read(state, req, inner.max_batch_bytes, "MAX_BATCH_BYTES").await {
+    let inner = state.body_limits();
+    let limit = Limit {
+        bytes: inner.max_batch_bytes,
+        setting: "MAX_BATCH_BYTES",
+        timeout: inner.body_read_timeout,
+    };
+    let body = match body::read(req, limit, state.http_metrics()).await {
         Ok(body) => body,
         Err((reason, error)) => return count_rejected(state, reason, error.into_response()),
     };
@@ -169,8 +175,8 @@ pub async fn post(state: &AppState, req: Request<Incoming>) -> Response<Body> {
                 SubmitError::Unavailable | SubmitError::HandedOff => {
                     (RejectReason::ShuttingDown, SHUTTING_DOWN)
                 }
-                SubmitError::Unroutable => (RejectReason::Unroutable, super::ingest::UNROUTABLE),
-                SubmitError::NotDurable => (RejectReason::NotDurable, super::ingest::NOT_DURABLE),
+                SubmitError::Unroutable => (RejectReason::Unroutable, UNROUTABLE),
+                SubmitError::NotDurable => (RejectReason::NotDurable, NOT_DURABLE),
             };
             count(reason, valid);
             let rejected = valid + errors.len();

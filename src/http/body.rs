@@ -9,8 +9,7 @@
 //! milliseconds of CPU) does not hold up the other requests of its worker thread.
 
 use super::errors::ApiError;
-use super::metrics::CloseReason;
-use super::AppState;
+use super::metrics::{CloseReason, HttpMetrics};
 use actors::metrics::RejectReason;
 use bytes::{Buf, Bytes};
 use http_body_util::{BodyExt, Limited};
@@ -18,6 +17,7 @@ use hyper::body::Incoming;
 use hyper::header::{CONTENT_ENCODING, CONTENT_LENGTH};
 use hyper::{Request, StatusCode};
 use std::io::Read;
+use std::time::Duration;
 
 /// Why a body could not be read, with the reason it is counted under.
 pub type BodyError = (RejectReason, ApiError);
@@ -49,14 +49,28 @@ fn encoding<B>(req: &Request<B>) -> Result<Encoding, ApiError> {
     }
 }
 
-/// The body of `req`, decompressed, at most `limit` bytes (`setting` names the limit in
-/// the 413).
+/// What a body may be.
+#[derive(Debug, Clone, Copy)]
+pub struct Limit {
+    /// Most bytes, after decompression.
+    pub bytes: usize,
+    /// The setting of `bytes`, named in the 413.
+    pub setting: &'static str,
+    /// BODY_READ_TIMEOUT: then 408 and the connection is closed (counted in `metrics`).
+    pub timeout: Duration,
+}
+
+/// The body of `req`, decompressed, within `limit`.
 pub async fn read(
-    state: &AppState,
     req: Request<Incoming>,
-    limit: usize,
-    setting: &'static str,
+    limit: Limit,
+    metrics: &HttpMetrics,
 ) -> Result<Bytes, BodyError> {
+    let Limit {
+        bytes: limit,
+        setting,
+        timeout,
+    } = limit;
     let too_large = || {
         (
             RejectReason::TooLarge,
@@ -77,7 +91,6 @@ pub async fn read(
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large());
     }
-    let timeout = state.inner.body_read_timeout;
     let reading = tokio::time::timeout(timeout, Limited::new(req.into_body(), limit).collect());
     let body = match reading.await {
         Ok(Ok(collected)) => collected.to_bytes(),
@@ -89,7 +102,7 @@ pub async fn read(
             ));
         }
         Err(_) => {
-            state.http_metrics().closed(CloseReason::BodyTimeout);
+            metrics.closed(CloseReason::BodyTimeout);
             let mut error = ApiError::status(
                 StatusCode::REQUEST_TIMEOUT,
                 format!("request body not received within BODY_READ_TIMEOUT ({timeout:?})"),

@@ -11,12 +11,10 @@
 //! on a connection that has not sent a first request). Closing drops the connection
 //! future, which closes the socket; nothing is in flight at that point by construction.
 
-use super::errors::Body;
 use super::metrics::{CloseReason, HttpMetrics};
 use super::router;
-use super::AppState;
-use http_body_util::Either;
-use hyper::body::Incoming;
+use super::state::AppState;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
@@ -225,6 +223,34 @@ impl Drop for InFlight {
     }
 }
 
+/// A response body that keeps its request counted in flight until it is sent (or
+/// dropped): a body still being sent after its handler returned (a stream) keeps the
+/// connection busy, not idle.
+struct Held<B> {
+    body: B,
+    _in_flight: InFlight,
+}
+
+impl<B: Body + Unpin> Body for Held<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
 /// Serves one connection until the client closes it, a timeout fires, or shutdown
 /// (`stop`) completes the request in flight. Holds its connection-limit `permit`.
 pub async fn serve(
@@ -240,7 +266,7 @@ pub async fn serve(
 }
 
 /// The connection loop of [`serve`], over any request handler.
-async fn drive<H, F>(
+async fn drive<H, F, B>(
     stream: TcpStream,
     handler: H,
     metrics: &HttpMetrics,
@@ -248,7 +274,10 @@ async fn drive<H, F>(
     mut stop: watch::Receiver<bool>,
 ) where
     H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
-    F: Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
+    F: Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
+    B: Body + Unpin + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     // Small request/response pairs: send without waiting for Nagle.
     let _ = stream.set_nodelay(true);
@@ -264,20 +293,14 @@ async fn drive<H, F>(
         let activity = activity.clone();
         service_fn(move |req| {
             activity.request_started();
-            let guard = InFlight(activity.clone());
+            let in_flight = InFlight(activity.clone());
             let answer = handler(req);
             async move {
-                let mut response = answer.await;
-                // A streamed body (SSE) is still being answered after the handler
-                // returns: the connection counts as busy, not idle, until it ends.
-                if let Ok(r) = &mut response {
-                    if let Either::Right(stream) = r.body_mut() {
-                        stream.hold(Box::new(guard));
-                        return response;
-                    }
-                }
-                drop(guard);
-                response
+                let response = answer.await?;
+                Ok::<_, Infallible>(response.map(|body| Held {
+                    body,
+                    _in_flight: in_flight,
+                }))
             }
         })
     };
@@ -444,8 +467,8 @@ mod tests {
         let (tx, stop) = watch::channel(stopped);
         let metrics = HttpMetrics::register(&mut prometheus_client::registry::Registry::default());
         let handler = |_req| async {
-            let mut r = Response::new(Either::Left(http_body_util::Full::new(
-                hyper::body::Bytes::from_static(b"shutting down"),
+            let mut r = Response::new(http_body_util::Full::new(hyper::body::Bytes::from_static(
+                b"shutting down",
             )));
             *r.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
             Ok(r)

@@ -1,16 +1,24 @@
-//! The JSON error body every failure answers with, `{"error": …, "field": …}`, and the
-//! small response helpers the endpoints share.
+//! The response body type, the JSON error body every failure answers with,
+//! `{"error": …, "field": …}`, and the small response helpers the endpoints share.
 
 use super::request_log::Failure;
 use bytes::Bytes;
-use http_body_util::{Either, Full};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
 use hyper::header::{HeaderValue, CONNECTION, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use hyper::{Response, StatusCode};
 use serde::Serialize;
+use std::convert::Infallible;
 
-/// The response body type of every endpoint: whole, or (`/anomalies/stream`) fed frame by
-/// frame.
-pub type Body = Either<Full<Bytes>, super::stream::EventStream>;
+/// The response body type of every endpoint, boxed (as in hyper's `web_api.rs`) so that a
+/// whole body and one fed frame by frame (`/anomalies/stream`) are the same type and
+/// nothing here needs to know the kinds.
+pub type Body = BoxBody<Bytes, Infallible>;
+
+/// A whole body.
+pub fn full(bytes: Bytes) -> Body {
+    Full::new(bytes).boxed()
+}
 
 const JSON: HeaderValue = HeaderValue::from_static("application/json");
 
@@ -104,7 +112,7 @@ pub fn json<T: Serialize>(status: StatusCode, body: &T) -> Response<Body> {
 
 /// A response whose body is already JSON.
 pub fn json_bytes(status: StatusCode, body: Bytes) -> Response<Body> {
-    let mut response = Response::new(Either::Left(Full::new(body)));
+    let mut response = Response::new(full(body));
     *response.status_mut() = status;
     response.headers_mut().insert(CONTENT_TYPE, JSON);
     response

@@ -1,12 +1,15 @@
-//! `POST /metric`: read the body within MAX_BODY_BYTES (gzip accepted), validate, hand the event to its
-//! device, answer 200 once it is queued.
+//! `POST /metric`: read the body within MAX_BODY_BYTES (gzip accepted), validate, hand
+//! the event to its device, answer 200 once it is queued.
 
+use super::body::{self, Limit};
 use super::errors::{json, ApiError, Body};
+use super::refusal::{count_rejected, shutting_down, NOT_DURABLE, UNROUTABLE};
 use super::request_log::DeviceNote;
-use super::{body, validate, AppState};
+use super::state::AppState;
+use super::validate;
 use crate::auth::Mode;
 use actors::device::SubmitError;
-use actors::metrics::{ReasonLabel, RejectReason};
+use actors::metrics::RejectReason;
 use chrono::Utc;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
@@ -26,21 +29,6 @@ pub async fn post(state: &AppState, req: Request<Incoming>) -> Response<Body> {
     }
 }
 
-/// Counts a refused event under its reason.
-pub(super) fn count_rejected(
-    state: &AppState,
-    reason: RejectReason,
-    response: Response<Body>,
-) -> Response<Body> {
-    state
-        .system()
-        .metrics()
-        .events_rejected
-        .get_or_create(&ReasonLabel { reason })
-        .inc();
-    response
-}
-
 async fn accept(
     state: &AppState,
     req: Request<Incoming>,
@@ -52,7 +40,13 @@ async fn accept(
         .authorize(&req, Mode::Write)
         .map_err(|e| (RejectReason::Unauthorized, e))?;
     let received = Utc::now();
-    let body = body::read(state, req, state.inner.max_body_bytes, "MAX_BODY_BYTES").await?;
+    let limits = state.body_limits();
+    let limit = Limit {
+        bytes: limits.max_body_bytes,
+        setting: "MAX_BODY_BYTES",
+        timeout: limits.body_read_timeout,
+    };
+    let body = body::read(req, limit, state.http_metrics()).await?;
     let (device_id, event) =
         validate::event(&body, received).map_err(|e| (RejectReason::Invalid, e))?;
     state
@@ -96,19 +90,4 @@ async fn accept(
             ApiError::status(StatusCode::SERVICE_UNAVAILABLE, NOT_DURABLE),
         ),
     }
-}
-
-/// The message of a refusal when the ingest log cannot be written.
-pub(super) const NOT_DURABLE: &str =
-    "the ingest log (Redis) cannot be written, so the event would not survive a crash; nothing was accepted; retry shortly";
-
-/// The message of a refusal when no node could take the event in time (a cluster).
-pub(super) const UNROUTABLE: &str =
-    "the node that owns this device cannot take events right now; retry shortly";
-
-/// The message of every refusal during shutdown.
-pub(super) const SHUTTING_DOWN: &str = "the service is shutting down";
-
-pub(super) fn shutting_down() -> ApiError {
-    ApiError::status(StatusCode::SERVICE_UNAVAILABLE, SHUTTING_DOWN)
 }

@@ -3,7 +3,7 @@
 //! begun).
 
 use super::errors::{json, Body};
-use super::AppState;
+use super::state::AppState;
 use chrono::{SecondsFormat, Utc};
 use hyper::{Response, StatusCode};
 use serde::Serialize;

@@ -1,11 +1,15 @@
-//! The router: looks a request up in the route table ([`super::routes::ROUTES`]), and
-//! counts every response in the request metrics.
+//! The router: looks a request up in the route table ([`super::routes::ROUTES`]), hands
+//! it to its endpoint's handler in one `match`, and counts every response in the request
+//! metrics.
 
-use super::errors::{ApiError, Body};
+use super::errors::{json_bytes, ApiError, Body};
 use super::metrics::MethodLabel;
+use super::query::query_param;
 use super::request_log::{DeviceNote, Failure, Verdict};
-use super::routes::Endpoint;
-use super::AppState;
+use super::routes::{Endpoint, OPENAPI};
+use super::state::AppState;
+use super::{analyze, batch, ingest, probes, scrape, stream};
+use bytes::Bytes;
 use futures_util::FutureExt;
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, ALLOW};
@@ -39,7 +43,7 @@ pub async fn handle(state: AppState, req: Request<Incoming>) -> Result<Response<
                 .extensions()
                 .get::<DeviceNote>()
                 .map(|d| d.0.clone())
-                .or_else(|| super::query_param(&uri, "device_id"));
+                .or_else(|| query_param(&uri, "device_id"));
             tracing::warn!(
                 request_id = %id,
                 method = %verb,
@@ -65,7 +69,7 @@ const REQUEST_ID: &str = "x-request-id";
 /// 404 for an unknown path, 405 with `Allow` for a known path and another method.
 async fn route(state: AppState, req: Request<Incoming>, endpoint: Endpoint) -> Response<Body> {
     match endpoint.route() {
-        Some(route) if req.method() == route.method => (route.handler)(state, req).await,
+        Some(route) if req.method() == route.method => dispatch(state, req, endpoint).await,
         Some(route) => {
             let mut response = ApiError::status(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -82,12 +86,32 @@ async fn route(state: AppState, req: Request<Incoming>, endpoint: Endpoint) -> R
                 .insert(ALLOW, HeaderValue::from_static(route.method.as_str()));
             response
         }
-        None => ApiError::status(
-            StatusCode::NOT_FOUND,
-            format!("no route for {}", req.uri().path()),
-        )
-        .into_response(),
+        None => not_found(&req),
     }
+}
+
+/// Serves a request that matched `endpoint`'s route.
+async fn dispatch(state: AppState, req: Request<Incoming>, endpoint: Endpoint) -> Response<Body> {
+    match endpoint {
+        Endpoint::Metric => ingest::post(&state, req).await,
+        Endpoint::MetricBatch => batch::post(&state, req).await,
+        Endpoint::Analyze => analyze::get(&state, &req).await,
+        Endpoint::AnomalyStream => stream::get(&state, req).await,
+        Endpoint::Health => probes::health(),
+        Endpoint::Ready => probes::ready(&state),
+        Endpoint::Metrics => scrape::get(&state).await,
+        Endpoint::OpenApi => json_bytes(StatusCode::OK, Bytes::from_static(OPENAPI.as_bytes())),
+        Endpoint::Unmatched => not_found(&req),
+    }
+}
+
+/// 404 for a path outside the route table.
+fn not_found<B>(req: &Request<B>) -> Response<Body> {
+    ApiError::status(
+        StatusCode::NOT_FOUND,
+        format!("no route for {}", req.uri().path()),
+    )
+    .into_response()
 }
 
 /// Runs a handler; a panic in it becomes a 500 for this request alone. The few locks a
@@ -111,7 +135,6 @@ async fn guarded(handler: impl Future<Output = Response<Body>>) -> Response<Body
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::http::probes;
 
     #[tokio::test]
     async fn a_panicking_handler_answers_500_and_the_next_request_is_served() {

@@ -1,73 +1,63 @@
-//! The one route table: every path the service answers, its methods, its handler and
-//! the `endpoint` label its requests are counted under. The router, the `Allow` header
-//! and the request metrics all derive from [`ROUTES`], so adding an endpoint is one entry.
+//! The one route table: every path the service answers, its method, and the `endpoint`
+//! label its requests are counted under. The router (its `match` names each [`Endpoint`],
+//! so the compiler checks that every one has a handler), the `Allow` header and the
+//! request metrics all derive from [`ROUTES`].
 
-use super::errors::{json_bytes, Body};
-use super::{analyze, batch, ingest, probes, scrape, stream, AppState};
-use bytes::Bytes;
-use hyper::body::Incoming;
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::Method;
 use prometheus_client::encoding::{EncodeLabelValue, LabelValueEncoder};
 use std::fmt::Write;
-use std::future::Future;
-use std::pin::Pin;
-
-/// A handler's answer, boxed so that handlers of different shapes fit in one table.
-pub type Answer = Pin<Box<dyn Future<Output = Response<Body>> + Send>>;
 
 /// One entry of the table.
 pub struct Route {
+    /// Which endpoint it is (its position in [`ROUTES`]).
+    pub endpoint: Endpoint,
     /// The exact path (queries are the handler's business); also the metric label.
     pub path: &'static str,
     /// The one method served; any other gets 405 with this in `Allow`.
     pub method: Method,
-    /// Serves a request that matched.
-    pub handler: fn(AppState, Request<Incoming>) -> Answer,
 }
 
-/// Every route of the public listener.
+/// Every route of the public listener, in the order of [`Endpoint`]'s variants.
 pub static ROUTES: [Route; 8] = [
     Route {
+        endpoint: Endpoint::Metric,
         path: "/metric",
         method: Method::POST,
-        handler: |state, req| Box::pin(async move { ingest::post(&state, req).await }),
     },
     Route {
+        endpoint: Endpoint::MetricBatch,
         path: "/metric/batch",
         method: Method::POST,
-        handler: |state, req| Box::pin(async move { batch::post(&state, req).await }),
     },
     Route {
+        endpoint: Endpoint::Analyze,
         path: "/analyze",
         method: Method::GET,
-        handler: |state, req| Box::pin(async move { analyze::get(&state, &req).await }),
     },
     Route {
+        endpoint: Endpoint::AnomalyStream,
         path: "/anomalies/stream",
         method: Method::GET,
-        handler: |state, req| Box::pin(async move { stream::get(&state, req).await }),
     },
     Route {
+        endpoint: Endpoint::Health,
         path: "/health",
         method: Method::GET,
-        handler: |_, _| Box::pin(async { probes::health() }),
     },
     Route {
+        endpoint: Endpoint::Ready,
         path: "/ready",
         method: Method::GET,
-        handler: |state, _| Box::pin(async move { probes::ready(&state) }),
     },
     Route {
+        endpoint: Endpoint::Metrics,
         path: "/metrics",
         method: Method::GET,
-        handler: |state, _| Box::pin(async move { scrape::get(&state).await }),
     },
     Route {
+        endpoint: Endpoint::OpenApi,
         path: "/openapi.json",
         method: Method::GET,
-        handler: |_, _| {
-            Box::pin(async { json_bytes(StatusCode::OK, Bytes::from_static(OPENAPI.as_bytes())) })
-        },
     },
 ];
 
@@ -77,11 +67,30 @@ pub const OPENAPI: &str = include_str!("../../openapi.json");
 /// The `endpoint` label: a route of [`ROUTES`], or `unmatched` for any other path (so
 /// random paths cannot create series).
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
-pub struct Endpoint(usize);
+pub enum Endpoint {
+    /// `POST /metric`.
+    Metric,
+    /// `POST /metric/batch`.
+    MetricBatch,
+    /// `GET /analyze`.
+    Analyze,
+    /// `GET /anomalies/stream`.
+    AnomalyStream,
+    /// `GET /health`.
+    Health,
+    /// `GET /ready`.
+    Ready,
+    /// `GET /metrics`.
+    Metrics,
+    /// `GET /openapi.json`.
+    OpenApi,
+    /// Every other path.
+    Unmatched,
+}
 
 impl Endpoint {
     /// Every other path.
-    pub const UNMATCHED: Endpoint = Endpoint(ROUTES.len());
+    pub const UNMATCHED: Endpoint = Endpoint::Unmatched;
     /// How many distinct labels exist.
     pub const COUNT: usize = ROUTES.len() + 1;
 
@@ -89,18 +98,18 @@ impl Endpoint {
     pub fn of_path(path: &str) -> Self {
         ROUTES
             .iter()
-            .position(|r| r.path == path)
-            .map_or(Self::UNMATCHED, Endpoint)
+            .find(|r| r.path == path)
+            .map_or(Self::UNMATCHED, |r| r.endpoint)
     }
 
     /// Its route, unless unmatched.
     pub fn route(self) -> Option<&'static Route> {
-        ROUTES.get(self.0)
+        ROUTES.get(self.index())
     }
 
     /// A dense index in `0..COUNT`, for tables of cached series.
     pub fn index(self) -> usize {
-        self.0
+        self as usize
     }
 
     /// The label value.

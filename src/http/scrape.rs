@@ -1,10 +1,9 @@
 //! `GET /metrics`: the Prometheus exposition, encoded by the metrics actor.
 
-use super::errors::{ApiError, Body};
-use super::AppState;
+use super::errors::{full, ApiError, Body};
+use super::state::AppState;
 use actors::metrics::CONTENT_TYPE;
 use bytes::Bytes;
-use http_body_util::{Either, Full};
 use hyper::header::{HeaderValue, CONTENT_TYPE as CONTENT_TYPE_HEADER};
 use hyper::{Response, StatusCode};
 
@@ -12,7 +11,7 @@ use hyper::{Response, StatusCode};
 pub async fn get(state: &AppState) -> Response<Body> {
     match state.system().scrape().await {
         Ok(text) => {
-            let mut response = Response::new(Either::Left(Full::new(Bytes::from(text))));
+            let mut response = Response::new(full(Bytes::from(text)));
             response
                 .headers_mut()
                 .insert(CONTENT_TYPE_HEADER, HeaderValue::from_static(CONTENT_TYPE));

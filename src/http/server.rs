@@ -3,7 +3,7 @@
 //! connections on shutdown.
 
 use super::connection::{self, Timeouts};
-use super::AppState;
+use super::state::AppState;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,53 +1,39 @@
-//! `GET /anomalies/stream`: the `anomalies` stream as Server-Sent Events.
+//! `GET /anomalies/stream`: the `anomalies` stream as Server-Sent Events, live from the
+//! [anomaly feed](super::feed::AnomalyFeed).
 //!
-//! One poller per process reads new stream entries from the store (Redis, so entries
-//! appended by any replica appear on every replica; or the embedded store) while clients
-//! are connected, and fans them out over a broadcast channel. Each client has its own
-//! task and a small bounded buffer in front of its connection: a client that stops
-//! reading fills it and is disconnected (and counted) rather than buffered without
-//! bound; one that falls behind the broadcast is disconnected the same way. With
+//! Each client has its own task and a small bounded buffer in front of its connection: a
+//! client that stops reading fills it and is disconnected (and counted) rather than
+//! buffered without bound; one that falls behind the broadcast is disconnected the same
+//! way. With
 //! `Last-Event-ID` a client first replays the stream after that id from the store, then
 //! continues live, skipping what it has already had: no gap, no duplicate.
 
 use super::errors::{ApiError, Body};
-use super::AppState;
+use super::feed::{AnomalyFeed, POLL_EVERY, READ_BATCH};
+use super::query::query_param;
+use super::refusal::shutting_down;
+use super::state::AppState;
+use super::validate;
 use crate::auth::{Client, Mode};
-use actors::store::{Store, StreamId, StreamRecord};
+use actors::store::{StreamId, StreamRecord};
 use bytes::Bytes;
-use http_body_util::Either;
+use http_body_util::BodyExt;
 use hyper::body::{Frame, Incoming};
 use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
 use hyper::{Request, Response, StatusCode};
 use std::convert::Infallible;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 use tokio::sync::{broadcast, mpsc, watch};
 
-/// How often the poller reads the store while clients are connected: well inside the
-/// FLUSH_INTERVAL + 10 ms that an anomaly may take to reach a client.
-const POLL_EVERY: Duration = Duration::from_millis(2);
-/// Entries read per store call.
-const READ_BATCH: usize = 512;
-/// Entries the broadcast holds for the slowest client before it counts as lagging.
-const FEED_CAPACITY: usize = 4096;
 /// Frames waiting in front of one client's connection before it counts as not reading.
 const CLIENT_BUFFER: usize = 256;
 
-/// A response body fed frame by frame from a channel.
-pub struct EventStream {
+/// A response body fed frame by frame from a channel; it ends when the client's task
+/// drops the sender.
+struct EventStream {
     rx: mpsc::Receiver<Bytes>,
-    /// Kept for as long as the body lives (the connection's in-flight mark).
-    held: Option<Box<dyn std::any::Any + Send + Sync>>,
-}
-
-impl EventStream {
-    /// Keeps `value` alive until the body is dropped.
-    pub fn hold(&mut self, value: Box<dyn std::any::Any + Send + Sync>) {
-        self.held = Some(value);
-    }
 }
 
 impl hyper::body::Body for EventStream {
@@ -59,108 +45,6 @@ impl hyper::body::Body for EventStream {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         self.rx.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b))))
-    }
-}
-
-/// The live feed of stream entries, shared by every client.
-pub struct AnomalyFeed {
-    tx: broadcast::Sender<Arc<StreamRecord>>,
-    /// Wakes the poller when a client subscribes (it sleeps while nobody listens).
-    subscribed: tokio::sync::Notify,
-    /// Where the stream stood when the earliest client not yet seen by the poller
-    /// subscribed: the poller reads on from there (or from where it was, if earlier), so
-    /// an entry appended after a client subscribed is never skipped, even when the poller
-    /// wakes from idle and first reads the stream's end later than the client did.
-    start_hint: std::sync::Mutex<Option<StreamId>>,
-    clients: AtomicUsize,
-    max_clients: usize,
-    heartbeat: Duration,
-}
-
-impl AnomalyFeed {
-    /// A client subscribed when the stream's last entry was `at`: the poller, if idle,
-    /// starts no later than there.
-    fn subscribed_at(&self, at: StreamId) {
-        let mut hint = self
-            .start_hint
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        *hint = Some(hint.map_or(at, |h| h.min(at)));
-    }
-
-    fn take_start_hint(&self) -> Option<StreamId> {
-        self.start_hint
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take()
-    }
-
-    /// Starts the poller over `store`; it reads only while clients are connected.
-    pub fn start(
-        store: Store,
-        max_clients: usize,
-        heartbeat: Duration,
-        stopped: watch::Receiver<bool>,
-    ) -> Arc<Self> {
-        let (tx, _) = broadcast::channel(FEED_CAPACITY);
-        let feed = Arc::new(Self {
-            tx,
-            subscribed: tokio::sync::Notify::new(),
-            start_hint: std::sync::Mutex::new(None),
-            clients: AtomicUsize::new(0),
-            max_clients,
-            heartbeat,
-        });
-        tokio::spawn(feed.clone().poll(store, stopped));
-        feed
-    }
-
-    async fn poll(self: Arc<Self>, store: Store, mut stopped: watch::Receiver<bool>) {
-        // Where the feed stands; `None` while nobody listens (a new listener starts live).
-        let mut last: Option<StreamId> = None;
-        let mut tick = tokio::time::interval(POLL_EVERY);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = stopped.changed() => return,
-            }
-            let hint = self.take_start_hint();
-            if self.tx.receiver_count() == 0 {
-                last = None;
-                // No timer work while nobody listens: sleep until a client subscribes.
-                tokio::select! {
-                    _ = self.subscribed.notified() => {}
-                    _ = stopped.changed() => return,
-                }
-                continue;
-            }
-            // A client that subscribed before the poller's own first read, but read the
-            // stream's end earlier, moves the feed back: entries in between were never sent
-            // (clients skip what they already have).
-            let after = match last.into_iter().chain(hint).min() {
-                Some(id) => id,
-                None => match store.last_anomaly_id().await {
-                    Ok(id) => {
-                        last = Some(id);
-                        continue;
-                    }
-                    Err(_) => continue,
-                },
-            };
-            // Kept even if this read fails: the next round must not start from the end.
-            last = Some(after);
-            match store.read_anomalies(after, READ_BATCH).await {
-                Ok(records) => {
-                    for record in records {
-                        last = Some(record.id);
-                        let _ = self.tx.send(Arc::new(record));
-                    }
-                }
-                // An outage: the entries are read once the store answers again.
-                Err(e) => tracing::debug!(error = %e, "anomaly feed: store read failed"),
-            }
-        }
     }
 }
 
@@ -208,19 +92,19 @@ pub async fn get(state: &AppState, req: Request<Incoming>) -> Response<Body> {
 
 async fn open(state: &AppState, req: &Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let client = state.authorize(req, Mode::Read)?;
-    let Some(feed) = state.inner.feed.clone() else {
+    let Some(feed) = state.feed().cloned() else {
         return Err(ApiError::status(
             StatusCode::NOT_FOUND,
             "the anomalies stream is off (ANOMALY_STREAM_MAXLEN=0)",
         ));
     };
     if state.is_shutting_down() {
-        return Err(super::ingest::shutting_down());
+        return Err(shutting_down());
     }
-    let device_id = super::query_param(req.uri(), "device_id");
-    let prefix = super::query_param(req.uri(), "prefix");
+    let device_id = query_param(req.uri(), "device_id");
+    let prefix = query_param(req.uri(), "prefix");
     if let Some(d) = &device_id {
-        super::validate::device_id(d)?;
+        validate::device_id(d)?;
         state.authorize_device(client.as_ref(), d, Mode::Read)?;
     }
     if let (Some(p), Some(c)) = (&prefix, &client) {
@@ -233,30 +117,18 @@ async fn open(state: &AppState, req: &Request<Incoming>) -> Result<Response<Body
         .headers()
         .get("last-event-id")
         .map(|v| v.to_str().unwrap_or_default().to_string())
-        .or_else(|| super::query_param(req.uri(), "last_event_id"))
+        .or_else(|| query_param(req.uri(), "last_event_id"))
         .map(|id| {
             StreamId::parse(id.trim()).ok_or_else(|| {
                 ApiError::bad_body("Last-Event-ID must be a stream id such as 1700000000000-0")
             })
         })
         .transpose()?;
-    // Subscribed before the response goes out, and the stream's end read after that: every
-    // entry appended once the client has its response reaches it (the poller reads on from
-    // no later than here). Unknown while the store is down: then the poller starts where it
-    // first reads the stream. Nothing here needs undoing if the client leaves meanwhile.
-    let live = feed.tx.subscribe();
-    if let Ok(now) = state.system().store().last_anomaly_id().await {
-        feed.subscribed_at(now);
-    }
-    feed.subscribed.notify_one();
-    if feed.clients.fetch_add(1, Ordering::AcqRel) >= feed.max_clients {
-        feed.clients.fetch_sub(1, Ordering::AcqRel);
+    let live = feed.subscribe(state.system().store()).await;
+    if let Err(max) = feed.admit_client() {
         return Err(ApiError::status(
             StatusCode::SERVICE_UNAVAILABLE,
-            format!(
-                "MAX_STREAM_CLIENTS ({}) stream clients are connected; retry shortly",
-                feed.max_clients
-            ),
+            format!("MAX_STREAM_CLIENTS ({max}) stream clients are connected; retry shortly"),
         ));
     }
     state.http_metrics().stream_clients.inc();
@@ -267,7 +139,7 @@ async fn open(state: &AppState, req: &Request<Incoming>) -> Result<Response<Body
         client,
     };
     tokio::spawn(serve_client(state.clone(), feed, filter, resume, tx, live));
-    let mut response = Response::new(Either::Right(EventStream { rx, held: None }));
+    let mut response = Response::new(EventStream { rx }.boxed());
     let headers = response.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
@@ -342,7 +214,7 @@ async fn serve_client(
         state.http_metrics().stream_clients_dropped.inc();
         tracing::info!("anomaly stream client dropped: it did not keep up");
     }
-    feed.clients.fetch_sub(1, Ordering::AcqRel);
+    feed.client_left();
     state.http_metrics().stream_clients.dec();
 }
 
@@ -380,7 +252,7 @@ async fn stream_to(
         }
         fill_gap = true;
     }
-    let mut heartbeat = tokio::time::interval(feed.heartbeat);
+    let mut heartbeat = tokio::time::interval(feed.heartbeat());
     heartbeat.tick().await;
     loop {
         tokio::select! {
@@ -421,50 +293,5 @@ async fn stream_to(
                 Err(broadcast::error::RecvError::Closed) => return End::Closed,
             },
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use actors::analytics::Signal;
-    use actors::store::{EmbeddedStore, StreamEntry};
-
-    fn append(store: &EmbeddedStore, device: &str) {
-        let entry = StreamEntry {
-            device_id: device.into(),
-            signal: Signal::Rps,
-            analysis: Bytes::from_static(b"{}"),
-            uid: device.to_string(),
-        };
-        store.append_anomalies(&[entry], 100);
-    }
-
-    /// A client subscribes while the poller sleeps (nobody listened), and an anomaly is
-    /// appended before the poller wakes and first reads the stream: the client must still
-    /// get it. (On this single-threaded runtime the poller runs only where the test awaits.)
-    #[tokio::test]
-    async fn an_entry_appended_before_an_idle_poller_wakes_reaches_the_new_client() {
-        let store = Arc::new(EmbeddedStore::new());
-        append(&store, "before");
-        let (_stop, stopped) = watch::channel(false);
-        let feed = AnomalyFeed::start(
-            Store::Embedded(store.clone()),
-            10,
-            Duration::from_secs(60),
-            stopped,
-        );
-        // The poller's first round: nobody listens, so it goes to sleep.
-        tokio::time::sleep(POLL_EVERY * 5).await;
-        // What `open` does for a new client, with the append in the middle.
-        let mut live = feed.tx.subscribe();
-        feed.subscribed_at(store.last_anomaly_id());
-        append(&store, "after");
-        feed.subscribed.notify_one();
-        let record = tokio::time::timeout(Duration::from_secs(5), live.recv())
-            .await
-            .expect("an entry within 5 s")
-            .expect("the feed is open");
-        assert_eq!(record.device_id, "after");
     }
 }

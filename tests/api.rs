@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{eventually, get, post, post_event, raw, request, InProcess, Service};
+use common::{eventually, get, post, post_event, raw, request, request_with, InProcess, Service};
 use serde_json::Value;
 use std::net::TcpListener;
 use std::time::Duration;
@@ -667,11 +667,8 @@ async fn start_up_logs_the_version_and_every_setting_without_secrets() {
 async fn failed_requests_are_logged_with_their_request_id() {
     let mut svc = Service::start(&[]);
     let bad = r#"{"device_id":"dev-9","cpu":7,"rps":1}"#;
-    let request = format!(
-        "POST /metric HTTP/1.1\r\nHost: t\r\nConnection: close\r\nX-Request-Id: req-42\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{bad}",
-        bad.len()
-    );
-    let reply = raw(svc.addr, request.as_bytes()).await;
+    let headers = ["X-Request-Id: req-42", "Content-Type: application/json"];
+    let reply = request_with(svc.addr, "POST", "/metric", &headers, bad.as_bytes()).await;
     assert_eq!(reply.status, 400);
     assert_eq!(reply.header("x-request-id"), Some("req-42"));
     let line = svc

@@ -90,29 +90,16 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One POST /metric; `Err` says why it did not get a 200.
 async fn post_event(addr: SocketAddr, body: &str) -> Result<(), Retry> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr)
+    let json = ["Content-Type: application/json"];
+    let reply = common::http::try_send(addr, "POST", "/metric", &json, body.to_string())
         .await
-        .map_err(|_| Retry::Connect)?;
-    let req = format!(
-        "POST /metric HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    stream
-        .write_all(req.as_bytes())
-        .await
-        .map_err(|_| Retry::Broken)?;
-    let mut out = Vec::new();
-    stream
-        .read_to_end(&mut out)
-        .await
-        .map_err(|_| Retry::Broken)?;
-    let status = String::from_utf8_lossy(&out)
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or(Retry::Broken)?;
-    (status == 200).then_some(()).ok_or(Retry::Status(status))
+        .map_err(|e| match e {
+            common::http::Failure::Connect => Retry::Connect,
+            common::http::Failure::Broken => Retry::Broken,
+        })?;
+    (reply.status == 200)
+        .then_some(())
+        .ok_or(Retry::Status(reply.status))
 }
 
 /// The load of `common/cluster.rs` (`send_device`: each event to the next node in

@@ -118,22 +118,10 @@ pub async fn send_device(
 
 /// A POST that reports failure instead of panicking when the node is gone.
 pub async fn try_post(addr: SocketAddr, body: &str) -> bool {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await else {
-        return false;
-    };
-    let req = format!(
-        "POST /metric HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    if stream.write_all(req.as_bytes()).await.is_err() {
-        return false;
-    }
-    let mut out = Vec::new();
-    if stream.read_to_end(&mut out).await.is_err() {
-        return false;
-    }
-    out.starts_with(b"HTTP/1.1 200")
+    let json = ["Content-Type: application/json"];
+    super::http::try_send(addr, "POST", "/metric", &json, body.to_string())
+        .await
+        .is_ok_and(|reply| reply.status == 200)
 }
 
 /// Runs the load: `devices` devices × `per_device` events, `concurrency` devices at a

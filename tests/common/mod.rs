@@ -1,9 +1,11 @@
 //! Test harness: the real `iot-processor` binary and a real `redis-server`, each started
-//! on a free loopback port, and a minimal HTTP/1.1 client over plain sockets.
+//! on a free loopback port; requests through hyper's client (`http`), or as raw bytes
+//! where the bytes are the point (`raw`).
 #![allow(dead_code)]
 
 pub mod cluster;
 pub mod durable;
+pub mod http;
 pub mod inprocess;
 pub mod sse;
 pub mod tls;
@@ -77,19 +79,15 @@ fn parse(bytes: &[u8]) -> Reply {
     }
 }
 
+/// A request with a JSON body, or none.
 pub async fn request(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> Reply {
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n");
-    if let Some(body) = body {
-        req.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n",
-            body.len()
-        ));
+    match body {
+        Some(body) => {
+            let json = ["Content-Type: application/json"];
+            request_with(addr, method, path, &json, body.as_bytes()).await
+        }
+        None => request_with(addr, method, path, &[], b"").await,
     }
-    req.push_str("\r\n");
-    if let Some(body) = body {
-        req.push_str(body);
-    }
-    raw(addr, req.as_bytes()).await
 }
 
 /// A request with extra header lines (`Name: value`) and a raw body.
@@ -100,18 +98,12 @@ pub async fn request_with(
     headers: &[&str],
     body: &[u8],
 ) -> Reply {
-    let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    )
-    .into_bytes();
-    for h in headers {
-        req.extend_from_slice(h.as_bytes());
-        req.extend_from_slice(b"\r\n");
-    }
-    req.extend_from_slice(b"\r\n");
-    req.extend_from_slice(body);
-    raw(addr, &req).await
+    let body = bytes::Bytes::copy_from_slice(body);
+    let sent = http::try_send(addr, method, path, headers, body);
+    tokio::time::timeout(Duration::from_secs(20), sent)
+        .await
+        .expect("response within 20s")
+        .unwrap_or_else(|e| panic!("{method} {path}: no answer: {e:?}"))
 }
 
 pub async fn get(addr: SocketAddr, path: &str) -> Reply {

@@ -1,17 +1,19 @@
-//! A client of `GET /anomalies/stream` (server-sent events) over a raw socket: the
+//! A client of `GET /anomalies/stream` (server-sent events) on hyper's client: the
 //! frames as they come, within bounded waits.
 
+use super::http;
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
 use serde_json::Value;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 const SOON: Duration = Duration::from_secs(10);
 
 /// An SSE client reading frames as they come.
 pub struct Sse {
-    stream: TcpStream,
+    body: Incoming,
     buffer: String,
 }
 
@@ -24,26 +26,33 @@ pub enum Frame {
 
 impl Sse {
     pub async fn open(addr: SocketAddr, query: &str, headers: &[&str]) -> Self {
-        let mut stream = TcpStream::connect(addr).await.expect("connect");
-        let mut req = format!("GET /anomalies/stream{query} HTTP/1.1\r\nHost: t\r\n");
-        for h in headers {
-            req.push_str(h);
-            req.push_str("\r\n");
-        }
-        req.push_str("\r\n");
-        stream.write_all(req.as_bytes()).await.expect("write");
-        let mut sse = Self {
-            stream,
-            buffer: String::new(),
-        };
-        let head = sse.until("\r\n\r\n").await;
-        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-        assert!(
-            head.to_ascii_lowercase()
-                .contains("content-type: text/event-stream"),
-            "{head}"
+        let path = format!("/anomalies/stream{query}");
+        let response = http::open(addr, "GET", &path, headers, Bytes::new())
+            .await
+            .unwrap_or_else(|e| panic!("GET {path}: {e:?}"));
+        assert_eq!(response.status(), 200, "{response:?}");
+        assert_eq!(
+            response.headers().get("content-type").map(|v| v.as_bytes()),
+            Some(&b"text/event-stream"[..]),
+            "{response:?}"
         );
-        sse
+        Self {
+            body: response.into_body(),
+            buffer: String::new(),
+        }
+    }
+
+    /// The body's next piece of data; `None` when the body ended (or broke).
+    async fn data(&mut self) -> Option<Bytes> {
+        loop {
+            match self.body.frame().await {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => return Some(data),
+                    Err(_) => continue,
+                },
+                Some(Err(_)) | None => return None,
+            }
+        }
     }
 
     /// Reads until `marker`, returning the text before it (and dropping the marker).
@@ -54,17 +63,16 @@ impl Sse {
                 self.buffer.drain(..at + marker.len());
                 return out;
             }
-            let mut chunk = [0u8; 8192];
-            let n = tokio::time::timeout(SOON, self.stream.read(&mut chunk))
+            let data = tokio::time::timeout(SOON, self.data())
                 .await
-                .expect("a frame within 10s")
-                .expect("read");
-            assert!(n > 0, "the stream ended; buffered: {:?}", self.buffer);
-            self.buffer.push_str(&String::from_utf8_lossy(&chunk[..n]));
+                .expect("a frame within 10s");
+            let data =
+                data.unwrap_or_else(|| panic!("the stream ended; buffered: {:?}", self.buffer));
+            self.buffer.push_str(&String::from_utf8_lossy(&data));
         }
     }
 
-    /// The next frame (chunked transfer framing lines are skipped).
+    /// The next frame.
     pub async fn next(&mut self) -> Frame {
         loop {
             let block = self.until("\n\n").await;
@@ -105,14 +113,10 @@ impl Sse {
     pub async fn ends_within(&mut self, within: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + within;
         loop {
-            if self.buffer.contains("\r\n0\r\n\r\n") {
-                return true;
-            }
-            let mut chunk = [0u8; 4096];
-            match tokio::time::timeout_at(deadline, self.stream.read(&mut chunk)).await {
+            match tokio::time::timeout_at(deadline, self.data()).await {
                 Err(_) => return false,
-                Ok(Ok(0)) | Ok(Err(_)) => return true,
-                Ok(Ok(n)) => self.buffer.push_str(&String::from_utf8_lossy(&chunk[..n])),
+                Ok(None) => return true,
+                Ok(Some(data)) => self.buffer.push_str(&String::from_utf8_lossy(&data)),
             }
         }
     }

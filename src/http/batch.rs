@@ -8,14 +8,17 @@ use super::refusal::{count_rejected, shutting_down, NOT_DURABLE, SHUTTING_DOWN, 
 use super::request_log::Failure;
 use super::state::AppState;
 use super::validate::{self, BatchError};
-use crate::auth::Mode;
+use crate::auth::{Client, Mode};
 use actors::device::SubmitError;
+use actors::event::Event;
 use actors::metrics::{ReasonLabel, RejectReason};
 use chrono::Utc;
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, RETRY_AFTER};
 use hyper::{Request, Response, StatusCode};
 use serde::Serialize;
+use std::borrow::Cow;
+use std::sync::Arc;
 
 /// Item errors listed in one answer at most (the count is always complete).
 pub const MAX_LISTED_ERRORS: usize = 100;
@@ -46,69 +49,103 @@ struct Answer {
     errors: Vec<ItemError>,
 }
 
-/// Handles `POST /metric/batch`.
+/// Handles `POST /metric/batch`: read the body, decode it into events, keep those the
+/// token may write, submit them together, answer with the per-event errors.
 pub async fn post(state: &AppState, req: Request<Incoming>) -> Response<Body> {
-    if state.is_shutting_down() {
-        return count_rejected(
-            state,
-            RejectReason::ShuttingDown,
-            shutting_down().into_response(),
-        );
+    match post_steps(state, req).await {
+        Ok(response) => response,
+        Err((reason, error)) => count_rejected(state, reason, error.into_response()),
     }
-    let client = match state.authorize(&req, Mode::Write) {
-        Ok(client) => client,
-        Err(e) => return count_rejected(state, RejectReason::Unauthorized, e.into_response()),
-    };
-    let received = Utc::now();
-    let inner = state.body_limits();
-    let limit = Limit {
-        bytes: inner.max_batch_bytes,
-        setting: "MAX_BATCH_BYTES",
-        timeout: inner.body_read_timeout,
-    };
-    let body = match body::read(req, limit, state.http_metrics()).await {
-        Ok(body) => body,
-        Err((reason, error)) => return count_rejected(state, reason, error.into_response()),
-    };
-    let items = match validate::batch(&body, received, inner.max_batch_events) {
-        Ok(items) => items,
-        Err(BatchError::TooMany) => {
-            let error = ApiError::status(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!(
-                    "the batch holds more than MAX_BATCH_EVENTS ({}) events",
-                    inner.max_batch_events
-                ),
-            );
-            return count_rejected(state, RejectReason::TooLarge, error.into_response());
-        }
-        Err(BatchError::Malformed(error)) => {
-            return count_rejected(state, RejectReason::Invalid, error.into_response());
-        }
-    };
-    if items.is_empty() {
-        let error = ApiError::bad_body("the batch holds no events");
-        return count_rejected(state, RejectReason::Invalid, error.into_response());
-    }
-    state.http_metrics().batch_size(items.len());
+}
 
-    let mut errors = Vec::new();
-    let mut positions = Vec::with_capacity(items.len());
-    let mut events = Vec::with_capacity(items.len());
-    let mut forbidden = 0;
+/// A refusal of the whole request, counted as one event under its reason.
+type Refusal = (RejectReason, ApiError);
+
+async fn post_steps(state: &AppState, req: Request<Incoming>) -> Result<Response<Body>, Refusal> {
+    if state.is_shutting_down() {
+        return Err((RejectReason::ShuttingDown, shutting_down()));
+    }
+    let client = state
+        .authorize(&req, Mode::Write)
+        .map_err(|e| (RejectReason::Unauthorized, e))?;
+    let received = Utc::now();
+    let limits = state.body_limits();
+    let limit = Limit {
+        bytes: limits.max_batch_bytes,
+        setting: "MAX_BATCH_BYTES",
+        timeout: limits.body_read_timeout,
+    };
+    let body = body::read(req, limit, state.http_metrics()).await?;
+    let items = decode(&body, received, limits.max_batch_events)?;
+    state.http_metrics().batch_size(items.len());
+    let sorted = sort(state, client.as_ref(), items);
+    Ok(submit(state, sorted).await)
+}
+
+/// The batch's items, each an event or why it is not one; a batch that is not one at
+/// all, too large or empty is refused whole.
+fn decode(
+    body: &[u8],
+    received: chrono::DateTime<Utc>,
+    max_events: usize,
+) -> Result<Vec<validate::BatchItem<'_>>, Refusal> {
+    let items = validate::batch(body, received, max_events).map_err(|e| match e {
+        BatchError::TooMany => (
+            RejectReason::TooLarge,
+            ApiError::status(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("the batch holds more than MAX_BATCH_EVENTS ({max_events}) events"),
+            ),
+        ),
+        BatchError::Malformed(error) => (RejectReason::Invalid, error),
+    })?;
+    if items.is_empty() {
+        return Err((
+            RejectReason::Invalid,
+            ApiError::bad_body("the batch holds no events"),
+        ));
+    }
+    Ok(items)
+}
+
+/// A batch's events split into those to submit and those refused.
+struct Sorted<'a> {
+    /// The events to submit, in request order.
+    events: Vec<(Cow<'a, str>, Event)>,
+    /// Each submitted event's position in the request.
+    positions: Vec<usize>,
+    /// The refused ones, invalid or outside the token's prefix.
+    errors: Vec<ItemError>,
+    /// How many of `errors` are outside the token's prefix.
+    forbidden: usize,
+}
+
+/// Splits `items` into valid events the token may write and per-event errors, and counts
+/// the refused ones.
+fn sort<'a>(
+    state: &AppState,
+    client: Option<&Arc<Client>>,
+    items: Vec<validate::BatchItem<'a>>,
+) -> Sorted<'a> {
+    let mut sorted = Sorted {
+        events: Vec::with_capacity(items.len()),
+        positions: Vec::with_capacity(items.len()),
+        errors: Vec::new(),
+        forbidden: 0,
+    };
     for (index, item) in items {
         let item = item.and_then(|(device, event)| {
             state
-                .authorize_device(client.as_ref(), &device, Mode::Write)
-                .inspect_err(|_| forbidden += 1)
+                .authorize_device(client, &device, Mode::Write)
+                .inspect_err(|_| sorted.forbidden += 1)
                 .map(|()| (device, event))
         });
         match item {
             Ok(event) => {
-                positions.push(index);
-                events.push(event);
+                sorted.positions.push(index);
+                sorted.events.push(event);
             }
-            Err(e) => errors.push(ItemError {
+            Err(e) => sorted.errors.push(ItemError {
                 index,
                 status: e.status.as_u16(),
                 error: e.message,
@@ -116,15 +153,34 @@ pub async fn post(state: &AppState, req: Request<Incoming>) -> Response<Body> {
             }),
         }
     }
-    let metrics = state.system().metrics();
-    let count = |reason, n: usize| {
-        metrics
-            .events_rejected
-            .get_or_create(&ReasonLabel { reason })
-            .inc_by(n as u64);
-    };
-    count(RejectReason::Invalid, errors.len() - forbidden);
-    count(RejectReason::Unauthorized, forbidden);
+    count(
+        state,
+        RejectReason::Invalid,
+        sorted.errors.len() - sorted.forbidden,
+    );
+    count(state, RejectReason::Unauthorized, sorted.forbidden);
+    sorted
+}
+
+/// Counts `n` refused events under `reason`.
+fn count(state: &AppState, reason: RejectReason, n: usize) {
+    state
+        .system()
+        .metrics()
+        .events_rejected
+        .get_or_create(&ReasonLabel { reason })
+        .inc_by(n as u64);
+}
+
+/// Submits the valid events together and answers: 200 with the per-event errors, or a
+/// refusal of the whole batch when nothing could be accepted.
+async fn submit(state: &AppState, sorted: Sorted<'_>) -> Response<Body> {
+    let Sorted {
+        events,
+        positions,
+        mut errors,
+        forbidden,
+    } = sorted;
     let valid = events.len();
     if valid == 0 {
         let rejected = errors.len();
@@ -140,7 +196,7 @@ pub async fn post(state: &AppState, req: Request<Incoming>) -> Response<Body> {
     }
     match state.submit_batch(events).await {
         Ok(refused_positions) => {
-            count(RejectReason::Overloaded, refused_positions.len());
+            count(state, RejectReason::Overloaded, refused_positions.len());
             for p in &refused_positions {
                 errors.push(ItemError {
                     index: positions[*p],
@@ -150,7 +206,11 @@ pub async fn post(state: &AppState, req: Request<Incoming>) -> Response<Body> {
                 });
             }
             let accepted = valid - refused_positions.len();
-            metrics.events_accepted.inc_by(accepted as u64);
+            state
+                .system()
+                .metrics()
+                .events_accepted
+                .inc_by(accepted as u64);
             errors.sort_unstable_by_key(|e| e.index);
             let rejected = errors.len();
             errors.truncate(MAX_LISTED_ERRORS);
@@ -178,7 +238,7 @@ pub async fn post(state: &AppState, req: Request<Incoming>) -> Response<Body> {
                 SubmitError::Unroutable => (RejectReason::Unroutable, UNROUTABLE),
                 SubmitError::NotDurable => (RejectReason::NotDurable, NOT_DURABLE),
             };
-            count(reason, valid);
+            count(state, reason, valid);
             let rejected = valid + errors.len();
             refused(StatusCode::SERVICE_UNAVAILABLE, message, errors, rejected)
         }

@@ -271,7 +271,7 @@ async fn drive<H, F, B>(
     handler: H,
     metrics: &HttpMetrics,
     timeouts: Timeouts,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) where
     H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
     F: Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
@@ -288,28 +288,64 @@ async fn drive<H, F, B>(
         inner: stream,
         activity: activity.clone(),
     });
-    let handler = Arc::new(handler);
-    let service = {
-        let activity = activity.clone();
-        service_fn(move |req| {
-            activity.request_started();
-            let in_flight = InFlight(activity.clone());
-            let answer = handler(req);
-            async move {
-                let response = answer.await?;
-                Ok::<_, Infallible>(response.map(|body| Held {
-                    body,
-                    _in_flight: in_flight,
-                }))
-            }
-        })
-    };
+    let service = tracked_service(activity.clone(), handler);
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(None)
         .max_header_size(MAX_HEAD_BYTES);
     let conn = builder.serve_connection(io, service);
+    if let Some(reason) = run(conn, &activity, &unread, timeouts, stop).await {
+        metrics.closed(reason);
+    }
+    metrics.http_connections.dec();
+}
+
+/// `handler` as hyper's service, each request counted in flight in `activity` from its
+/// start until its response body is sent.
+fn tracked_service<H, F, B>(
+    activity: Arc<Activity>,
+    handler: H,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = Response<Held<B>>,
+    Error = Infallible,
+    Future = impl Future<Output = Result<Response<Held<B>>, Infallible>> + Send,
+>
+where
+    H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
+    F: Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
+    B: Body + Unpin,
+{
+    service_fn(move |req| {
+        activity.request_started();
+        let in_flight = InFlight(activity.clone());
+        let answer = handler(req);
+        async move {
+            let response = answer.await?;
+            Ok::<_, Infallible>(response.map(|body| Held {
+                body,
+                _in_flight: in_flight,
+            }))
+        }
+    })
+}
+
+/// Serves `conn` until the client closes it, shutdown (`stop`) has let its request in
+/// flight finish, or a timeout fires (the reason, to be counted).
+async fn run<S, B>(
+    conn: http1::Connection<TokioIo<TrackedStream>, S>,
+    activity: &Activity,
+    unread: &Unread,
+    timeouts: Timeouts,
+    mut stop: watch::Receiver<bool>,
+) -> Option<CloseReason>
+where
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     tokio::pin!(conn);
     let mut watchdog = tokio::time::interval(timeouts.tick());
     watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -334,7 +370,7 @@ async fn drive<H, F, B>(
                 if let Err(e) = result {
                     tracing::debug!(error = %e, "connection ended with an error");
                 }
-                break;
+                return None;
             }
             // Shutdown, or the server gone.
             _ = stop.wait_for(|stopped| *stopped), if !stopping => {
@@ -345,13 +381,11 @@ async fn drive<H, F, B>(
             () = tokio::time::sleep(SHUTDOWN_RECHECK), if to_tell => {}
             _ = watchdog.tick() => {
                 if let Some(reason) = activity.overdue(&timeouts) {
-                    metrics.closed(reason);
-                    break;
+                    return Some(reason);
                 }
             }
         }
     }
-    metrics.http_connections.dec();
 }
 
 #[cfg(test)]

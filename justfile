@@ -18,7 +18,7 @@ test:
     scripts/test.sh
 
 # Mutation testing of src/ and actors/src (cargo-mutants; installs it if missing). Arguments
-# are passed on: just mutants -f src/auth.rs
+# are passed on: just mutants -f src/auth/check.rs
 mutants *args:
     scripts/mutants.sh {{args}}
 

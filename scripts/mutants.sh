@@ -7,7 +7,7 @@
 # score and the accepted survivors.
 #
 #   scripts/mutants.sh                      every mutant (about 1 200: hours on 2 cores)
-#   scripts/mutants.sh -f src/auth.rs       some files (cargo-mutants arguments are passed
+#   scripts/mutants.sh -f src/auth/check.rs some files (cargo-mutants arguments are passed
 #   scripts/mutants.sh --in-diff my.diff    on: -f, -F/--re, -e, --in-diff, --list, --iterate)
 #
 # Each mutant is tested with the unit tests of both packages and the root package's

@@ -2,7 +2,7 @@
 //! not. Each event is checked on its own; the valid ones are admitted together (all of
 //! them or, at MAX_PENDING_EVENTS, none), the invalid ones are listed by position.
 
-use super::body::{self, Limit};
+use super::body;
 use super::errors::{json, ApiError, Body};
 use super::refusal::{count_rejected, shutting_down, NOT_DURABLE, SHUTTING_DOWN, UNROUTABLE};
 use super::request_log::Failure;
@@ -70,12 +70,7 @@ async fn post_steps(state: &AppState, req: Request<Incoming>) -> Result<Response
         .map_err(|e| (RejectReason::Unauthorized, e))?;
     let received = Utc::now();
     let limits = state.body_limits();
-    let limit = Limit {
-        bytes: limits.max_batch_bytes,
-        setting: "MAX_BATCH_BYTES",
-        timeout: limits.body_read_timeout,
-    };
-    let body = body::read(req, limit, state.http_metrics()).await?;
+    let body = body::read(req, limits.batch(), state.http_metrics()).await?;
     let items = decode(&body, received, limits.max_batch_events)?;
     state.http_metrics().batch_size(items.len());
     let sorted = sort(state, client.as_ref(), items);

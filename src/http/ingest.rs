@@ -1,7 +1,7 @@
 //! `POST /metric`: read the body within MAX_BODY_BYTES (gzip accepted), validate, hand
 //! the event to its device, answer 200 once it is queued.
 
-use super::body::{self, Limit};
+use super::body;
 use super::errors::{json, ApiError, Body};
 use super::refusal::{count_rejected, shutting_down, NOT_DURABLE, UNROUTABLE};
 use super::request_log::DeviceNote;
@@ -40,12 +40,7 @@ async fn accept(
         .authorize(&req, Mode::Write)
         .map_err(|e| (RejectReason::Unauthorized, e))?;
     let received = Utc::now();
-    let limits = state.body_limits();
-    let limit = Limit {
-        bytes: limits.max_body_bytes,
-        setting: "MAX_BODY_BYTES",
-        timeout: limits.body_read_timeout,
-    };
+    let limit = state.body_limits().event();
     let body = body::read(req, limit, state.http_metrics()).await?;
     let (device_id, event) =
         validate::event(&body, received).map_err(|e| (RejectReason::Invalid, e))?;

@@ -2,6 +2,7 @@
 //! cluster, the client tokens, the anomaly feed, the front end's metrics, the body limits,
 //! and whether shutdown has begun; and the authorisation checks over the tokens.
 
+use super::body::Limit;
 use super::errors::ApiError;
 use super::feed::AnomalyFeed;
 use super::metrics::HttpMetrics;
@@ -27,6 +28,26 @@ pub struct BodyLimits {
     pub max_batch_events: usize,
     /// BODY_READ_TIMEOUT.
     pub body_read_timeout: Duration,
+}
+
+impl BodyLimits {
+    /// The limit of a `POST /metric` body.
+    pub(super) fn event(&self) -> Limit {
+        Limit {
+            bytes: self.max_body_bytes,
+            setting: "MAX_BODY_BYTES",
+            timeout: self.body_read_timeout,
+        }
+    }
+
+    /// The limit of a `POST /metric/batch` body.
+    pub(super) fn batch(&self) -> Limit {
+        Limit {
+            bytes: self.max_batch_bytes,
+            setting: "MAX_BATCH_BYTES",
+            timeout: self.body_read_timeout,
+        }
+    }
 }
 
 /// What every request handler can reach; cloned per connection (an `Arc` inside).

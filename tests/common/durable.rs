@@ -63,22 +63,13 @@ pub async fn redis_get(port: u16, key: &str) -> Option<Vec<u8>> {
 /// POSTs one event on a new connection; the status, or `None` when the connection
 /// failed or broke (the service was killed).
 pub async fn try_post_event(addr: SocketAddr, body: String) -> Option<u16> {
-    let request = format!(
-        "POST /metric HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    let attempt = async {
-        let mut stream = TcpStream::connect(addr).await.ok()?;
-        stream.write_all(request.as_bytes()).await.ok()?;
-        let mut answer = Vec::new();
-        stream.read_to_end(&mut answer).await.ok()?;
-        let text = String::from_utf8_lossy(&answer);
-        text.split(' ').nth(1)?.parse().ok()
-    };
+    let json = ["Content-Type: application/json"];
+    let attempt = super::http::try_send(addr, "POST", "/metric", &json, body);
     tokio::time::timeout(Duration::from_secs(10), attempt)
         .await
+        .ok()?
         .ok()
-        .flatten()
+        .map(|reply| reply.status)
 }
 
 /// What the clients learned about each event they sent (by device, its rps): answered

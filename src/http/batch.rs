@@ -4,7 +4,9 @@
 
 use super::body;
 use super::errors::{json, ApiError, Body};
-use super::refusal::{count_rejected, shutting_down, NOT_DURABLE, SHUTTING_DOWN, UNROUTABLE};
+use super::refusal::{
+    count_rejected, shutting_down, NOT_DURABLE, OUTCOME_UNKNOWN, SHUTTING_DOWN, UNROUTABLE,
+};
 use super::request_log::Failure;
 use super::state::AppState;
 use super::validate::{self, BatchError};
@@ -232,6 +234,7 @@ async fn submit(state: &AppState, sorted: Sorted<'_>) -> Response<Body> {
                 }
                 SubmitError::Unroutable => (RejectReason::Unroutable, UNROUTABLE),
                 SubmitError::NotDurable => (RejectReason::NotDurable, NOT_DURABLE),
+                SubmitError::OutcomeUnknown => (RejectReason::Unroutable, OUTCOME_UNKNOWN),
             };
             count(state, reason, valid);
             let rejected = valid + errors.len();

@@ -3,7 +3,7 @@
 
 use super::body;
 use super::errors::{json, ApiError, Body};
-use super::refusal::{count_rejected, shutting_down, NOT_DURABLE, UNROUTABLE};
+use super::refusal::{count_rejected, shutting_down, NOT_DURABLE, OUTCOME_UNKNOWN, UNROUTABLE};
 use super::request_log::DeviceNote;
 use super::state::AppState;
 use super::validate;
@@ -83,6 +83,10 @@ async fn accept(
         Err(SubmitError::NotDurable) => refused(
             RejectReason::NotDurable,
             ApiError::status(StatusCode::SERVICE_UNAVAILABLE, NOT_DURABLE),
+        ),
+        Err(SubmitError::OutcomeUnknown) => refused(
+            RejectReason::Unroutable,
+            ApiError::status(StatusCode::SERVICE_UNAVAILABLE, OUTCOME_UNKNOWN),
         ),
     }
 }

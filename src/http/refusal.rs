@@ -29,6 +29,11 @@ pub const NOT_DURABLE: &str =
 pub const UNROUTABLE: &str =
     "the node that owns this device cannot take events right now; retry shortly";
 
+/// The message of a refusal when the event's owner failed after the event was sent to
+/// it (a cluster with the ingest log): it may have been logged there and be replayed.
+pub const OUTCOME_UNKNOWN: &str =
+    "the node that owns this device failed before it answered: the event may have been accepted (a retry may count it twice); retry shortly";
+
 /// The message of every refusal during shutdown.
 pub const SHUTTING_DOWN: &str = "the service is shutting down";
 

@@ -146,17 +146,46 @@ pub async fn load(devices: usize, per_device: usize, targets: Targets, pause: Du
 /// Every device, read from every node, equals the reference (within the flush lag: a
 /// node's answer is read again for up to 20 s while it differs).
 pub async fn all_match(nodes: &[SocketAddr], devices: usize, per_device: usize) {
+    all_match_but_repeats(nodes, devices, per_device, |_| Vec::new()).await;
+}
+
+/// [`all_match`], except that device `d` may hold one of the events `may_repeat(d)` names
+/// twice: an event its client sent again after an answer that left open whether it was
+/// accepted (a lost answer, or 503 `the node that owns this device failed before it
+/// answered`); only the client could have avoided that duplicate.
+pub async fn all_match_but_repeats(
+    nodes: &[SocketAddr],
+    devices: usize,
+    per_device: usize,
+    may_repeat: impl Fn(usize) -> Vec<usize>,
+) {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     for d in 0..devices {
         let events = events_of(d, per_device);
         let device = format!("dev-{d}");
+        let repeated: Vec<Vec<(f64, f64)>> = may_repeat(d)
+            .into_iter()
+            .filter(|&i| i < events.len())
+            .map(|i| {
+                let mut twice = events.clone();
+                twice.insert(i, events[i]);
+                twice
+            })
+            .collect();
         for &addr in nodes {
             loop {
                 let reply = get(addr, &format!("/analyze?device_id={device}")).await;
                 let verdict = if reply.status != 200 {
                     Err(format!("{device}: /analyze {}", reply.status))
                 } else {
-                    agrees(&reply.json(), &device, &events)
+                    let v = reply.json();
+                    agrees(&v, &device, &events).or_else(|e| {
+                        repeated
+                            .iter()
+                            .any(|twice| agrees(&v, &device, twice).is_ok())
+                            .then_some(())
+                            .ok_or(e)
+                    })
                 };
                 match verdict {
                     Ok(()) => break,

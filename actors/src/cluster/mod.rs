@@ -91,6 +91,9 @@ enum Refused {
     Moved,
     /// The ingest log could not be written.
     NotDurable,
+    /// Forwarded to an owner that failed before it answered (see
+    /// [`SubmitError::OutcomeUnknown`]).
+    Unknown,
 }
 
 /// This node's ingest log in the cluster.
@@ -421,7 +424,7 @@ impl Cluster {
                         // failed, and its successor replays them: sent elsewhere they
                         // could be counted twice, so they are refused.
                         Err(e) if e.maybe_delivered() && self.log.get().is_some() => {
-                            return all(Refused::Unroutable)
+                            return all(Refused::Unknown)
                         }
                         // Not delivered, or timed out while the table moved the shard
                         // (without the log): the table decides where they go now.
@@ -449,6 +452,7 @@ impl Cluster {
             None => Ok(()),
             Some((_, Refused::Overloaded)) => Err(SubmitError::Overloaded),
             Some((_, Refused::NotDurable)) => Err(SubmitError::NotDurable),
+            Some((_, Refused::Unknown)) => Err(SubmitError::OutcomeUnknown),
             Some(_) => Err(SubmitError::Unroutable),
         }
     }
@@ -468,8 +472,11 @@ impl Cluster {
             .take_positioned(events.into_iter().enumerate(), None)
             .await;
         if total > 0 && refused.len() == total {
-            return Err(if refused.iter().all(|r| r.1 == Refused::NotDurable) {
+            let all = |why: Refused| refused.iter().all(|r| r.1 == why);
+            return Err(if all(Refused::NotDurable) {
                 SubmitError::NotDurable
+            } else if all(Refused::Unknown) {
+                SubmitError::OutcomeUnknown
             } else {
                 SubmitError::Overloaded
             });

@@ -35,6 +35,11 @@ pub enum SubmitError {
     /// still being replayed at start-up): the event would not survive a crash.
     #[error("the ingest log cannot be written")]
     NotDurable,
+    /// In a cluster with the ingest log: the event was sent to its owner, which failed
+    /// before it answered. It may be in the owner's log, which the shard's next owner
+    /// replays: sent elsewhere it could be counted twice, so it is not.
+    #[error("the device's owner failed before it answered")]
+    OutcomeUnknown,
 }
 
 /// The bound on accepted, unprocessed events. The count lives in the

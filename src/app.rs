@@ -115,7 +115,14 @@ impl App {
                 .context("starting the actor system")?,
         );
 
-        let log = start_log(&config, &system, ownership.as_deref())?;
+        // Bound before the log starts: the log's writer is this address.
+        let listener = TcpListener::bind(config.listen_addr)
+            .await
+            .with_context(|| format!("LISTEN_ADDR: cannot listen on {}", config.listen_addr))?;
+        let addr = listener.local_addr().context("LISTEN_ADDR")?;
+        tracing::info!(%addr, "listening");
+
+        let log = start_log(&config, &system, ownership.as_deref(), addr)?;
         let (stop_internal, internal_stopped) = watch::channel(false);
         let cluster = match (cluster_config, ownership) {
             (Some(cluster_config), Some(ownership)) => Some(
@@ -134,12 +141,6 @@ impl App {
         };
 
         let ingest = Ingest::new(system.directory().clone(), cluster.clone(), log.clone());
-
-        let listener = TcpListener::bind(config.listen_addr)
-            .await
-            .with_context(|| format!("LISTEN_ADDR: cannot listen on {}", config.listen_addr))?;
-        let addr = listener.local_addr().context("LISTEN_ADDR")?;
-        tracing::info!(%addr, "listening");
 
         // The anomalies stream as SSE, read from the store (so every replica serves what
         // any replica detected).
@@ -272,6 +273,7 @@ fn start_log(
     config: &Config,
     system: &System,
     ownership: Option<&Ownership>,
+    addr: SocketAddr,
 ) -> anyhow::Result<Option<Arc<IngestLog>>> {
     let Store::Redis(redis) = system.store() else {
         tracing::info!("the embedded store has no ingest log: a crash loses the events accepted since their windows' last checkpoint");
@@ -292,12 +294,25 @@ fn start_log(
         LogSettings {
             maxlen: config.ingest_log_maxlen as usize,
             shards: ownership.map_or(0, Ownership::shards),
+            // A restart of this process (the same host and listening address) takes
+            // its stream back at once; any other node waits for it.
+            writer: ownership
+                .is_none()
+                .then(|| format!("{} {addr}", host_name())),
         },
         system.directory().clone(),
         system.metrics().clone(),
     )
     .context("starting the ingest log's thread")?;
     Ok(Some(log))
+}
+
+/// This machine's (or pod's) host name; empty if it cannot be read.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_default()
 }
 
 /// A random incarnation: tells this process apart from earlier ones at the same address.

@@ -25,9 +25,13 @@ async fn wait_ready(addr: SocketAddr) {
 async fn a_sigkilled_node_loses_no_event_it_answered_and_counts_none_twice() {
     let redis = Redis::start();
     let url = redis.url();
-    // Checkpoints far apart: after the kill, the windows depend on the replay.
+    // Checkpoints far apart: after the kill, the windows depend on the replay. The
+    // restart listens where the killed process did (a container restarted in its pod),
+    // so it takes its ingest log back at once.
+    let listen = format!("127.0.0.1:{}", common::free_port());
     let env = [
         ("REDIS_URL", url.as_str()),
+        ("LISTEN_ADDR", listen.as_str()),
         ("WINDOW_SIZE", "100000"),
         ("WINDOW_CHECKPOINT_INTERVAL", "30s"),
     ];
@@ -77,6 +81,46 @@ async fn a_sigkilled_node_loses_no_event_it_answered_and_counts_none_twice() {
     outcomes.check_stored(redis.port).await;
     // A clean stop leaves nothing a restart would need.
     assert_eq!(redis.cli(&["XLEN", "ingest-log"]).as_deref(), Some("0"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_node_with_the_same_log_waits_until_the_first_stops_and_replays_nothing_of_its() {
+    let redis = Redis::start();
+    let env = [("REDIS_URL", redis.url())];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let first = Service::start(&env);
+    wait_ready(first.addr).await;
+    let body = r#"{"device_id":"w-1","rps":5.0,"cpu":0.5}"#;
+    assert_eq!(post(first.addr, "/metric", body).await.status, 200);
+    // A second replica on the same Redis and INGEST_LOG_KEY (a misconfiguration, or a
+    // rolling update's new pod): it must not replay the first one's events as its own.
+    let mut second = Service::start(&env);
+    let waiting = second.wait_log(Duration::from_secs(5), |v| {
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("another node appends to this ingest log"))
+    });
+    assert!(waiting.is_some(), "the second node says why it waits");
+    assert_eq!(get(second.addr, "/ready").await.status, 503);
+    let r = post(second.addr, "/metric", body).await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(r.header("retry-after").is_some());
+    // Once the first stops (cleanly: its events are stored, its log trimmed, its hold
+    // released), the second takes the log over.
+    let (code, _) = first.terminate();
+    assert_eq!(code, 0);
+    wait_ready(second.addr).await;
+    assert_eq!(post(second.addr, "/metric", body).await.status, 200);
+    eventually(Duration::from_secs(10), "two samples", || async {
+        let r = get(second.addr, "/analyze?device_id=w-1").await;
+        (r.status == 200 && r.json()["samples"] == 2).then_some(())
+    })
+    .await;
+    assert_eq!(
+        second.metric("ingest_log_replayed_total").await,
+        Some(0.0),
+        "nothing of the first node's was replayed"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

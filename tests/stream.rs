@@ -73,11 +73,18 @@ fn xlen(redis: &Redis) -> u64 {
         .unwrap_or(0)
 }
 
+/// Settings as `InProcess::start` takes them.
+fn env<'a>(pairs: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    pairs.iter().map(|(k, v)| (*k, v.as_str())).collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spike_is_one_stream_entry_and_reaches_another_replicas_feed() {
     let redis = Redis::start();
-    let a = InProcess::start(&[("REDIS_URL", &redis.url())]).await;
-    let b = InProcess::start(&[("REDIS_URL", &redis.url())]).await;
+    // Standalone replicas on one Redis: each with an ingest log of its own.
+    let replica = |log: &'static str| [("REDIS_URL", redis.url()), ("INGEST_LOG_KEY", log.into())];
+    let a = InProcess::start(&env(&replica("log-a"))).await;
+    let b = InProcess::start(&env(&replica("log-b"))).await;
     let mut feed = Sse::open(b.addr, "", &[]).await;
     spike(a.addr, "pump-1").await;
     let (id, data) = feed.event().await;
@@ -104,7 +111,7 @@ async fn a_spike_is_one_stream_entry_and_reaches_another_replicas_feed() {
     );
     // A client of a replica started later, without Last-Event-ID, starts at the end of
     // the stream in Redis: pump-1's entry is not replayed to it.
-    let c = InProcess::start(&[("REDIS_URL", &redis.url())]).await;
+    let c = InProcess::start(&env(&replica("log-c"))).await;
     let mut late = Sse::open(c.addr, "", &[]).await;
     spike(a.addr, "pump-2").await;
     let (_, first_seen) = late.event().await;

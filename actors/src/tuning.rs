@@ -91,6 +91,11 @@ pub const LOG_RATE_FLOOR_MS: f64 = 0.1;
 /// runtime; a small entry is queued at once, without a hop.
 pub const LOG_SETTLE_ASIDE: usize = 256;
 
+/// How long a single node's hold on its ingest-log stream lasts without renewal (the
+/// trimmer renews it every [`LOG_TRIM_EVERY`]): another node with the same stream waits
+/// this long after the holder was killed somewhere else.
+pub const LOG_WRITER_LEASE: Duration = Duration::from_secs(10);
+
 /// Connections of the ingest log's own pool: the appender uses one at a time, the
 /// trimmer another.
 pub const LOG_POOL_SIZE: u32 = 2;

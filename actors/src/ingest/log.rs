@@ -28,6 +28,12 @@
 //! - At start the task replays the log (see [`super::replay`]) before it appends any new
 //!   event: requests wait for it (refused with 503 if Redis does not answer), and
 //!   `/ready` says not ready until it is done.
+//! - On a single node one stream has one writer: before the replay the node takes the
+//!   stream's writer key (`<stream>:writer`, its host name and LISTEN_ADDR, renewed by
+//!   the trimmer, released at a clean stop). Another node with the same INGEST_LOG_KEY
+//!   (a second replica, a rolling update's new pod) waits, not ready, until the holder
+//!   stops or its lease runs out, instead of replaying the holder's events as its own;
+//!   the same process restarted after a crash takes its key back at once.
 //! - A second task trims the log below the oldest entry a stored checkpoint does not
 //!   cover yet ([`Pins`]), about once a second; the stream's MAXLEN (INGEST_LOG_MAXLEN)
 //!   bounds it if checkpoints stall, and entries it drops that were still needed are
@@ -44,6 +50,7 @@ use crate::store::{StoreError, StreamId};
 use crate::tuning::{
     LOG_COMMIT_GAP, LOG_LINGER_BELOW, LOG_LINGER_RATE, LOG_MAX_ENTRY_EVENTS, LOG_PROBE_EVERY,
     LOG_RATE_FLOOR_MS, LOG_RATE_SMOOTHING, LOG_RESOLVE_WAIT, LOG_SETTLE_ASIDE, LOG_TRIM_EVERY,
+    LOG_WRITER_LEASE,
 };
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -58,6 +65,9 @@ pub struct LogSettings {
     /// In a cluster, the shard count (events are appended with their shard's epoch);
     /// 0 on a single node.
     pub shards: u32,
+    /// On a single node, who writes the stream (host name and LISTEN_ADDR): the holder of
+    /// its writer key. `None` in a cluster, whose members' streams are their own.
+    pub writer: Option<String>,
 }
 
 /// A cluster shard's part of a request: every event of it belongs to `shard`, taken
@@ -118,6 +128,9 @@ struct Shared {
     down: AtomicBool,
     /// The newest entry appended or replayed (what to trim to when nothing is pinned).
     newest: Mutex<Option<StreamId>>,
+    /// Another writer holds the stream (this node's writer key lapsed): nothing is
+    /// appended until this node holds it again.
+    fenced: AtomicBool,
 }
 
 /// The ingest log of this node; cheap to share (`Arc`).
@@ -129,6 +142,8 @@ pub struct IngestLog {
     log: Mutex<RedisLog>,
     /// Per shard (in a cluster), its parts between admission and their queues.
     flights: Arc<[AtomicUsize]>,
+    /// Who holds the stream's writer key (a single node).
+    writer: Option<String>,
     pins: Pins,
     metrics: Metrics,
     stop: watch::Sender<bool>,
@@ -148,6 +163,7 @@ impl IngestLog {
             replayed: AtomicBool::new(false),
             down: AtomicBool::new(false),
             newest: Mutex::new(None),
+            fenced: AtomicBool::new(false),
         });
         let pins = Pins::default();
         let stop = watch::channel(false).0;
@@ -168,6 +184,7 @@ impl IngestLog {
             nonce: (nonce_base(), 0),
             last_commit: None,
             rate: 0.0,
+            writer: settings.writer.clone(),
         };
         // The appender runs on a thread and runtime of its own, with the log's own
         // connections: every request's latency is its round trips, which must not wait
@@ -184,6 +201,7 @@ impl IngestLog {
             shared,
             log: Mutex::new(log),
             flights: (0..settings.shards).map(|_| AtomicUsize::new(0)).collect(),
+            writer: settings.writer,
             pins,
             metrics,
             stop,
@@ -199,7 +217,9 @@ impl IngestLog {
 
     /// Whether the start-up replay is done and Redis answered the last append.
     pub fn is_ready(&self) -> bool {
-        self.shared.replayed.load(Ordering::Acquire) && !self.shared.down.load(Ordering::Acquire)
+        self.shared.replayed.load(Ordering::Acquire)
+            && !self.shared.down.load(Ordering::Acquire)
+            && !self.shared.fenced.load(Ordering::Acquire)
     }
 
     /// Appends `events` (all or none), then queues them at their devices: `Ok` once they
@@ -219,7 +239,7 @@ impl IngestLog {
     ) -> Result<Appended, SubmitError> {
         // During the start-up replay requests wait their turn (they are appended after
         // it); while Redis does not answer they are refused at once.
-        if self.shared.down.load(Ordering::Acquire) {
+        if self.shared.down.load(Ordering::Acquire) || self.shared.fenced.load(Ordering::Acquire) {
             return Err(SubmitError::NotDurable);
         }
         let n = events.len();
@@ -275,6 +295,11 @@ impl IngestLog {
     pub async fn close(&self) {
         self.stop.send_replace(true);
         trim_once(self).await;
+        if let Some(me) = &self.writer {
+            if let Err(e) = self.stream().release_writer(me).await {
+                tracing::debug!(error = %e, "could not release the ingest log's writer key; it lapses");
+            }
+        }
     }
 }
 
@@ -311,6 +336,8 @@ struct Appender {
     last_commit: Option<Instant>,
     /// Events arriving per millisecond, averaged over recent appends.
     rate: f64,
+    /// Who holds the stream's writer key (a single node).
+    writer: Option<String>,
 }
 
 /// How an append ended.
@@ -384,6 +411,7 @@ impl Appender {
 
     /// Replays the log, retrying until Redis answers; then new events are taken.
     async fn replay(&mut self) {
+        self.claim_stream().await;
         loop {
             match replay::run(&self.log, &self.directory, &self.pins, &self.metrics).await {
                 Ok(newest) => {
@@ -400,6 +428,33 @@ impl Appender {
                     tokio::time::sleep(LOG_PROBE_EVERY).await;
                 }
             }
+        }
+    }
+
+    /// Waits until this node holds the stream's writer key (a single node): another node
+    /// with the same INGEST_LOG_KEY may be appending to it.
+    async fn claim_stream(&mut self) {
+        let Some(me) = self.writer.clone() else {
+            return;
+        };
+        let mut warned = false;
+        loop {
+            match self.log.claim_writer(&me, LOG_WRITER_LEASE).await {
+                Ok(true) => {
+                    self.shared.down.store(false, Ordering::Release);
+                    return;
+                }
+                Ok(false) if !warned => {
+                    warned = true;
+                    tracing::warn!(stream = self.log.key(), "another node appends to this ingest log (INGEST_LOG_KEY must be one per node); waiting, not ready, until it stops");
+                }
+                Ok(false) => {}
+                Err(e) => tracing::debug!(error = %e, "cannot claim the ingest log yet"),
+            }
+            // Meanwhile requests are refused at once (503), not queued.
+            self.shared.down.store(true, Ordering::Release);
+            self.refuse_waiting();
+            tokio::time::sleep(LOG_PROBE_EVERY).await;
         }
     }
 
@@ -664,7 +719,29 @@ async fn trimmer(log: Arc<IngestLog>) {
             _ = tokio::time::sleep(LOG_TRIM_EVERY) => {}
             _ = stop.changed() => return,
         }
+        renew_stream(&log).await;
         trim_once(&log).await;
+    }
+}
+
+/// Renews this node's writer key (a single node); while another node holds it, nothing
+/// is appended.
+async fn renew_stream(log: &IngestLog) {
+    let Some(me) = &log.writer else {
+        return;
+    };
+    match log.stream().claim_writer(me, LOG_WRITER_LEASE).await {
+        Ok(held) => {
+            let was_fenced = log.shared.fenced.swap(!held, Ordering::AcqRel);
+            if was_fenced == held {
+                if held {
+                    tracing::info!("the ingest log's writer key is this node's again");
+                } else {
+                    tracing::error!(stream = %log.stream().key(), "another node holds this ingest log's writer key (this node's lapsed: paused, or cut off from Redis); new events are refused until it is this node's again");
+                }
+            }
+        }
+        Err(e) => tracing::debug!(error = %e, "renewing the ingest log's writer key failed"),
     }
 }
 

@@ -17,6 +17,23 @@ const TAGS: &str = "t";
 /// fails).
 const SEAL_ID: &str = "18446744073709551615-18446744073709551615";
 
+/// Takes or renews the stream's writer key for ARGV[1] (free, or already ARGV[1]'s) for
+/// ARGV[2] ms: 1, or 0 when another node holds it.
+const CLAIM_WRITER: &str = r#"
+local v = redis.call('GET', KEYS[1])
+if (not v) or v == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"#;
+
+/// Removes the writer key if it is still ARGV[1]'s.
+const RELEASE_WRITER: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"#;
+
 /// One entry read back.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RawEntry {
@@ -204,6 +221,42 @@ impl RedisLog {
     /// Deletes the stream.
     pub async fn remove(&self) -> Result<(), StoreError> {
         self.store.del(&self.key).await
+    }
+
+    /// The key naming the node that appends to this stream.
+    fn writer_key(&self) -> String {
+        format!("{}:writer", self.key)
+    }
+
+    /// Takes (or renews) this stream for writer `me` for `lease`: false while another
+    /// writer holds it.
+    pub async fn claim_writer(
+        &self,
+        me: &str,
+        lease: std::time::Duration,
+    ) -> Result<bool, StoreError> {
+        let taken: i64 = self
+            .store
+            .eval(
+                &redis::Script::new(CLAIM_WRITER),
+                &[&self.writer_key()],
+                &[me, &lease.as_millis().max(1).to_string()],
+            )
+            .await?;
+        Ok(taken == 1)
+    }
+
+    /// Gives the stream up, if `me` still holds it.
+    pub async fn release_writer(&self, me: &str) -> Result<(), StoreError> {
+        let _: i64 = self
+            .store
+            .eval(
+                &redis::Script::new(RELEASE_WRITER),
+                &[&self.writer_key()],
+                &[me],
+            )
+            .await?;
+        Ok(())
     }
 
     /// `XDEL key id`.

@@ -5,8 +5,8 @@
 
 mod common;
 
-use common::durable::{load, Targets, Unanswered};
-use common::{free_port, get, Redis, Service};
+use common::durable::{load, wait_ready, Targets, Unanswered};
+use common::{free_port, Redis, Service};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -29,13 +29,6 @@ fn start_member(redis_url: &str) -> Service {
     ])
 }
 
-async fn ready(addr: SocketAddr) {
-    common::eventually(Duration::from_secs(20), "/ready 200", || async move {
-        (get(addr, "/ready").await.status == 200).then_some(())
-    })
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_sigkilled_member_loses_no_event_it_answered_and_counts_none_twice() {
     let redis = Redis::start();
@@ -51,7 +44,7 @@ async fn a_sigkilled_member_loses_no_event_it_answered_and_counts_none_twice() {
         members.push(s.await.expect("member"));
     }
     for m in &members {
-        ready(m.addr).await;
+        wait_ready(m.addr).await;
     }
     let targets: Targets = Arc::new(Mutex::new(members.iter().map(|m| m.addr).collect()));
     let stop = Arc::new(AtomicBool::new(false));

@@ -7,19 +7,11 @@ mod common;
 
 use actors::cluster::wire;
 use actors::event::Event;
-use common::durable::{load, resp, try_post_event, Unanswered};
+use common::durable::{load, resp, try_post_event, wait_ready, Unanswered};
 use common::{eventually, get, post, Redis, Service};
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-
-async fn wait_ready(addr: SocketAddr) {
-    eventually(Duration::from_secs(20), "/ready 200", || async move {
-        (get(addr, "/ready").await.status == 200).then_some(())
-    })
-    .await;
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_sigkilled_node_loses_no_event_it_answered_and_counts_none_twice() {

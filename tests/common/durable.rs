@@ -134,6 +134,14 @@ impl Outcomes {
     }
 }
 
+/// Waits until `addr` answers its own `/ready` with 200.
+pub async fn wait_ready(addr: SocketAddr) {
+    super::eventually(Duration::from_secs(20), "/ready 200", || async move {
+        (super::get(addr, "/ready").await.status == 200).then_some(())
+    })
+    .await;
+}
+
 /// Where the clients send: a Service's endpoints, which lose a pod once it is gone.
 pub type Targets = Arc<Mutex<Vec<SocketAddr>>>;
 

@@ -242,9 +242,7 @@ impl System {
     /// Processes every accepted event, flushes every result, and stops the actors, giving
     /// up at `deadline`. Call after the front end has stopped accepting events.
     pub async fn shutdown(&self, deadline: Instant) -> ShutdownReport {
-        while self.directory.pending() > 0 && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        let _ = tokio::time::timeout_at(deadline, self.directory.emptied()).await;
         let unprocessed = self.directory.pending();
         // Stopping the device actors first: each writes its window as it stops, and the
         // drain below then flushes those too.

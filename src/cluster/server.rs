@@ -31,23 +31,23 @@ use hyper_util::rt::TokioIo;
 use std::convert::Infallible;
 use std::sync::Arc;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 struct Internal {
     cluster: Arc<Cluster>,
     metrics: Metrics,
     token: Vec<u8>,
-    stop: watch::Receiver<bool>,
+    stop: CancellationToken,
 }
 
-/// Serves the internal listener until `stop` turns true; open connections then finish
+/// Serves the internal listener until `stop` is cancelled; open connections then finish
 /// their request in flight, and streams the batches they have read.
 pub async fn serve(
     listener: TcpListener,
     cluster: Arc<Cluster>,
     metrics: Metrics,
     token: &str,
-    mut stop: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) {
     let internal = Arc::new(Internal {
         cluster,
@@ -58,7 +58,7 @@ pub async fn serve(
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
-            _ = stop.changed() => break,
+            _ = stop.cancelled() => break,
         };
         let stream = match accepted {
             Ok((stream, _)) => stream,
@@ -70,7 +70,7 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let internal = internal.clone();
-        let mut stop = stop.clone();
+        let stop = stop.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let internal = internal.clone();
@@ -82,7 +82,7 @@ pub async fn serve(
             tokio::pin!(conn);
             tokio::select! {
                 _ = conn.as_mut() => {}
-                _ = stop.changed() => {
+                _ = stop.cancelled() => {
                     conn.as_mut().graceful_shutdown();
                     let _ = conn.await;
                 }

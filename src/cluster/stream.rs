@@ -14,27 +14,27 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use std::sync::Arc;
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-/// Serves one stream until the peer closes it or `stop` turns true; the batches already
+/// Serves one stream until the peer closes it or `stop` is cancelled; the batches already
 /// read are still taken and answered.
 pub(super) async fn serve(
     tcp: TcpStream,
     early: Bytes,
     cluster: Arc<Cluster>,
     metrics: Metrics,
-    mut stop: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) {
     let (read, write) = tcp.into_split();
     let mut frames = frame::reader(read, &early);
     let (answers, queued) = mpsc::unbounded_channel();
     let closed = CancellationToken::new();
     let writer = tokio::spawn(frame::write_frames(write, queued, closed.clone()));
-    while !*stop.borrow_and_update() {
+    while !stop.is_cancelled() {
         let next = tokio::select! {
             next = frames.next() => next,
-            _ = stop.changed() => break,
+            _ = stop.cancelled() => break,
             _ = closed.cancelled() => break,
         };
         let batch = match next.map(|f| f.map(|f| frame::decode_batch(f.freeze()))) {

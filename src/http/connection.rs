@@ -30,8 +30,9 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::{watch, OwnedSemaphorePermit};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 /// Largest request head (request line and headers); beyond it hyper answers 431 and
 /// closes. Device requests carry a few hundred bytes of headers.
@@ -257,7 +258,7 @@ pub async fn serve(
     stream: TcpStream,
     state: AppState,
     timeouts: Timeouts,
-    stop: watch::Receiver<bool>,
+    stop: CancellationToken,
     _permit: OwnedSemaphorePermit,
 ) {
     let metrics = state.http_metrics().clone();
@@ -271,7 +272,7 @@ async fn drive<H, F, B>(
     handler: H,
     metrics: &HttpMetrics,
     timeouts: Timeouts,
-    stop: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) where
     H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
     F: Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
@@ -338,7 +339,7 @@ async fn run<S, B>(
     activity: &Activity,
     unread: &Unread,
     timeouts: Timeouts,
-    mut stop: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) -> Option<CloseReason>
 where
     S: hyper::service::HttpService<Incoming, ResBody = B>,
@@ -373,7 +374,7 @@ where
                 return None;
             }
             // Shutdown, or the server gone.
-            _ = stop.wait_for(|stopped| *stopped), if !stopping => {
+            _ = stop.cancelled(), if !stopping => {
                 stopping = true;
                 to_tell = true;
             }
@@ -481,7 +482,7 @@ mod tests {
         stopped: bool,
     ) -> (
         TcpStream,
-        watch::Sender<bool>,
+        CancellationToken,
         tokio::task::JoinHandle<()>,
         std::net::TcpStream,
     ) {
@@ -498,7 +499,11 @@ mod tests {
         server.set_nonblocking(true).expect("non-blocking");
         let unread = server.try_clone().expect("second handle");
         let server = TcpStream::from_std(server).expect("tokio stream");
-        let (tx, stop) = watch::channel(stopped);
+        let stop = CancellationToken::new();
+        if stopped {
+            stop.cancel();
+        }
+        let tx = stop.clone();
         let metrics = HttpMetrics::register(&mut prometheus_client::registry::Registry::default());
         let handler = |_req| async {
             let mut r = Response::new(http_body_util::Full::new(hyper::body::Bytes::from_static(
@@ -566,7 +571,7 @@ mod tests {
         use tokio::io::AsyncWriteExt;
         let (mut client, stop, served, _) = serve_one(REQUEST, false).await;
         let rest = answer_then_send_part_of_the_next(&mut client).await;
-        stop.send(true).expect("stop");
+        stop.cancel();
         client.write_all(rest).await.expect("the rest");
         let text = read_until_closed(&mut client).await;
         assert!(text.starts_with("HTTP/1.1 503"), "{text:?}");
@@ -588,7 +593,7 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(60), read)
             .await
             .expect("the server reads the part sent");
-        stop.send(true).expect("stop");
+        stop.cancel();
         tokio::time::sleep(Duration::from_millis(20)).await;
         client.write_all(rest).await.expect("the rest");
         let text = read_until_closed(&mut client).await;

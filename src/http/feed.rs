@@ -8,7 +8,8 @@ use actors::store::{Store, StreamId, StreamRecord};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{broadcast, watch};
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
 
 /// How often the poller reads the store while clients are connected: well inside the
 /// FLUSH_INTERVAL + 10 ms that an anomaly may take to reach a client.
@@ -90,7 +91,7 @@ impl AnomalyFeed {
         store: Store,
         max_clients: usize,
         heartbeat: Duration,
-        stopped: watch::Receiver<bool>,
+        stopped: CancellationToken,
     ) -> Arc<Self> {
         let (tx, _) = broadcast::channel(FEED_CAPACITY);
         let feed = Arc::new(Self {
@@ -105,7 +106,7 @@ impl AnomalyFeed {
         feed
     }
 
-    async fn poll(self: Arc<Self>, store: Store, mut stopped: watch::Receiver<bool>) {
+    async fn poll(self: Arc<Self>, store: Store, stopped: CancellationToken) {
         // Where the feed stands; `None` while nobody listens (a new listener starts live).
         let mut last: Option<StreamId> = None;
         let mut tick = tokio::time::interval(POLL_EVERY);
@@ -113,7 +114,7 @@ impl AnomalyFeed {
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
-                _ = stopped.changed() => return,
+                _ = stopped.cancelled() => return,
             }
             let hint = self.take_start_hint();
             if self.tx.receiver_count() == 0 {
@@ -121,7 +122,7 @@ impl AnomalyFeed {
                 // No timer work while nobody listens: sleep until a client subscribes.
                 tokio::select! {
                     _ = self.subscribed.notified() => {}
-                    _ = stopped.changed() => return,
+                    _ = stopped.cancelled() => return,
                 }
                 continue;
             }
@@ -178,12 +179,12 @@ mod tests {
     async fn an_entry_appended_before_an_idle_poller_wakes_reaches_the_new_client() {
         let store = Arc::new(EmbeddedStore::new());
         append(&store, "before");
-        let (_stop, stopped) = watch::channel(false);
+        let stopped = CancellationToken::new();
         let feed = AnomalyFeed::start(
             Store::Embedded(store.clone()),
             10,
             Duration::from_secs(60),
-            stopped,
+            stopped.clone(),
         );
         // The poller's first round: nobody listens, so it goes to sleep.
         tokio::time::sleep(POLL_EVERY * 5).await;

@@ -42,4 +42,4 @@ pub use feed::AnomalyFeed;
 pub use metrics::HttpMetrics;
 pub use query::query_param;
 pub use server::{serve, Limits};
-pub use state::{AppState, BodyLimits};
+pub use state::{AppState, BodyLimits, Parts};

@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 
 /// What a connection past MAX_CONNECTIONS is told before it is closed.
 const REFUSED: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
@@ -36,7 +37,8 @@ pub async fn serve(
     drain: Duration,
 ) -> bool {
     let permits = Arc::new(Semaphore::new(limits.max_connections as usize));
-    let (stop, stopped) = watch::channel(false);
+    // Told to every open connection once `shutdown` resolves.
+    let stop = CancellationToken::new();
     let mut backoff = Duration::from_millis(1);
     tokio::pin!(shutdown);
     loop {
@@ -46,7 +48,7 @@ pub async fn serve(
                     backoff = Duration::from_millis(1);
                     match permits.clone().try_acquire_owned() {
                         Ok(permit) => {
-                            tokio::spawn(connection::serve(stream, state.clone(), limits.timeouts, stopped.clone(), permit));
+                            tokio::spawn(connection::serve(stream, state.clone(), limits.timeouts, stop.clone(), permit));
                         }
                         Err(_) => {
                             state.http_metrics().http_connections_rejected.inc();
@@ -65,7 +67,7 @@ pub async fn serve(
         }
     }
     drop(listener);
-    let _ = stop.send(true);
+    stop.cancel();
     // Every connection holds a permit until it is closed: all permits back = all closed.
     tokio::time::timeout(drain, permits.acquire_many(limits.max_connections))
         .await

@@ -16,6 +16,7 @@ use actors::System;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 /// The limits of request bodies.
 #[derive(Debug, Clone, Copy)]
@@ -51,6 +52,22 @@ impl BodyLimits {
 }
 
 /// What every request handler can reach; cloned per connection (an `Arc` inside).
+/// What the API serves from.
+pub struct Parts {
+    pub system: Arc<System>,
+    /// Takes the events in (local or forwarded, logged or not).
+    pub ingest: Ingest,
+    pub cluster: Option<Arc<Cluster>>,
+    /// The client tokens; `None`: the API is open.
+    pub auth: Option<Arc<Auth>>,
+    /// The anomaly stream; `None`: off.
+    pub feed: Option<Arc<AnomalyFeed>>,
+    pub http_metrics: Arc<HttpMetrics>,
+    pub limits: BodyLimits,
+    /// Cancelled when shutdown begins ([`AppState::begin_shutdown`]).
+    pub shutdown: CancellationToken,
+}
+
 #[derive(Clone)]
 pub struct AppState {
     inner: Arc<Inner>,
@@ -66,21 +83,23 @@ struct Inner {
     request_log: Arc<RequestLog>,
     limits: BodyLimits,
     shutdown_began: OnceLock<Instant>,
-    /// Turns true when shutdown begins (long-lived responses end on it).
-    shutdown: tokio::sync::watch::Sender<bool>,
+    /// Cancelled when shutdown begins (long-lived responses end on it).
+    shutdown: CancellationToken,
 }
 
 impl AppState {
     /// State over a running actor system, taking events through `ingest`.
-    pub fn new(
-        system: Arc<System>,
-        ingest: Ingest,
-        cluster: Option<Arc<Cluster>>,
-        auth: Option<Arc<Auth>>,
-        feed: Option<Arc<AnomalyFeed>>,
-        http_metrics: Arc<HttpMetrics>,
-        limits: BodyLimits,
-    ) -> Self {
+    pub fn new(parts: Parts) -> Self {
+        let Parts {
+            system,
+            ingest,
+            cluster,
+            auth,
+            feed,
+            http_metrics,
+            limits,
+            shutdown,
+        } = parts;
         Self {
             inner: Arc::new(Inner {
                 system,
@@ -96,7 +115,7 @@ impl AppState {
                 )),
                 limits,
                 shutdown_began: OnceLock::new(),
-                shutdown: tokio::sync::watch::channel(false).0,
+                shutdown,
             }),
         }
     }
@@ -212,16 +231,16 @@ impl AppState {
     /// leaves the ring.
     pub fn begin_shutdown(&self) {
         let _ = self.inner.shutdown_began.set(Instant::now());
-        self.inner.shutdown.send_replace(true);
+        self.inner.shutdown.cancel();
         // This node hands its shards to the others; forwarded events are still taken.
         if let Some(cluster) = self.cluster() {
             cluster.leave();
         }
     }
 
-    /// Changes when shutdown begins.
-    pub(super) fn shutdown_watch(&self) -> tokio::sync::watch::Receiver<bool> {
-        self.inner.shutdown.subscribe()
+    /// Cancelled when shutdown begins.
+    pub(super) fn shutdown_token(&self) -> &CancellationToken {
+        &self.inner.shutdown
     }
 
     /// When shutdown began, if it has.

@@ -25,7 +25,8 @@ use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
 
 /// Frames waiting in front of one client's connection before it counts as not reading.
 const CLIENT_BUFFER: usize = 256;
@@ -157,19 +158,19 @@ async fn replay(
     mut after: StreamId,
     until: Option<StreamId>,
     tx: &mpsc::Sender<Bytes>,
-    shutdown: &mut watch::Receiver<bool>,
+    shutdown: &CancellationToken,
 ) -> Result<StreamId, End> {
     loop {
         let read = state.system().store().read_anomalies(after, READ_BATCH);
         let records = tokio::select! {
             r = read => r,
-            _ = shutdown.changed() => return Err(End::Closed),
+            _ = shutdown.cancelled() => return Err(End::Closed),
         };
         let Ok(records) = records else {
             // The store is down: try again shortly, unless the client left meanwhile.
             tokio::select! {
                 _ = tokio::time::sleep(POLL_EVERY * 50) => {}
-                _ = shutdown.changed() => return Err(End::Closed),
+                _ = shutdown.cancelled() => return Err(End::Closed),
                 _ = tx.closed() => return Err(End::Closed),
             }
             continue;
@@ -183,7 +184,7 @@ async fn replay(
             if filter.admits(record) {
                 tokio::select! {
                     sent = tx.send(frame(record)) => if sent.is_err() { return Err(End::Closed) },
-                    _ = shutdown.changed() => return Err(End::Closed),
+                    _ = shutdown.cancelled() => return Err(End::Closed),
                 }
             }
         }
@@ -235,9 +236,9 @@ async fn stream_to(
     if let Err(end) = send(Bytes::from_static(b": connected\n\n")) {
         return end;
     }
-    let mut shutdown = state.shutdown_watch();
-    // Shutdown may have begun between the request's check and this subscription.
-    if *shutdown.borrow_and_update() {
+    let shutdown = state.shutdown_token().clone();
+    // Shutdown may have begun since the request's check.
+    if shutdown.is_cancelled() {
         return End::Closed;
     }
     let mut sent = resume;
@@ -246,7 +247,7 @@ async fn stream_to(
     // store first.
     let mut fill_gap = false;
     if let Some(after) = resume {
-        match replay(state, filter, after, None, tx, &mut shutdown).await {
+        match replay(state, filter, after, None, tx, &shutdown).await {
             Ok(last) => sent = Some(last),
             Err(end) => return end,
         }
@@ -256,7 +257,7 @@ async fn stream_to(
     heartbeat.tick().await;
     loop {
         tokio::select! {
-            _ = shutdown.changed() => return End::Closed,
+            _ = shutdown.cancelled() => return End::Closed,
             _ = tx.closed() => return End::Closed,
             _ = heartbeat.tick() => {
                 // A token removed or narrowed in AUTH_TOKENS_FILE ends its open streams.
@@ -275,7 +276,7 @@ async fn stream_to(
                     if std::mem::take(&mut fill_gap) {
                         if let Some(after) = sent {
                             if let Err(end) =
-                                replay(state, filter, after, Some(record.id), tx, &mut shutdown).await
+                                replay(state, filter, after, Some(record.id), tx, &shutdown).await
                             {
                                 return end;
                             }

@@ -30,6 +30,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 /// A shard without a live owner, as one round saw it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -43,9 +44,6 @@ pub(super) enum Vacancy {
 /// Rounds never follow each other closer than this, however often they are kicked.
 const MIN_ROUND_GAP: Duration = Duration::from_millis(10);
 
-/// How often a draining shard's queues are looked at.
-const DRAIN_POLL: Duration = Duration::from_millis(1);
-
 /// Every this many rounds, ingest-log streams nobody needs are deleted.
 const COLLECT_EVERY: u64 = 10;
 
@@ -56,9 +54,8 @@ impl Cluster {
         self.round().await
     }
 
-    /// Runs heartbeat rounds until [`Cluster::stop`].
-    pub async fn run(self: Arc<Self>) {
-        let mut stopped = self.stop.subscribe();
+    /// Runs heartbeat rounds until `stop` is cancelled.
+    pub async fn run(self: Arc<Self>, stop: CancellationToken) {
         let mut ticker = tokio::time::interval(self.config.heartbeat);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last = Instant::now();
@@ -68,7 +65,7 @@ impl Cluster {
             tokio::select! {
                 _ = ticker.tick() => {}
                 _ = self.ownership.round_wanted() => {}
-                _ = stopped.changed() => return,
+                _ = stop.cancelled() => return,
             }
             tokio::time::sleep_until(last + MIN_ROUND_GAP).await;
             last = Instant::now();
@@ -343,25 +340,20 @@ impl Cluster {
         let Some(log) = self.log.get() else {
             return true;
         };
-        let deadline = Instant::now() + self.step_timeout();
-        while shards.clone().any(|s| log.log.in_flight(s) > 0) {
-            if Instant::now() >= deadline {
-                return false;
-            }
-            tokio::time::sleep(DRAIN_POLL).await;
-        }
-        true
+        tokio::time::timeout(self.step_timeout(), log.log.landed(shards))
+            .await
+            .is_ok()
     }
 
     /// Waits until the closed slots' queues are processed, then stops their actors (each
     /// deposits its window as it stops), and waits for actors that were stopping already.
     pub(super) async fn stop_slots(&self, slots: &[Arc<Slot>], stopping: &[ActorCell]) -> bool {
-        let deadline = Instant::now() + self.step_timeout();
-        while !slots.iter().all(|s| s.is_drained()) {
-            if Instant::now() >= deadline {
-                return false;
-            }
-            tokio::time::sleep(DRAIN_POLL).await;
+        let drained = futures_util::future::join_all(slots.iter().map(|s| s.drained()));
+        if tokio::time::timeout(self.step_timeout(), drained)
+            .await
+            .is_err()
+        {
+            return false;
         }
         let stops = slots.iter().filter_map(|s| s.attached()).map(|actor| {
             let limit = self.step_timeout();

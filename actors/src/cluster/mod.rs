@@ -51,7 +51,6 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
-use tokio::sync::watch;
 use tokio::time::Instant;
 
 /// The cluster settings, validated.
@@ -125,7 +124,6 @@ pub struct Cluster {
     /// The first heartbeat has registered this node.
     registered: AtomicBool,
     leaving: AtomicBool,
-    stop: watch::Sender<bool>,
     /// Live members as of the last heartbeat.
     members: Arc<Mutex<Vec<Member>>>,
     /// A handoff is under way (one at a time).
@@ -176,7 +174,6 @@ impl Cluster {
             received: Mutex::new(received::Received::default()),
             registered: AtomicBool::new(false),
             leaving: AtomicBool::new(false),
-            stop: watch::channel(false).0,
             members: Arc::new(Mutex::new(Vec::new())),
             moving: AtomicBool::new(false),
             version: AtomicU64::new(0),
@@ -252,11 +249,6 @@ impl Cluster {
     /// A round of the heartbeat now (a peer passed a shard here).
     pub fn kick(&self) {
         self.ownership.want_round();
-    }
-
-    /// Stops the heartbeat loop.
-    pub fn stop(&self) {
-        let _ = self.stop.send(true);
     }
 
     /// Live members as of the last heartbeat.

@@ -14,6 +14,7 @@ use dashmap::DashMap;
 use prometheus_client::metrics::gauge::Gauge;
 use ractor::{ActorCell, ActorRef};
 use std::sync::Arc;
+use tokio::sync::Notify;
 
 /// Why an event was not accepted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -48,6 +49,8 @@ pub enum SubmitError {
 pub struct Admission {
     pending: Gauge,
     max: i64,
+    /// Woken when the count falls to zero (a shutdown waits for it).
+    empty: Arc<Notify>,
 }
 
 impl Admission {
@@ -56,6 +59,7 @@ impl Admission {
         Self {
             pending,
             max: i64::try_from(max).unwrap_or(i64::MAX),
+            empty: Arc::new(Notify::new()),
         }
     }
 
@@ -67,7 +71,7 @@ impl Admission {
     pub(crate) fn try_acquire_many(&self, n: usize) -> bool {
         let n = i64::try_from(n).unwrap_or(i64::MAX);
         if self.pending.inc_by(n) > self.max - n {
-            self.pending.dec_by(n);
+            self.give_back(n);
             return false;
         }
         true
@@ -75,12 +79,33 @@ impl Admission {
 
     /// One accepted event left the system (processed, or lost with a crashed actor).
     pub(crate) fn release(&self) {
-        self.pending.dec();
+        self.give_back(1);
+    }
+
+    fn give_back(&self, n: i64) {
+        if self.pending.dec_by(n) == n {
+            // Taken only when the count reaches zero, never per event under load.
+            self.empty.notify_waiters();
+        }
     }
 
     /// Events accepted and not yet processed.
     pub fn pending(&self) -> usize {
         usize::try_from(self.pending.get()).unwrap_or(0)
+    }
+
+    /// Resolves once no accepted event is left unprocessed.
+    pub async fn emptied(&self) {
+        loop {
+            let woken = self.empty.notified();
+            tokio::pin!(woken);
+            // Registered before the check, so a release in between still wakes us.
+            woken.as_mut().enable();
+            if self.pending() == 0 {
+                return;
+            }
+            woken.await;
+        }
     }
 }
 
@@ -207,9 +232,8 @@ impl Directory {
 
     /// Gives back the admission of `n` events that were not pushed.
     pub(crate) fn unadmit(&self, n: usize) {
-        for _ in 0..n {
-            self.admission.release();
-        }
+        self.admission
+            .give_back(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     /// Closes the slots of the devices `moving` selects: events already queued are still
@@ -287,6 +311,11 @@ impl Directory {
     /// Events accepted and not yet processed.
     pub fn pending(&self) -> usize {
         self.admission.pending()
+    }
+
+    /// Resolves once no accepted event is left unprocessed.
+    pub async fn emptied(&self) {
+        self.admission.emptied().await;
     }
 
     /// Test only: the live slot of a device.

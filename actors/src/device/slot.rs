@@ -12,6 +12,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 /// Why a slot takes no more events.
@@ -62,6 +63,8 @@ struct SlotInner {
     closed: Option<Closed>,
     actor: Option<ActorRef<DeviceMsg>>,
     last_event: Instant,
+    /// Woken when the queue runs empty, while someone waits for that ([`Slot::drained`]).
+    emptied: Option<Arc<Notify>>,
 }
 
 impl Slot {
@@ -76,6 +79,7 @@ impl Slot {
                 closed: None,
                 actor: None,
                 last_event: Instant::now(),
+                emptied: None,
             }),
             in_process: AtomicBool::new(false),
         })
@@ -134,6 +138,10 @@ impl Slot {
             }
             None => {
                 inner.scheduled = false;
+                // The event before this call is finished (in_process is clear): drained.
+                if let Some(emptied) = &inner.emptied {
+                    emptied.notify_waiters();
+                }
                 None
             }
         }
@@ -192,6 +200,27 @@ impl Slot {
     pub(crate) fn is_drained(&self) -> bool {
         let inner = self.lock();
         inner.queue.is_empty() && !self.in_process.load(Ordering::Acquire)
+    }
+
+    /// Resolves once the slot is drained. Meant for a closed slot (nothing new is queued);
+    /// an open one may fill again at once.
+    pub(crate) async fn drained(&self) {
+        loop {
+            let emptied = {
+                let mut inner = self.lock();
+                inner.emptied.get_or_insert_with(Default::default).clone()
+            };
+            let woken = emptied.notified();
+            tokio::pin!(woken);
+            // Registered before the check, so the queue running empty in between still
+            // wakes us. The actor finds the queue empty after each event it finishes, or,
+            // restarted after a crash, when it starts.
+            woken.as_mut().enable();
+            if self.is_drained() {
+                return;
+            }
+            woken.await;
+        }
     }
 
     /// The actor serving this slot, if one has attached.

@@ -54,8 +54,9 @@ use crate::tuning::{
 };
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 /// The log's settings (the stream is the [`RedisLog`]'s).
 #[derive(Debug, Clone)]
@@ -103,14 +104,23 @@ enum Msg {
 /// One shard's part of an append, counted from its admission until its events are
 /// queued at their devices (or refused): a handoff waits for the count to reach zero.
 struct Flight {
-    counts: Arc<[AtomicUsize]>,
+    flights: Arc<Flights>,
     shard: usize,
 }
 
 impl Drop for Flight {
     fn drop(&mut self) {
-        self.counts[self.shard].fetch_sub(1, Ordering::AcqRel);
+        if self.flights.counts[self.shard].fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.flights.landed.notify_waiters();
+        }
     }
+}
+
+/// Per shard, its parts between admission and their queues.
+struct Flights {
+    counts: Box<[AtomicUsize]>,
+    /// Woken whenever a shard's count falls to zero.
+    landed: Notify,
 }
 
 /// An entry written: its requests, to be queued and answered by the settler.
@@ -141,22 +151,25 @@ pub struct IngestLog {
     /// The stream appended to (the trimmer's).
     log: Mutex<RedisLog>,
     /// Per shard (in a cluster), its parts between admission and their queues.
-    flights: Arc<[AtomicUsize]>,
+    flights: Arc<Flights>,
     /// Who holds the stream's writer key (a single node).
     writer: Option<String>,
     pins: Pins,
     metrics: Metrics,
-    stop: watch::Sender<bool>,
+    /// Stops the trimmer.
+    stop: CancellationToken,
 }
 
 impl IngestLog {
     /// Starts the appender (which replays the log first) on a thread of its own, and the
-    /// trimmer. `log`'s connections should be its own (see `RedisStore::with_own_pool`).
+    /// trimmer, which runs until `stop` is cancelled or [`IngestLog::close`]. `log`'s
+    /// connections should be its own (see `RedisStore::with_own_pool`).
     pub fn start(
         log: RedisLog,
         settings: LogSettings,
         directory: Directory,
         metrics: Metrics,
+        stop: CancellationToken,
     ) -> std::io::Result<Arc<Self>> {
         let (tx, rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
@@ -166,7 +179,6 @@ impl IngestLog {
             fenced: AtomicBool::new(false),
         });
         let pins = Pins::default();
-        let stop = watch::channel(false).0;
         let (settle, written) = mpsc::unbounded_channel();
         let settling = Arc::new(AtomicUsize::new(0));
         tokio::spawn(settler(written, directory.clone(), settling.clone()));
@@ -200,7 +212,10 @@ impl IngestLog {
             directory,
             shared,
             log: Mutex::new(log),
-            flights: (0..settings.shards).map(|_| AtomicUsize::new(0)).collect(),
+            flights: Arc::new(Flights {
+                counts: (0..settings.shards).map(|_| AtomicUsize::new(0)).collect(),
+                landed: Notify::new(),
+            }),
             writer: settings.writer,
             pins,
             metrics,
@@ -248,10 +263,10 @@ impl IngestLog {
         }
         let flight = tag.and_then(|t| {
             let shard = t.shard as usize;
-            let count = self.flights.get(shard)?;
+            let count = self.flights.counts.get(shard)?;
             count.fetch_add(1, Ordering::AcqRel);
             Some(Flight {
-                counts: self.flights.clone(),
+                flights: self.flights.clone(),
                 shard,
             })
         });
@@ -272,8 +287,23 @@ impl IngestLog {
     /// Parts of `shard` admitted and not yet queued at their devices (or refused).
     pub fn in_flight(&self, shard: u32) -> usize {
         self.flights
+            .counts
             .get(shard as usize)
             .map_or(0, |c| c.load(Ordering::Acquire))
+    }
+
+    /// Resolves once no part of `shards` is between admission and its queues.
+    pub async fn landed(&self, shards: impl Iterator<Item = u32> + Clone) {
+        loop {
+            let woken = self.flights.landed.notified();
+            tokio::pin!(woken);
+            // Registered before the check, so a part landing in between still wakes us.
+            woken.as_mut().enable();
+            if shards.clone().all(|s| self.in_flight(s) == 0) {
+                return;
+            }
+            woken.await;
+        }
     }
 
     /// The stream appended to.
@@ -293,7 +323,7 @@ impl IngestLog {
     /// Trims the log once more and stops the trimmer (at shutdown, once every window is
     /// stored: a restart then replays nothing it does not need).
     pub async fn close(&self) {
-        self.stop.send_replace(true);
+        self.stop.cancel();
         trim_once(self).await;
         if let Some(me) = &self.writer {
             if let Err(e) = self.stream().release_writer(me).await {
@@ -713,11 +743,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Trims the log about once a second until stopped.
 async fn trimmer(log: Arc<IngestLog>) {
-    let mut stop = log.stop.subscribe();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(LOG_TRIM_EVERY) => {}
-            _ = stop.changed() => return,
+            _ = log.stop.cancelled() => return,
         }
         renew_stream(&log).await;
         trim_once(&log).await;

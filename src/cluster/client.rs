@@ -1,6 +1,6 @@
 //! The forwarding client: [`Transport`] to the peers' internal listeners, every call
 //! under CLUSTER_FORWARD_TIMEOUT and carrying CLUSTER_TOKEN. Forwarded batches go over
-//! one persistent stream per peer ([`super::link`]); the rare calls (`ping`, `kick`) are
+//! one persistent stream per peer (`link`); the rare calls (`ping`, `kick`) are
 //! plain HTTP/1.1 requests on pooled connections.
 
 use super::link::Links;

@@ -4,7 +4,7 @@
 //! answer is 401 and the attempt is counted (`cluster_unauthorized_total`). Routes:
 //! - `GET /cluster/stream` with `Upgrade: iot-cluster-stream/1`: 101, and the connection
 //!   becomes a stream of forwarded batches and their answers ([`super::frame`],
-//!   [`super::stream`]). Each batch is answered once every event is queued at its owner,
+//!   `stream`). Each batch is answered once every event is queued at its owner,
 //!   with the positions of those that were not; a repeat of a key gets the first answer
 //!   and queues nothing. A batch sent before this node renewed a lapsed lease is answered
 //!   as not taken (its sender may have sent it elsewhere meanwhile).

@@ -20,7 +20,7 @@
 
 use super::table::{
     claimed, items, text, Claimed, TableError, LOGCUR_KEY, LOGS_KEY, MEMBER_PREFIX, PENDING_KEY,
-    SHARDS_KEY, VERSION_KEY,
+    PENDING_LUA, SHARDS_KEY, VERSION_KEY,
 };
 use crate::store::RedisStore;
 use bb8_redis::redis::{self, Value};
@@ -31,24 +31,14 @@ use std::sync::Arc;
 /// pending replay; then ARGV[2] becomes ARGV[1]'s current stream. Answers the triples
 /// (shard, epoch, pending).
 /// KEYS: shards, version, logs, pending, logcur. ARGV: my id, my new stream, then pairs.
+/// After [`PENDING_LUA`].
 const RECLAIM: &str = r#"
-local mine = {}
-local all = redis.call('HGETALL', KEYS[3])
-for j = 1, #all, 2 do
-  if all[j + 1] == ARGV[1] then table.insert(mine, all[j]) end
-end
 local out = {}
 for i = 3, #ARGV, 2 do
   if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[i + 1] .. ' ' .. ARGV[1] then
     local epoch = tonumber(ARGV[i + 1]) + 1
     redis.call('HSET', KEYS[1], ARGV[i], epoch .. ' ' .. ARGV[1])
-    local pending = redis.call('HGET', KEYS[4], ARGV[i]) or ''
-    for _, key in ipairs(mine) do
-      if not string.find(' ' .. pending .. ' ', ' ' .. key .. ' ', 1, true) then
-        if pending == '' then pending = key else pending = pending .. ' ' .. key end
-      end
-    end
-    if pending ~= '' then redis.call('HSET', KEYS[4], ARGV[i], pending) end
+    local pending = add_pending(ARGV[i], ARGV[1])
     table.insert(out, ARGV[i])
     table.insert(out, tostring(epoch))
     table.insert(out, pending)
@@ -129,7 +119,7 @@ impl Logs {
         Self {
             redis,
             me,
-            reclaim: Arc::new(redis::Script::new(RECLAIM)),
+            reclaim: Arc::new(redis::Script::new(&format!("{PENDING_LUA}{RECLAIM}"))),
             clear: Arc::new(redis::Script::new(CLEAR)),
             collect: Arc::new(redis::Script::new(COLLECT)),
         }

@@ -84,14 +84,12 @@ end
 return {1, live, version, redis.call('HGETALL', KEYS[5])}
 "#;
 
-/// Claims shards for ARGV[1]: each pair (shard, floor) is taken when it has no owner or
-/// its owner's heartbeat key is gone, with epoch max(current, floor) + 1; the dead
-/// owner's ingest-log streams join the shard's pending replay. Answers the triples
-/// (shard, epoch, pending streams) taken.
-/// KEYS: shards, version, logs, pending. ARGV: my id, member prefix, then pairs.
-const CLAIM: &str = r#"
-local out = {}
+/// Lua functions over the ingest-log keys, shared by the scripts that move shards with
+/// their pending replays (KEYS[3]: logs, stream → member; KEYS[4]: pending, shard →
+/// streams to replay, space-separated).
+pub(super) const PENDING_LUA: &str = r#"
 local streams = {}
+-- The streams registered by member OWNER.
 local function streams_of(owner)
   if streams[owner] == nil then
     local found = {}
@@ -103,6 +101,28 @@ local function streams_of(owner)
   end
   return streams[owner]
 end
+-- Adds OWNER's streams (none when OWNER is nil) to SHARD's pending replay; answers it.
+local function add_pending(shard, owner)
+  local pending = redis.call('HGET', KEYS[4], shard) or ''
+  if owner == nil then return pending end
+  for _, key in ipairs(streams_of(owner)) do
+    if not string.find(' ' .. pending .. ' ', ' ' .. key .. ' ', 1, true) then
+      if pending == '' then pending = key else pending = pending .. ' ' .. key end
+    end
+  end
+  if pending ~= '' then redis.call('HSET', KEYS[4], shard, pending) end
+  return pending
+end
+"#;
+
+/// Claims shards for ARGV[1]: each pair (shard, floor) is taken when it has no owner or
+/// its owner's heartbeat key is gone, with epoch max(current, floor) + 1; the dead
+/// owner's ingest-log streams join the shard's pending replay. Answers the triples
+/// (shard, epoch, pending streams) taken.
+/// KEYS: shards, version, logs, pending. ARGV: my id, member prefix, then pairs.
+/// After [`PENDING_LUA`].
+const CLAIM: &str = r#"
+local out = {}
 for i = 3, #ARGV, 2 do
   local cur = redis.call('HGET', KEYS[1], ARGV[i])
   local epoch, free, owner = 0, true, nil
@@ -119,15 +139,7 @@ for i = 3, #ARGV, 2 do
     if floor > epoch then epoch = floor end
     epoch = epoch + 1
     redis.call('HSET', KEYS[1], ARGV[i], epoch .. ' ' .. ARGV[1])
-    local pending = redis.call('HGET', KEYS[4], ARGV[i]) or ''
-    if owner then
-      for _, key in ipairs(streams_of(owner)) do
-        if not string.find(' ' .. pending .. ' ', ' ' .. key .. ' ', 1, true) then
-          if pending == '' then pending = key else pending = pending .. ' ' .. key end
-        end
-      end
-      if pending ~= '' then redis.call('HSET', KEYS[4], ARGV[i], pending) end
-    end
+    local pending = add_pending(ARGV[i], owner)
     table.insert(out, ARGV[i])
     table.insert(out, tostring(epoch))
     table.insert(out, pending)
@@ -328,7 +340,7 @@ impl Table {
             shards,
             lease,
             heartbeat: Arc::new(redis::Script::new(HEARTBEAT)),
-            claim: Arc::new(redis::Script::new(CLAIM)),
+            claim: Arc::new(redis::Script::new(&format!("{PENDING_LUA}{CLAIM}"))),
             pass: Arc::new(redis::Script::new(PASS)),
             read: Arc::new(redis::Script::new(READ)),
         }

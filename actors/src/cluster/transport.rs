@@ -74,7 +74,7 @@ impl std::str::FromStr for BatchId {
 /// How nodes talk to each other (HTTP in the binary). Each call is bounded by the
 /// forward timeout.
 pub trait Transport: Send + Sync + 'static {
-    /// Sends an encoded batch ([`wire`]) under its idempotency key; answers the
+    /// Sends an encoded batch (`cluster::wire`) under its idempotency key; answers the
     /// positions the peer did not take (empty: all queued there).
     fn send_events(
         &self,

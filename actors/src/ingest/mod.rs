@@ -5,6 +5,7 @@
 //! log on ([`IngestLog`]) written to the log first; in a cluster, queued at the shard's
 //! owner (see [`crate::cluster`]).
 
+mod appender;
 mod log;
 mod redis_log;
 mod replay;

@@ -6,6 +6,7 @@
 use crate::store::{RedisStore, StoreError, StreamId};
 use bb8_redis::redis;
 use bytes::Bytes;
+use std::sync::LazyLock;
 
 /// The field holding an entry's nonce.
 const NONCE: &str = "n";
@@ -19,20 +20,28 @@ const SEAL_ID: &str = "18446744073709551615-18446744073709551615";
 
 /// Takes or renews the stream's writer key for ARGV[1] (free, or already ARGV[1]'s) for
 /// ARGV[2] ms: 1, or 0 when another node holds it.
-const CLAIM_WRITER: &str = r#"
+static CLAIM_WRITER: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
 local v = redis.call('GET', KEYS[1])
 if (not v) or v == ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
   return 1
 end
 return 0
-"#;
+"#,
+    )
+});
 
 /// Removes the writer key if it is still ARGV[1]'s.
-const RELEASE_WRITER: &str = r#"
+static RELEASE_WRITER: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
-"#;
+"#,
+    )
+});
 
 /// One entry read back.
 #[derive(Debug, Clone, PartialEq)]
@@ -238,7 +247,7 @@ impl RedisLog {
         let taken: i64 = self
             .store
             .eval(
-                &redis::Script::new(CLAIM_WRITER),
+                &CLAIM_WRITER,
                 &[&self.writer_key()],
                 &[me, &lease.as_millis().max(1).to_string()],
             )
@@ -250,11 +259,7 @@ impl RedisLog {
     pub async fn release_writer(&self, me: &str) -> Result<(), StoreError> {
         let _: i64 = self
             .store
-            .eval(
-                &redis::Script::new(RELEASE_WRITER),
-                &[&self.writer_key()],
-                &[me],
-            )
+            .eval(&RELEASE_WRITER, &[&self.writer_key()], &[me])
             .await?;
         Ok(())
     }

@@ -10,7 +10,7 @@
 //!
 //! Keys (the same as the original service's for analyses):
 //! - `analysis:{device_id}`: the `/analyze` JSON.
-//! - `window:{device_id}`: the device's rolling window (see [`snapshot`] for the
+//! - `window:{device_id}`: the device's rolling window (see `store::snapshot` for the
 //!   format), written with the analysis at most every WINDOW_CHECKPOINT_INTERVAL (and
 //!   when its actor stops), with the same expiry.
 

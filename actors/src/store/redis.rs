@@ -327,7 +327,7 @@ impl RedisStore {
         first_error.map_or(Ok(()), Err)
     }
 
-    /// `XADD anomalies MAXLEN ~ maxlen * …` per entry, once per uid (see [`APPEND_ONCE`]),
+    /// `XADD anomalies MAXLEN ~ maxlen * …` per entry, once per uid (see `APPEND_ONCE`),
     /// in one pipeline (so entries keep their order).
     pub async fn append_anomalies(
         &self,

@@ -26,5 +26,6 @@ pub mod config;
 pub mod http;
 pub mod logging;
 pub mod shutdown;
+mod tuning;
 
 pub use app::{App, StartError};

@@ -1,6 +1,7 @@
-//! The fixed timings of the service: deadlines, retry and probe periods that are not
-//! settings (an operator has no reason to change them), named in one place so that
-//! nothing in the code carries an unexplained duration.
+//! The fixed timings and sizes of the library: deadlines, retry and probe periods, batch
+//! and buffer bounds that are not settings (an operator has no reason to change them),
+//! named in one place so that nothing in the code carries an unexplained number. The
+//! front end's are in the service crate's `tuning.rs`.
 
 use std::time::Duration;
 
@@ -99,3 +100,42 @@ pub const LOG_WRITER_LEASE: Duration = Duration::from_secs(10);
 /// Connections of the ingest log's own pool: the appender uses one at a time, the
 /// trimmer another.
 pub const LOG_POOL_SIZE: u32 = 2;
+
+/// Keys written per pipeline; larger flushes are split across pooled connections.
+pub const PIPELINE_CHUNK: usize = 512;
+
+/// How long an appended entry's uid is remembered: far longer than any retry takes.
+pub const APPENDED_UID_TTL_MS: u64 = 600_000;
+
+/// Transactions tried per flush when the table keeps changing under it; then the flush
+/// fails and the writer retries it with backoff.
+pub const FENCED_ATTEMPTS: usize = 3;
+
+/// Batches on the wire to one peer at once: enough to keep the link busy while answers
+/// travel back; beyond it events gather into the next batch, which keeps batches large
+/// under load.
+pub const FORWARD_MAX_IN_FLIGHT: usize = 4;
+
+/// How long the first event of a forwarded batch waits for others: what a forwarded
+/// event's latency may grow by so that a busy link sends fewer, larger batches.
+pub const FORWARD_LINGER: Duration = Duration::from_millis(1);
+
+/// Pause before a batch is sent again.
+pub const FORWARD_RETRY_PAUSE: Duration = Duration::from_millis(20);
+
+/// Events in one forwarded batch at most.
+pub const FORWARD_MAX_BATCH_EVENTS: usize = 4096;
+
+/// An event whose shard is between owners waits; every change of this node's view of
+/// the table wakes it, and it looks again at least this often.
+pub const OWNER_WAIT_STEP: Duration = Duration::from_millis(25);
+
+/// Forwarded batches whose answers are remembered at most (a sender's retry of one is
+/// answered from memory, not taken twice): bounds that memory.
+pub const RECEIVED_MAX_REMEMBERED: usize = 200_000;
+
+/// Rounds never follow each other closer than this, however often they are kicked.
+pub const MIN_ROUND_GAP: Duration = Duration::from_millis(10);
+
+/// Every this many rounds, ingest-log streams nobody needs are deleted.
+pub const COLLECT_LOGS_EVERY: u64 = 10;

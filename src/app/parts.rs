@@ -6,6 +6,7 @@ use crate::auth::Auth;
 use crate::cluster::client::HttpTransport;
 use crate::config::{Config, Switch};
 use crate::http;
+use crate::tuning::TOKENS_CHECK_EVERY;
 use actors::cluster::{Cluster, ClusterConfig, Ownership, Table, TableError, Transport};
 use actors::ingest::{IngestLog, LogSettings, RedisLog};
 use actors::store::{EmbeddedStore, RedisStore, Store};
@@ -17,9 +18,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-
-/// How often AUTH_TOKENS_FILE is checked for changes (SIGHUP reloads at once).
-const TOKENS_CHECK_EVERY: Duration = Duration::from_secs(2);
 
 /// The client tokens of AUTH_TOKENS_FILE, watched for changes; `None`: the API is open.
 pub(super) fn load_auth(config: &Config) -> Result<Option<Arc<Auth>>, StartError> {

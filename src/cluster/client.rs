@@ -5,6 +5,7 @@
 
 use super::link::Links;
 use super::{frame, paths, TOKEN_HEADER};
+use crate::tuning::IDLE_PER_PEER;
 use actors::cluster::{BatchId, ForwardError, Transport};
 use actors::device::BoxFuture;
 use bytes::Bytes;
@@ -17,9 +18,6 @@ use hyper_util::rt::TokioExecutor;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-
-/// Idle pooled connections per peer: pings and kicks are rare.
-const IDLE_PER_PEER: usize = 1;
 
 /// HTTP transport to the other nodes; cheap to clone.
 #[derive(Clone)]

@@ -10,6 +10,7 @@
 
 use super::errors::ApiError;
 use super::metrics::{CloseReason, HttpMetrics};
+use crate::tuning::INLINE_GUNZIP_BYTES;
 use actors::metrics::RejectReason;
 use bytes::{Buf, Bytes};
 use http_body_util::{BodyExt, Limited};
@@ -128,12 +129,6 @@ enum GunzipError {
     TooLarge,
     Corrupt(String),
 }
-
-/// Output decompressed on the request's own task; beyond it the decoder moves to the
-/// blocking pool. Small enough (well under a millisecond of CPU) not to delay the other
-/// tasks of the worker, large enough that a `/metric` body (`MAX_BODY_BYTES`, 64 KiB by
-/// default) and most batches never pay for the hand-over.
-const INLINE_GUNZIP_BYTES: u64 = 256 * 1024;
 
 /// Decompresses every gzip member of `compressed`, failing as soon as the output would
 /// pass `limit`: up to [`INLINE_GUNZIP_BYTES`] here, the rest on the blocking pool.

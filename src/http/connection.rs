@@ -14,6 +14,7 @@
 use super::metrics::{CloseReason, HttpMetrics};
 use super::router;
 use super::state::AppState;
+use crate::tuning::SHUTDOWN_RECHECK;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -37,10 +38,6 @@ use tokio_util::sync::CancellationToken;
 /// Largest request head (request line and headers); beyond it hyper answers 431 and
 /// closes. Device requests carry a few hundred bytes of headers.
 const MAX_HEAD_BYTES: usize = 16 * 1024;
-
-/// How often a connection whose next request is on its way in at shutdown looks again
-/// whether that request has started.
-const SHUTDOWN_RECHECK: Duration = Duration::from_millis(5);
 
 /// The connection timeouts.
 #[derive(Debug, Clone, Copy)]

@@ -4,20 +4,15 @@
 //! channel to every `GET /anomalies/stream` client. It also counts the clients against
 //! MAX_STREAM_CLIENTS.
 
+use crate::tuning::FEED_CAPACITY;
+use crate::tuning::FEED_POLL_EVERY;
+use crate::tuning::FEED_READ_BATCH;
 use actors::store::{Store, StreamId, StreamRecord};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
-
-/// How often the poller reads the store while clients are connected: well inside the
-/// FLUSH_INTERVAL + 10 ms that an anomaly may take to reach a client.
-pub const POLL_EVERY: Duration = Duration::from_millis(2);
-/// Entries read per store call.
-pub const READ_BATCH: usize = 512;
-/// Entries the broadcast holds for the slowest client before it counts as lagging.
-const FEED_CAPACITY: usize = 4096;
 
 /// The live feed of stream entries, shared by every client.
 pub struct AnomalyFeed {
@@ -109,7 +104,7 @@ impl AnomalyFeed {
     async fn poll(self: Arc<Self>, store: Store, stopped: CancellationToken) {
         // Where the feed stands; `None` while nobody listens (a new listener starts live).
         let mut last: Option<StreamId> = None;
-        let mut tick = tokio::time::interval(POLL_EVERY);
+        let mut tick = tokio::time::interval(FEED_POLL_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -141,7 +136,7 @@ impl AnomalyFeed {
             };
             // Kept even if this read fails: the next round must not start from the end.
             last = Some(after);
-            match store.read_anomalies(after, READ_BATCH).await {
+            match store.read_anomalies(after, FEED_READ_BATCH).await {
                 Ok(records) => {
                     for record in records {
                         last = Some(record.id);
@@ -187,7 +182,7 @@ mod tests {
             stopped.clone(),
         );
         // The poller's first round: nobody listens, so it goes to sleep.
-        tokio::time::sleep(POLL_EVERY * 5).await;
+        tokio::time::sleep(FEED_POLL_EVERY * 5).await;
         // What `open` does for a new client, with the append in the middle.
         let mut live = feed.tx.subscribe();
         feed.subscribed_at(store.last_anomaly_id());

@@ -4,15 +4,13 @@
 //! or a generated one, echoed in the response. Every answer of 400 or above is logged
 //! with method, path, status, reason, device id (when known) and that id, so a client's
 //! complaint can be found in the log. A flood of bad requests must not become a flood of
-//! log lines: at most [`LINES_PER_SECOND`] are written per second, and the next line
+//! log lines: at most [`REQUEST_LOG_LINES_PER_SECOND`] are written per second, and the next line
 //! written says how many were left out.
 
+use crate::tuning::REQUEST_LOG_LINES_PER_SECOND;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
-
-/// Failed-request lines written per second at most.
-pub const LINES_PER_SECOND: u32 = 20;
 
 /// Why a request failed, attached to its response by the handler that answered it.
 #[derive(Debug, Clone)]
@@ -97,7 +95,7 @@ impl RequestLog {
             w.started = now;
             w.written = 0;
         }
-        if w.written < LINES_PER_SECOND {
+        if w.written < REQUEST_LOG_LINES_PER_SECOND {
             w.written += 1;
             Verdict::Write {
                 suppressed: std::mem::take(&mut w.suppressed),
@@ -140,7 +138,7 @@ mod tests {
     fn a_flood_is_cut_to_the_rate_and_the_next_line_counts_what_was_left_out() {
         let log = RequestLog::new(0);
         let t0 = Instant::now();
-        for _ in 0..LINES_PER_SECOND {
+        for _ in 0..REQUEST_LOG_LINES_PER_SECOND {
             assert_eq!(log.admit(t0), Verdict::Write { suppressed: 0 });
         }
         for _ in 0..5 {

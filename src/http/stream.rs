@@ -9,12 +9,14 @@
 //! continues live, skipping what it has already had: no gap, no duplicate.
 
 use super::errors::{ApiError, Body};
-use super::feed::{AnomalyFeed, POLL_EVERY, READ_BATCH};
+use super::feed::AnomalyFeed;
 use super::query::query_param;
 use super::refusal::shutting_down;
 use super::state::AppState;
 use super::validate;
 use crate::auth::{Client, Mode};
+use crate::tuning::STREAM_CLIENT_BUFFER;
+use crate::tuning::{FEED_POLL_EVERY, FEED_READ_BATCH};
 use actors::store::{StreamId, StreamRecord};
 use bytes::Bytes;
 use http_body_util::BodyExt;
@@ -27,9 +29,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
-
-/// Frames waiting in front of one client's connection before it counts as not reading.
-const CLIENT_BUFFER: usize = 256;
 
 /// A response body fed frame by frame from a channel; it ends when the client's task
 /// drops the sender.
@@ -133,7 +132,7 @@ async fn open(state: &AppState, req: &Request<Incoming>) -> Result<Response<Body
         ));
     }
     state.http_metrics().stream_clients.inc();
-    let (tx, rx) = mpsc::channel(CLIENT_BUFFER);
+    let (tx, rx) = mpsc::channel(STREAM_CLIENT_BUFFER);
     let filter = Filter {
         device_id,
         prefix,
@@ -161,7 +160,10 @@ async fn replay(
     shutdown: &CancellationToken,
 ) -> Result<StreamId, End> {
     loop {
-        let read = state.system().store().read_anomalies(after, READ_BATCH);
+        let read = state
+            .system()
+            .store()
+            .read_anomalies(after, FEED_READ_BATCH);
         let records = tokio::select! {
             r = read => r,
             _ = shutdown.cancelled() => return Err(End::Closed),
@@ -169,13 +171,13 @@ async fn replay(
         let Ok(records) = records else {
             // The store is down: try again shortly, unless the client left meanwhile.
             tokio::select! {
-                _ = tokio::time::sleep(POLL_EVERY * 50) => {}
+                _ = tokio::time::sleep(FEED_POLL_EVERY * 50) => {}
                 _ = shutdown.cancelled() => return Err(End::Closed),
                 _ = tx.closed() => return Err(End::Closed),
             }
             continue;
         };
-        let full = records.len() == READ_BATCH;
+        let full = records.len() == FEED_READ_BATCH;
         for record in &records {
             if until.is_some_and(|u| record.id >= u) {
                 return Ok(after);

@@ -2,9 +2,9 @@
 //! and sends them over the transport (in the binary, one persistent stream per peer),
 //! answering each sender when the owner has acknowledged (queued) its events.
 //!
-//! Batching has a size and a time bound: events gather for [`LINGER`] after the first
-//! one (or until [`MAX_BATCH_EVENTS`] are waiting), then go out as one batch; at most
-//! [`MAX_IN_FLIGHT`] batches are on the wire per peer, and beyond that events gather
+//! Batching has a size and a time bound: events gather for [`FORWARD_LINGER`] after the first
+//! one (or until [`FORWARD_MAX_BATCH_EVENTS`] are waiting), then go out as one batch; at most
+//! [`FORWARD_MAX_IN_FLIGHT`] batches are on the wire per peer, and beyond that events gather
 //! until one returns. A batch costs about the same whatever it carries, so the linger
 //! buys its millisecond back many times over at load.
 //!
@@ -20,21 +20,16 @@
 use super::{wire, BatchId, ForwardError, Transport};
 use crate::event::Event;
 use crate::metrics::{ForwardFailureLabel, Metrics};
+use crate::tuning::FORWARD_LINGER;
+use crate::tuning::FORWARD_MAX_BATCH_EVENTS;
+use crate::tuning::FORWARD_MAX_IN_FLIGHT;
+use crate::tuning::FORWARD_RETRY_PAUSE;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
-
-/// Batches on the wire to one peer at once.
-pub const MAX_IN_FLIGHT: usize = 4;
-/// How long the first event of a batch waits for others.
-pub const LINGER: Duration = Duration::from_millis(1);
-/// Pause before a batch is sent again.
-const RETRY_PAUSE: Duration = Duration::from_millis(20);
-/// Events in one forwarded batch at most.
-pub const MAX_BATCH_EVENTS: usize = 4096;
 
 /// The forwarder of one peer (configuration only).
 #[derive(Debug, Default)]
@@ -94,12 +89,12 @@ pub struct ForwarderState {
 impl ForwarderState {
     /// Sends batches while the in-flight bound allows.
     fn send(&mut self, myself: &ActorRef<ForwarderMsg>) {
-        while self.in_flight < MAX_IN_FLIGHT && !self.waiters.is_empty() {
+        while self.in_flight < FORWARD_MAX_IN_FLIGHT && !self.waiters.is_empty() {
             // Whole senders only, so each gets one answer; at least one sender.
             let mut take = 0;
             let mut events = 0;
             for (n, _) in &self.waiters {
-                if take > 0 && events + n > MAX_BATCH_EVENTS {
+                if take > 0 && events + n > FORWARD_MAX_BATCH_EVENTS {
                     break;
                 }
                 take += 1;
@@ -190,7 +185,7 @@ impl Outgoing {
                     ForwardError::Timeout | ForwardError::Unreachable(_) | ForwardError::NotSent(_)
                 );
                 if unknown && started.elapsed() < self.retry_for && (self.peer_alive)() {
-                    tokio::time::sleep(RETRY_PAUSE).await;
+                    tokio::time::sleep(FORWARD_RETRY_PAUSE).await;
                     continue;
                 }
             }
@@ -242,10 +237,10 @@ impl Actor for Forwarder {
             ForwarderMsg::Forward(events, reply) => {
                 state.waiters.push((events.len(), reply));
                 state.buffer.extend(events);
-                if state.buffer.len() < MAX_BATCH_EVENTS {
+                if state.buffer.len() < FORWARD_MAX_BATCH_EVENTS {
                     if !state.lingering {
                         state.lingering = true;
-                        myself.send_after(LINGER, || ForwarderMsg::Flush);
+                        myself.send_after(FORWARD_LINGER, || ForwarderMsg::Flush);
                     }
                     return Ok(());
                 }

@@ -23,6 +23,8 @@ use super::{Cluster, Member, TableError};
 use crate::device::Slot;
 use crate::metrics::{Direction, DirectionLabel};
 use crate::store::WriterMsg;
+use crate::tuning::COLLECT_LOGS_EVERY;
+use crate::tuning::MIN_ROUND_GAP;
 use ractor::rpc::CallResult;
 use ractor::ActorCell;
 use std::collections::{HashMap, HashSet};
@@ -40,12 +42,6 @@ pub(super) enum Vacancy {
     /// Owned by a member whose heartbeat has expired.
     Absent(Arc<str>),
 }
-
-/// Rounds never follow each other closer than this, however often they are kicked.
-const MIN_ROUND_GAP: Duration = Duration::from_millis(10);
-
-/// Every this many rounds, ingest-log streams nobody needs are deleted.
-const COLLECT_EVERY: u64 = 10;
 
 impl Cluster {
     /// The first heartbeat: registers this node and reads the table. An error here (a
@@ -127,7 +123,7 @@ impl Cluster {
         self.publish(&beat.members);
         *self.members.lock().unwrap_or_else(PoisonError::into_inner) = beat.members.clone();
         self.registered.store(true, Ordering::Release);
-        if self.rounds.fetch_add(1, Ordering::Relaxed) % COLLECT_EVERY == 0 {
+        if self.rounds.fetch_add(1, Ordering::Relaxed) % COLLECT_LOGS_EVERY == 0 {
             self.collect_streams().await;
         }
         let desired = self.desired(&beat.members);

@@ -42,6 +42,7 @@ use crate::event::Event;
 use crate::ingest::{settled, Appended, IngestLog, RedisLog, Tag};
 use crate::metrics::Metrics;
 use crate::store::WriterMsg;
+use crate::tuning::OWNER_WAIT_STEP;
 use dashmap::DashMap;
 use forwarder::{Forwarder, ForwarderArgs, ForwarderMsg};
 use ractor::rpc::CallResult;
@@ -75,9 +76,6 @@ impl ClusterConfig {
         self.lease + 3 * self.heartbeat + self.forward_timeout
     }
 }
-
-/// How often a waiting event looks at the table again.
-const WAIT_STEP: Duration = Duration::from_millis(25);
 
 /// Why an event was not taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -429,7 +427,7 @@ impl Cluster {
                 tracing::debug!(shard, "no owner took the events in time");
                 return all(Refused::Unroutable);
             }
-            let _ = tokio::time::timeout(WAIT_STEP, changed.changed()).await;
+            let _ = tokio::time::timeout(OWNER_WAIT_STEP, changed.changed()).await;
         }
     }
 

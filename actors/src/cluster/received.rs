@@ -3,6 +3,7 @@
 
 use super::{wire, BatchId, Cluster, Refused};
 use crate::event::Event;
+use crate::tuning::RECEIVED_MAX_REMEMBERED;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, PoisonError};
 use tokio::sync::watch;
@@ -86,7 +87,7 @@ impl Cluster {
         let keep = self.config.route_deadline() * 2 + self.config.forward_timeout;
         let now = Instant::now();
         while let Some((at, id)) = received.order.front().copied() {
-            if now.duration_since(at) < keep && received.order.len() < MAX_REMEMBERED {
+            if now.duration_since(at) < keep && received.order.len() < RECEIVED_MAX_REMEMBERED {
                 break;
             }
             received.order.pop_front();
@@ -94,6 +95,3 @@ impl Cluster {
         }
     }
 }
-
-/// Forwarded batches whose answers are remembered at most.
-const MAX_REMEMBERED: usize = 200_000;

@@ -24,13 +24,10 @@
 
 use super::{DeviceWrite, Fence, StoreError};
 use crate::cluster::table::{SHARDS_KEY, VERSION_KEY};
+use crate::tuning::FENCED_ATTEMPTS;
 use bb8_redis::redis::{self, aio::MultiplexedConnection, Value};
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
-
-/// Transactions tried per flush when the table keeps changing under it; then the flush
-/// fails and the writer retries it with backoff.
-const ATTEMPTS: usize = 3;
 
 /// The shards of a flush that were not written.
 #[derive(Default)]
@@ -195,7 +192,7 @@ impl FencedWriter {
         ttl_ms: u64,
     ) -> Result<Refused, StoreError> {
         let session = self.session(slot).await?;
-        for _ in 0..ATTEMPTS {
+        for _ in 0..FENCED_ATTEMPTS {
             if session.still_mine(owner, groups) {
                 let mine: Vec<&Group> = groups.iter().collect();
                 if self.commit(session, &mine, ttl_ms).await? {

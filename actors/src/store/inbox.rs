@@ -3,9 +3,8 @@
 //! Device actors deposit results here instead of sending one message per event: a map
 //! keyed by device can never hold more than one entry per device, however fast devices
 //! report or however long the store is down, and depositing is a short critical section
-//! instead of a message plus a wake-up of the writer. Measured on the 2-core bench, a
-//! message per result cost about a fifth of the service's throughput. The writer takes
-//! the whole map at each flush in O(1).
+//! instead of a message plus a wake-up of the writer per result, a cost paid by every
+//! event at saturation. The writer takes the whole map at each flush in O(1).
 //!
 //! A `std::sync::Mutex`: every critical section is a map insert, lookup or swap, never an
 //! `.await`.

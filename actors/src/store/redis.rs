@@ -21,6 +21,8 @@
 use super::fenced::FencedWriter;
 use super::tls::{self, RedisTls};
 use super::{DeviceWrite, Fence, StoreError, StreamEntry, StreamId, StreamRecord, ANOMALY_STREAM};
+use crate::tuning::APPENDED_UID_TTL_MS;
+use crate::tuning::PIPELINE_CHUNK;
 use bb8_redis::bb8::{self, ManageConnection, Pool, PooledConnection};
 use bb8_redis::redis::{self, aio::MultiplexedConnection, ConnectionAddr, IntoConnectionInfo};
 use bytes::Bytes;
@@ -29,9 +31,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::task::JoinSet;
-
-/// Keys written per pipeline; larger flushes are split across pooled connections.
-const PIPELINE_CHUNK: usize = 512;
 
 /// A pooled connection with a flag set when a command on it failed.
 pub struct TrackedConnection {
@@ -104,9 +103,6 @@ if redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[5]) then
 end
 return false
 "#;
-
-/// How long an appended entry's uid is remembered: far longer than any retry takes.
-const APPENDED_UID_TTL_MS: u64 = 600_000;
 
 /// Redis store handle; cheap to clone.
 #[derive(Clone)]

@@ -234,7 +234,7 @@ async fn submit(state: &AppState, sorted: Sorted<'_>) -> Response<Body> {
                 }
                 SubmitError::Unroutable => (RejectReason::Unroutable, UNROUTABLE),
                 SubmitError::NotDurable => (RejectReason::NotDurable, NOT_DURABLE),
-                SubmitError::OutcomeUnknown => (RejectReason::Unroutable, OUTCOME_UNKNOWN),
+                SubmitError::OutcomeUnknown => (RejectReason::OutcomeUnknown, OUTCOME_UNKNOWN),
             };
             count(state, reason, valid);
             let rejected = valid + errors.len();

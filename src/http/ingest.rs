@@ -85,7 +85,7 @@ async fn accept(
             ApiError::status(StatusCode::SERVICE_UNAVAILABLE, NOT_DURABLE),
         ),
         Err(SubmitError::OutcomeUnknown) => refused(
-            RejectReason::Unroutable,
+            RejectReason::OutcomeUnknown,
             ApiError::status(StatusCode::SERVICE_UNAVAILABLE, OUTCOME_UNKNOWN),
         ),
     }

@@ -30,11 +30,14 @@ pub enum RejectReason {
     Unroutable,
     /// The ingest log could not be written (503).
     NotDurable,
+    /// In a cluster with the ingest log: the owner the event was sent to failed before it
+    /// answered, so the event may have been taken (503).
+    OutcomeUnknown,
 }
 
 impl RejectReason {
     /// Every reason, for pre-creating the series.
-    pub const ALL: [RejectReason; 7] = [
+    pub const ALL: [RejectReason; 8] = [
         RejectReason::Invalid,
         RejectReason::TooLarge,
         RejectReason::Overloaded,
@@ -42,6 +45,7 @@ impl RejectReason {
         RejectReason::Unauthorized,
         RejectReason::Unroutable,
         RejectReason::NotDurable,
+        RejectReason::OutcomeUnknown,
     ];
 }
 
@@ -55,6 +59,7 @@ impl EncodeLabelValue for RejectReason {
             RejectReason::Unauthorized => "unauthorized",
             RejectReason::Unroutable => "unroutable",
             RejectReason::NotDurable => "not_durable",
+            RejectReason::OutcomeUnknown => "outcome_unknown",
         })
     }
 }

@@ -298,6 +298,111 @@ fn encode(batch: &Batch) -> Result<Vec<DeviceWrite>, serde_json::Error> {
         .collect()
 }
 
+/// The writer's handling of each message, one step each.
+impl WriterState {
+    /// The timer: purge the embedded store's expired keys, flush when due, probe when idle.
+    fn on_tick(&mut self, myself: &ActorRef<WriterMsg>) {
+        let now = Instant::now();
+        if now.duration_since(self.last_purge) >= EMBEDDED_PURGE_EVERY {
+            self.last_purge = now;
+            self.store.purge_expired();
+        }
+        self.maybe_flush(myself, now);
+        self.maybe_probe(myself, now);
+        self.pending_gauge();
+    }
+
+    /// A flush ended: count it, answer the barriers it completes, or put its batch back
+    /// and back off.
+    fn on_flushed(
+        &mut self,
+        myself: &ActorRef<WriterMsg>,
+        result: Result<usize, StoreError>,
+        elapsed: Duration,
+        unappended: Vec<StreamEntry>,
+    ) {
+        let now = Instant::now();
+        self.last_contact = now;
+        let batch = self.inflight.take();
+        let appended = self.inflight_anomalies - unappended.len();
+        self.inflight_anomalies = 0;
+        self.metrics.anomaly_stream_entries.inc_by(appended as u64);
+        if !unappended.is_empty() {
+            self.inbox.restore_anomalies(unappended);
+        }
+        self.metrics
+            .store_write_duration_seconds
+            .observe(elapsed.as_secs_f64());
+        match result {
+            Ok(keys) => {
+                let completed = self.flushes;
+                self.answer_barriers(completed);
+                self.metrics.store_flushes.inc();
+                self.metrics.store_keys_written.inc_by(keys as u64);
+                self.backoff = STORE_MIN_BACKOFF;
+                self.retry_at = None;
+                self.set_up(Ok(()));
+            }
+            Err(e) => {
+                self.metrics.store_write_errors.inc();
+                tracing::debug!(error = %e, retry_in = ?self.backoff, "store flush failed");
+                if let Some(batch) = batch {
+                    let batch = Arc::try_unwrap(batch).unwrap_or_else(|shared| (*shared).clone());
+                    self.inbox.restore(batch);
+                }
+                self.retry_at = Some(now + self.backoff);
+                self.backoff = (self.backoff * 2).min(STORE_MAX_BACKOFF);
+                // Redis answered; only the table has to be rebuilt.
+                if !matches!(e, StoreError::Unowned(_)) {
+                    self.set_up(Err(&e));
+                }
+            }
+        }
+        if !self.drain_waiters.is_empty() || !self.barriers.is_empty() {
+            self.maybe_flush(myself, now);
+        }
+        self.pending_gauge();
+        self.answer_drain_if_done();
+    }
+
+    /// A probe of an idle store ended.
+    fn on_probed(&mut self, result: Result<(), StoreError>) {
+        self.probing = false;
+        self.last_contact = Instant::now();
+        match result {
+            Ok(()) => {
+                // Redis is back: retry at once rather than after the backoff.
+                self.retry_at = None;
+                self.backoff = STORE_MIN_BACKOFF;
+                self.set_up(Ok(()));
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "store probe failed");
+                self.set_up(Err(&e));
+            }
+        }
+    }
+
+    /// Answers `reply` once everything deposited so far is in the store.
+    fn on_barrier(&mut self, myself: &ActorRef<WriterMsg>, reply: RpcReplyPort<()>) {
+        // Everything deposited so far is in the inbox (the next flush takes it) or
+        // in the flight under way (nothing left in the inbox: that flight is
+        // enough).
+        let target = if self.inbox.is_empty() {
+            self.flushes
+        } else {
+            self.flushes + 1
+        };
+        if self.inflight.is_none() && self.inbox.is_empty() {
+            let _ = reply.send(());
+        } else {
+            self.barriers.push((target, reply));
+            self.retry_at = None;
+            self.maybe_flush(myself, Instant::now());
+        }
+    }
+}
+
 impl Actor for WriterActor {
     type Msg = WriterMsg;
     type State = WriterState;
@@ -344,100 +449,17 @@ impl Actor for WriterActor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             WriterMsg::Flush => state.maybe_flush(&myself, Instant::now()),
-            WriterMsg::Tick => {
-                let now = Instant::now();
-                if now.duration_since(state.last_purge) >= EMBEDDED_PURGE_EVERY {
-                    state.last_purge = now;
-                    state.store.purge_expired();
-                }
-                state.maybe_flush(&myself, now);
-                state.maybe_probe(&myself, now);
-                state.pending_gauge();
-            }
+            WriterMsg::Tick => state.on_tick(&myself),
             WriterMsg::Flushed(result, elapsed, unappended) => {
-                let now = Instant::now();
-                state.last_contact = now;
-                let batch = state.inflight.take();
-                let appended = state.inflight_anomalies - unappended.len();
-                state.inflight_anomalies = 0;
-                state.metrics.anomaly_stream_entries.inc_by(appended as u64);
-                if !unappended.is_empty() {
-                    state.inbox.restore_anomalies(unappended);
-                }
-                state
-                    .metrics
-                    .store_write_duration_seconds
-                    .observe(elapsed.as_secs_f64());
-                match result {
-                    Ok(keys) => {
-                        let completed = state.flushes;
-                        state.answer_barriers(completed);
-                        state.metrics.store_flushes.inc();
-                        state.metrics.store_keys_written.inc_by(keys as u64);
-                        state.backoff = STORE_MIN_BACKOFF;
-                        state.retry_at = None;
-                        state.set_up(Ok(()));
-                    }
-                    Err(e) => {
-                        state.metrics.store_write_errors.inc();
-                        tracing::debug!(error = %e, retry_in = ?state.backoff, "store flush failed");
-                        if let Some(batch) = batch {
-                            let batch =
-                                Arc::try_unwrap(batch).unwrap_or_else(|shared| (*shared).clone());
-                            state.inbox.restore(batch);
-                        }
-                        state.retry_at = Some(now + state.backoff);
-                        state.backoff = (state.backoff * 2).min(STORE_MAX_BACKOFF);
-                        // Redis answered; only the table has to be rebuilt.
-                        if !matches!(e, StoreError::Unowned(_)) {
-                            state.set_up(Err(&e));
-                        }
-                    }
-                }
-                if !state.drain_waiters.is_empty() || !state.barriers.is_empty() {
-                    state.maybe_flush(&myself, now);
-                }
-                state.pending_gauge();
-                state.answer_drain_if_done();
+                state.on_flushed(&myself, result, elapsed, unappended);
             }
-            WriterMsg::Probed(result) => {
-                state.probing = false;
-                state.last_contact = Instant::now();
-                match result {
-                    Ok(()) => {
-                        // Redis is back: retry at once rather than after the backoff.
-                        state.retry_at = None;
-                        state.backoff = STORE_MIN_BACKOFF;
-                        state.set_up(Ok(()));
-                    }
-                    Err(e) => {
-                        tracing::debug!(error = %e, "store probe failed");
-                        state.set_up(Err(&e));
-                    }
-                }
-            }
+            WriterMsg::Probed(result) => state.on_probed(result),
             WriterMsg::LoadWindow(device, reply) => {
                 // Only this actor takes from the inbox, so a result is either still in
                 // the inbox, in the flight it was taken into, or already in the store.
                 state.answer_window(device, reply);
             }
-            WriterMsg::Barrier(reply) => {
-                // Everything deposited so far is in the inbox (the next flush takes it) or
-                // in the flight under way (nothing left in the inbox: that flight is
-                // enough).
-                let target = if state.inbox.is_empty() {
-                    state.flushes
-                } else {
-                    state.flushes + 1
-                };
-                if state.inflight.is_none() && state.inbox.is_empty() {
-                    let _ = reply.send(());
-                } else {
-                    state.barriers.push((target, reply));
-                    state.retry_at = None;
-                    state.maybe_flush(&myself, Instant::now());
-                }
-            }
+            WriterMsg::Barrier(reply) => state.on_barrier(&myself, reply),
             WriterMsg::Drain(reply) => {
                 state.drain_waiters.push(reply);
                 state.retry_at = None;

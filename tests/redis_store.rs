@@ -409,11 +409,7 @@ async fn system_that_keeps_results(store: actors::store::RedisStore) -> actors::
 /// in the writer: its window is then version (1, 3).
 async fn three_unflushed_events(system: &actors::System, device: &str, devices: u64) {
     for rps in [1.0, 2.0, 3.0] {
-        let event = actors::event::Event {
-            rps,
-            cpu: 0.5,
-            timestamp: chrono::Utc::now(),
-        };
+        let event = actors::event::Event::new(rps, 0.5, chrono::Utc::now()).expect("a valid event");
         system.directory().submit(device, event).expect("submit");
     }
     eventually(SOON, "the three events processed", || async {

@@ -129,7 +129,7 @@ impl DeviceState {
         let ctx = &*self.ctx;
         self.version += 1;
         let device_id = self.slot.device_id();
-        Arc::make_mut(&mut self.window).push(event.rps, event.cpu);
+        Arc::make_mut(&mut self.window).push(event.rps(), event.cpu());
         let evaluation = ctx.rule.evaluate(&self.window);
         let analysis = Analysis::new(device_id.clone(), &event, evaluation, Utc::now());
         let mut json = None;

@@ -24,11 +24,7 @@ async fn start(config: SystemConfig, store: &Store) -> System {
 }
 
 fn event(rps: f64) -> Event {
-    Event {
-        rps,
-        cpu: 0.5,
-        timestamp: Utc::now(),
-    }
+    Event::new(rps, 0.5, Utc::now()).expect("a valid event")
 }
 
 /// What a device actor does with [`DeviceMsg::Panic`]: takes the next queued event, if

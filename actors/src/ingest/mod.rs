@@ -14,7 +14,7 @@ pub use redis_log::{RawEntry, RedisLog};
 
 use crate::cluster::Cluster;
 use crate::device::{Directory, SubmitError};
-use crate::event::Event;
+use crate::event::{DeviceId, Event};
 use std::borrow::Cow;
 use std::sync::Arc;
 
@@ -52,10 +52,17 @@ impl Ingest {
     }
 
     /// Accepts one event; `Ok` once it is queued at its owner (and logged, with the log).
-    pub async fn submit(&self, device_id: &str, event: Event) -> Result<(), SubmitError> {
+    pub async fn submit<S: AsRef<str> + Sync>(
+        &self,
+        device_id: &DeviceId<S>,
+        event: Event,
+    ) -> Result<(), SubmitError> {
         match (&self.cluster, &self.log) {
             (Some(cluster), _) => cluster.submit(device_id, event).await,
-            (None, Some(log)) => log.append(vec![(Arc::from(device_id), event)]).await,
+            (None, Some(log)) => {
+                log.append(vec![(Arc::from(device_id.as_str()), event)])
+                    .await
+            }
             (None, None) => self.directory.submit(device_id, event),
         }
     }
@@ -66,7 +73,7 @@ impl Ingest {
     /// was overloaded.
     pub async fn submit_batch(
         &self,
-        events: Vec<(Cow<'_, str>, Event)>,
+        events: Vec<(DeviceId<Cow<'_, str>>, Event)>,
     ) -> Result<Vec<usize>, SubmitError> {
         match (&self.cluster, &self.log) {
             (Some(cluster), _) => cluster.submit_batch(owned(events)).await,
@@ -82,9 +89,9 @@ impl Ingest {
     }
 }
 
-fn owned(events: Vec<(Cow<'_, str>, Event)>) -> Vec<(Arc<str>, Event)> {
+fn owned(events: Vec<(DeviceId<Cow<'_, str>>, Event)>) -> Vec<(Arc<str>, Event)> {
     events
         .into_iter()
-        .map(|(d, e)| (Arc::<str>::from(d.as_ref()), e))
+        .map(|(d, e)| (d.to_shared().into_inner(), e))
         .collect()
 }

@@ -114,11 +114,7 @@ impl WindowSnapshot {
     /// The newest event: its timestamp and the newest reading.
     pub fn last_event(&self) -> Option<Event> {
         let (rps, cpu) = *self.readings.last()?;
-        Some(Event {
-            rps,
-            cpu,
-            timestamp: self.last_event?,
-        })
+        Event::new(rps, cpu, self.last_event?).ok()
     }
 
     /// The readings, oldest first.
@@ -263,7 +259,10 @@ mod tests {
         assert_eq!(WindowSnapshot::decode(&empty.to_bytes()), Ok(empty));
         let s = WindowSnapshot::new(vec![(5.0, 0.5)], t, 1);
         let last = s.last_event().expect("last event");
-        assert_eq!((last.rps, last.cpu, Some(last.timestamp)), (5.0, 0.5, t));
+        assert_eq!(
+            (last.rps(), last.cpu(), Some(last.timestamp())),
+            (5.0, 0.5, t)
+        );
     }
 
     #[test]
@@ -313,7 +312,7 @@ mod tests {
         assert_eq!(s.version(), 9);
         assert_eq!(s.position(), Position::default());
         assert_eq!(
-            s.last_event().map(|e| e.timestamp),
+            s.last_event().map(|e| e.timestamp()),
             DateTime::from_timestamp(1_700_000_000, 5)
         );
         assert_eq!(

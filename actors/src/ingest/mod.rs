@@ -46,11 +46,6 @@ impl Ingest {
         self.log.as_ref()
     }
 
-    /// Whether new events can be accepted durably (always without a log).
-    pub fn is_ready(&self) -> bool {
-        self.log.as_ref().is_none_or(|l| l.is_ready())
-    }
-
     /// Accepts one event; `Ok` once it is queued at its owner (and logged, with the log).
     pub async fn submit<S: AsRef<str> + Sync>(
         &self,

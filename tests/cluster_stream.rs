@@ -78,10 +78,10 @@ async fn open(
 
 fn events(device: &str, n: usize) -> Bytes {
     let events: Vec<Event> = (0..n)
-        .map(|i| Event {
-            rps: 100.0 + i as f64,
-            cpu: 0.5,
-            timestamp: chrono::DateTime::from_timestamp(1_700_000_000 + i as i64, 0).expect("time"),
+        .map(|i| {
+            let timestamp =
+                chrono::DateTime::from_timestamp(1_700_000_000 + i as i64, 0).expect("time");
+            Event::new(100.0 + i as f64, 0.5, timestamp).expect("a valid event")
         })
         .collect();
     wire::encode(events.iter().map(|e| (device, e)))

@@ -9,7 +9,7 @@ mod common;
 use actors::cluster::logs::Logs;
 use actors::cluster::shards::shard_of;
 use actors::cluster::{Ownership, Table, TableError};
-use actors::store::{analysis_key, window_key, DeviceWrite, Fence, RedisStore};
+use actors::store::{analysis_key, window_key, DeviceWrite, Fence, RedisStore, RedisTls};
 use common::{free_port, Redis, Service};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,7 +18,13 @@ use std::time::Duration;
 const SHARDS: u32 = 8;
 
 fn pool(redis: &Redis) -> RedisStore {
-    RedisStore::new(&redis.url(), 2, Duration::from_secs(2)).expect("pool")
+    RedisStore::with_tls(
+        &redis.url(),
+        &RedisTls::default(),
+        2,
+        Duration::from_secs(2),
+    )
+    .expect("pool")
 }
 
 fn addr(port: u16) -> SocketAddr {

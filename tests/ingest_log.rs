@@ -192,11 +192,8 @@ async fn with_the_log_off_events_are_accepted_during_an_outage() {
 async fn entries_that_do_not_decode_are_skipped_and_counted_and_the_rest_replayed() {
     let redis = Redis::start();
     let port = redis.port;
-    let event = Event {
-        rps: 42.0,
-        cpu: 0.5,
-        timestamp: chrono::DateTime::from_timestamp(1_700_000_000, 0).expect("time"),
-    };
+    let timestamp = chrono::DateTime::from_timestamp(1_700_000_000, 0).expect("time");
+    let event = Event::new(42.0, 0.5, timestamp).expect("a valid event");
     let good = wire::encode(std::iter::once(("kept", &event)));
     // A foreign writer's entry, a truncated one, then one of ours.
     for fields in [

@@ -409,11 +409,7 @@ async fn system_that_keeps_results(store: actors::store::RedisStore) -> actors::
 /// in the writer: its window is then version (1, 3).
 async fn three_unflushed_events(system: &actors::System, device: &str, devices: u64) {
     for rps in [1.0, 2.0, 3.0] {
-        let event = actors::event::Event {
-            rps,
-            cpu: 0.5,
-            timestamp: chrono::Utc::now(),
-        };
+        let event = actors::event::Event::new(rps, 0.5, chrono::Utc::now()).expect("a valid event");
         system.directory().submit(device, event).expect("submit");
     }
     eventually(SOON, "the three events processed", || async {
@@ -424,13 +420,27 @@ async fn three_unflushed_events(system: &actors::System, device: &str, devices: 
 
 /// Writes `device`'s window at `version` the way another node's flush would.
 async fn another_node_writes(redis: &Redis, device: &str, version: u64) {
-    use actors::store::{analysis_key, window_key, DeviceWrite, RedisStore, WindowSnapshot};
-    let other = RedisStore::new(&redis.url(), 1, Duration::from_secs(2)).expect("pool");
+    use actors::position::Position;
+    use actors::store::{
+        analysis_key, window_key, DeviceWrite, RedisStore, RedisTls, WindowSnapshot,
+    };
+    let other = RedisStore::with_tls(
+        &redis.url(),
+        &RedisTls::default(),
+        1,
+        Duration::from_secs(2),
+    )
+    .expect("pool");
     let write = DeviceWrite {
         analysis: (analysis_key(device), bytes::Bytes::from_static(b"{}")),
         window: (
             window_key(device),
-            Some(WindowSnapshot::new(vec![(9.0, 0.5)], None, version).to_bytes()),
+            Some(WindowSnapshot::encode(
+                [(9.0, 0.5)].into_iter(),
+                None,
+                version,
+                Position::default(),
+            )),
         ),
         device: device.into(),
     };
@@ -442,9 +452,17 @@ async fn another_node_writes(redis: &Redis, device: &str, version: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restoring_device_gets_the_newer_of_its_unflushed_and_the_stored_window() {
-    use actors::store::{RedisStore, Version};
+    use actors::store::{RedisStore, RedisTls, Version};
     let redis = Redis::start();
-    let pool = || RedisStore::new(&redis.url(), 2, Duration::from_secs(2)).expect("pool");
+    let pool = || {
+        RedisStore::with_tls(
+            &redis.url(),
+            &RedisTls::default(),
+            2,
+            Duration::from_secs(2),
+        )
+        .expect("pool")
+    };
     let mine = (1 << 40) + 3;
     assert_eq!(Version::parts(mine), (1, 3));
     let newer = (2 << 40) + 1;
@@ -473,10 +491,16 @@ async fn a_restoring_device_gets_the_newer_of_its_unflushed_and_the_stored_windo
 
 #[tokio::test]
 async fn the_pool_reuses_a_healthy_connection_and_replaces_a_broken_one_at_once() {
-    use actors::store::RedisStore;
+    use actors::store::{RedisStore, RedisTls};
     let mut redis = Redis::start();
     let port = redis.port;
-    let store = RedisStore::new(&redis.url(), 1, Duration::from_secs(2)).expect("pool");
+    let store = RedisStore::with_tls(
+        &redis.url(),
+        &RedisTls::default(),
+        1,
+        Duration::from_secs(2),
+    )
+    .expect("pool");
     let before = redis.connections_received();
     for _ in 0..10 {
         store.ping().await.expect("ping");

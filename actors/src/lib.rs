@@ -4,7 +4,8 @@
 //! # Layout
 //! - [`analytics`]: the rolling window and z-score rule; pure and synchronous.
 //! - [`cluster`]: scale-out: ownership, membership, forwarding and handoff between nodes.
-//! - [`event`]: a validated event and the analysis that results from it.
+//! - [`event`]: a validated device id and event (the rules of both), and the analysis
+//!   that results from an event.
 //! - [`ingest`]: the way in for events: local or cluster, through the ingest log (a Redis
 //!   stream) when it is on, and its replay at start.
 //! - [`device`]: the device directory the front end submits to, the per-device queue

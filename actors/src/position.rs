@@ -30,13 +30,6 @@ pub struct Position {
     pub index: u32,
 }
 
-impl Position {
-    /// Whether this is a real position (epoch 0, `0-0` #0 stands for "none").
-    pub fn is_some(&self) -> bool {
-        *self != Self::default()
-    }
-}
-
 /// The entries appended and not yet covered by stored checkpoints (one pin per entry: the
 /// `Arc<Pin>` counts its holders). Cheap to clone.
 #[derive(Debug, Clone, Default)]
@@ -115,12 +108,14 @@ impl Held {
         self.0.extend(other.0);
     }
 
-    /// Entries held.
+    /// Test only: entries held.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.0.len()
     }
 
-    /// True when nothing is held.
+    /// Test only: true when nothing is held.
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
@@ -168,7 +163,5 @@ mod tests {
         assert!(later > p(2, 0, 0));
         assert!(p(1, 1, 0) < p(1, 1, 1));
         assert!(p(2, 0, 0) > p(1, 99, 99));
-        assert!(!Position::default().is_some());
-        assert!(p(0, 1, 0).is_some());
     }
 }

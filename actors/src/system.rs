@@ -235,6 +235,7 @@ impl System {
     }
 
     /// Live device actors, as the supervisor counts them.
+    #[cfg(test)]
     pub async fn device_actors(&self) -> Result<usize, SystemError> {
         ask(&self.supervisor, "device supervisor", SupervisorMsg::Count).await
     }

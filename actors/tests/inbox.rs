@@ -19,17 +19,17 @@ fn record(device: &str, rps: &[f64], version: u64, checkpoint: bool) -> Record {
         window.push(x, 0.5);
     }
     let last = *rps.last().expect("a reading");
-    let event = Event {
-        rps: last,
-        cpu: 0.5,
-        timestamp: Utc
-            .timestamp_opt(1_700_000_000 + i64::try_from(version).expect("small"), 0)
+    let event = Event::new(
+        last,
+        0.5,
+        Utc.timestamp_opt(1_700_000_000 + i64::try_from(version).expect("small"), 0)
             .single()
             .expect("valid"),
-    };
+    )
+    .expect("a valid event");
     let evaluation = AnomalyRule { threshold: 3.0 }.evaluate(&window);
     Record {
-        analysis: Analysis::new(Arc::from(device), &event, evaluation, event.timestamp),
+        analysis: Analysis::new(Arc::from(device), &event, evaluation, event.timestamp()),
         window: Arc::new(window),
         version,
         checkpoint,

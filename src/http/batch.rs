@@ -12,14 +12,12 @@ use super::state::AppState;
 use super::validate::{self, BatchError};
 use crate::auth::{Client, Mode};
 use actors::device::SubmitError;
-use actors::event::Event;
 use actors::metrics::{ReasonLabel, RejectReason};
 use chrono::Utc;
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, RETRY_AFTER};
 use hyper::{Request, Response, StatusCode};
 use serde::Serialize;
-use std::borrow::Cow;
 use std::sync::Arc;
 
 /// Item errors listed in one answer at most (the count is always complete).
@@ -108,7 +106,7 @@ fn decode(
 /// A batch's events split into those to submit and those refused.
 struct Sorted<'a> {
     /// The events to submit, in request order.
-    events: Vec<(Cow<'a, str>, Event)>,
+    events: Vec<validate::Decoded<'a>>,
     /// Each submitted event's position in the request.
     positions: Vec<usize>,
     /// The refused ones, invalid or outside the token's prefix.

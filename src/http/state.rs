@@ -10,7 +10,7 @@ use super::request_log::RequestLog;
 use crate::auth::{Auth, Client, Denied, Mode};
 use actors::cluster::Cluster;
 use actors::device::SubmitError;
-use actors::event::Event;
+use actors::event::{DeviceId, Event};
 use actors::ingest::Ingest;
 use actors::System;
 use std::sync::{Arc, OnceLock};
@@ -211,14 +211,18 @@ impl AppState {
     }
 
     /// Accepts an event (see [`Ingest::submit`]).
-    pub(super) async fn submit(&self, device_id: &str, event: Event) -> Result<(), SubmitError> {
+    pub(super) async fn submit(
+        &self,
+        device_id: &DeviceId<impl AsRef<str> + Sync>,
+        event: Event,
+    ) -> Result<(), SubmitError> {
         self.inner.ingest.submit(device_id, event).await
     }
 
     /// Accepts the events of a batch (see [`Ingest::submit_batch`]).
     pub(super) async fn submit_batch(
         &self,
-        events: Vec<(std::borrow::Cow<'_, str>, Event)>,
+        events: Vec<super::validate::Decoded<'_>>,
     ) -> Result<Vec<usize>, SubmitError> {
         self.inner.ingest.submit_batch(events).await
     }

@@ -6,16 +6,13 @@
 //! field is the point of a 400 here.
 
 use super::errors::ApiError;
-use actors::event::Event;
+use actors::event::{DeviceId, Event, EventError};
 use chrono::{DateTime, Utc};
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 use std::borrow::Cow;
 use std::fmt;
-
-/// Longest device id, in bytes.
-pub const MAX_DEVICE_ID_BYTES: usize = 128;
 
 /// Deepest nesting of arrays and objects in an event, where the event's own object is
 /// level one. Deeper JSON is refused (400), also in a field the service ignores: skipping
@@ -163,35 +160,21 @@ impl<'de> Visitor<'de> for Nested {
     }
 }
 
-/// Checks a device id against the documented rules (docs/api.md): 1-128 bytes, no
-/// control characters.
-pub fn device_id(id: &str) -> Result<&str, ApiError> {
-    if id.is_empty() {
-        return Err(ApiError::invalid(
-            "device_id",
-            "device_id must not be empty",
-        ));
+impl From<EventError> for ApiError {
+    /// 400 naming the field whose rule the event breaks.
+    fn from(e: EventError) -> Self {
+        ApiError::invalid(e.field(), e.to_string())
     }
-    if id.len() > MAX_DEVICE_ID_BYTES {
-        return Err(ApiError::invalid(
-            "device_id",
-            format!(
-                "device_id must be at most {MAX_DEVICE_ID_BYTES} bytes, got {}",
-                id.len()
-            ),
-        ));
-    }
-    if id.chars().any(char::is_control) {
-        return Err(ApiError::invalid(
-            "device_id",
-            "device_id must not contain control characters",
-        ));
-    }
-    Ok(id)
+}
+
+/// Checks a device id against the documented rules (docs/api.md, [`DeviceId`]): 1-128
+/// bytes, no control characters.
+pub fn device_id(id: &str) -> Result<DeviceId<&str>, ApiError> {
+    Ok(DeviceId::new(id)?)
 }
 
 /// Decodes and validates an event body; `received` stands in for a missing timestamp.
-pub fn event(body: &[u8], received: DateTime<Utc>) -> Result<(Cow<'_, str>, Event), ApiError> {
+pub fn event(body: &[u8], received: DateTime<Utc>) -> Result<Decoded<'_>, ApiError> {
     decode(body, received, "body")
 }
 
@@ -200,7 +183,7 @@ fn decode<'a>(
     body: &'a [u8],
     received: DateTime<Utc>,
     subject: &'static str,
-) -> Result<(Cow<'a, str>, Event), ApiError> {
+) -> Result<Decoded<'a>, ApiError> {
     let not_object = || ApiError::bad_body(format!("{subject} must be a JSON object"));
     // serde would also accept a JSON array as a struct, by position.
     if body
@@ -220,37 +203,20 @@ fn decode<'a>(
         .ok_or_else(|| ApiError::invalid("device_id", "device_id is required"))?;
     let id: Cow<'_, str> = serde_json::from_str(raw_id.get())
         .map_err(|_| ApiError::invalid("device_id", "device_id must be a string"))?;
-    device_id(&id)?;
+    let id = DeviceId::new(id)?;
 
-    let cpu = number("cpu", wire.cpu)?;
-    if !(0.0..=1.0).contains(&cpu) {
-        return Err(ApiError::invalid(
-            "cpu",
-            format!("cpu must be between 0 and 1, got {cpu}"),
-        ));
-    }
-    let rps = number("rps", wire.rps)?;
-    if rps < 0.0 {
-        return Err(ApiError::invalid(
-            "rps",
-            format!("rps must be at least 0, got {rps}"),
-        ));
-    }
+    // Each field's rule right after it is read, so that the first field at fault (in
+    // this order) is the one named.
+    let cpu = Event::check_cpu(number("cpu", wire.cpu)?)?;
+    let rps = Event::check_rps(number("rps", wire.rps)?)?;
     let timestamp = match wire.timestamp {
         None => received,
         Some(raw) => timestamp(raw)?,
     };
-    // Adding 0.0 turns a -0 into 0, so it never shows as "-0.0".
-    Ok((
-        id,
-        Event {
-            rps: rps + 0.0,
-            cpu: cpu + 0.0,
-            timestamp,
-        },
-    ))
+    Ok((id, Event::new(rps, cpu, timestamp)?))
 }
 
+/// A number field; its range is [`Event`]'s rule.
 fn number(field: &'static str, raw: Option<&RawValue>) -> Result<f64, ApiError> {
     let raw = raw.ok_or_else(|| ApiError::invalid(field, format!("{field} is required")))?;
     let text = raw.get();
@@ -260,14 +226,8 @@ fn number(field: &'static str, raw: Option<&RawValue>) -> Result<f64, ApiError> 
             format!("{field} must be a number"),
         ));
     }
-    // A JSON number that overflows f64 (1e400) is the only way to get here non-finite.
-    match serde_json::from_str::<f64>(text) {
-        Ok(v) if v.is_finite() => Ok(v),
-        _ => Err(ApiError::invalid(
-            field,
-            format!("{field} must be a finite number"),
-        )),
-    }
+    // A JSON number that overflows f64 (1e400) is the only one that does not parse.
+    serde_json::from_str::<f64>(text).map_err(|_| EventError::NotFinite(field).into())
 }
 
 fn timestamp(raw: &RawValue) -> Result<DateTime<Utc>, ApiError> {
@@ -311,8 +271,11 @@ fn body_error(e: serde_json::Error) -> Option<ApiError> {
     }
 }
 
+/// A decoded event and its device, borrowed from the body where the JSON text allows.
+pub type Decoded<'a> = (DeviceId<Cow<'a, str>>, Event);
+
 /// One event of a batch: its position and what it decoded to.
-pub type BatchItem<'a> = (usize, Result<(Cow<'a, str>, Event), ApiError>);
+pub type BatchItem<'a> = (usize, Result<Decoded<'a>, ApiError>);
 
 /// Why a batch body was refused as a whole.
 #[derive(Debug, PartialEq)]
@@ -413,8 +376,8 @@ mod tests {
         )
         .expect("valid");
         assert_eq!(id, "sensor-1");
-        assert_eq!((e.cpu, e.rps), (0.75, 150.0));
-        assert_eq!(e.timestamp.to_rfc3339(), "2024-01-15T10:30:00+00:00");
+        assert_eq!((e.cpu(), e.rps()), (0.75, 150.0));
+        assert_eq!(e.timestamp().to_rfc3339(), "2024-01-15T10:30:00+00:00");
     }
 
     #[test]
@@ -424,7 +387,7 @@ mod tests {
             now(),
         )
         .expect("valid");
-        assert_eq!(e.timestamp.to_rfc3339(), "2024-01-15T10:30:00.250+00:00");
+        assert_eq!(e.timestamp().to_rfc3339(), "2024-01-15T10:30:00.250+00:00");
     }
 
     #[test]
@@ -434,7 +397,7 @@ mod tests {
             r#"{"device_id":"a","cpu":0,"rps":0,"timestamp":null}"#,
         ] {
             assert_eq!(
-                event(body.as_bytes(), now()).expect("valid").1.timestamp,
+                event(body.as_bytes(), now()).expect("valid").1.timestamp(),
                 now()
             );
         }
@@ -469,7 +432,7 @@ mod tests {
     fn negative_zero_is_stored_as_zero() {
         let (_, e) = event(br#"{"device_id":"a","cpu":-0.0,"rps":-0}"#, now()).expect("valid");
         assert!(
-            e.cpu.is_sign_positive() && e.rps.is_sign_positive(),
+            e.cpu().is_sign_positive() && e.rps().is_sign_positive(),
             "{e:?}"
         );
     }
@@ -503,7 +466,7 @@ mod tests {
         let stamps: Vec<_> = batch(body.as_bytes(), now(), 10)
             .expect("a batch")
             .into_iter()
-            .map(|(_, item)| item.expect("valid").1.timestamp)
+            .map(|(_, item)| item.expect("valid").1.timestamp())
             .collect();
         let ns = chrono::Duration::nanoseconds;
         assert_eq!(stamps, [now(), now() + ns(1), now() + ns(2)]);
@@ -600,8 +563,8 @@ mod tests {
             match event(body, now()) {
                 Ok((id, e)) => {
                     prop_assert!(device_id(&id).is_ok());
-                    prop_assert!(e.cpu.is_finite() && (0.0..=1.0).contains(&e.cpu));
-                    prop_assert!(e.rps.is_finite() && e.rps >= 0.0);
+                    prop_assert!(e.cpu().is_finite() && (0.0..=1.0).contains(&e.cpu()));
+                    prop_assert!(e.rps().is_finite() && e.rps() >= 0.0);
                 }
                 Err(err) => {
                     prop_assert_eq!(err.status.as_u16(), 400);
@@ -647,7 +610,7 @@ mod tests {
                 let body = json!({"device_id": id, "cpu": cpu, "rps": rps}).to_string();
                 let (got, e) = event(body.as_bytes(), now()).map_err(|e| TestCaseError::fail(e.message))?;
                 prop_assert_eq!(got, id);
-                prop_assert_eq!((e.cpu, e.rps), (cpu, rps));
+                prop_assert_eq!((e.cpu(), e.rps()), (cpu, rps));
             }
         }
 

@@ -61,28 +61,6 @@ impl Window {
         self.readings.push_back((rps, cpu));
     }
 
-    /// Number of readings held.
-    pub fn len(&self) -> usize {
-        self.readings.len()
-    }
-
-    /// True when no reading is held.
-    pub fn is_empty(&self) -> bool {
-        self.readings.is_empty()
-    }
-
-    /// Statistics of the rps values.
-    pub fn rps_stats(&self) -> Stats {
-        let [rps] = stats(self.readings.len(), self.rps_values().map(|x| [x]));
-        rps
-    }
-
-    /// Statistics of the cpu values.
-    pub fn cpu_stats(&self) -> Stats {
-        let [cpu] = stats(self.readings.len(), self.cpu_values().map(|x| [x]));
-        cpu
-    }
-
     /// Statistics of rps and cpu, in one pair of passes.
     pub fn stats(&self) -> (Stats, Stats) {
         let [rps, cpu] = stats(
@@ -97,27 +75,9 @@ impl Window {
         self.readings.back().copied()
     }
 
-    /// Mean of the cpu values (0 for an empty window).
-    pub fn cpu_mean(&self) -> f64 {
-        if self.readings.is_empty() {
-            return 0.0;
-        }
-        compensated_sum(self.cpu_values()) / self.readings.len() as f64
-    }
-
     /// The (rps, cpu) readings, oldest first.
     pub fn readings(&self) -> impl ExactSizeIterator<Item = (f64, f64)> + Clone + '_ {
         self.readings.iter().copied()
-    }
-
-    /// The rps values, oldest first.
-    pub fn rps_values(&self) -> impl ExactSizeIterator<Item = f64> + Clone + '_ {
-        self.readings.iter().map(|r| r.0)
-    }
-
-    /// The cpu values, oldest first.
-    pub fn cpu_values(&self) -> impl ExactSizeIterator<Item = f64> + Clone + '_ {
-        self.readings.iter().map(|r| r.1)
     }
 }
 
@@ -220,9 +180,11 @@ mod tests {
         for x in [1.0, 2.0, 3.0, 4.0, 5.0] {
             w.push(x, x / 10.0);
         }
-        assert_eq!(w.rps_values().collect::<Vec<_>>(), vec![3.0, 4.0, 5.0]);
-        assert_eq!(w.cpu_values().collect::<Vec<_>>(), vec![0.3, 0.4, 0.5]);
-        assert_eq!(w.len(), 3);
+        assert_eq!(
+            w.readings().collect::<Vec<_>>(),
+            vec![(3.0, 0.3), (4.0, 0.4), (5.0, 0.5)]
+        );
+        assert_eq!(w.readings().len(), 3);
     }
 
     #[test]
@@ -231,7 +193,7 @@ mod tests {
         for x in [2.0, 4.0, 4.0, 4.0, 5.0, 5.0, 7.0, 9.0] {
             w.push(x, 0.5);
         }
-        let s = w.rps_stats();
+        let s = w.stats().0;
         assert_eq!(s.samples, 8);
         assert!((s.mean - 5.0).abs() < 1e-12);
         assert!((s.stddev - 2.0).abs() < 1e-12);
@@ -243,7 +205,7 @@ mod tests {
         for _ in 0..7 {
             w.push(0.1, 0.3);
         }
-        let s = w.rps_stats();
+        let s = w.stats().0;
         assert_eq!(s.stddev, 0.0);
         assert_eq!(s.mean, 0.1);
     }
@@ -254,7 +216,7 @@ mod tests {
         for x in [1e9, 1e9 + 1.0, 1e9, 1e9 + 1.0] {
             w.push(x, 0.0);
         }
-        let s = w.rps_stats();
+        let s = w.stats().0;
         assert_eq!(s.mean, 1e9 + 0.5);
         assert!((s.stddev - 0.5).abs() < 1e-12, "{}", s.stddev);
     }
@@ -264,7 +226,7 @@ mod tests {
         let mut w = Window::new(4);
         w.push(f64::MAX, 0.0);
         w.push(0.0, 0.0);
-        let s = w.rps_stats();
+        let s = w.stats().0;
         assert!(s.mean.is_finite() && s.stddev.is_finite());
         assert!((s.stddev / (f64::MAX / 2.0) - 1.0).abs() < 1e-12);
     }
@@ -272,16 +234,16 @@ mod tests {
     #[test]
     fn cpu_mean_is_exact_where_a_plain_sum_is_not() {
         let mut w = Window::new(10);
-        assert!(w.is_empty());
-        assert_eq!(w.cpu_mean(), 0.0);
+        assert_eq!(w.readings().len(), 0);
+        assert_eq!(w.stats().1.mean, 0.0);
         for _ in 0..10 {
             w.push(1.0, 0.1);
         }
-        assert!(!w.is_empty());
+        assert_eq!(w.readings().len(), 10);
         // A plain left-to-right sum of ten 0.1 is 0.9999999999999999.
-        assert_eq!(w.cpu_mean(), 0.1);
+        assert_eq!(w.stats().1.mean, 0.1);
         w.push(1.0, 0.6);
-        assert_eq!(w.cpu_mean(), 0.15);
+        assert_eq!(w.stats().1.mean, 0.15);
     }
 
     #[test]
@@ -297,7 +259,7 @@ mod tests {
         // 1e16 + 1 rounds back to 1e16 (the spacing there is 2): a plain sum gives
         // 1e16, whose third is 3333333333333333.5; the exact mean is 3333333333333334.
         let w = Window::restore(3, [(1e16, 0.0), (1.0, 0.0), (1.0, 0.0)]);
-        assert_eq!(w.rps_stats().mean, 3_333_333_333_333_334.0);
+        assert_eq!(w.stats().0.mean, 3_333_333_333_333_334.0);
     }
 
     #[test]
@@ -305,7 +267,7 @@ mod tests {
         // The mean 1e15 + 1/3 is not representable (spacing 0.125): the deviations
         // from the rounded mean need the corrected two-pass formula.
         let w = Window::restore(3, [(1e15, 0.0), (1e15, 0.0), (1e15 + 1.0, 0.0)]);
-        let s = w.rps_stats();
+        let s = w.stats().0;
         let exact = 2f64.sqrt() / 3.0;
         assert!((s.stddev / exact - 1.0).abs() < 1e-12, "{}", s.stddev);
     }
@@ -313,7 +275,7 @@ mod tests {
     #[test]
     fn values_whose_sum_overflows_have_a_finite_mean_and_deviation() {
         let w = Window::restore(2, [(f64::MAX, 0.0), (f64::MAX / 2.0, 0.0)]);
-        let s = w.rps_stats();
+        let s = w.stats().0;
         assert!(
             (s.mean / (0.75 * f64::MAX) - 1.0).abs() < 1e-12,
             "{}",
@@ -329,6 +291,9 @@ mod tests {
     #[test]
     fn restore_keeps_newest_when_capacity_shrank() {
         let w = Window::restore(2, [(1.0, 0.1), (2.0, 0.2), (3.0, 0.3)]);
-        assert_eq!(w.rps_values().collect::<Vec<_>>(), vec![2.0, 3.0]);
+        assert_eq!(
+            w.readings().collect::<Vec<_>>(),
+            vec![(2.0, 0.2), (3.0, 0.3)]
+        );
     }
 }

@@ -2,7 +2,7 @@
 //! idempotency key.
 
 use super::{wire, BatchId, Cluster, Refused};
-use crate::event::Event;
+use crate::event::{DeviceId, Event};
 use crate::tuning::RECEIVED_MAX_REMEMBERED;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, PoisonError};
@@ -26,7 +26,7 @@ impl Cluster {
         self: &Arc<Self>,
         id: BatchId,
         sent_ms: u64,
-        events: Vec<(Arc<str>, Event)>,
+        events: Vec<(DeviceId, Event)>,
     ) -> Vec<u32> {
         let count = events.len() as u64;
         let rejoined = self.ownership.rejoined_at();
@@ -61,7 +61,13 @@ impl Cluster {
             }
             Ok(tx) => {
                 let refused: Vec<u32> = self
-                    .take_positioned(events.into_iter().enumerate(), Some(rejoined))
+                    .take_positioned(
+                        events
+                            .into_iter()
+                            .map(|(d, e)| (d.into_inner(), e))
+                            .enumerate(),
+                        Some(rejoined),
+                    )
                     .await
                     .into_iter()
                     .map(|(p, why)| {

@@ -7,73 +7,73 @@
 //! the Unix epoch. Both ends are the same binary; decoding still checks every rule, so
 //! a malformed body is refused whole, never half-queued.
 
-use crate::event::Event;
+use crate::event::{DeviceId, Event, EventError, MAX_DEVICE_ID_BYTES};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use chrono::DateTime;
-use std::sync::Arc;
 
 const MAGIC: &[u8; 3] = b"IE1";
 /// Bytes per event besides the device id.
 const FIXED: usize = 2 + 8 + 8 + 8 + 4;
+// A device id's length fits the u16 it is sent as.
+const _: () = assert!(MAX_DEVICE_ID_BYTES <= u16::MAX as usize);
 
 /// A forwarded body that does not decode.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("malformed event batch: {0}")]
-pub struct WireError(&'static str);
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum WireError {
+    /// Not in the format.
+    #[error("malformed event batch: {0}")]
+    Malformed(&'static str),
+    /// An event that breaks a rule of events.
+    #[error("malformed event batch: {0}")]
+    Event(#[from] EventError),
+}
 
 /// Encodes events in order.
 pub fn encode<'a>(events: impl ExactSizeIterator<Item = (&'a str, &'a Event)>) -> Bytes {
     let mut out = BytesMut::with_capacity(MAGIC.len() + events.len() * (FIXED + 24));
     out.put_slice(MAGIC);
     for (device, event) in events {
-        // Device ids are at most 128 bytes (validated at ingest).
+        // Device ids are at most MAX_DEVICE_ID_BYTES (validated at ingest).
         out.put_u16_le(device.len() as u16);
         out.put_slice(device.as_bytes());
-        out.put_f64_le(event.rps);
-        out.put_f64_le(event.cpu);
-        out.put_i64_le(event.timestamp.timestamp());
-        out.put_u32_le(event.timestamp.timestamp_subsec_nanos());
+        out.put_f64_le(event.rps());
+        out.put_f64_le(event.cpu());
+        out.put_i64_le(event.timestamp().timestamp());
+        out.put_u32_le(event.timestamp().timestamp_subsec_nanos());
     }
     out.freeze()
 }
 
-/// Decodes a batch, checking the same rules as ingest.
-pub fn decode(mut body: Bytes) -> Result<Vec<(Arc<str>, Event)>, WireError> {
+/// Decodes a batch; every device id and event is built through the rules of
+/// [`DeviceId`] and [`Event`], as at ingest.
+pub fn decode(mut body: Bytes) -> Result<Vec<(DeviceId, Event)>, WireError> {
+    let malformed = |why| Err(WireError::Malformed(why));
     if body.len() < MAGIC.len() || &body[..MAGIC.len()] != MAGIC {
-        return Err(WireError("no IE1 header"));
+        return malformed("no IE1 header");
     }
     body.advance(MAGIC.len());
     let mut events = Vec::with_capacity(body.len() / (FIXED + 8));
     while body.has_remaining() {
         if body.remaining() < 2 {
-            return Err(WireError("truncated"));
+            return malformed("truncated");
         }
         let len = usize::from(body.get_u16_le());
-        if len == 0 || len > 128 || body.remaining() < len + FIXED - 2 {
-            return Err(WireError("bad device id length or truncated"));
+        if body.remaining() < len + FIXED - 2 {
+            return malformed("truncated");
         }
-        let id = std::str::from_utf8(&body[..len]).map_err(|_| WireError("device id not UTF-8"))?;
-        if id.chars().any(char::is_control) {
-            return Err(WireError("control character in device id"));
-        }
-        let device: Arc<str> = Arc::from(id);
+        let Ok(id) = std::str::from_utf8(&body[..len]) else {
+            return malformed("device id not UTF-8");
+        };
+        let device = DeviceId::new(id)?.to_shared();
         body.advance(len);
         let rps = body.get_f64_le();
         let cpu = body.get_f64_le();
         let secs = body.get_i64_le();
         let nanos = body.get_u32_le();
-        if !(rps.is_finite() && rps >= 0.0 && cpu.is_finite() && (0.0..=1.0).contains(&cpu)) {
-            return Err(WireError("rps or cpu out of range"));
-        }
-        let timestamp = DateTime::from_timestamp(secs, nanos).ok_or(WireError("bad timestamp"))?;
-        events.push((
-            device,
-            Event {
-                rps,
-                cpu,
-                timestamp,
-            },
-        ));
+        let Some(timestamp) = DateTime::from_timestamp(secs, nanos) else {
+            return malformed("bad timestamp");
+        };
+        events.push((device, Event::new(rps, cpu, timestamp)?));
     }
     Ok(events)
 }
@@ -95,7 +95,7 @@ pub fn encode_refused(positions: &[u32]) -> Bytes {
 /// Decodes [`encode_refused`].
 pub fn decode_refused(mut body: Bytes) -> Result<Vec<u32>, WireError> {
     if body.len() % 4 != 0 {
-        return Err(WireError("refusals truncated"));
+        return Err(WireError::Malformed("refusals truncated"));
     }
     let mut out = Vec::with_capacity(body.len() / 4);
     while body.has_remaining() {
@@ -131,7 +131,7 @@ mod tests {
             let events: Vec<(String, Event)> = items
                 .into_iter()
                 .map(|(d, rps, cpu, s, n)| {
-                    (d, Event { rps, cpu, timestamp: DateTime::from_timestamp(s, n).expect("time") })
+                    (d, Event::new(rps, cpu, DateTime::from_timestamp(s, n).expect("time")).expect("valid"))
                 })
                 .collect();
             let body = encode(events.iter().map(|(d, e)| (d.as_str(), e)));
@@ -151,16 +151,42 @@ mod tests {
         }
     }
 
+    /// One event's bytes, written by hand: encode takes only valid events.
+    fn raw(id: &[u8], rps: f64, cpu: f64) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.put_u16_le(id.len() as u16);
+        out.put_slice(id);
+        out.put_f64_le(rps);
+        out.put_f64_le(cpu);
+        out.put_i64_le(0);
+        out.put_u32_le(0);
+        out
+    }
+
     #[test]
     fn broken_rules_refuse_the_whole_batch() {
-        let ok = Event {
-            rps: 1.0,
-            cpu: 0.5,
-            timestamp: DateTime::from_timestamp(0, 0).expect("t"),
+        let ok = Event::new(1.0, 0.5, DateTime::from_timestamp(0, 0).expect("t")).expect("valid");
+        let with = |second: Vec<u8>| {
+            let mut body = encode([("a", &ok)].into_iter()).to_vec();
+            body.extend(second);
+            decode(Bytes::from(body))
         };
-        let bad = Event { cpu: 1.5, ..ok };
-        assert!(decode(encode([("a", &ok), ("b", &bad)].into_iter())).is_err());
-        assert!(decode(encode([("a\u{7}", &ok)].into_iter())).is_err());
+        assert_eq!(with(raw(b"b", 1.0, 0.5)).expect("valid").len(), 2);
+        // Each rule of events, in the second event: the whole batch is refused, with the
+        // error ingest gives.
+        for (second, error) in [
+            (raw(b"b", 1.0, 1.5), EventError::CpuOutOfRange(1.5)),
+            (raw(b"b", -1.0, 0.5), EventError::NegativeRps(-1.0)),
+            (raw(b"b", f64::INFINITY, 0.5), EventError::NotFinite("rps")),
+            (raw(b"b", 1.0, f64::NAN), EventError::NotFinite("cpu")),
+            (raw(b"a\x07", 1.0, 0.5), EventError::ControlInDeviceId),
+        ] {
+            assert_eq!(with(second), Err(WireError::Event(error)));
+        }
+        assert_eq!(
+            with(raw(b"\xff", 1.0, 0.5)),
+            Err(WireError::Malformed("device id not UTF-8"))
+        );
         assert!(decode(Bytes::from_static(b"XX1")).is_err());
         let mut truncated = encode([("a", &ok)].into_iter()).to_vec();
         truncated.pop();
@@ -168,9 +194,12 @@ mod tests {
         assert_eq!(decode(encode(std::iter::empty())).expect("empty"), vec![]);
         // A device id of 0 or more than 128 bytes, even with every byte of its event
         // there: refused like at ingest.
-        for id in ["", &"d".repeat(129)] {
-            let err = decode(encode([(id, &ok)].into_iter())).expect_err("bad id length");
-            assert_eq!(err.0, "bad device id length or truncated", "{}", id.len());
+        for (id, error) in [
+            (String::new(), EventError::EmptyDeviceId),
+            ("d".repeat(129), EventError::LongDeviceId(129)),
+        ] {
+            let err = with(raw(id.as_bytes(), 1.0, 0.5)).expect_err("bad id length");
+            assert_eq!(err, WireError::Event(error), "{}", id.len());
         }
         assert_eq!(
             decode(encode([(&*"d".repeat(128), &ok)].into_iter()))
@@ -182,8 +211,8 @@ mod tests {
         // its id (never a panic).
         let whole = encode([("abc", &ok)].into_iter());
         let err = decode(whole.slice(..MAGIC.len() + 1)).expect_err("one byte");
-        assert_eq!(err.0, "truncated");
+        assert_eq!(err, WireError::Malformed("truncated"));
         let err = decode(whole.slice(..MAGIC.len() + 2)).expect_err("two bytes");
-        assert_eq!(err.0, "bad device id length or truncated");
+        assert_eq!(err, WireError::Malformed("truncated"));
     }
 }

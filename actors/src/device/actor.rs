@@ -25,11 +25,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
-/// Test only: an event with this rps makes its device actor panic while processing it
-/// (validation at the front end never lets a negative rps through).
-#[cfg(test)]
-pub(crate) const PANIC_RPS: f64 = -1.0;
-
 /// A boxed, sendable future.
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
@@ -108,7 +103,7 @@ pub enum DeviceMsg {
     /// The checkpoint interval has passed since the last checkpoint: write the window if
     /// newer results left it unsaved.
     Checkpoint,
-    /// Test only: fail the actor, to exercise supervision.
+    /// Test only: fail the actor, to exercise supervision (see `device::tests::panic`).
     #[cfg(test)]
     Panic,
 }
@@ -132,13 +127,9 @@ impl DeviceState {
 
     fn process(&mut self, event: Event) {
         let ctx = &*self.ctx;
-        #[cfg(test)]
-        if event.rps == PANIC_RPS {
-            panic!("test-induced failure while processing an event");
-        }
         self.version += 1;
         let device_id = self.slot.device_id();
-        Arc::make_mut(&mut self.window).push(event.rps, event.cpu);
+        Arc::make_mut(&mut self.window).push(event.rps(), event.cpu());
         let evaluation = ctx.rule.evaluate(&self.window);
         let analysis = Analysis::new(device_id.clone(), &event, evaluation, Utc::now());
         let mut json = None;
@@ -343,7 +334,7 @@ impl Actor for DeviceActor {
             DeviceMsg::Wake => state.drain(&myself),
             DeviceMsg::Checkpoint => state.checkpoint_now(),
             #[cfg(test)]
-            DeviceMsg::Panic => panic!("test-induced failure of device {}", state.slot.device_id()),
+            DeviceMsg::Panic => super::tests::panic(&state.slot),
         }
         Ok(())
     }

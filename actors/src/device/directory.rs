@@ -324,15 +324,17 @@ impl Directory {
         self.slots.0.get(device_id).map(|s| s.value().clone())
     }
 
-    /// Devices with a live slot.
-    pub fn devices(&self) -> usize {
+    /// Test only: devices with a live slot.
+    #[cfg(test)]
+    pub(crate) fn devices(&self) -> usize {
         self.slots.0.len()
     }
 
-    /// Stops every device actor with nothing queued or in progress (their windows stay
-    /// with the writer and the store); their devices' next events start new actors.
-    /// Returns how many stopped.
-    pub fn evict_drained(&self) -> usize {
+    /// Test only: stops every device actor with nothing queued or in progress (their
+    /// windows stay with the writer and the store); their devices' next events start new
+    /// actors. Returns how many stopped.
+    #[cfg(test)]
+    pub(crate) fn evict_drained(&self) -> usize {
         let now = tokio::time::Instant::now();
         let mut stopped = 0;
         for slot in self

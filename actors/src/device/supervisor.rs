@@ -10,7 +10,7 @@
 use super::directory::SlotMap;
 use super::{DeviceActor, DeviceArgs, DeviceContext, Slot};
 use crate::tuning::RESPAWN_DELAY;
-use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,8 +44,9 @@ pub enum SupervisorMsg {
     Spawn(Arc<Slot>),
     /// Timer: evict idle device actors.
     Sweep,
-    /// How many device actors are alive.
-    Count(RpcReplyPort<usize>),
+    /// Test only: how many device actors are alive.
+    #[cfg(test)]
+    Count(ractor::RpcReplyPort<usize>),
 }
 
 impl SupervisorState {
@@ -119,6 +120,7 @@ impl Actor for DeviceSupervisor {
         match msg {
             SupervisorMsg::Spawn(slot) => state.start_child(&myself, slot).await,
             SupervisorMsg::Sweep => state.sweep(),
+            #[cfg(test)]
             SupervisorMsg::Count(reply) => {
                 if !reply.is_closed() {
                     let _ = reply.send(state.children.len());

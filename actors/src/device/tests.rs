@@ -1,6 +1,6 @@
 //! Supervision and eviction, on a real actor system with the embedded store.
 
-use super::DeviceMsg;
+use super::{DeviceMsg, Slot};
 use crate::event::Event;
 use crate::store::{analysis_key, EmbeddedStore, Store};
 use crate::{System, SystemConfig};
@@ -24,10 +24,20 @@ async fn start(config: SystemConfig, store: &Store) -> System {
 }
 
 fn event(rps: f64) -> Event {
-    Event {
-        rps,
-        cpu: 0.5,
-        timestamp: Utc::now(),
+    Event::new(rps, 0.5, Utc::now()).expect("a valid event")
+}
+
+/// What a device actor does with [`DeviceMsg::Panic`]: takes the next queued event, if
+/// any, as if to process it, and panics, like a failure while processing that event
+/// (or, with nothing queued, outside any event).
+pub(super) fn panic(slot: &Slot) -> ! {
+    match slot.next() {
+        Some(queued) => panic!(
+            "test-induced failure of device {} while processing {:?}",
+            slot.device_id(),
+            queued.event
+        ),
+        None => panic!("test-induced failure of device {}", slot.device_id()),
     }
 }
 
@@ -107,9 +117,15 @@ async fn a_panic_in_the_middle_of_an_event_drops_only_that_event() {
     let store = Store::Embedded(Arc::new(EmbeddedStore::new()));
     let system = start(config(Duration::from_secs(600)), &store).await;
     let dir = system.directory();
-    // Queued together: the second panics the actor while it is being processed; the two
-    // behind it wait in the slot for the restarted actor.
-    for x in [10.0, super::actor::PANIC_RPS, 20.0, 30.0] {
+    dir.submit("mid", event(10.0)).expect("accepted");
+    wait_samples(&store, "mid", 1).await;
+    // Queued together behind a Panic, with no await in between (this runtime has one
+    // thread, so the actor runs only once they are all queued): the actor fails while
+    // processing the first (99), the two behind it wait in the slot for the restarted
+    // actor.
+    let actor = dir.slot("mid").and_then(|s| s.attached()).expect("actor");
+    actor.cast(DeviceMsg::Panic).expect("cast");
+    for x in [99.0, 20.0, 30.0] {
         dir.submit("mid", event(x)).expect("accepted");
     }
     let v = wait_samples(&store, "mid", 3).await;

@@ -15,7 +15,7 @@ pub use redis_log::{RawEntry, RedisLog};
 
 use crate::cluster::Cluster;
 use crate::device::{Directory, SubmitError};
-use crate::event::Event;
+use crate::event::{DeviceId, Event};
 use std::borrow::Cow;
 use std::sync::Arc;
 
@@ -47,16 +47,18 @@ impl Ingest {
         self.log.as_ref()
     }
 
-    /// Whether new events can be accepted durably (always without a log).
-    pub fn is_ready(&self) -> bool {
-        self.log.as_ref().is_none_or(|l| l.is_ready())
-    }
-
     /// Accepts one event; `Ok` once it is queued at its owner (and logged, with the log).
-    pub async fn submit(&self, device_id: &str, event: Event) -> Result<(), SubmitError> {
+    pub async fn submit<S: AsRef<str> + Sync>(
+        &self,
+        device_id: &DeviceId<S>,
+        event: Event,
+    ) -> Result<(), SubmitError> {
         match (&self.cluster, &self.log) {
             (Some(cluster), _) => cluster.submit(device_id, event).await,
-            (None, Some(log)) => log.append(vec![(Arc::from(device_id), event)]).await,
+            (None, Some(log)) => {
+                log.append(vec![(Arc::from(device_id.as_str()), event)])
+                    .await
+            }
             (None, None) => self.directory.submit(device_id, event),
         }
     }
@@ -67,7 +69,7 @@ impl Ingest {
     /// was overloaded.
     pub async fn submit_batch(
         &self,
-        events: Vec<(Cow<'_, str>, Event)>,
+        events: Vec<(DeviceId<Cow<'_, str>>, Event)>,
     ) -> Result<Vec<usize>, SubmitError> {
         match (&self.cluster, &self.log) {
             (Some(cluster), _) => cluster.submit_batch(owned(events)).await,
@@ -83,9 +85,9 @@ impl Ingest {
     }
 }
 
-fn owned(events: Vec<(Cow<'_, str>, Event)>) -> Vec<(Arc<str>, Event)> {
+fn owned(events: Vec<(DeviceId<Cow<'_, str>>, Event)>) -> Vec<(Arc<str>, Event)> {
     events
         .into_iter()
-        .map(|(d, e)| (Arc::<str>::from(d.as_ref()), e))
+        .map(|(d, e)| (d.to_shared().into_inner(), e))
         .collect()
 }

@@ -227,11 +227,6 @@ impl RedisLog {
         }
     }
 
-    /// Deletes the stream.
-    pub async fn remove(&self) -> Result<(), StoreError> {
-        self.store.del(&self.key).await
-    }
-
     /// The key naming the node that appends to this stream.
     fn writer_key(&self) -> String {
         format!("{}:writer", self.key)

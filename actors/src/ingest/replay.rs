@@ -55,7 +55,7 @@ fn queue(
     directory: &Directory,
     pins: &Pins,
     id: StreamId,
-    events: Vec<(std::sync::Arc<str>, crate::event::Event)>,
+    events: Vec<(crate::event::DeviceId, crate::event::Event)>,
 ) {
     let pin = pins.pin(id);
     directory.admit_regardless(events.len());

@@ -95,12 +95,14 @@ impl EmbeddedStore {
             .last
     }
 
-    /// Number of entries, expired ones not yet purged included.
+    /// Test only: number of entries, expired ones not yet purged included.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.entries.len()
     }
 
-    /// True when no entry is held.
+    /// Test only: true when no entry is held.
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }

@@ -140,14 +140,10 @@ fn pool(manager: Manager, pool_size: u32, timeout: Duration) -> Pool<Manager> {
 }
 
 impl RedisStore {
-    /// A pool for `url` (a `rediss://` URL trusts the built-in public roots). Connects
-    /// lazily: an unreachable Redis at start-up is not an error here, it shows as failed
-    /// operations (and so as not ready).
-    pub fn new(url: &str, pool_size: u32, timeout: Duration) -> Result<Self, StoreError> {
-        Self::with_tls(url, &RedisTls::default(), pool_size, timeout)
-    }
-
-    /// A pool for `url` with TLS settings, which need a `rediss://` URL.
+    /// A pool for `url` with TLS settings, which need a `rediss://` URL (a `rediss://` URL
+    /// with the default settings trusts the built-in public roots). Connects lazily: an
+    /// unreachable Redis at start-up is not an error here, it shows as failed operations
+    /// (and so as not ready).
     pub fn with_tls(
         url: &str,
         tls: &RedisTls,

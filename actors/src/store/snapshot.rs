@@ -19,7 +19,6 @@
 //! written by earlier versions, are still read.
 
 use crate::analytics::Window;
-use crate::event::Event;
 use crate::position::Position;
 use crate::store::StreamId;
 use bytes::{BufMut, Bytes, BytesMut};
@@ -111,16 +110,6 @@ impl WindowSnapshot {
         self.version
     }
 
-    /// The newest event: its timestamp and the newest reading.
-    pub fn last_event(&self) -> Option<Event> {
-        let (rps, cpu) = *self.readings.last()?;
-        Some(Event {
-            rps,
-            cpu,
-            timestamp: self.last_event?,
-        })
-    }
-
     /// The readings, oldest first.
     pub fn readings(&self) -> &[(f64, f64)] {
         &self.readings
@@ -150,7 +139,8 @@ impl WindowSnapshot {
         out.freeze()
     }
 
-    /// These bytes again.
+    /// Test only: these bytes again.
+    #[cfg(test)]
     pub fn to_bytes(&self) -> Bytes {
         Self::encode(
             self.readings.iter().copied(),
@@ -261,9 +251,6 @@ mod tests {
         // The shortest window: the header alone.
         let empty = WindowSnapshot::new(Vec::new(), None, 7);
         assert_eq!(WindowSnapshot::decode(&empty.to_bytes()), Ok(empty));
-        let s = WindowSnapshot::new(vec![(5.0, 0.5)], t, 1);
-        let last = s.last_event().expect("last event");
-        assert_eq!((last.rps, last.cpu, Some(last.timestamp)), (5.0, 0.5, t));
     }
 
     #[test]
@@ -313,8 +300,13 @@ mod tests {
         assert_eq!(s.version(), 9);
         assert_eq!(s.position(), Position::default());
         assert_eq!(
-            s.last_event().map(|e| e.timestamp),
-            DateTime::from_timestamp(1_700_000_000, 5)
+            s,
+            WindowSnapshot::new(
+                vec![(2.5, 0.25)],
+                DateTime::from_timestamp(1_700_000_000, 5),
+                9
+            ),
+            "with the newest event's time"
         );
         assert_eq!(
             WindowSnapshot::decode(b"IW1"),
@@ -325,8 +317,12 @@ mod tests {
         v1.extend(0.25f64.to_le_bytes());
         let s = WindowSnapshot::decode(&v1).expect("v1");
         assert_eq!(s.readings(), &[(2.5, 0.25)]);
-        assert_eq!(s.last_event(), None);
         assert_eq!(s.version(), 1);
+        assert_eq!(
+            s,
+            WindowSnapshot::new(vec![(2.5, 0.25)], None, 1),
+            "without a time"
+        );
     }
 
     #[test]

@@ -289,9 +289,8 @@ pub enum BatchError {
 /// Decodes a batch: a JSON array of events (the body starts with `[`), or else NDJSON,
 /// one event per line with blank lines skipped. Each event is checked on its own (index =
 /// position among the events, 0-based); a batch with more than `max_events` is refused
-/// whole. Events without a timestamp get `received` plus their index in nanoseconds:
-/// distinct, so that two identical readings in one batch are two readings (a device
-/// actor drops an exact repeat of its last event as a re-delivery).
+/// whole. Events without a timestamp get `received` plus their index in nanoseconds, so
+/// that their timestamps follow their order in the batch.
 pub fn batch(
     body: &[u8],
     received: DateTime<Utc>,

@@ -117,11 +117,20 @@ pub async fn send_device(
 }
 
 /// A POST that reports failure instead of panicking when the node is gone.
+/// Why it failed goes to stderr (shown when the test fails).
 pub async fn try_post(addr: SocketAddr, body: &str) -> bool {
     let json = ["Content-Type: application/json"];
-    super::http::try_send(addr, "POST", "/metric", &json, body.to_string())
-        .await
-        .is_ok_and(|reply| reply.status == 200)
+    match super::http::try_send(addr, "POST", "/metric", &json, body.to_string()).await {
+        Ok(reply) if reply.status == 200 => true,
+        Ok(reply) => {
+            eprintln!("{addr}: {} {}", reply.status, reply.body);
+            false
+        }
+        Err(e) => {
+            eprintln!("{addr}: {e:?}");
+            false
+        }
+    }
 }
 
 /// Runs the load: `devices` devices × `per_device` events, `concurrency` devices at a

@@ -14,7 +14,7 @@
 //! trimmed below the oldest of them and never further. The set is touched once per entry
 //! (when the entry is appended and when its last holder lets go), not once per event.
 
-use crate::store::StreamId;
+use crate::store::stream_id::StreamId;
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 

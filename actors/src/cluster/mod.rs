@@ -39,7 +39,9 @@ pub use transport::{BatchId, ForwardError, Transport};
 
 use crate::device::{Directory, SubmitError};
 use crate::event::Event;
-use crate::ingest::{settled, Appended, IngestLog, RedisLog, Tag};
+use crate::ingest::log::{settled, Appended, IngestLog};
+use crate::ingest::redis_log::RedisLog;
+use crate::ingest::shared::Tag;
 use crate::metrics::Metrics;
 use crate::store::WriterMsg;
 use crate::tuning::OWNER_WAIT_STEP;

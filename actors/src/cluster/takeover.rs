@@ -13,7 +13,7 @@
 use super::{Claimed, Cluster};
 use crate::cluster::wire;
 use crate::device::Queued;
-use crate::ingest::{RawEntry, RedisLog};
+use crate::ingest::redis_log::{RawEntry, RedisLog};
 use crate::position::{Logged, Pins, Position};
 use crate::tuning::LOG_REPLAY_CHUNK;
 use std::collections::{BTreeMap, HashMap, HashSet};

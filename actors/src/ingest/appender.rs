@@ -2,9 +2,9 @@
 //! beside it that queues large entries' events at their devices. See [`super::log`] for
 //! what the log guarantees.
 
-use super::log::{lock, Append, LogSettings, Msg, Shared, Written};
 use super::redis_log::{encode_tags, RedisLog};
 use super::replay;
+use super::shared::{lock, Append, LogSettings, Msg, Shared, Written};
 use crate::cluster::wire;
 use crate::device::{Directory, Queued, SubmitError};
 use crate::event::Event;

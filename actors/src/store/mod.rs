@@ -19,6 +19,7 @@ mod fenced;
 mod inbox;
 mod redis;
 mod snapshot;
+pub mod stream_id;
 mod tls;
 mod writer;
 
@@ -26,6 +27,7 @@ pub use embedded::EmbeddedStore;
 pub use inbox::{Batch, Inbox, Record, StreamEntry};
 pub use redis::RedisStore;
 pub use snapshot::{SnapshotError, Version, WindowSnapshot};
+pub use stream_id::StreamId;
 pub use tls::{ClientIdentity, PemError, RedisTls, TlsError};
 pub use writer::{StoreHealth, WriterActor, WriterArgs, WriterMsg};
 
@@ -45,24 +47,6 @@ pub fn window_key(device_id: &str) -> String {
 
 /// The Redis stream of anomalous results (`XADD anomalies MAXLEN ~ …`).
 pub const ANOMALY_STREAM: &str = "anomalies";
-
-/// A stream entry id, `<milliseconds>-<sequence>`, ordered as Redis orders them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-pub struct StreamId(pub u64, pub u64);
-
-impl StreamId {
-    /// Parses `ms-seq` (or a bare `ms`, meaning `ms-0`).
-    pub fn parse(s: &str) -> Option<Self> {
-        let (ms, seq) = s.split_once('-').unwrap_or((s, "0"));
-        Some(Self(ms.parse().ok()?, seq.parse().ok()?))
-    }
-}
-
-impl std::fmt::Display for StreamId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}-{}", self.0, self.1)
-    }
-}
 
 /// An entry read back from the stream.
 #[derive(Debug, Clone, PartialEq)]

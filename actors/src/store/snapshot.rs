@@ -20,7 +20,7 @@
 
 use crate::analytics::Window;
 use crate::position::Position;
-use crate::store::StreamId;
+use crate::store::stream_id::StreamId;
 use bytes::{BufMut, Bytes, BytesMut};
 use chrono::{DateTime, Utc};
 

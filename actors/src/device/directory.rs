@@ -398,4 +398,25 @@ mod tests {
         older.stop(None);
         newer.stop(None);
     }
+
+    /// A shutdown waiting for the pending count is woken by the release that empties it,
+    /// not by a timer (the clock is paused: without the wake-up the wait times out).
+    #[tokio::test(start_paused = true)]
+    async fn the_release_that_empties_the_pending_count_wakes_its_waiter() {
+        let admission = Admission::new(Gauge::default(), 10);
+        assert!(admission.try_acquire_many(2));
+        let waiter = tokio::spawn({
+            let admission = admission.clone();
+            async move { admission.emptied().await }
+        });
+        tokio::task::yield_now().await;
+        admission.release();
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "one event is still pending");
+        admission.release();
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("woken when the count reached zero")
+            .expect("waiter");
+    }
 }

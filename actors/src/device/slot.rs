@@ -228,3 +228,33 @@ impl Slot {
         self.lock().actor.clone()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::Utc;
+
+    /// A handoff waiting for a closed slot is woken when its actor finds the queue empty,
+    /// not by a timer (the clock is paused: without the wake-up the wait times out).
+    #[tokio::test(start_paused = true)]
+    async fn a_closed_slot_wakes_its_waiter_when_the_queue_runs_empty() {
+        let event = Event::new(1.0, 0.5, Utc::now()).expect("event");
+        let slot = Slot::new(Arc::from("d"), Queued::from(event));
+        slot.close_for_handoff();
+        let waiter = tokio::spawn({
+            let slot = slot.clone();
+            async move { slot.drained().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "an event is queued");
+        assert!(slot.next().is_some());
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "the event is being processed");
+        slot.finish_event();
+        assert!(slot.next().is_none());
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("woken when the queue ran empty")
+            .expect("waiter");
+    }
+}

@@ -126,8 +126,9 @@ if [ "$status" = 124 ] || [ "$status" = 130 ]; then
   [ "$missed" -gt 0 ] && exit 2
   exit 0
 fi
-# cargo-mutants: 2 = missed, 3 = timeouts only.
-if [ "$status" = 3 ] && [ "$missed" = 0 ]; then
+# cargo-mutants: 2 = missed, 3 = timeouts (also when some were missed besides).
+if [ "$status" = 3 ]; then
+  [ "$missed" -gt 0 ] && exit 2
   exit 0
 fi
 exit "$status"

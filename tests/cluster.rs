@@ -289,10 +289,21 @@ async fn a_node_joining_and_one_leaving_under_load_keep_every_window_exact() {
         .expect("targets")
         .retain(|a| *a != leaving.addr);
     tokio::time::sleep(PRE_STOP).await;
-    let (code, _) = tokio::task::spawn_blocking(move || leaving.terminate())
+    let (code, logs) = tokio::task::spawn_blocking(move || leaving.terminate())
         .await
         .expect("terminate");
     assert_eq!(code, 0, "a leaving node exits cleanly");
+    // It handed shards to the node that joined, and said so.
+    let handed_off = logs
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["message"] == "shards handed off")
+        .map(|v| v["shards"].as_u64().unwrap_or(0))
+        .collect::<Vec<_>>();
+    assert!(
+        !handed_off.is_empty() && handed_off.iter().all(|&n| n > 0),
+        "INFO 'shards handed off' with the number passed, once per handoff: {handed_off:?}"
+    );
 
     let retries = load.await.expect("load");
     assert_eq!(retries, 0, "every event was answered 200 the first time");

@@ -467,6 +467,57 @@ mod tests {
         assert_eq!(long.tick(), Duration::from_secs(1));
     }
 
+    /// The socket wrapper passes every write through whole, plain (`poll_write`) or
+    /// vectored, says it writes vectored as the socket does (hyper then writes a
+    /// response's head and body without copying them into one buffer), and reports the
+    /// bytes it reads to the watchdog.
+    #[tokio::test]
+    async fn the_tracked_stream_writes_everything_through_and_reports_reads() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let mut client = TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        let activity = Arc::new(Activity::new());
+        let mut tracked = TrackedStream {
+            inner: server,
+            activity: activity.clone(),
+        };
+        assert!(tracked.is_write_vectored());
+
+        // A vectored write to an empty socket buffer, then more than a socket buffer
+        // holds, written in several calls while the client reads.
+        let slices = [io::IoSlice::new(b"head"), io::IoSlice::new(b"body")];
+        let written = tracked.write_vectored(&slices).await.expect("vectored");
+        assert_eq!(written, 8);
+        let plain: Vec<u8> = (0..4 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
+        let expected = [&b"headbody"[..], &plain].concat();
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            client.read_to_end(&mut got).await.expect("read");
+            (client, got)
+        });
+        tracked.write_all(&plain).await.expect("plain writes");
+        tracked.flush().await.expect("flush");
+        tracked.shutdown().await.expect("shutdown");
+        let (mut client, got) = reader.await.expect("reader task");
+        assert_eq!(got.len(), expected.len(), "every byte written arrives");
+        assert!(got == expected, "in order and unchanged");
+
+        assert!(!activity.head_in_progress(), "nothing read yet");
+        client.write_all(b"GET").await.expect("client write");
+        let mut buf = [0u8; 8];
+        let n = tracked.read(&mut buf).await.expect("read");
+        assert!(n > 0 && b"GET".starts_with(&buf[..n]), "{:?}", &buf[..n]);
+        assert!(
+            activity.head_in_progress(),
+            "the first byte read starts a head"
+        );
+    }
+
     const REQUEST: &[u8] = b"POST /metric HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\n{}";
 
     /// A connection served by `drive`, which answers every request 503 "shutting down";

@@ -4,9 +4,7 @@
 //! channel to every `GET /anomalies/stream` client. It also counts the clients against
 //! MAX_STREAM_CLIENTS.
 
-use crate::tuning::FEED_CAPACITY;
-use crate::tuning::FEED_POLL_EVERY;
-use crate::tuning::FEED_READ_BATCH;
+use crate::tuning::{FEED_CAPACITY, FEED_POLL_EVERY, FEED_READ_BATCH};
 use actors::store::{Store, StreamId, StreamRecord};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

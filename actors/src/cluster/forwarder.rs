@@ -20,10 +20,9 @@
 use super::{wire, BatchId, ForwardError, Transport};
 use crate::event::Event;
 use crate::metrics::{ForwardFailureLabel, Metrics};
-use crate::tuning::FORWARD_LINGER;
-use crate::tuning::FORWARD_MAX_BATCH_EVENTS;
-use crate::tuning::FORWARD_MAX_IN_FLIGHT;
-use crate::tuning::FORWARD_RETRY_PAUSE;
+use crate::tuning::{
+    FORWARD_LINGER, FORWARD_MAX_BATCH_EVENTS, FORWARD_MAX_IN_FLIGHT, FORWARD_RETRY_PAUSE,
+};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -260,5 +259,107 @@ impl Actor for Forwarder {
         }
         state.send(&myself);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::BoxFuture;
+    use bytes::Bytes;
+    use prometheus_client::registry::Registry;
+    use std::sync::Mutex;
+
+    /// A peer that takes every event, recording each batch: its events and when it came.
+    #[derive(Default)]
+    struct Peer {
+        batches: Mutex<Vec<(usize, Instant)>>,
+    }
+
+    impl Transport for Peer {
+        fn send_events(
+            &self,
+            _: SocketAddr,
+            _: BatchId,
+            body: Bytes,
+        ) -> BoxFuture<Result<Vec<u32>, ForwardError>> {
+            let events = wire::decode(body).expect("a batch that decodes").len();
+            self.batches
+                .lock()
+                .expect("batches")
+                .push((events, Instant::now()));
+            Box::pin(async { Ok(Vec::new()) })
+        }
+
+        fn ping(&self, _: SocketAddr) -> BoxFuture<Result<String, ForwardError>> {
+            Box::pin(async { Err(ForwardError::NotSent("no pings here".into())) })
+        }
+
+        fn kick(&self, _: SocketAddr) -> BoxFuture<Result<(), ForwardError>> {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    fn events(n: usize) -> Vec<(Arc<str>, Event)> {
+        let event = Event::new(1.0, 0.5, chrono::Utc::now()).expect("event");
+        (0..n)
+            .map(|i| (Arc::from(format!("d{i}")), event))
+            .collect()
+    }
+
+    /// Sends `events` through the forwarder without waiting for the answer.
+    fn forward(
+        forwarder: &ActorRef<ForwarderMsg>,
+        events: Vec<(Arc<str>, Event)>,
+    ) -> ractor::concurrency::OneshotReceiver<Ack> {
+        let (tx, rx) = ractor::concurrency::oneshot();
+        forwarder
+            .cast(ForwarderMsg::Forward(events, tx.into()))
+            .expect("forwarder alive");
+        rx
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn events_gather_for_the_linger_and_a_full_batch_goes_at_once() {
+        let peer = Arc::new(Peer::default());
+        let args = ForwarderArgs {
+            peer: SocketAddr::from(([127, 0, 0, 1], 1)),
+            transport: peer.clone(),
+            metrics: Metrics::register(&mut Registry::default()),
+            incarnation: 1,
+            sequence: Arc::new(AtomicU64::new(0)),
+            peer_alive: Arc::new(|| true),
+            retry_for: Duration::from_secs(1),
+        };
+        let (forwarder, _) = Actor::spawn(None, Forwarder, args).await.expect("spawn");
+
+        // Two senders within the linger: one batch, sent when the linger ends.
+        let start = Instant::now();
+        let (a, b) = (
+            forward(&forwarder, events(1)),
+            forward(&forwarder, events(2)),
+        );
+        assert_eq!(a.await.expect("answer"), Ok(Vec::new()));
+        assert_eq!(b.await.expect("answer"), Ok(Vec::new()));
+        let batches = std::mem::take(&mut *peer.batches.lock().expect("batches"));
+        assert_eq!(
+            batches.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
+            [3],
+            "one batch"
+        );
+        assert_eq!(batches[0].1 - start, FORWARD_LINGER);
+
+        // A full batch does not wait.
+        let start = Instant::now();
+        let full = forward(&forwarder, events(FORWARD_MAX_BATCH_EVENTS));
+        assert_eq!(full.await.expect("answer"), Ok(Vec::new()));
+        let batches = std::mem::take(&mut *peer.batches.lock().expect("batches"));
+        assert_eq!(batches.len(), 1);
+        assert_eq!(
+            batches[0],
+            (FORWARD_MAX_BATCH_EVENTS, start),
+            "sent at once"
+        );
+        forwarder.stop(None);
     }
 }

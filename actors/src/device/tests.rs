@@ -175,6 +175,23 @@ async fn idle_device_actors_are_evicted_and_restored_on_the_next_event() {
     assert_eq!(system.device_actors().await.expect("count"), 1);
 }
 
+#[tokio::test(start_paused = true)]
+async fn an_idle_actor_is_evicted_about_when_its_timeout_ends() {
+    // The supervisor sweeps every quarter of DEVICE_IDLE_TIMEOUT (docs/architecture.md):
+    // an idle actor lives at most about 1.25 × the timeout; checked at 1.5 ×.
+    let store = Store::Embedded(Arc::new(EmbeddedStore::new()));
+    let idle = Duration::from_secs(4);
+    let system = start(config(idle), &store).await;
+    system
+        .directory()
+        .submit("sleepy", event(1.0))
+        .expect("accepted");
+    wait_samples(&store, "sleepy", 1).await;
+    tokio::time::sleep(idle + idle / 2).await;
+    assert_eq!(system.device_actors().await.expect("count"), 0);
+    assert_eq!(system.metrics().device_evictions.get(), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_racing_eviction_are_never_lost() {
     let store = Store::Embedded(Arc::new(EmbeddedStore::new()));

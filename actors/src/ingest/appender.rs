@@ -67,6 +67,12 @@ fn group_size(group: &[Append]) -> usize {
     group.iter().map(|a| a.events.len()).sum()
 }
 
+/// Whether a group of `events` waits for [`LOG_COMMIT_GAP`] at an arrival rate of `rate`
+/// events per millisecond: a small group at a moderate rate (see `Appender::linger`).
+fn lingers(rate: f64, events: usize) -> bool {
+    LOG_LINGER_RATE.contains(&rate) && events < LOG_LINGER_BELOW
+}
+
 /// Starts the settler on this runtime and the appender on a thread and runtime of its
 /// own: with the log's own connections, every request's latency is its round trips,
 /// which must not wait behind the HTTP and actor tasks of the main runtime.
@@ -245,9 +251,8 @@ impl Appender {
     /// appends are full anyway, and under a closed-loop load, where every client waits on
     /// an append, a pause would only idle them.
     async fn linger(&mut self, group: &mut Vec<Append>) {
-        let moderate = LOG_LINGER_RATE.contains(&self.rate);
-        let small = group_size(group) < LOG_LINGER_BELOW;
-        if let Some(last) = self.last_commit.filter(|_| moderate && small) {
+        let waits = lingers(self.rate, group_size(group));
+        if let Some(last) = self.last_commit.filter(|_| waits) {
             let due = last + LOG_COMMIT_GAP;
             if Instant::now() < due {
                 tokio::time::sleep_until(due).await;
@@ -459,5 +464,28 @@ fn never_sent(e: &StoreError) -> bool {
         StoreError::Connect(_) => true,
         StoreError::Redis(e) => matches!(e.kind(), bb8_redis::redis::ErrorKind::Server(_)),
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_small_group_at_a_moderate_rate_lingers() {
+        let moderate = (LOG_LINGER_RATE.start() + LOG_LINGER_RATE.end()) / 2.0;
+        assert!(lingers(moderate, 1));
+        assert!(lingers(moderate, LOG_LINGER_BELOW - 1));
+        assert!(
+            !lingers(moderate, LOG_LINGER_BELOW),
+            "a large group goes at once"
+        );
+        assert!(
+            !lingers(LOG_LINGER_RATE.start() / 2.0, 1),
+            "a quiet service"
+        );
+        assert!(!lingers(LOG_LINGER_RATE.end() * 2.0, 1), "a saturated one");
+        assert!(lingers(*LOG_LINGER_RATE.start(), 1));
+        assert!(lingers(*LOG_LINGER_RATE.end(), 1));
     }
 }

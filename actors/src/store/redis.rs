@@ -21,8 +21,7 @@
 use super::fenced::FencedWriter;
 use super::tls::{self, RedisTls};
 use super::{DeviceWrite, Fence, StoreError, StreamEntry, StreamId, StreamRecord, ANOMALY_STREAM};
-use crate::tuning::APPENDED_UID_TTL_MS;
-use crate::tuning::PIPELINE_CHUNK;
+use crate::tuning::{APPENDED_UID_TTL_MS, PIPELINE_CHUNK};
 use bb8_redis::bb8::{self, ManageConnection, Pool, PooledConnection};
 use bb8_redis::redis::{self, aio::MultiplexedConnection, ConnectionAddr, IntoConnectionInfo};
 use bytes::Bytes;

@@ -119,6 +119,30 @@ pub enum WriterMsg {
 }
 
 impl WriterState {
+    /// A writer started at `now` with nothing pending; `contacted` when the store counts
+    /// as seen already (the embedded one).
+    fn new(args: WriterArgs, contacted: bool, now: Instant) -> Self {
+        Self {
+            store: args.store,
+            ttl: args.ttl,
+            metrics: args.metrics,
+            health: args.health,
+            inbox: args.inbox,
+            stream_maxlen: args.stream_maxlen,
+            inflight: None,
+            inflight_anomalies: 0,
+            backoff: STORE_MIN_BACKOFF,
+            retry_at: None,
+            probing: false,
+            last_contact: now.checked_sub(STORE_PROBE_EVERY).unwrap_or(now),
+            last_purge: now,
+            drain_waiters: Vec::new(),
+            flushes: 0,
+            barriers: Vec::new(),
+            contacted,
+        }
+    }
+
     fn pending_gauge(&self) {
         let inflight = self.inflight.as_ref().map_or(0, |b| b.len());
         self.metrics
@@ -420,25 +444,7 @@ impl Actor for WriterActor {
         args.metrics.store_up.set(i64::from(up));
         // The interval task ends by itself when this actor stops.
         myself.send_interval(args.flush_interval, || WriterMsg::Tick);
-        Ok(WriterState {
-            store: args.store,
-            ttl: args.ttl,
-            metrics: args.metrics,
-            health: args.health,
-            inbox: args.inbox,
-            stream_maxlen: args.stream_maxlen,
-            inflight: None,
-            inflight_anomalies: 0,
-            backoff: STORE_MIN_BACKOFF,
-            retry_at: None,
-            probing: false,
-            last_contact: now.checked_sub(STORE_PROBE_EVERY).unwrap_or(now),
-            last_purge: now,
-            drain_waiters: Vec::new(),
-            flushes: 0,
-            barriers: Vec::new(),
-            contacted: up,
-        })
+        Ok(WriterState::new(args, up, now))
     }
 
     async fn handle(
@@ -468,5 +474,55 @@ impl Actor for WriterActor {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::analytics::Signal;
+    use crate::store::EmbeddedStore;
+    use prometheus_client::metrics::counter::Counter;
+    use prometheus_client::registry::Registry;
+
+    /// Stands for the writer: receives the flush task's report and ignores it.
+    struct Ignore;
+
+    impl Actor for Ignore {
+        type Msg = WriterMsg;
+        type State = ();
+        type Arguments = ();
+
+        async fn pre_start(&self, _: ActorRef<WriterMsg>, _: ()) -> Result<(), ActorProcessingErr> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_flush_is_retried_the_moment_its_backoff_ends() {
+        let (myself, _) = Actor::spawn(None, Ignore, ()).await.expect("spawn");
+        let inbox = Arc::new(Inbox::with_stream(10, Counter::default()));
+        let args = WriterArgs {
+            store: Store::Embedded(Arc::new(EmbeddedStore::new())),
+            ttl: Duration::from_secs(60),
+            flush_interval: Duration::from_millis(10),
+            metrics: Metrics::register(&mut Registry::default()),
+            health: StoreHealth::new(true),
+            inbox: inbox.clone(),
+            stream_maxlen: 10,
+        };
+        let now = Instant::now();
+        let mut state = WriterState::new(args, true, now);
+        inbox.put_anomaly(Arc::from("d"), Signal::Rps, Bytes::from_static(b"{}"));
+        // As a failed flush leaves it.
+        let due = now + STORE_MIN_BACKOFF;
+        state.retry_at = Some(due);
+
+        state.maybe_flush(&myself, due - Duration::from_nanos(1));
+        assert_eq!(state.flushes, 0, "still backing off");
+        state.maybe_flush(&myself, due);
+        assert_eq!(state.flushes, 1, "the backoff has ended");
+        assert_eq!(inbox.anomalies(), 0, "taken by the flush");
+        myself.stop(None);
     }
 }

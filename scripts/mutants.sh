@@ -32,7 +32,7 @@ if ! command -v cargo-mutants >/dev/null 2>&1; then
 fi
 
 # Every test target of both packages but the cluster tiers, found by file so that a new
-# test file is not left out (tests/ingest_log.rs and tests/cluster_table.rs once were).
+# test file is never left out.
 tiers=(cluster cluster_log multihost)
 tests=(--lib --bins)
 for file in tests/*.rs actors/tests/*.rs; do

@@ -389,11 +389,12 @@ async fn window_answered(system: &actors::System, device: &str) -> Option<u64> {
     }
 }
 
-/// An actor system over `store` that flushes only at shutdown.
+/// An actor system over `store` that flushes only at shutdown; every result is a
+/// checkpoint, so the newest window waits with it.
 async fn system_that_keeps_results(store: actors::store::RedisStore) -> actors::System {
     let config = actors::SystemConfig {
         flush_interval: Duration::from_secs(3600),
-        window_checkpoint_interval: Duration::from_secs(3600),
+        window_checkpoint_interval: Duration::ZERO,
         ..actors::SystemConfig::default()
     };
     actors::System::start(

@@ -6,13 +6,13 @@
 use actors::analytics::{AnomalyRule, Window};
 use actors::event::{Analysis, Event};
 use actors::position::{Held, Pins, Position};
-use actors::store::{Inbox, Record, StreamId};
+use actors::store::{Checkpoint, Inbox, Record, StreamId};
 use actors::tuning::FLUSH_EARLY_AT;
 use chrono::{TimeZone, Utc};
 use std::sync::Arc;
 
 /// The result of `device`'s window after readings `rps` (one per value), at version
-/// `version`.
+/// `version`; carrying that window when `checkpoint`.
 fn record(device: &str, rps: &[f64], version: u64, checkpoint: bool) -> Record {
     let mut window = Window::new(50);
     for &x in rps {
@@ -30,10 +30,13 @@ fn record(device: &str, rps: &[f64], version: u64, checkpoint: bool) -> Record {
     let evaluation = AnomalyRule { threshold: 3.0 }.evaluate(&window);
     Record {
         analysis: Analysis::new(Arc::from(device), &event, evaluation, event.timestamp()),
-        window: Arc::new(window),
         version,
-        checkpoint,
-        position: Position::default(),
+        checkpoint: checkpoint.then(|| Checkpoint {
+            window: Arc::new(window),
+            version,
+            event_timestamp: event.timestamp(),
+            position: Position::default(),
+        }),
         held: Held::default(),
     }
 }
@@ -49,7 +52,7 @@ fn log_entries_a_checkpoint_covers_stay_pinned_until_its_batch_is_dropped() {
     checkpoint.held = held;
     drop(first);
     assert!(!inbox.put(checkpoint));
-    // A newer result replaces the checkpoint and inherits both its flag and its pins.
+    // A newer result replaces the checkpoint and inherits both its window and its pins.
     let mut newer = record("a", &[1.0, 2.0], 2, false);
     newer.held.hold(&second);
     drop(second);
@@ -61,7 +64,7 @@ fn log_entries_a_checkpoint_covers_stay_pinned_until_its_batch_is_dropped() {
     assert_eq!(pins.len(), 2);
     // A flush that succeeded drops the batch: the log may be trimmed past both.
     let batch = inbox.take();
-    assert!(batch["a"].checkpoint);
+    assert!(batch["a"].checkpoint.is_some());
     drop(batch);
     assert!(pins.is_empty());
 }
@@ -77,18 +80,36 @@ fn the_newest_result_per_device_waits_and_a_take_empties_the_inbox() {
     assert_eq!(inbox.len(), 2);
     assert!(!inbox.is_empty());
 
-    let waiting = inbox.window("a").expect("a waits");
-    assert_eq!(waiting.version(), 2);
-    assert_eq!(waiting.readings(), &[(1.0, 0.5), (2.0, 0.5)]);
+    // The newest analysis waits, with the window of the checkpoint it replaced: only
+    // checkpoints carry windows.
+    let waiting = inbox.window("a").expect("a's checkpoint waits");
+    assert_eq!(waiting.version(), 1);
+    assert_eq!(waiting.readings(), &[(1.0, 0.5)]);
+    assert!(inbox.window("b").is_none(), "b has no checkpoint waiting");
 
     let batch = inbox.take();
     assert!(inbox.is_empty() && inbox.window("a").is_none());
     assert_eq!(batch.len(), 2);
     let a = &batch["a"];
     assert_eq!((a.version, a.analysis.samples), (2, 2));
-    // The first result was a checkpoint: the one that replaced it carries its window.
-    assert!(a.checkpoint, "coalescing dropped a checkpoint");
-    assert!(!batch["b"].checkpoint);
+    let kept = a.snapshot().expect("coalescing dropped a checkpoint");
+    assert_eq!((kept.version(), kept.readings().len()), (1, 1));
+    assert!(batch["b"].checkpoint.is_none());
+}
+
+#[test]
+fn a_newer_checkpoint_replaces_the_waiting_one() {
+    let inbox = Inbox::default();
+    let _ = inbox.put(record("a", &[1.0], 1, true));
+    let _ = inbox.put(record("a", &[1.0, 2.0], 2, false));
+    let _ = inbox.put(record("a", &[1.0, 2.0, 3.0], 3, true));
+    let waiting = inbox.window("a").expect("a waits");
+    assert_eq!(waiting.version(), 3);
+    assert_eq!(waiting.readings(), &[(1.0, 0.5), (2.0, 0.5), (3.0, 0.5)]);
+    // A late deposit of an older incarnation changes nothing.
+    let _ = inbox.put(record("a", &[9.0], 0, true));
+    assert_eq!(inbox.window("a").map(|w| w.version()), Some(3));
+    assert_eq!(inbox.take()["a"].analysis.samples, 3);
 }
 
 #[test]
@@ -105,12 +126,16 @@ fn a_failed_flush_is_put_back_under_newer_results_keeping_its_checkpoints() {
     let batch = inbox.take();
     let a = &batch["a"];
     assert_eq!(a.version, 2, "the newer result wins over the one put back");
-    assert!(a.checkpoint, "the failed checkpoint must still be written");
+    assert_eq!(
+        a.snapshot().map(|w| w.version()),
+        Some(1),
+        "the failed checkpoint must still be written"
+    );
     assert_eq!(
         batch["b"].version, 1,
         "a result with nothing newer is put back"
     );
-    assert!(batch["b"].checkpoint);
+    assert!(batch["b"].checkpoint.is_some());
 }
 
 #[test]

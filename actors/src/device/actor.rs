@@ -12,7 +12,7 @@ use crate::analytics::{AnomalyRule, Signal, Window};
 use crate::event::{Analysis, Event};
 use crate::metrics::{Metrics, MetricsMsg};
 use crate::position::{Held, Position};
-use crate::store::{Inbox, Record, WriterMsg};
+use crate::store::{Checkpoint, Inbox, Record, WriterMsg};
 use crate::store::{Version, WindowSnapshot};
 use crate::tuning::{EVENTS_PER_TURN, RESTORE_ATTEMPTS, RESTORE_RETRY_DELAY};
 use bytes::Bytes;
@@ -71,9 +71,9 @@ pub struct DeviceArgs {
 pub struct DeviceState {
     slot: Arc<Slot>,
     ctx: Arc<DeviceContext>,
-    /// Shared with the result last deposited in the writer's inbox: when that result has
-    /// been flushed (the usual case), the next event updates the window in place instead
-    /// of copying it.
+    /// Shared with the last checkpoint deposited in the writer's inbox: only while that
+    /// checkpoint waits for its flush does the next event copy the window (at most once
+    /// per checkpoint interval); otherwise it is updated in place.
     window: Arc<Window>,
     /// The window's version: this incarnation and its events (see [`Version`]).
     version: u64,
@@ -187,14 +187,19 @@ impl DeviceState {
         });
     }
 
-    /// Hands a result to the writer; a checkpoint carries the log entries it covers.
+    /// Hands a result to the writer; a checkpoint carries the window and the log entries
+    /// it covers.
     fn deposit(&self, analysis: Analysis, checkpoint: bool, held: Held) {
-        let record = Record {
-            analysis,
+        let checkpoint = checkpoint.then(|| Checkpoint {
             window: self.window.clone(),
             version: self.version,
-            checkpoint,
+            event_timestamp: analysis.event_timestamp,
             position: self.position,
+        });
+        let record = Record {
+            analysis,
+            version: self.version,
+            checkpoint,
             held,
         };
         if self.ctx.inbox.put(record) {

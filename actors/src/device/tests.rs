@@ -85,7 +85,13 @@ async fn wait_samples(store: &Store, device: &str, samples: u64) -> serde_json::
 #[tokio::test]
 async fn supervisor_restarts_a_failed_device_actor_and_the_window_continues() {
     let store = Store::Embedded(Arc::new(EmbeddedStore::new()));
-    let system = start(config(Duration::from_secs(600)), &store).await;
+    // A restarted actor continues from the last checkpoint: with every result one, from
+    // the newest window.
+    let config = SystemConfig {
+        window_checkpoint_interval: Duration::ZERO,
+        ..config(Duration::from_secs(600))
+    };
+    let system = start(config, &store).await;
     let dir = system.directory();
     for x in [10.0, 20.0, 30.0] {
         dir.submit("d1", event(x)).expect("accepted");

@@ -15,6 +15,7 @@ use crate::event::Analysis;
 use crate::position::{Held, Position};
 use crate::tuning::FLUSH_EARLY_AT;
 use bytes::Bytes;
+use chrono::{DateTime, Utc};
 use prometheus_client::metrics::counter::Counter;
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
@@ -25,30 +26,50 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 pub struct Record {
     /// The analysis, stored under `analysis:{id}`.
     pub analysis: Analysis,
-    /// The window after the event, stored under `window:{id}`.
-    pub window: Arc<Window>,
-    /// The window's version (see [`super::snapshot::Version`]).
+    /// The result's version (see [`super::snapshot::Version`]): a deposit never replaces
+    /// a newer one.
     pub version: u64,
-    /// Write the window too, not only the analysis (a checkpoint: see
-    /// WINDOW_CHECKPOINT_INTERVAL). A result that replaces a checkpoint in the inbox
-    /// inherits the flag, so coalescing never skips a checkpoint.
-    pub checkpoint: bool,
-    /// The ingest-log position of the newest event the window holds.
-    pub position: Position,
-    /// The log entries this checkpoint covers: kept untrimmed until it is stored (a
+    /// The window to store under `window:{id}`, when a checkpoint was due (see
+    /// WINDOW_CHECKPOINT_INTERVAL). Only checkpoints carry the window: between them the
+    /// device actor updates its window in place instead of copying it for every result.
+    /// A result that replaces a checkpoint in the inbox takes it over, so coalescing never
+    /// skips one; the analysis may then be newer than the stored window, which the actor's
+    /// next checkpoint catches up.
+    pub checkpoint: Option<Checkpoint>,
+    /// The log entries the checkpoint covers: kept untrimmed until it is stored (a
     /// result that replaces it in the inbox takes them over).
     pub held: Held,
 }
 
-impl Record {
+/// A device's window as a checkpoint stores it.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    /// The window after the event.
+    pub window: Arc<Window>,
+    /// The window's version (see [`super::snapshot::Version`]).
+    pub version: u64,
+    /// The time of the newest event in the window.
+    pub event_timestamp: DateTime<Utc>,
+    /// The ingest-log position of the newest event the window holds.
+    pub position: Position,
+}
+
+impl Checkpoint {
     /// The window as persisted.
     pub fn snapshot(&self) -> WindowSnapshot {
         WindowSnapshot::of(
             &self.window,
-            self.analysis.event_timestamp,
+            self.event_timestamp,
             self.version,
             self.position,
         )
+    }
+}
+
+impl Record {
+    /// The window this result carries to the store, if any.
+    pub fn snapshot(&self) -> Option<WindowSnapshot> {
+        self.checkpoint.as_ref().map(Checkpoint::snapshot)
     }
 }
 
@@ -178,9 +199,12 @@ impl Inbox {
                 older.get_mut().held.merge(record.held);
             }
             Entry::Occupied(mut older) => {
-                record.checkpoint |= older.get().checkpoint;
-                record.held.merge(std::mem::take(&mut older.get_mut().held));
-                older.insert(record);
+                let older = older.get_mut();
+                if record.checkpoint.is_none() {
+                    record.checkpoint = older.checkpoint.take();
+                }
+                record.held.merge(std::mem::take(&mut older.held));
+                *older = record;
             }
             Entry::Vacant(slot) => {
                 slot.insert(record);
@@ -203,7 +227,9 @@ impl Inbox {
             match results.entry(device) {
                 Entry::Occupied(mut newer) => {
                     let newer = newer.get_mut();
-                    newer.checkpoint |= record.checkpoint;
+                    if newer.checkpoint.is_none() {
+                        newer.checkpoint = record.checkpoint;
+                    }
                     newer.held.merge(record.held);
                 }
                 Entry::Vacant(slot) => {
@@ -213,9 +239,9 @@ impl Inbox {
         }
     }
 
-    /// The window of a device's waiting result, if any.
-    pub fn window(&self, device: &str) -> Option<super::WindowSnapshot> {
-        self.lock().get(device).map(Record::snapshot)
+    /// The window a device's waiting result carries to the store, if any.
+    pub fn window(&self, device: &str) -> Option<WindowSnapshot> {
+        self.lock().get(device).and_then(Record::snapshot)
     }
 
     /// Devices waiting.

@@ -24,7 +24,7 @@ mod tls;
 mod writer;
 
 pub use embedded::EmbeddedStore;
-pub use inbox::{Batch, Inbox, Record, StreamEntry};
+pub use inbox::{Batch, Checkpoint, Inbox, Record, StreamEntry};
 pub use redis::RedisStore;
 pub use snapshot::{SnapshotError, Version, WindowSnapshot};
 pub use stream_id::StreamId;

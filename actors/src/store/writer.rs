@@ -236,7 +236,7 @@ impl WriterState {
             self.inflight
                 .as_ref()
                 .and_then(|b| b.get(device))
-                .map(Record::snapshot)
+                .and_then(Record::snapshot)
         })
     }
 
@@ -307,12 +307,12 @@ fn encode(batch: &Batch) -> Result<Vec<DeviceWrite>, serde_json::Error> {
                 ),
                 window: (
                     window_key(device),
-                    record.checkpoint.then(|| {
+                    record.checkpoint.as_ref().map(|c| {
                         WindowSnapshot::encode(
-                            record.window.readings(),
-                            Some(record.analysis.event_timestamp),
-                            record.version,
-                            record.position,
+                            c.window.readings(),
+                            Some(c.event_timestamp),
+                            c.version,
+                            c.position,
                         )
                     }),
                 ),

@@ -159,17 +159,6 @@ SHARDS_START=$(shards_owned)
 HANDOFFS_START=$(metric shard_handoffs_total "${CL_ADDRS[@]}")
 echo "bench: cluster ready; shards owned (node-a node-b node-c): $SHARDS_SPREAD when first spread, $SHARDS_START at the start; $HANDOFFS_START shard handoffs (in + out) so far" >&2
 
-cpu_ticks() { # PID…: user + system ticks, summed
-  local pid sum=0
-  for pid in "$@"; do sum=$((sum + $(awk '{print $14 + $15}' "/proc/$pid/stat"))); done
-  echo "$sum"
-}
-# ctx_switches PID…: voluntary + involuntary context switches of every thread, summed.
-ctx_switches() {
-  local pid
-  for pid in "$@"; do cat "/proc/$pid/task/"*/status; done 2>/dev/null |
-    awk '/^(non)?voluntary_ctxt_switches/ {s += $2} END {print s + 0}'
-}
 redis_cpu() { timeout 5 redis-cli -p "$P_REDIS" info cpu | tr -d '\r' |
   awk -F: '$1 == "used_cpu_sys" || $1 == "used_cpu_user" {s += $2} END {print s}'; }
 # redis_calls: "SETS COMMANDS" executed so far (Redis counts the commands a script or a

@@ -117,3 +117,18 @@ build_release() {
   echo "bench: cargo build --release $* (CARGO_BUILD_JOBS=${CARGO_BUILD_JOBS:-all cores})" >&2
   cargo build --release "$@"
 }
+
+# cpu_ticks PID…: user + system CPU ticks (1/100 s) so far, summed.
+cpu_ticks() {
+  local pid sum=0
+  for pid in "$@"; do sum=$((sum + $(awk '{print $14 + $15}' "/proc/$pid/stat"))); done
+  echo "$sum"
+}
+
+# ctx_switches PID…: voluntary + involuntary context switches of every live thread, summed
+# (the wake-ups a process pays for).
+ctx_switches() {
+  local pid
+  for pid in "$@"; do cat "/proc/$pid/task/"*/status; done 2>/dev/null |
+    awk '/^(non)?voluntary_ctxt_switches/ {s += $2} END {print s + 0}'
+}

@@ -44,7 +44,6 @@ start_node() {
 start_node on
 start_node off
 
-cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
 redis_cpu() { timeout 5 redis-cli -p "$1" info cpu | tr -d '\r' |
   awk -F: '$1 == "used_cpu_sys" || $1 == "used_cpu_user" {s += $2} END {print s}'; }
 json() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }

@@ -62,6 +62,8 @@ struct SlotInner {
     /// off to another node (the front end forwards there).
     closed: Option<Closed>,
     actor: Option<ActorRef<DeviceMsg>>,
+    /// When the queue last ran empty (or the slot was made): idleness counts from there,
+    /// read once per burst of events rather than per event.
     last_event: Instant,
     /// Woken when the queue runs empty, while someone waits for that ([`Slot::drained`]).
     emptied: Option<Arc<Notify>>,
@@ -104,7 +106,6 @@ impl Slot {
                 return Err((event, closed));
             }
             inner.queue.push_back(event);
-            inner.last_event = Instant::now();
             if inner.scheduled {
                 None
             } else {
@@ -138,6 +139,7 @@ impl Slot {
             }
             None => {
                 inner.scheduled = false;
+                inner.last_event = Instant::now();
                 // The event before this call is finished (in_process is clear): drained.
                 if let Some(emptied) = &inner.emptied {
                     emptied.notify_waiters();

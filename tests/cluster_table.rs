@@ -316,3 +316,82 @@ async fn an_advertised_address_that_reaches_another_node_is_refused_at_start_up(
         "both addresses named: {err}"
     );
 }
+
+/// A member declared dead while it was paused: the new owner seals its stream and
+/// replays it, and the stream is collected (deleted) once nothing owes it. An append
+/// the member had queued before the pause and sends when it wakes must then fail (503):
+/// before, XADD created the deleted stream again, without its seal, and the event was
+/// answered 200 from a stream nobody replays (`a_paused_node_loses_its_shards…` in
+/// tests/cluster.rs lost one event that way). The member then appends to a new stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sealed_and_collected_stream_takes_no_late_append() {
+    use actors::device::SubmitError;
+    use actors::ingest::{settled, IngestLog, LogSettings, RedisLog, Tag};
+    let redis = Redis::start();
+    let exists = |key: &str| redis.cli(&["EXISTS", key]).as_deref() == Some("1");
+    let store = pool(&redis);
+    let system = actors::System::start(
+        actors::SystemConfig::default(),
+        actors::store::Store::Redis(store.clone()),
+        prometheus_client::registry::Registry::default(),
+    )
+    .await
+    .expect("system");
+    let key = "log:a:0";
+    let stream = RedisLog::new(store.clone(), key.to_string());
+    // A member creates each stream of its own before the table registers it.
+    stream.create().await.expect("create");
+    assert!(exists(key));
+    let log = IngestLog::start(
+        stream.clone(),
+        LogSettings {
+            maxlen: 1000,
+            shards: SHARDS,
+            writer: None,
+        },
+        system.directory().clone(),
+        system.metrics().clone(),
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .expect("log");
+    let device: Arc<str> = Arc::from("d-1");
+    let tag = Some(Tag {
+        shard: shard_of(&device, SHARDS),
+        epoch: 1,
+    });
+    let event = || {
+        vec![(
+            device.clone(),
+            actors::event::Event::new(1.0, 0.5, chrono::Utc::now()).expect("event"),
+        )]
+    };
+    let append = |tag| {
+        let admitted = log.enqueue(event(), tag);
+        async move { settled(admitted?).await }
+    };
+    common::eventually(Duration::from_secs(5), "the log replayed", || async {
+        log.is_replayed().then_some(())
+    })
+    .await;
+    assert_eq!(append(tag).await, Ok(()));
+
+    // The new owner seals the stream and replays it; nothing owes it any more, and it
+    // is collected.
+    stream.seal().await.expect("seal");
+    redis.cli(&["DEL", key]).expect("del");
+    // The member wakes and appends what it had queued: refused, and the stream stays gone.
+    assert_eq!(append(tag).await, Err(SubmitError::NotDurable));
+    assert!(!exists(key), "a collected stream never comes back");
+    assert!(log.stream_gone());
+    // Until it appends to a new stream, events are refused at once.
+    assert_eq!(append(tag).await, Err(SubmitError::NotDurable));
+    assert!(!exists(key));
+
+    // A new stream (created first) takes appends again.
+    let next = stream.with_key("log:a:1".to_string());
+    next.create().await.expect("create");
+    log.switch(next).await;
+    assert!(!log.stream_gone());
+    assert_eq!(append(tag).await, Ok(()));
+    assert_eq!(redis.cli(&["XLEN", "log:a:1"]).as_deref(), Some("1"));
+}

@@ -90,6 +90,8 @@ impl Cluster {
         if self.log.get().is_some() && self.ownership.lease_lapsed() {
             self.suspend();
         }
+        // The stream exists before the heartbeat registers it.
+        self.create_first_stream().await?;
         let started = Instant::now();
         let leaving = self.is_leaving();
         let stream = self.stream().map(|s| s.key().to_string());

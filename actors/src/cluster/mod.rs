@@ -103,6 +103,9 @@ struct ClusterLog {
     base: String,
     /// The current stream's term (raised when this node was declared dead).
     term: AtomicU64,
+    /// The first stream (term 0) exists: created before the first heartbeat registers
+    /// it (see [`RedisLog::create`]).
+    created: AtomicBool,
 }
 
 /// Events with their positions in the request and their devices.
@@ -200,6 +203,7 @@ impl Cluster {
             logs,
             base,
             term: AtomicU64::new(0),
+            created: AtomicBool::new(false),
         });
     }
 

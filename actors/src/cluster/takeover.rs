@@ -202,20 +202,39 @@ impl Cluster {
         suspended.get_or_insert_with(Vec::new).extend(shards);
     }
 
+    /// Creates this node's first stream, once, before the first heartbeat registers it.
+    /// Every stream of this node is created before it is registered, and appends never
+    /// create one ([`RedisLog::create`]): a stream sealed and collected after this node
+    /// was declared dead stays gone, and a late append to it fails instead of being
+    /// acknowledged where nobody replays it.
+    pub(super) async fn create_first_stream(&self) -> Result<(), super::TableError> {
+        let Some(log) = self.log.get() else {
+            return Ok(());
+        };
+        if !log.created.load(Ordering::Acquire) {
+            log.log.stream().create().await?;
+            log.created.store(true, Ordering::Release);
+        }
+        Ok(())
+    }
+
     /// After a lapse of the lease: takes the suspended shards that the table still gives
     /// this node again, with a new epoch and this node's streams pending, and appends to
-    /// a new stream from now on.
+    /// a new stream from now on. Also when the stream appended to is gone (collected
+    /// after this node was declared dead, or lost by Redis), with no shard to take again.
     pub(super) async fn reclaim_suspended(self: &Arc<Self>) -> Result<(), super::TableError> {
         let Some(log) = self.log.get() else {
             return Ok(());
         };
-        let Some(suspended) = self
+        let suspended = self
             .suspended
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-        else {
-            return Ok(());
+            .clone();
+        let suspended = match suspended {
+            Some(suspended) => suspended,
+            None if self.stream_lost(log).await? => Vec::new(),
+            None => return Ok(()),
         };
         let mine: Vec<(u32, u64)> = suspended
             .iter()
@@ -226,21 +245,44 @@ impl Cluster {
             })
             .map(|(s, state)| (s, state.epoch))
             .collect();
-        let term = log.term.load(Ordering::Acquire) + 1;
+        // A new term at every try, so that no stream key is ever created twice: each is
+        // created before the table registers it (a sealed, collected stream never comes
+        // back: see `create_first_stream`).
+        let term = log.term.fetch_add(1, Ordering::AcqRel) + 1;
         let key = Cluster::stream_key(&log.base, self.me(), term);
+        let stream = log.log.stream().with_key(key.clone());
+        stream.create().await?;
         let claimed = log.logs.reclaim(&mine, &key).await?;
-        log.term.store(term, Ordering::Release);
         *self
             .suspended
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = None;
-        log.log.switch(log.log.stream().with_key(key)).await;
+        log.log.switch(stream).await;
         if claimed.len() < mine.len() {
             // The others were taken meanwhile: the next read of the table drops them.
             self.set_version(0);
         }
         self.adopt_claimed(claimed);
         Ok(())
+    }
+
+    /// Whether the stream this node appends to is gone: an append found it so, or
+    /// Redis lost the table (this node holds shards it has no entry for: Redis restarted
+    /// empty) and the stream with it. It is never created again (see
+    /// `create_first_stream`): this node appends to a new one.
+    async fn stream_lost(&self, log: &super::ClusterLog) -> Result<bool, super::TableError> {
+        if log.log.stream_gone() {
+            return Ok(true);
+        }
+        if self.ownership.orphans().is_empty() {
+            return Ok(false);
+        }
+        let stream = log.log.stream();
+        let gone = !stream.exists().await?;
+        if gone {
+            tracing::warn!(stream = stream.key(), "this node's ingest-log stream is gone with the cluster table (Redis restarted empty?); it appends to a new stream");
+        }
+        Ok(gone)
     }
 
     /// Deletes streams nobody needs any more (every few rounds).

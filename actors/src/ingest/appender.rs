@@ -49,6 +49,9 @@ pub(super) struct Appender {
     rate: f64,
     /// Who holds the stream's writer key (a single node).
     writer: Option<String>,
+    /// In a cluster: the stream must exist (the member created it before the table
+    /// registered it); an append never creates it again.
+    existing: bool,
 }
 
 /// How an append ended.
@@ -115,6 +118,7 @@ impl Appender {
             last_commit: None,
             rate: 0.0,
             writer: settings.writer.clone(),
+            existing: settings.shards > 0,
         }
     }
 
@@ -166,6 +170,7 @@ impl Appender {
             "ingest log switched to a new stream"
         );
         self.log = log;
+        self.shared.gone.store(false, Ordering::Release);
         self.shared.down.store(false, Ordering::Release);
         let _ = done.send(());
     }
@@ -290,7 +295,10 @@ impl Appender {
         tags.dedup();
         let tags = encode_tags(tags.into_iter());
         let started = Instant::now();
-        let result = self.log.append(self.maxlen, &nonce, &body, &tags).await;
+        let result = self
+            .log
+            .append(self.maxlen, &nonce, &body, &tags, self.existing)
+            .await;
         self.metrics
             .ingest_log_append_duration_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -372,6 +380,11 @@ impl Appender {
             }
             Outcome::Failed(_) | Outcome::Unsettled(_) => {
                 self.metrics.ingest_log_append_failures.inc();
+                if matches!(outcome, Outcome::Failed(StoreError::StreamGone(_)))
+                    && !self.shared.gone.swap(true, Ordering::AcqRel)
+                {
+                    tracing::warn!(stream = self.log.key(), "this member's ingest-log stream is gone (collected after it was declared dead, or lost by Redis); new events are refused until it appends to a new stream");
+                }
                 let error = match &outcome {
                     Outcome::Failed(e) => e.to_string(),
                     _ => "no answer from Redis".to_string(),
@@ -408,7 +421,8 @@ impl Appender {
     /// Waits until Redis answers again.
     async fn probe(&mut self) {
         tokio::time::sleep(LOG_PROBE_EVERY).await;
-        if self.log.last().await.is_ok() {
+        // A stream that is gone stays so: only a switch to a new one ends the refusals.
+        if !self.shared.gone.load(Ordering::Acquire) && self.log.last().await.is_ok() {
             self.shared.down.store(false, Ordering::Release);
             tracing::info!(stream = self.log.key(), "ingest log writable again");
         }
@@ -461,7 +475,7 @@ fn queue_written(directory: &Directory, Written { group, entry, pin }: Written) 
 /// Whether a failed append certainly did not reach Redis (or was refused by it).
 fn never_sent(e: &StoreError) -> bool {
     match e {
-        StoreError::Connect(_) => true,
+        StoreError::Connect(_) | StoreError::StreamGone(_) => true,
         StoreError::Redis(e) => matches!(e.kind(), bb8_redis::redis::ErrorKind::Server(_)),
         _ => false,
     }

@@ -90,6 +90,7 @@ impl IngestLog {
             down: AtomicBool::new(false),
             newest: Mutex::new(None),
             fenced: AtomicBool::new(false),
+            gone: AtomicBool::new(false),
         });
         let pins = Pins::default();
         appender::start(Appender::new(
@@ -122,6 +123,12 @@ impl IngestLog {
     /// Whether the start-up replay is done.
     pub fn is_replayed(&self) -> bool {
         self.shared.replayed.load(Ordering::Acquire)
+    }
+
+    /// In a cluster: whether the stream appended to is gone (see
+    /// [`RedisLog::create`]); the member appends to a new one.
+    pub fn stream_gone(&self) -> bool {
+        self.shared.gone.load(Ordering::Acquire)
     }
 
     /// Whether the start-up replay is done and Redis answered the last append.

@@ -33,6 +33,16 @@ return 0
     )
 });
 
+/// Creates the stream KEYS[1] empty (an entry added and deleted again).
+static CREATE: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
+local id = redis.call('XADD', KEYS[1], '*', 'created', '1')
+redis.call('XDEL', KEYS[1], id)
+"#,
+    )
+});
+
 /// Removes the writer key if it is still ARGV[1]'s.
 static RELEASE_WRITER: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
@@ -118,20 +128,27 @@ impl RedisLog {
         &self.key
     }
 
-    /// `XADD key MAXLEN ~ maxlen * n nonce e1 events [t tags]`: the new entry's id.
+    /// `XADD key [NOMKSTREAM] MAXLEN ~ maxlen * n nonce e1 events [t tags]`: the new
+    /// entry's id. With `existing` (a cluster member's stream) the stream must exist
+    /// already: an append to a stream that is gone fails with [`StoreError::StreamGone`]
+    /// instead of creating it again (see [`RedisLog::create`]).
     pub async fn append(
         &self,
         maxlen: usize,
         nonce: &[u8],
         events: &[u8],
         tags: &[u8],
+        existing: bool,
     ) -> Result<StreamId, StoreError> {
-        let id: String = self
+        let id: Option<String> = self
             .store
             .with_conn(|mut conn| async move {
                 let mut cmd = redis::cmd("XADD");
-                cmd.arg(&self.key)
-                    .arg("MAXLEN")
+                cmd.arg(&self.key);
+                if existing {
+                    cmd.arg("NOMKSTREAM");
+                }
+                cmd.arg("MAXLEN")
                     .arg("~")
                     .arg(maxlen)
                     .arg("*")
@@ -145,7 +162,17 @@ impl RedisLog {
                 cmd.query_async(&mut conn).await
             })
             .await?;
+        let id = id.ok_or_else(|| StoreError::StreamGone(self.key.clone()))?;
         StreamId::parse(&id).ok_or_else(|| bad_reply("XADD", &id))
+    }
+
+    /// Creates the stream, empty, for [`RedisLog::append`] with `existing`. A cluster
+    /// member creates each stream of its own once, before the table registers it: a
+    /// stream is sealed and collected only once registered, so a member that was
+    /// declared dead meanwhile (paused, cut off) can never bring a collected stream back
+    /// and acknowledge events in it that nobody replays.
+    pub async fn create(&self) -> Result<(), StoreError> {
+        self.store.eval::<()>(&CREATE, &[&self.key], &[]).await
     }
 
     /// The newest entry's id and nonce, if the stream has an entry.
@@ -225,6 +252,18 @@ impl RedisLog {
             Err(StoreError::Redis(e)) if matches!(e.kind(), redis::ErrorKind::Server(_)) => Ok(()),
             Err(e) => Err(e),
         }
+    }
+
+    /// Whether the stream exists.
+    pub async fn exists(&self) -> Result<bool, StoreError> {
+        self.store
+            .with_conn(|mut conn| async move {
+                redis::cmd("EXISTS")
+                    .arg(&self.key)
+                    .query_async::<bool>(&mut conn)
+                    .await
+            })
+            .await
     }
 
     /// The key naming the node that appends to this stream.

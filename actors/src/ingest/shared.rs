@@ -90,6 +90,10 @@ pub(super) struct Shared {
     /// Another writer holds the stream (this node's writer key lapsed): nothing is
     /// appended until this node holds it again.
     pub(super) fenced: AtomicBool,
+    /// In a cluster: the stream appended to is gone (collected after this member was
+    /// declared dead, or lost by Redis). New events are refused until the member
+    /// switches to a new stream.
+    pub(super) gone: AtomicBool,
 }
 
 pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -129,6 +129,11 @@ pub enum StoreError {
     /// In a cluster: the shard table kept changing during a flush's transaction.
     #[error("the cluster table changed during every try of the flush")]
     Contended,
+    /// In a cluster: this member's ingest-log stream does not exist any more (it was
+    /// collected after this member was declared dead, or Redis lost it); nothing was
+    /// appended.
+    #[error("the ingest-log stream {0} is gone")]
+    StreamGone(String),
     /// A result could not be serialised.
     #[error("encoding a result: {0}")]
     Encode(#[from] serde_json::Error),

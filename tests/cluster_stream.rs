@@ -153,6 +153,52 @@ async fn a_batch_sent_again_after_its_connection_broke_is_taken_once() {
     assert_eq!(answered, ids);
 }
 
+/// A batch whose deadline passed before it arrived (`encode_batch` with a deadline in the
+/// past).
+fn late_batch(id: BatchId, body: &[u8]) -> Bytes {
+    let now = chrono::Utc::now().timestamp_millis() as u64;
+    frame::encode_batch(id, now - 2_000, now - 1_000, body)
+}
+
+#[tokio::test]
+async fn a_late_repeat_of_a_taken_batch_gets_its_answer_and_a_late_first_copy_is_refused() {
+    let redis = Redis::start();
+    let (svc, internal) = start_node(&redis);
+    ready(&svc).await;
+    let mut stream = open(internal, Some(TOKEN)).await.expect("stream");
+    let id = BatchId(0x1a7e, 1);
+    let body = events("late-1", 2);
+    stream.send(batch(id, &body)).await.expect("send");
+    assert_eq!(answer(&mut stream).await, (id, Ok(vec![])));
+    // The same key again, arriving after its own deadline (its answer was lost and the
+    // retry was slow): the first answer, not "expired", which would make the sender
+    // route the events again and count them twice.
+    stream.send(late_batch(id, &body)).await.expect("send");
+    assert_eq!(answer(&mut stream).await, (id, Ok(vec![])));
+    assert_eq!(svc.metric("events_duplicate_total").await, Some(2.0));
+    // A batch this node never took, arriving late: refused, nothing queued.
+    let never = BatchId(0x1a7e, 2);
+    stream
+        .send(late_batch(never, &events("late-2", 2)))
+        .await
+        .expect("send");
+    assert_eq!(
+        answer(&mut stream).await,
+        (never, Err(actors::cluster::ForwardError::Rejected(410)))
+    );
+    assert_eq!(
+        svc.metric("forwarded_batches_expired_total").await,
+        Some(1.0)
+    );
+    assert_eq!(
+        svc.metric("forwarded_events_received_total").await,
+        Some(2.0)
+    );
+    let r = get(svc.addr, "/analyze?device_id=late-1").await;
+    assert_eq!(r.json()["samples"], 2, "{}", r.body);
+    assert_eq!(get(svc.addr, "/analyze?device_id=late-2").await.status, 404);
+}
+
 #[tokio::test]
 async fn a_stream_without_the_token_is_refused_and_counted() {
     let redis = Redis::start();

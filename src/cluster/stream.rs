@@ -3,7 +3,8 @@
 //! the answers back, several in one write under load.
 //!
 //! A batch that arrives after its sender's deadline is answered as expired and queues
-//! nothing (its sender gave up on it); one whose events do not decode is answered as
+//! nothing (its sender gave up on it), unless it repeats a batch taken here before, which
+//! gets that batch's answer; one whose events do not decode is answered as
 //! malformed, whole. A frame too short to name its batch cannot be answered: the stream
 //! is closed, and the sender's waiting batches fail as unreachable and are sent again.
 
@@ -75,24 +76,24 @@ fn take(
             return;
         }
     };
-    // The sender stopped waiting (and its client was told so): taking the events now would
-    // count them twice once the client sends them again. Clocks of pods agree to well
-    // within a forward timeout.
-    if super::unix_millis() > batch.deadline {
-        metrics.forwarded_batches_expired.inc();
-        let _ = answers.send(frame::encode_answer(
-            id,
-            Status::Expired,
-            b"the sender gave up on this batch",
-        ));
-        return;
-    }
     // Taken to its end even if the stream breaks meanwhile: the sender's retry (same key)
     // gets this answer.
-    let (cluster, answers) = (cluster.clone(), answers.clone());
+    let (cluster, metrics, answers) = (cluster.clone(), metrics.clone(), answers.clone());
     tokio::spawn(async move {
-        let refused = cluster.receive(id, batch.sent, events).await;
-        let body = wire::encode_refused(&refused);
-        let _ = answers.send(frame::encode_answer(id, Status::Taken, &body));
+        let answer = match cluster
+            .receive(id, batch.sent, batch.deadline, events)
+            .await
+        {
+            Some(refused) => {
+                frame::encode_answer(id, Status::Taken, &wire::encode_refused(&refused))
+            }
+            // The sender stopped waiting (and its client was told so), and this node had
+            // not taken the batch before.
+            None => {
+                metrics.forwarded_batches_expired.inc();
+                frame::encode_answer(id, Status::Expired, b"the sender gave up on this batch")
+            }
+        };
+        let _ = answers.send(answer);
     });
 }

@@ -1,6 +1,7 @@
 //! The receiving side of forwarding: batches other nodes send here, taken once per
 //! idempotency key.
 
+use super::ownership::unix_millis;
 use super::{wire, BatchId, Cluster, Refused};
 use crate::event::{DeviceId, Event};
 use crate::tuning::RECEIVED_MAX_REMEMBERED;
@@ -19,25 +20,28 @@ pub(super) struct Received {
 impl Cluster {
     /// Accepts a batch forwarded by another node under its idempotency key: a repeat of a
     /// key gets the first answer (waiting for it if the first is still being taken), and
-    /// queues nothing again. A batch sent (`sent_ms`, the sender's clock) before this
-    /// node last renewed a lapsed lease is refused whole. The answer lists the positions
-    /// not taken.
+    /// queues nothing again, whenever it arrives. Any other batch sent (`sent_ms`, the
+    /// sender's clock) before this node last renewed a lapsed lease is refused whole. The answer
+    /// lists the positions not taken; `None` when the batch, never taken here, arrived
+    /// after its sender's deadline (`deadline_ms`): the sender gave up on it, and taking
+    /// it now would count its events twice once they are sent again.
     pub async fn receive(
         self: &Arc<Self>,
         id: BatchId,
         sent_ms: u64,
+        deadline_ms: u64,
         events: Vec<(DeviceId, Event)>,
-    ) -> Vec<u32> {
+    ) -> Option<Vec<u32>> {
         let count = events.len() as u64;
         let rejoined = self.ownership.rejoined_at();
-        if sent_ms < rejoined {
-            return (0..count as u32).collect();
-        }
         let first = {
             let mut received = self.received.lock().unwrap_or_else(PoisonError::into_inner);
             self.expire_received(&mut received);
             match received.answers.get(&id) {
                 Some(answer) => Err(answer.clone()),
+                None if sent_ms < rejoined => return Some((0..count as u32).collect()),
+                // Clocks of pods agree to well within a forward timeout.
+                None if unix_millis() > deadline_ms => return None,
                 None => {
                     let (tx, rx) = watch::channel(None);
                     received.answers.insert(id, rx);
@@ -51,11 +55,11 @@ impl Cluster {
                 self.metrics.events_duplicate.inc_by(count);
                 loop {
                     if let Some(refused) = answer.borrow_and_update().clone() {
-                        return refused;
+                        return Some(refused);
                     }
                     if answer.changed().await.is_err() {
                         // The first delivery's task is gone: nothing of it was answered.
-                        return (0..count as u32).collect();
+                        return Some((0..count as u32).collect());
                     }
                 }
             }
@@ -83,7 +87,7 @@ impl Cluster {
                     .forwarded_events_received
                     .inc_by(count - refused.len() as u64);
                 let _ = tx.send(Some(refused.clone()));
-                refused
+                Some(refused)
             }
         }
     }

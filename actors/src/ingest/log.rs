@@ -288,7 +288,12 @@ async fn trim_once(log: &IngestLog) {
             log.metrics
                 .ingest_log_uncovered_entries
                 .set(log.pins.len() as i64);
-            if let Some(oldest) = oldest.filter(|o| first.is_none_or(|f| f > *o)) {
+            // A cluster member's stream found empty while entries of it are pinned is gone
+            // (trims keep every pinned entry): collected after another member replayed it,
+            // or lost with the table; the appender reports that when it next appends. Its
+            // entries are not needed here any more.
+            let gone = log.writer.is_none() && len == 0 && first.is_none();
+            if let Some(oldest) = oldest.filter(|o| !gone && first.is_none_or(|f| f > *o)) {
                 log.metrics.ingest_log_overruns.inc();
                 tracing::error!(stream = stream.key(), oldest_needed = %oldest, first = ?first, "ingest log entries were dropped before a checkpoint covered them (INGEST_LOG_MAXLEN reached, or Redis lost data): a crash now would lose events");
             }

@@ -156,13 +156,16 @@ echo "== 8. anomaly stream: CPU with and without it, anomaly → SSE latency" >&
 # The load has 1 % spikes (--spike-share 0.01), so about 1 % of events are anomalies.
 read -r FREE4 <<<"$(free_ports 1)"
 NOSTREAM=127.0.0.1:$FREE4
+# Its own ingest-log stream: two single nodes never share one (the second would wait,
+# not ready, for the first's writer key).
 start iot-processor-nostream "$BENCH_LOGS/service-nostream.log" env LISTEN_ADDR="$NOSTREAM" \
   REDIS_URL="redis://127.0.0.1:$REDIS_PORT/" RUST_LOG=warn MAX_DEVICE_LABELS=100000 \
-  ANOMALY_STREAM_MAXLEN=0 "$BIN/iot-processor"
+  ANOMALY_STREAM_MAXLEN=0 INGEST_LOG_KEY=ingest-log-nostream "$BIN/iot-processor"
 NOSTREAM_PID=$LAST_PID
 wait_ready iot-processor-nostream "$NOSTREAM_PID" "$BENCH_LOGS/service-nostream.log" http_ok "http://$NOSTREAM/ready"
 with_cpu=(); without_cpu=()
-for round in 1 2 3; do
+# Five alternating rounds: the effect is a few per cent, about the spread of three.
+for round in 1 2 3 4 5; do
   run "$SVC" "$SVC_PID" --devices 1000 --rate 10000
   read -r _ c _ <<<"$RESULT"; with_cpu+=("$c")
   run "$NOSTREAM" "$NOSTREAM_PID" --devices 1000 --rate 10000
@@ -210,7 +213,7 @@ read -r F10_50 F10_95 F10_99 F10_MAX F10_FAIL F10_OK F10_CMD F10_CPU F10_KEYS F1
   echo "| 7a. batch: NDJSON, 1 000 events per request, 1 000 devices, 8 conns | **$B_EPS events/s accepted and processed** ($B_ACC accepted, $B_PROC processed); $B_KEYS keys/event; p99 $B_P99 ms per batch (closed loop), $B_FAIL failed | ≥ 1 000 000; keys ≤ 0.25 |"
   echo "| 7b. batch, gzip | **$G_EPS events/s** ($G_ACC accepted, $G_PROC processed); $G_KEYS keys/event; p99 $G_P99 ms, $G_FAIL failed | within 25 % of 7a |"
   echo "| 7c. batch at half of 7a ($HALF batches/s) | p50 $H50 ms, p99 **$H99 ms**, max $HMAX ms per batch, $HFAIL failed | p99 < 10 ms |"
-  echo "| 8a. anomaly stream CPU cost (10 000 req/s, 1 % anomalies, median of 3 alternating) | $W_CPU µs/event with the stream, $WO_CPU µs without: **$STREAM_COST %** (${with_cpu[*]} vs ${without_cpu[*]}) | ≤ 5 % |"
+  echo "| 8a. anomaly stream CPU cost (10 000 req/s, 1 % anomalies, median of 5 alternating) | $W_CPU µs/event with the stream, $WO_CPU µs without: **$STREAM_COST %** (${with_cpu[*]} vs ${without_cpu[*]}) | ≤ 5 % |"
   echo "| 8b. anomaly → on the SSE feed (at 1 000 req/s) | p50 $S50 ms, p99 **$S99 ms**, max $SMAX ms | p99 ≤ FLUSH_INTERVAL + 10 ms = 15 ms |"
 } | tee "$OUT"
 echo >&2

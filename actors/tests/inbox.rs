@@ -155,3 +155,36 @@ fn the_writer_is_asked_to_flush_early_once_flush_early_at_devices_wait() {
     let _ = inbox.take();
     assert!(!inbox.put(record("again", &[1.0], 1, false)));
 }
+
+#[test]
+fn a_late_checkpoint_of_an_earlier_incarnation_is_never_carried_by_a_newer_one() {
+    let (earlier, later) = (1u64 << 40, 2u64 << 40);
+    let inbox = Inbox::default();
+    // The earlier actor's last checkpoint lands after its successor's first one was
+    // flushed: nothing newer waits, so it is taken in.
+    let _ = inbox.put(record("a", &[1.0], earlier + 5, true));
+    // The successor's next result is no checkpoint: it must not write the earlier
+    // incarnation's window back over its own stored one.
+    let _ = inbox.put(record("a", &[1.0, 2.0], later + 2, false));
+    assert!(inbox.window("a").is_none());
+    assert!(inbox.take()["a"].checkpoint.is_none());
+
+    // Put back after a failed flush, likewise.
+    let _ = inbox.put(record("b", &[1.0], earlier + 5, true));
+    let failed = inbox.take();
+    let _ = inbox.put(record("b", &[1.0, 2.0], later + 2, false));
+    inbox.restore(failed);
+    assert!(inbox.take()["b"].checkpoint.is_none());
+}
+
+#[test]
+fn a_failed_checkpoint_put_back_under_a_newer_checkpoint_gives_way() {
+    let inbox = Inbox::default();
+    let _ = inbox.put(record("a", &[1.0], 1, true));
+    let failed = inbox.take();
+    let _ = inbox.put(record("a", &[1.0, 2.0, 3.0], 3, true));
+    inbox.restore(failed);
+    let batch = inbox.take();
+    let kept = batch["a"].snapshot().expect("a checkpoint");
+    assert_eq!((kept.version(), kept.readings().len()), (3, 3));
+}

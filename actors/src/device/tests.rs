@@ -198,6 +198,22 @@ async fn an_idle_actor_is_evicted_about_when_its_timeout_ends() {
     assert_eq!(system.metrics().device_evictions.get(), 1);
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_device_that_keeps_reporting_is_never_evicted() {
+    // Idleness counts from the device's last burst of events, not from its first.
+    let store = Store::Embedded(Arc::new(EmbeddedStore::new()));
+    let idle = Duration::from_secs(4);
+    let system = start(config(idle), &store).await;
+    let dir = system.directory();
+    for n in 1..=8u32 {
+        dir.submit("steady", event(f64::from(n))).expect("accepted");
+        wait_samples(&store, "steady", u64::from(n)).await;
+        tokio::time::sleep(idle / 2).await;
+    }
+    assert_eq!(system.metrics().device_evictions.get(), 0);
+    assert_eq!(system.device_actors().await.expect("count"), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_racing_eviction_are_never_lost() {
     let store = Store::Embedded(Arc::new(EmbeddedStore::new()));

@@ -9,7 +9,7 @@
 //! A `std::sync::Mutex`: every critical section is a map insert, lookup or swap, never an
 //! `.await`.
 
-use super::WindowSnapshot;
+use super::{Version, WindowSnapshot};
 use crate::analytics::{Signal, Window};
 use crate::event::Analysis;
 use crate::position::{Held, Position};
@@ -55,6 +55,15 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
+    /// Whether a newer result of the device may carry this checkpoint to the store: only
+    /// one of the same actor incarnation. A late checkpoint of an earlier incarnation (an
+    /// actor that finished stopping after its successor had restored and stored its own
+    /// first checkpoint) would write back an older window and position, below log entries
+    /// the successor's stored checkpoint had already let be trimmed.
+    fn feeds(&self, record: &Record) -> bool {
+        Version::parts(self.version).0 == Version::parts(record.version).0
+    }
+
     /// The window as persisted.
     pub fn snapshot(&self) -> WindowSnapshot {
         WindowSnapshot::of(
@@ -201,7 +210,7 @@ impl Inbox {
             Entry::Occupied(mut older) => {
                 let older = older.get_mut();
                 if record.checkpoint.is_none() {
-                    record.checkpoint = older.checkpoint.take();
+                    record.checkpoint = older.checkpoint.take().filter(|c| c.feeds(&record));
                 }
                 record.held.merge(std::mem::take(&mut older.held));
                 *older = record;
@@ -228,7 +237,7 @@ impl Inbox {
                 Entry::Occupied(mut newer) => {
                     let newer = newer.get_mut();
                     if newer.checkpoint.is_none() {
-                        newer.checkpoint = record.checkpoint;
+                        newer.checkpoint = record.checkpoint.filter(|c| c.feeds(newer));
                     }
                     newer.held.merge(record.held);
                 }
